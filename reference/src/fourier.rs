@@ -1,0 +1,429 @@
+//! FourierAttention (arXiv:2506.11886, spec §1): the compressed cache of one KV head, its prefill transform and
+//! incremental decode update, reconstruction, and decode attention by direct reconstruction (the paper's
+//! FlashFourierAttention semantics) and by the exact spectral-domain fast path (spec §1.5).
+//!
+//! ## Layout (one KV head, head dim `D`, keys post-RoPE at true positions as given by the caller)
+//! - init: the first `l_init` tokens, all dims exact;
+//! - middle: every token between, with the **critical** dims (`k_crit`, `v_crit`, in-head indices) exact
+//!   (`[L_mid, |crit|]`) and the other, **compressed** dims (`k_comp`, `v_comp`, the sorted complement) as `2N`
+//!   real Fourier coefficients per column: rows `0..N` cosine, rows `N..2N` sine (`[2N, |comp|]`);
+//! - local: the last `l_local` tokens, all dims exact (a sliding window);
+//! - stats per compressed column, frozen when the middle is formed: `avg_u, dev_u` of the original signal and
+//!   `avg_d, dev_d` of its raw reconstruction; `scale = dev_u/dev_d` (1 where the raw reconstruction is
+//!   constant to rounding, see [`Spectrum::scale`]).
+//!
+//! ## Math (spec §1.3), `ω = 2π/T`, middle index `t = 0..L_mid`
+//! ```text
+//! Ccos[n] = Σ_t x_t cos(ωnt),  Csin[n] = Σ_t x_t sin(ωnt)                  (prefill, n < N)
+//! Ccos[n] += x cos(ωnp),       Csin[n] += x sin(ωnp)                        (decode, p = middle index)
+//! x̂_t = (1/N) Σ_n Ccos[n] cos(ωnt) + Csin[n] sin(ωnt)                      (raw inverse, note 1/N)
+//! x̃_t = (x̂_t − avg_d)·scale + avg_u                                         (affine renormalisation)
+//! avg = mean_t x_t,  dev = max(max_t x_t − avg, avg − min_t x_t)
+//! ```
+//! Angles are reduced exactly, `ωnt = 2π·((n·t) mod T)/T`, computed in `f64` and rounded to `T`.
+//!
+//! ## Choices (spec §1.10)
+//! - Decode position = **middle index** (the token's row in the critical buffer), not the code's `+1` (§1.10.2).
+//! - The middle is formed the first time the cache holds more than `l_init + 2N + l_local` tokens — at prefill
+//!   or at a decode step, whichever comes first — so short prompts compress once they grow (the evident intent
+//!   of the code, whose length check never fires for prompts ≤ 2048, §1.10.3). Until then all tokens are
+//!   exact. Stats are computed on that first middle and frozen (§1.10.1).
+//! - A middle longer than `T` would alias (the basis is `T`-periodic, §1.10.6): [`FourierError::WindowExceeded`].
+
+use crate::attention::{attention, Dims};
+use crate::{dot, softmax, Real};
+use std::collections::VecDeque;
+
+/// Configuration of one KV head's Fourier cache.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FourierConfig {
+    /// Head dimension `D`.
+    pub d: usize,
+    /// Exact leading tokens (default 4).
+    pub l_init: usize,
+    /// Exact trailing window (default 1020, the official code's; the paper says 1024).
+    pub l_local: usize,
+    /// Number of frequencies `N` (default 512, i.e. `2N = 1024` coefficient rows).
+    pub n_freq: usize,
+    /// Translated-window length `T`: the largest middle length this cache may reach.
+    pub window: usize,
+    /// Critical (exact) key dims, in-head indices, sorted and distinct.
+    pub k_crit: Vec<usize>,
+    /// Critical (exact) value dims.
+    pub v_crit: Vec<usize>,
+}
+
+impl FourierConfig {
+    /// The official defaults (`l_init 4, l_local 1020, N 512`) with the given `D`, `T` and critical dims.
+    pub fn paper(d: usize, window: usize, k_crit: Vec<usize>, v_crit: Vec<usize>) -> Self {
+        FourierConfig { d, l_init: 4, l_local: 1020, n_freq: 512, window, k_crit, v_crit }
+    }
+    /// Tokens held exactly before the middle is formed: `l_init + 2N + l_local`.
+    pub fn trigger(&self) -> usize {
+        self.l_init + 2 * self.n_freq + self.l_local
+    }
+    fn complement(&self, crit: &[usize]) -> Vec<usize> {
+        (0..self.d).filter(|j| !crit.contains(j)).collect()
+    }
+}
+
+/// Why a Fourier cache refused an operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FourierError {
+    /// The middle would exceed the window `T` (positions would alias).
+    WindowExceeded {
+        /// Middle length that was requested.
+        mid: usize,
+        /// The window.
+        window: usize,
+    },
+    /// A configuration value is out of range.
+    BadConfig(&'static str),
+    /// A tensor has the wrong length.
+    Shape(&'static str),
+}
+
+/// `cos(ωnt)` and `sin(ωnt)` with exact angle reduction.
+pub fn basis(n: usize, t: usize, window: usize) -> (f64, f64) {
+    let r = ((n as u128 * t as u128) % window as u128) as f64;
+    let a = 2.0 * std::f64::consts::PI * r / window as f64;
+    (a.cos(), a.sin())
+}
+
+/// The compressed part of one of K or V.
+#[derive(Clone, Debug)]
+pub struct Spectrum<T> {
+    /// Compressed in-head dims (columns), sorted.
+    pub cols: Vec<usize>,
+    /// `[2N, |cols|]`: cosine rows then sine rows.
+    pub coef: Vec<T>,
+    /// Per column: mean of the original middle signal.
+    pub avg_u: Vec<T>,
+    /// Per column: max deviation of the original.
+    pub dev_u: Vec<T>,
+    /// Per column: mean of the raw reconstruction.
+    pub avg_d: Vec<T>,
+    /// Per column: max deviation of the raw reconstruction.
+    pub dev_d: Vec<T>,
+}
+
+impl<T: Real> Spectrum<T> {
+    /// `scale = dev_u/dev_d`, or 1 where the raw reconstruction is constant to rounding
+    /// (`dev_d ≤ 16·ε·|avg_d|`, e.g. `N = 1` or a one-token middle): there `dev_u/dev_d` is a ratio of rounding
+    /// noise and would amplify it without bound, while scale 1 reconstructs the column as its mean.
+    pub fn scale(&self) -> Vec<T> {
+        let tiny = T::epsilon() * T::of(16.0);
+        (0..self.dev_u.len())
+            .map(|j| {
+                let (u, d) = (self.dev_u[j], self.dev_d[j]);
+                if d <= tiny * self.avg_d[j].abs() || d == T::zero() {
+                    T::one()
+                } else {
+                    u / d
+                }
+            })
+            .collect()
+    }
+    /// Raw inverse `x̂_t` of every column.
+    pub fn raw(&self, t: usize, n: usize, window: usize) -> Vec<T> {
+        let c = self.cols.len();
+        let mut x = vec![T::zero(); c];
+        for f in 0..n {
+            let (cs, sn) = basis(f, t, window);
+            let (cs, sn) = (T::of(cs), T::of(sn));
+            for j in 0..c {
+                x[j] = x[j] + self.coef[f * c + j] * cs + self.coef[(n + f) * c + j] * sn;
+            }
+        }
+        let inv = T::one() / T::of(n as f64);
+        x.iter().map(|&v| v * inv).collect()
+    }
+    /// Renormalised reconstruction `x̃_t` of every column.
+    pub fn reconstruct(&self, t: usize, n: usize, window: usize) -> Vec<T> {
+        let raw = self.raw(t, n, window);
+        let scale = self.scale();
+        (0..raw.len()).map(|j| (raw[j] - self.avg_d[j]) * scale[j] + self.avg_u[j]).collect()
+    }
+    /// Adds one token's compressed columns `x` (`[|cols|]`) at middle index `p` (spec §1.3 step 2).
+    fn update(&mut self, x: &[T], p: usize, n: usize, window: usize) {
+        let c = self.cols.len();
+        for f in 0..n {
+            let (cs, sn) = basis(f, p, window);
+            let (cs, sn) = (T::of(cs), T::of(sn));
+            for j in 0..c {
+                self.coef[f * c + j] = self.coef[f * c + j] + x[j] * cs;
+                self.coef[(n + f) * c + j] = self.coef[(n + f) * c + j] + x[j] * sn;
+            }
+        }
+    }
+}
+
+/// Mean and max deviation of each column of `rows: [t][c]`.
+fn stats<T: Real>(rows: &[Vec<T>]) -> (Vec<T>, Vec<T>) {
+    let c = rows[0].len();
+    let n = T::of(rows.len() as f64);
+    (0..c)
+        .map(|j| {
+            let avg = rows.iter().fold(T::zero(), |a, r| a + r[j]) / n;
+            let hi = rows.iter().fold(T::neg_infinity(), |a, r| a.max(r[j]));
+            let lo = rows.iter().fold(T::infinity(), |a, r| a.min(r[j]));
+            (avg, (hi - avg).max(avg - lo))
+        })
+        .unzip()
+}
+
+/// The prefill transform of one matrix `mid: [L_mid][|cols|]` (spec §1.3 step 1), with the stats of step 4.
+pub fn transform<T: Real>(mid: &[Vec<T>], cols: Vec<usize>, n: usize, window: usize) -> Spectrum<T> {
+    let c = cols.len();
+    let mut coef = vec![T::zero(); 2 * n * c];
+    for f in 0..n {
+        for (t, row) in mid.iter().enumerate() {
+            let (cs, sn) = basis(f, t, window);
+            let (cs, sn) = (T::of(cs), T::of(sn));
+            for j in 0..c {
+                coef[f * c + j] = coef[f * c + j] + row[j] * cs;
+                coef[(n + f) * c + j] = coef[(n + f) * c + j] + row[j] * sn;
+            }
+        }
+    }
+    let (avg_u, dev_u) = stats(mid);
+    let mut s = Spectrum { cols, coef, avg_u, dev_u, avg_d: vec![T::zero(); c], dev_d: vec![T::zero(); c] };
+    if c > 0 {
+        let raw: Vec<Vec<T>> = (0..mid.len()).map(|t| s.raw(t, n, window)).collect();
+        let (avg_d, dev_d) = stats(&raw);
+        s.avg_d = avg_d;
+        s.dev_d = dev_d;
+    }
+    s
+}
+
+/// One token: key and value, `[D]` each.
+type Token<T> = (Vec<T>, Vec<T>);
+
+/// The Fourier-compressed cache of one KV head.
+#[derive(Clone, Debug)]
+pub struct FourierCache<T> {
+    cfg: FourierConfig,
+    init: Vec<Token<T>>,
+    local: VecDeque<Token<T>>,
+    /// Critical dims of every middle token: `[L_mid][|k_crit|]`, `[L_mid][|v_crit|]`.
+    mid_k: Vec<Vec<T>>,
+    mid_v: Vec<Vec<T>>,
+    /// Present once the middle has been formed.
+    spec: Option<(Spectrum<T>, Spectrum<T>)>,
+}
+
+fn pick<T: Real>(x: &[T], cols: &[usize]) -> Vec<T> {
+    cols.iter().map(|&j| x[j]).collect()
+}
+
+impl<T: Real> FourierCache<T> {
+    /// An empty cache; checks the configuration.
+    pub fn new(cfg: FourierConfig) -> Result<Self, FourierError> {
+        let sorted = |v: &[usize]| v.windows(2).all(|w| w[0] < w[1]) && v.iter().all(|&j| j < cfg.d);
+        if cfg.d == 0 || cfg.n_freq == 0 || cfg.window == 0 {
+            return Err(FourierError::BadConfig("d, n_freq and window must be positive"));
+        }
+        if !sorted(&cfg.k_crit) || !sorted(&cfg.v_crit) {
+            return Err(FourierError::BadConfig("critical dims must be sorted, distinct and < d"));
+        }
+        Ok(FourierCache { cfg, init: Vec::new(), local: VecDeque::new(), mid_k: Vec::new(), mid_v: Vec::new(), spec: None })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FourierConfig {
+        &self.cfg
+    }
+    /// Tokens represented (init + middle + local).
+    pub fn len(&self) -> usize {
+        self.init.len() + self.mid_k.len() + self.local.len()
+    }
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Middle length `L_mid`.
+    pub fn mid_len(&self) -> usize {
+        self.mid_k.len()
+    }
+    /// The K and V spectra, once the middle is formed.
+    pub fn spectra(&self) -> Option<&(Spectrum<T>, Spectrum<T>)> {
+        self.spec.as_ref()
+    }
+
+    /// Prefill with the prompt's (post-RoPE) keys and values, `[L][D]` flattened.
+    pub fn prefill(&mut self, k: &[T], v: &[T]) -> Result<(), FourierError> {
+        let d = self.cfg.d;
+        if k.len() != v.len() || k.len() % d != 0 {
+            return Err(FourierError::Shape("k and v must both be [L, D]"));
+        }
+        let l = k.len() / d;
+        self.check_window(l)?;
+        for t in 0..l {
+            self.push_exact(k[t * d..][..d].to_vec(), v[t * d..][..d].to_vec());
+        }
+        self.form_middle_if_due();
+        Ok(())
+    }
+
+    /// Appends one decode token (`[D]` each); the oldest local token moves into the middle if the window is full.
+    pub fn append(&mut self, k: &[T], v: &[T]) -> Result<(), FourierError> {
+        let d = self.cfg.d;
+        if k.len() != d || v.len() != d {
+            return Err(FourierError::Shape("k and v must both be [D]"));
+        }
+        self.check_window(1)?;
+        if self.spec.is_none() {
+            self.push_exact(k.to_vec(), v.to_vec());
+            self.form_middle_if_due();
+            return Ok(());
+        }
+        self.local.push_back((k.to_vec(), v.to_vec()));
+        if self.local.len() > self.cfg.l_local {
+            let (ok, ov) = self.local.pop_front().expect("local is non-empty");
+            let p = self.mid_k.len();
+            let (n, w) = (self.cfg.n_freq, self.cfg.window);
+            let (sk, sv) = self.spec.as_mut().expect("middle formed");
+            sk.update(&pick(&ok, &sk.cols), p, n, w);
+            sv.update(&pick(&ov, &sv.cols), p, n, w);
+            self.mid_k.push(pick(&ok, &self.cfg.k_crit));
+            self.mid_v.push(pick(&ov, &self.cfg.v_crit));
+        }
+        Ok(())
+    }
+
+    /// Refuses growth that would make the middle longer than `T` (it can grow by at most `extra`).
+    fn check_window(&self, extra: usize) -> Result<(), FourierError> {
+        let fixed = self.cfg.l_init + self.cfg.l_local;
+        let after = self.len() + extra;
+        let mid = if self.spec.is_some() || after > self.cfg.trigger() { after.saturating_sub(fixed) } else { 0 };
+        if mid > self.cfg.window {
+            return Err(FourierError::WindowExceeded { mid, window: self.cfg.window });
+        }
+        Ok(())
+    }
+
+    fn push_exact(&mut self, k: Vec<T>, v: Vec<T>) {
+        if self.init.len() < self.cfg.l_init {
+            self.init.push((k, v));
+        } else {
+            self.local.push_back((k, v));
+        }
+    }
+
+    /// Forms the middle (prefill transform + frozen stats) when the exact cache exceeds the trigger length.
+    fn form_middle_if_due(&mut self) {
+        if self.spec.is_some() || self.len() <= self.cfg.trigger() {
+            return;
+        }
+        let n_mid = self.local.len() - self.cfg.l_local;
+        let mid: Vec<Token<T>> = self.local.drain(..n_mid).collect();
+        let (kc, vc) = (self.cfg.complement(&self.cfg.k_crit), self.cfg.complement(&self.cfg.v_crit));
+        let kx: Vec<Vec<T>> = mid.iter().map(|(k, _)| pick(k, &kc)).collect();
+        let vx: Vec<Vec<T>> = mid.iter().map(|(_, v)| pick(v, &vc)).collect();
+        let (n, w) = (self.cfg.n_freq, self.cfg.window);
+        self.spec = Some((transform(&kx, kc, n, w), transform(&vx, vc, n, w)));
+        self.mid_k = mid.iter().map(|(k, _)| pick(k, &self.cfg.k_crit)).collect();
+        self.mid_v = mid.iter().map(|(_, v)| pick(v, &self.cfg.v_crit)).collect();
+    }
+
+    /// Reconstructed middle row `t` of K (`key = true`) or V, all `D` dims.
+    pub fn mid_row(&self, t: usize, key: bool) -> Vec<T> {
+        let (spec, crit, exact) = match (&self.spec, key) {
+            (Some((sk, _)), true) => (sk, &self.cfg.k_crit, &self.mid_k[t]),
+            (Some((_, sv)), false) => (sv, &self.cfg.v_crit, &self.mid_v[t]),
+            (None, _) => panic!("no middle"),
+        };
+        let mut row = vec![T::zero(); self.cfg.d];
+        for (&j, &x) in crit.iter().zip(exact) {
+            row[j] = x;
+        }
+        for (&j, x) in spec.cols.iter().zip(spec.reconstruct(t, self.cfg.n_freq, self.cfg.window)) {
+            row[j] = x;
+        }
+        row
+    }
+
+    /// The assembled `K̃` (`key = true`) or `Ṽ`, `[L][D]` flattened, in position order (init, middle, local).
+    pub fn assembled(&self, key: bool) -> Vec<T> {
+        let sel = |tok: &Token<T>| if key { tok.0.clone() } else { tok.1.clone() };
+        let mut out: Vec<T> = self.init.iter().flat_map(sel).collect();
+        for t in 0..self.mid_len() {
+            out.extend(self.mid_row(t, key));
+        }
+        out.extend(self.local.iter().flat_map(sel));
+        out
+    }
+
+    /// Decode attention by direct reconstruction (spec §1.3 step 5): `q: [G, D]` → `o: [G, D]`.
+    pub fn attend_direct(&self, q: &[T], scale: T) -> Vec<T> {
+        let d = self.cfg.d;
+        let (k, v) = (self.assembled(true), self.assembled(false));
+        let l = self.len();
+        attention(q, &k, &v, Dims { lq: 1, l, hq: q.len() / d, hkv: 1, d }, l - 1, scale).o
+    }
+
+    /// Decode attention by the exact spectral-domain path (spec §1.5): the middle's compressed dims are never
+    /// reconstructed; scores come from query-projected coefficients, values from a forward DFT of the middle's
+    /// softmax weights. Equal to [`Self::attend_direct`] up to rounding.
+    pub fn attend_spectral(&self, q: &[T], scale: T) -> Vec<T> {
+        let Some((sk, sv)) = &self.spec else { return self.attend_direct(q, scale) };
+        let (d, n, w) = (self.cfg.d, self.cfg.n_freq, self.cfg.window);
+        let inv_n = T::one() / T::of(n as f64);
+        let lm = self.mid_len();
+        let (ka, va) = (sk.scale(), sv.scale());
+        let kb: Vec<T> = (0..ka.len()).map(|j| sk.avg_u[j] - sk.avg_d[j] * ka[j]).collect();
+        let vb: Vec<T> = (0..va.len()).map(|j| sv.avg_u[j] - sv.avg_d[j] * va[j]).collect();
+        let (ck, cv) = (sk.cols.len(), sv.cols.len());
+        let mut out = Vec::with_capacity(q.len());
+        for qh in q.chunks(d) {
+            let qc = pick(qh, &sk.cols);
+            let qn = pick(qh, &self.cfg.k_crit);
+            // pc[n] = Σ_j q_c[j]·a[j]·Ccos[n,j], ps[n] likewise with Csin; qb = ⟨q_c, b⟩.
+            let proj = |row: usize| (0..ck).fold(T::zero(), |acc, j| acc + qc[j] * ka[j] * sk.coef[row * ck + j]);
+            let pc: Vec<T> = (0..n).map(proj).collect();
+            let ps: Vec<T> = (n..2 * n).map(proj).collect();
+            let qb = dot(&qc, &kb);
+            let mut s: Vec<T> = self.init.iter().map(|(k, _)| scale * dot(qh, k)).collect();
+            for t in 0..lm {
+                let spec = (0..n).fold(T::zero(), |acc, f| {
+                    let (cs, sn) = basis(f, t, w);
+                    acc + pc[f] * T::of(cs) + ps[f] * T::of(sn)
+                });
+                s.push(scale * (spec * inv_n + qb + dot(&qn, &self.mid_k[t])));
+            }
+            s.extend(self.local.iter().map(|(k, _)| scale * dot(qh, k)));
+            let (p, _) = softmax(&s);
+            let mut o = vec![T::zero(); d];
+            let exact = self.init.iter().chain(self.local.iter());
+            let exact_p = p[..self.init.len()].iter().chain(&p[self.init.len() + lm..]);
+            for ((_, v), &pj) in exact.zip(exact_p) {
+                for (oc, &vc) in o.iter_mut().zip(v) {
+                    *oc = *oc + pj * vc;
+                }
+            }
+            let pm = &p[self.init.len()..self.init.len() + lm];
+            for (t, &pt) in pm.iter().enumerate() {
+                for (&j, &x) in self.cfg.v_crit.iter().zip(&self.mid_v[t]) {
+                    o[j] = o[j] + pt * x;
+                }
+            }
+            // Pc[n] = Σ_t p_t cos(ωnt), Ps[n] = Σ_t p_t sin(ωnt); o_c[j] = a_j/N·Σ_n(Pc Ccos + Ps Csin) + b_j·Σ_t p_t.
+            let mass = pm.iter().fold(T::zero(), |a, &x| a + x);
+            let (mut pcs, mut pss) = (vec![T::zero(); n], vec![T::zero(); n]);
+            for (t, &pt) in pm.iter().enumerate() {
+                for f in 0..n {
+                    let (cs, sn) = basis(f, t, w);
+                    pcs[f] = pcs[f] + pt * T::of(cs);
+                    pss[f] = pss[f] + pt * T::of(sn);
+                }
+            }
+            for (jj, &j) in sv.cols.iter().enumerate() {
+                let acc = (0..n).fold(T::zero(), |a, f| a + pcs[f] * sv.coef[f * cv + jj] + pss[f] * sv.coef[(n + f) * cv + jj]);
+                o[j] = o[j] + va[jj] * inv_n * acc + vb[jj] * mass;
+            }
+            out.extend(o);
+        }
+        out
+    }
+}
