@@ -1,0 +1,410 @@
+//! Split-KV decode attention (flash-decoding) with GQA, optional per-slot attention mass.
+//!
+//! ## Indexing (all tensors row-major; strides of `k`/`v` are runtime scalars, in elements)
+//! - `q`: `[B, Lq, Hq, D]` contiguous, storage dtype `E`; `o`: the same shape and dtype.
+//! - `k`, `v`: element `(b, h, j, d)` at `b·sb + h·sh + j·sl + d` (any strides that are multiples of the vector
+//!   width `N`, so views of a larger cache buffer work); `lens: [B]` (u32) per-sequence lengths.
+//! - A cube handles one `(split, kv head, batch·row-block)`: the keys `[split·chunk, min((split+1)·chunk, len))`
+//!   against up to `ROWS` query rows of one GQA group, `row = i·G + g` (query token `i`, group member `g`), so K
+//!   and V are read once per group. Row `i` sits at position `len − Lq + i` and sees keys `j ≤ len − Lq + i`.
+//! - `lse: [B, Lq, Hq]` (f32, natural log, the scale included); `mass: [B, Hkv, Lq, L_cap]` (f32), the mean over
+//!   the group of the softmax probabilities; `scores: [B, Hkv, R, L_cap]` (f32 scratch, `R = G·Lq`) holds the
+//!   scaled scores `s` when the mass is requested.
+//!
+//! ## Math (`s = scale·⟨q, k⟩`, accumulated in f32 whatever the storage dtype)
+//! Per tile of `TILE` keys: `m' = max(m, max_tile s)`, `α = exp(m − m')`, `acc = α·acc + Σ exp(s_j − m')·v_j`,
+//! `l = α·l + Σ exp(s_j − m')`. With one split the cube normalises itself (`o = acc/l`, `lse = m + ln l`,
+//! `mass_j = mean_g exp(s_gj − m_g)/l_g`); with several, [`decode_combine`] merges
+//! the partials and [`mass_finalize`] turns the stored scores into probabilities.
+//!
+//! ## Threads
+//! Scores: thread `t` owns key `tile + t` and reads its row with `N`-wide loads (L1 serves the neighbouring
+//! halves). Values: thread `t` is `(key lane kl, vector dv)`, `DV = D/N` vectors per row, `KL = TILE/DV` key
+//! lanes; each row of V is read by `DV` adjacent threads (coalesced). The key lanes are summed once at the end.
+//! Masked slots (past the length or in the causal future) are never loaded and weigh exactly 0.
+
+use cubecl::prelude::*;
+
+/// The masked-score sentinel: the most negative finite f32 (WGSL has no infinity literal). A slot with this
+/// score weighs exactly 0; a row whose every slot is masked keeps `m = NEG`, `l = 0`.
+pub const NEG: f32 = f32::MIN;
+
+/// Comptime shape of one [`decode_split`] variant (everything else is a runtime scalar).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SplitConfig {
+    /// Head dimension `D` (a multiple of `vec`).
+    pub d: usize,
+    /// Vector width `N` of the K/V loads (must equal the launch's vector size).
+    pub vec: usize,
+    /// Keys per tile = threads per cube (a multiple of `D/vec` and of the plane size when `plane`).
+    pub tile: usize,
+    /// Query rows a cube handles (rows past the ones it is given are masked).
+    pub rows: usize,
+    /// One split: normalise and write `o`, `lse` (and `mass`) directly; otherwise write partials.
+    pub single: bool,
+    /// Write the scores scratch (and, with `single`, the mass itself).
+    pub mass: bool,
+    /// Use plane (warp) reductions; otherwise shared memory only.
+    pub plane: bool,
+}
+
+/// Maximum over the `tile` threads of a cube of one value per thread; every thread gets the result.
+/// `red` holds at least `tile` floats; the caller syncs before reusing it.
+#[cube]
+fn cube_max(x: f32, red: &mut Shared<[f32]>, #[comptime] tile: usize, #[comptime] plane: bool) -> f32 {
+    let t = UNIT_POS as usize;
+    let mut result = NEG.runtime();
+    if comptime![plane] {
+        let w = plane_max(x);
+        let pd = PLANE_DIM as usize;
+        if UNIT_POS_PLANE == 0 {
+            red[t / pd] = w;
+        }
+        sync_cube();
+        for i in 0..tile / pd {
+            result = max(result, red[i]);
+        }
+    } else {
+        red[t] = x;
+        sync_cube();
+        for i in 0..tile {
+            result = max(result, red[i]);
+        }
+    }
+    result
+}
+
+/// Phase 1 of decode attention (see the module docs). Grid `(n_splits, Hkv, B·n_rb)`, `tile` threads.
+/// K/V offsets and strides are in vectors of `vec` elements.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn decode_split<E: Float, N: Size>(
+    q: &[E],
+    k: &[Vector<E, N>],
+    v: &[Vector<E, N>],
+    lens: &[u32],
+    o: &mut [E],
+    lse: &mut [f32],
+    mass: &mut [f32],
+    scores: &mut [f32],
+    o_part: &mut [f32],
+    ml_part: &mut [f32],
+    k_off: usize,
+    k_sb: usize,
+    k_sh: usize,
+    k_sl: usize,
+    v_off: usize,
+    v_sb: usize,
+    v_sh: usize,
+    v_sl: usize,
+    hkv: usize,
+    g: usize,
+    lq: usize,
+    lcap: usize,
+    chunk: usize,
+    n_splits: usize,
+    n_rb: usize,
+    scale: f32,
+    #[comptime] cfg: SplitConfig,
+) {
+    let d = cfg.d;
+    let vec = cfg.vec;
+    let tile = cfg.tile;
+    let rows = cfg.rows;
+    let rd = comptime![cfg.rows * cfg.d];
+    let dv_n = comptime![cfg.d / cfg.vec];
+    let kl_n = comptime![cfg.tile / (cfg.d / cfg.vec)];
+
+    let t = UNIT_POS as usize;
+    let split = CUBE_POS_X as usize;
+    let kvh = CUBE_POS_Y as usize;
+    let b = CUBE_POS_Z as usize / n_rb;
+    let rb = CUBE_POS_Z as usize % n_rb;
+    let hq = hkv * g;
+    let r_total = g * lq;
+    let row0 = rb * rows;
+    let nrows = min(rows, r_total - row0);
+    let len = lens[b] as usize;
+    let offset = len - lq;
+    let start = split * chunk;
+    let end = min(start + chunk, len);
+
+    let mut q_s = Shared::<[f32]>::new_slice(rd);
+    let mut p_s = Shared::<[f32]>::new_slice(comptime![cfg.rows * cfg.tile]);
+    let mut red = Shared::<[f32]>::new_slice(tile);
+    let mut acc_s = Shared::<[f32]>::new_slice(rd);
+    let mut l_s = Shared::<[f32]>::new_slice(rows);
+    let mut m_s = Shared::<[f32]>::new_slice(rows);
+
+    // The group's query rows, pre-multiplied by the softmax scale (rows past `nrows` are zero).
+    let mut idx = t;
+    while idx < rd {
+        let r = idx / d;
+        let mut val = 0.0f32.runtime();
+        if r < nrows {
+            let row = row0 + r;
+            let h = kvh * g + row % g;
+            val = f32::cast_from(q[((b * lq + row / g) * hq + h) * d + idx % d]) * scale;
+        }
+        q_s[idx] = val;
+        idx += tile;
+    }
+    sync_cube();
+
+    let mut m_r = Array::<f32>::new(rows);
+    let mut l_r = Array::<f32>::new(rows);
+    let mut s = Array::<f32>::new(rows);
+    let mut acc = Array::<f32>::new(comptime![cfg.rows * cfg.vec]);
+    #[unroll]
+    for r in 0..rows {
+        m_r[r] = NEG;
+        l_r[r] = 0.0;
+    }
+    #[unroll]
+    for e in 0..rows * vec {
+        acc[e] = 0.0;
+    }
+    let my_kl = t / dv_n;
+    let my_dv = t % dv_n;
+    let kbase = k_off + b * k_sb + kvh * k_sh;
+    let vbase = v_off + b * v_sb + kvh * v_sh;
+    let sbase = (b * hkv + kvh) * r_total + row0;
+
+    let mut tile_start = start;
+    while tile_start < end {
+        let j = tile_start + t;
+        #[unroll]
+        for r in 0..rows {
+            s[r] = 0.0;
+        }
+        if j < end {
+            for dvi in 0..dv_n {
+                let kv = k[kbase + j * k_sl + dvi];
+                #[unroll]
+                for e in 0..vec {
+                    let kf = f32::cast_from(kv.extract(e));
+                    #[unroll]
+                    for r in 0..rows {
+                        s[r] += q_s[r * d + dvi * vec + e] * kf;
+                    }
+                }
+            }
+        }
+        #[unroll]
+        for r in 0..rows {
+            let visible = j < end && r < nrows && j <= offset + (row0 + r) / g;
+            if !visible {
+                s[r] = NEG;
+            }
+            if comptime![cfg.mass] {
+                if visible {
+                    scores[(sbase + r) * lcap + j] = s[r];
+                }
+            }
+        }
+        // Online softmax: the tile maximum per row, then this thread's key's numerator.
+        #[unroll]
+        for r in 0..rows {
+            let tm = cube_max(s[r], &mut red, tile, cfg.plane);
+            sync_cube();
+            let m_new = max(m_r[r], tm);
+            let mut p = 0.0f32.runtime();
+            if !(s[r] == NEG) {
+                p = f32::exp(s[r] - m_new);
+            }
+            p_s[r * tile + t] = p;
+            let mut alpha = 1.0f32.runtime();
+            if !(m_new == NEG) {
+                alpha = f32::exp(m_r[r] - m_new);
+            }
+            m_r[r] = m_new;
+            l_r[r] *= alpha;
+            #[unroll]
+            for e in 0..vec {
+                acc[r * vec + e] *= alpha;
+            }
+        }
+        sync_cube();
+        if my_kl < kl_n {
+            let tile_len = min(tile, end - tile_start);
+            let mut jj = my_kl;
+            while jj < tile_len {
+                let vv = v[vbase + (tile_start + jj) * v_sl + my_dv];
+                #[unroll]
+                for r in 0..rows {
+                    let p = p_s[r * tile + jj];
+                    // Skip exact zeros (masked rows): 0·inf in a row's future must not make it NaN. Comparisons are
+                    // written `!(x == c)` so that a NaN is never taken for a mask: SPIR-V lowers `!=` to an
+                    // ordered compare, false for NaN.
+                    if !(p == 0.0) {
+                        l_r[r] += p;
+                        #[unroll]
+                        for e in 0..vec {
+                            acc[r * vec + e] += p * f32::cast_from(vv.extract(e));
+                        }
+                    }
+                }
+                jj += kl_n;
+            }
+        }
+        sync_cube();
+        tile_start += tile;
+    }
+
+    // Sum the key lanes.
+    let mut idx = t;
+    while idx < rd {
+        acc_s[idx] = 0.0;
+        idx += tile;
+    }
+    if t < rows {
+        l_s[t] = 0.0;
+        m_s[t] = m_r[t];
+    }
+    sync_cube();
+    for lane in 0..kl_n {
+        if my_kl == lane {
+            #[unroll]
+            for r in 0..rows {
+                #[unroll]
+                for e in 0..vec {
+                    acc_s[r * d + my_dv * vec + e] += acc[r * vec + e];
+                }
+                if my_dv == 0 {
+                    l_s[r] += l_r[r];
+                }
+            }
+        }
+        sync_cube();
+    }
+
+    if comptime![cfg.single] {
+        let mut idx = t;
+        while idx < rd {
+            let r = idx / d;
+            if r < nrows {
+                let row = row0 + r;
+                let h = kvh * g + row % g;
+                o[((b * lq + row / g) * hq + h) * d + idx % d] = E::cast_from(acc_s[idx] / l_s[r]);
+            }
+            idx += tile;
+        }
+        if t < nrows {
+            let row = row0 + t;
+            let h = kvh * g + row % g;
+            lse[(b * lq + row / g) * hq + h] = m_s[t] + f32::ln(l_s[t]);
+        }
+        if comptime![cfg.mass] {
+            // Each thread revisits the keys it scored itself (same thread: no fence needed).
+            let mut jj = t;
+            while jj < lcap {
+                for i in 0..lq {
+                    let mut total = 0.0f32.runtime();
+                    if jj < len && jj <= offset + i {
+                        for gg in 0..g {
+                            let r = i * g + gg;
+                            total += f32::exp(scores[(sbase + r) * lcap + jj] - m_s[r]) / l_s[r];
+                        }
+                    }
+                    mass[((b * hkv + kvh) * lq + i) * lcap + jj] = total / f32::cast_from(g);
+                }
+                jj += tile;
+            }
+        }
+    } else {
+        let mut idx = t;
+        while idx < rd {
+            let r = idx / d;
+            if r < nrows {
+                o_part[((sbase + r) * n_splits + split) * d + idx % d] = acc_s[idx];
+            }
+            idx += tile;
+        }
+        if t < nrows {
+            ml_part[((sbase + t) * n_splits + split) * 2] = m_s[t];
+            ml_part[((sbase + t) * n_splits + split) * 2 + 1] = l_s[t];
+        }
+    }
+}
+
+/// Phase 2: merges the splits of one query row. Grid `(Hkv·G·Lq, B)`, `D` threads (one per output dim).
+/// Writes `o`, `lse`, and the row's global `(m, l)` into `row_ml` for [`mass_finalize`].
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn decode_combine<E: Float>(
+    o_part: &[f32],
+    ml_part: &[f32],
+    o: &mut [E],
+    lse: &mut [f32],
+    row_ml: &mut [f32],
+    hkv: usize,
+    g: usize,
+    lq: usize,
+    n_splits: usize,
+    #[comptime] d: usize,
+) {
+    let dd = UNIT_POS as usize;
+    let b = CUBE_POS_Y as usize;
+    let grow = CUBE_POS_X as usize; // kvh·R + row
+    let r_total = g * lq;
+    let kvh = grow / r_total;
+    let row = grow % r_total;
+    let base = b * hkv * r_total + grow;
+    let mut m = NEG.runtime();
+    for sp in 0..n_splits {
+        m = max(m, ml_part[(base * n_splits + sp) * 2]);
+    }
+    let mut l = 0.0f32.runtime();
+    let mut acc = 0.0f32.runtime();
+    for sp in 0..n_splits {
+        let ms = ml_part[(base * n_splits + sp) * 2];
+        if !(ms == NEG) {
+            let w = f32::exp(ms - m);
+            l += ml_part[(base * n_splits + sp) * 2 + 1] * w;
+            acc += o_part[(base * n_splits + sp) * d + dd] * w;
+        }
+    }
+    let h = kvh * g + row % g;
+    let out = (b * lq + row / g) * hkv * g + h;
+    o[out * d + dd] = E::cast_from(acc / l);
+    if dd == 0 {
+        lse[out] = m + f32::ln(l);
+        row_ml[base * 2] = m;
+        row_ml[base * 2 + 1] = l;
+    }
+}
+
+/// Phase 3 (mass requested with several splits or row blocks): `mass_j = mean_g exp(s_gj − m_g)/l_g`.
+/// Grid `(⌈L_cap/tile⌉, Hkv·Lq, B)`, `tile` threads, one key each; slots past the length or in the causal
+/// future get 0.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn mass_finalize(
+    scores: &[f32],
+    row_ml: &[f32],
+    lens: &[u32],
+    mass: &mut [f32],
+    hkv: usize,
+    g: usize,
+    lq: usize,
+    lcap: usize,
+    #[comptime] tile: usize,
+) {
+    let j = CUBE_POS_X as usize * tile + UNIT_POS as usize;
+    let kvh = CUBE_POS_Y as usize / lq;
+    let i = CUBE_POS_Y as usize % lq;
+    let b = CUBE_POS_Z as usize;
+    if j < lcap {
+        let len = lens[b] as usize;
+        let r_total = g * lq;
+        let base = (b * hkv + kvh) * r_total;
+        let mut total = 0.0f32.runtime();
+        if j < len && j <= len - lq + i {
+            for gg in 0..g {
+                let r = base + i * g + gg;
+                total += f32::exp(scores[r * lcap + j] - row_ml[r * 2]) / row_ml[r * 2 + 1];
+            }
+        }
+        mass[((b * hkv + kvh) * lq + i) * lcap + j] = total / f32::cast_from(g);
+    }
+}

@@ -1,0 +1,431 @@
+//! Dense decode attention with GQA, split-KV (flash-decoding), and the optional per-slot attention mass.
+//!
+//! [`decode_attention`] validates everything, then launches (crate-private, "assumes validated")
+//! [`launch_unchecked`]. Shapes:
+//! - `q`: `[B, Lq, Hq, D]`, contiguous; query row `i` of sequence `b` sits at position `lens[b] − Lq + i` and
+//!   attends keys `0..=lens[b] − Lq + i` (causal offset; `Lq = 1` is plain decode);
+//! - `k`, `v`: `[B, Hkv, L_cap, D]`, any strides with a unit innermost stride (views of a larger cache buffer
+//!   are fine), same dtype as `q`; `lens: [B]` with `Lq ≤ lens[b] ≤ L_cap`;
+//! - outputs: `o: [B, Lq, Hq, D]` (the storage dtype), `lse: [B, Lq, Hq]` (f32, natural log of the softmax
+//!   denominator with the scale applied), `mass: [B, Hkv, Lq, L_cap]` (f32): the softmax probability of every
+//!   slot averaged over the `G = Hq/Hkv` query heads of its group; slots at or past `lens[b]` and in a row's
+//!   causal future are exactly 0.
+//!
+//! Storage dtypes f32 / f16 / bf16; all arithmetic accumulates in f32. Head dims: any positive multiple of 8 up
+//! to 256 (64, 96 and 128 are the tested ones). The split count, tile and rows per cube are chosen from the
+//! problem and the device ([`Plan`], returned with the outputs so that benches can print what ran).
+
+use crate::tensor::{contiguous_strides, DType, DeviceTensor};
+use crate::Error;
+use cubecl::client::Client;
+use cubecl::features::{Plane, TypeUsage};
+use cubecl::prelude::*;
+use kvsqueeze_kernels::attention::{decode_combine, decode_split, mass_finalize, SplitConfig};
+
+/// Options of [`decode_attention`].
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct DecodeConfig {
+    /// Softmax scale; `None` is `1/√D`.
+    pub scale: Option<f32>,
+    /// Also return the log-sum-exp per query head.
+    pub lse: bool,
+    /// Also return the per-slot attention mass averaged over the GQA group.
+    pub mass: bool,
+    /// Force the number of KV splits (`None`: chosen from the problem size and the device).
+    pub splits: Option<usize>,
+}
+
+impl DecodeConfig {
+    /// The defaults: scale `1/√D`, output only, automatic splits.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets the scale.
+    pub fn with_scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+    /// Requests the log-sum-exp.
+    pub fn with_lse(mut self, on: bool) -> Self {
+        self.lse = on;
+        self
+    }
+    /// Requests the attention mass.
+    pub fn with_mass(mut self, on: bool) -> Self {
+        self.mass = on;
+        self
+    }
+    /// Forces the split count.
+    pub fn with_splits(mut self, n: usize) -> Self {
+        self.splits = Some(n);
+        self
+    }
+}
+
+/// What a launch did: the choices made for the problem and device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// KV splits.
+    pub n_splits: usize,
+    /// Keys per split.
+    pub chunk: usize,
+    /// Query rows per cube.
+    pub rows: usize,
+    /// Row blocks per (sequence, KV head).
+    pub n_row_blocks: usize,
+    /// Vector width of K/V loads.
+    pub vec: usize,
+    /// Threads per cube = keys per tile.
+    pub tile: usize,
+    /// Plane reductions in use.
+    pub plane: bool,
+    /// Kernel launches (1 to 3).
+    pub launches: usize,
+}
+
+/// The outputs of [`decode_attention`].
+#[derive(Clone, Debug)]
+pub struct DecodeOutput {
+    /// `[B, Lq, Hq, D]`, storage dtype.
+    pub o: DeviceTensor,
+    /// `[B, Lq, Hq]`, f32, if requested.
+    pub lse: Option<DeviceTensor>,
+    /// `[B, Hkv, Lq, L_cap]`, f32, if requested.
+    pub mass: Option<DeviceTensor>,
+    /// What ran.
+    pub plan: Plan,
+}
+
+/// Validated problem sizes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Problem {
+    pub b: usize,
+    pub lq: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub lcap: usize,
+    pub max_len: usize,
+    pub dtype: DType,
+}
+
+const TILE: usize = 128;
+
+fn check_view(t: &DeviceTensor, name: &'static str) -> Result<(), Error> {
+    if t.shape.len() != t.strides.len() {
+        return Err(Error::Layout { tensor: name, reason: "strides and shape differ in rank" });
+    }
+    if t.shape.iter().any(|&s| s == 0) {
+        return Ok(());
+    }
+    let last = t.offset + t.shape.iter().zip(&t.strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
+    if last >= t.buffer_len {
+        return Err(Error::Layout { tensor: name, reason: "view reaches past the end of its buffer" });
+    }
+    Ok(())
+}
+
+/// Whether `dtype` can be a storage dtype on this device (buffers and conversion to f32).
+pub fn dtype_supported(client: &Client, dtype: DType) -> bool {
+    let need = TypeUsage::Buffer | TypeUsage::Conversion;
+    let uses = match dtype {
+        DType::F32 => return true,
+        DType::F16 => half::f16::supported_uses(client),
+        DType::BF16 => half::bf16::supported_uses(client),
+    };
+    uses.is_superset(need)
+}
+
+/// Checks every input (see the module docs for the contract); nothing is launched.
+pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32]) -> Result<Problem, Error> {
+    if q.shape.len() != 4 {
+        return Err(Error::ShapeMismatch { tensor: "q", expected: vec![0; 4], got: q.shape.clone() });
+    }
+    let (b, lq, hq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    if k.shape.len() != 4 {
+        return Err(Error::ShapeMismatch { tensor: "k", expected: vec![b, 0, 0, d], got: k.shape.clone() });
+    }
+    let (hkv, lcap) = (k.shape[1], k.shape[2]);
+    if k.shape[0] != b || k.shape[3] != d {
+        return Err(Error::ShapeMismatch { tensor: "k", expected: vec![b, hkv, lcap, d], got: k.shape.clone() });
+    }
+    if v.shape != k.shape {
+        return Err(Error::ShapeMismatch { tensor: "v", expected: k.shape.clone(), got: v.shape.clone() });
+    }
+    if lens.len() != b {
+        return Err(Error::ShapeMismatch { tensor: "lens", expected: vec![b], got: vec![lens.len()] });
+    }
+    if b == 0 || lq == 0 {
+        return Err(Error::ShapeMismatch { tensor: "q", expected: vec![1, 1, hq, d], got: q.shape.clone() });
+    }
+    if hkv == 0 || hq == 0 || hq % hkv != 0 {
+        return Err(Error::GqaRatio { hq, hkv });
+    }
+    if d == 0 || d % 8 != 0 || d > 256 {
+        return Err(Error::UnsupportedHeadDim { d });
+    }
+    for (name, t) in [("k", k), ("v", v)] {
+        if t.dtype != q.dtype {
+            return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: q.dtype });
+        }
+        if t.strides[3] != 1 {
+            return Err(Error::Layout { tensor: name, reason: "the head dim must have unit stride" });
+        }
+        check_view(t, name)?;
+    }
+    if !q.is_contiguous() {
+        return Err(Error::Layout { tensor: "q", reason: "must be contiguous [B, Lq, Hq, D]" });
+    }
+    check_view(q, "q")?;
+    for (batch, &len) in lens.iter().enumerate() {
+        let len = len as usize;
+        if len == 0 || len < lq {
+            return Err(Error::ZeroLength { batch });
+        }
+        if len > lcap {
+            return Err(Error::LengthBeyondCapacity { batch, len, capacity: lcap });
+        }
+    }
+    if !dtype_supported(client, q.dtype) {
+        return Err(Error::DtypeUnsupported { dtype: q.dtype, device: device_name(client) });
+    }
+    let hw = &client.properties().hardware;
+    if (hw.max_units_per_cube as usize) < TILE {
+        return Err(Error::DeviceLimit(format!("needs {TILE} units per cube, the device has {}", hw.max_units_per_cube)));
+    }
+    let max_len = lens.iter().map(|&l| l as usize).max().unwrap_or(0);
+    Ok(Problem { b, lq, hq, hkv, d, lcap, max_len, dtype: q.dtype })
+}
+
+/// The device's name as tests and benches print it.
+pub fn device_name(client: &Client) -> String {
+    format!("{} | {}", client.name(), client.properties().identity.name)
+}
+
+/// Widest vector (≤ 16 bytes) dividing D, every K/V stride and offset.
+fn vector_width(p: &Problem, k: &DeviceTensor, v: &DeviceTensor) -> usize {
+    let max = 16 / p.dtype.size();
+    let mut w = max;
+    while w > 1 {
+        let ok = |t: &DeviceTensor| t.offset % w == 0 && t.strides[..3].iter().all(|s| s % w == 0);
+        if p.d % w == 0 && ok(k) && ok(v) {
+            break;
+        }
+        w /= 2;
+    }
+    w
+}
+
+fn plan(client: &Client, p: &Problem, k: &DeviceTensor, v: &DeviceTensor, cfg: &DecodeConfig) -> Result<Plan, Error> {
+    let hw = &client.properties().hardware;
+    let r_total = p.hq / p.hkv * p.lq;
+    let mut rows = r_total.next_power_of_two().min(16);
+    // Shared memory: q and the lane reduction (rows·D each), the probabilities (rows·tile), small vectors.
+    let smem = |rows: usize| 4 * (2 * rows * p.d + rows * TILE + TILE + 2 * rows);
+    while rows > 1 && smem(rows) > hw.max_shared_memory_size {
+        rows /= 2;
+    }
+    if smem(rows) > hw.max_shared_memory_size {
+        return Err(Error::DeviceLimit(format!("needs {} B of shared memory, the device has {}", smem(rows), hw.max_shared_memory_size)));
+    }
+    let n_rb = r_total.div_ceil(rows);
+    let base_cubes = p.b * p.hkv * n_rb;
+    let n_splits = match cfg.splits {
+        Some(0) => return Err(Error::Config("splits must be at least 1")),
+        Some(n) => n.min(p.max_len.div_ceil(TILE)).max(1),
+        None => {
+            // Enough cubes to fill the device about twice, but never splits shorter than four tiles.
+            let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
+            let want = (2 * sms).div_ceil(base_cubes);
+            want.min(p.max_len.div_ceil(4 * TILE)).max(1)
+        }
+    };
+    let chunk = p.max_len.div_ceil(n_splits).div_ceil(TILE) * TILE;
+    let n_splits = p.max_len.div_ceil(chunk);
+    let plane = client.features().plane.contains(Plane::Ops)
+        && hw.plane_size_min == hw.plane_size_max
+        && TILE % hw.plane_size_max as usize == 0;
+    let single = n_splits == 1 && (!cfg.mass || n_rb == 1);
+    let launches = if single { 1 } else { 2 + cfg.mass as usize };
+    Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec: vector_width(p, k, v), tile: TILE, plane, launches })
+}
+
+/// Dense decode attention over a (possibly ragged, possibly strided) batch, allocating the outputs; see the
+/// module docs.
+pub fn decode_attention(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig) -> Result<DecodeOutput, Error> {
+    let p = validate(client, q, k, v, lens)?;
+    let empty = |shape: &[usize], dtype: DType| {
+        let n: usize = shape.iter().product();
+        DeviceTensor { handle: client.empty(n.max(1) * dtype.size()), buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype }
+    };
+    let mut out = DecodeOutput {
+        o: empty(&[p.b, p.lq, p.hq, p.d], p.dtype),
+        lse: cfg.lse.then(|| empty(&[p.b, p.lq, p.hq], DType::F32)),
+        mass: cfg.mass.then(|| empty(&[p.b, p.hkv, p.lq, p.lcap], DType::F32)),
+        plan: Plan { n_splits: 0, chunk: 0, rows: 0, n_row_blocks: 0, vec: 0, tile: 0, plane: false, launches: 0 },
+    };
+    decode_attention_into(client, q, k, v, lens, cfg, &mut out)?;
+    Ok(out)
+}
+
+/// Like [`decode_attention`], writing into caller-owned outputs (an engine's preallocated buffers): `out.o`
+/// must be a contiguous `[B, Lq, Hq, D]` tensor of the query's dtype, `out.lse` / `out.mass` contiguous f32
+/// tensors of their shapes, present exactly when `cfg` requests them. `out.plan` is set to what ran. On error
+/// nothing is launched and the outputs are untouched.
+pub fn decode_attention_into(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &mut DecodeOutput) -> Result<(), Error> {
+    let p = validate(client, q, k, v, lens)?;
+    if let Some(s) = cfg.scale {
+        if !s.is_finite() {
+            return Err(Error::Config("scale must be finite"));
+        }
+    }
+    let check_out = |t: Option<&DeviceTensor>, name: &'static str, want: bool, shape: Vec<usize>, dtype: DType| -> Result<(), Error> {
+        match (t, want) {
+            (None, false) => Ok(()),
+            (Some(_), false) => Err(Error::Config("an output was given that the config does not request")),
+            (None, true) => Err(Error::Config("the config requests an output that was not given")),
+            (Some(t), true) => {
+                if t.shape != shape {
+                    return Err(Error::ShapeMismatch { tensor: name, expected: shape, got: t.shape.clone() });
+                }
+                if t.dtype != dtype {
+                    return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: dtype });
+                }
+                if !t.is_contiguous() {
+                    return Err(Error::Layout { tensor: name, reason: "outputs must be contiguous" });
+                }
+                check_view(t, name)
+            }
+        }
+    };
+    check_out(Some(&out.o), "o", true, vec![p.b, p.lq, p.hq, p.d], p.dtype)?;
+    check_out(out.lse.as_ref(), "lse", cfg.lse, vec![p.b, p.lq, p.hq], DType::F32)?;
+    check_out(out.mass.as_ref(), "mass", cfg.mass, vec![p.b, p.hkv, p.lq, p.lcap], DType::F32)?;
+    let plan = plan(client, &p, k, v, cfg)?;
+    launch_unchecked(client, &p, &plan, q, k, v, lens, cfg, out);
+    out.plan = plan;
+    Ok(())
+}
+
+/// Launches with validated inputs (assumes [`validate`] and [`plan`] accepted them).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_unchecked(client: &Client, p: &Problem, plan: &Plan, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &DecodeOutput) {
+    match p.dtype {
+        DType::F32 => launch_typed::<f32>(client, p, plan, q, k, v, lens, cfg, out),
+        DType::F16 => launch_typed::<half::f16>(client, p, plan, q, k, v, lens, cfg, out),
+        DType::BF16 => launch_typed::<half::bf16>(client, p, plan, q, k, v, lens, cfg, out),
+    }
+}
+
+fn buf(t: &DeviceTensor) -> BufferArg {
+    // SAFETY: the length is the buffer's element count, so the kernel's accesses (validated views) are in bounds.
+    unsafe { BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len) }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Plan, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &DecodeOutput) {
+    let g = p.hq / p.hkv;
+    let r_total = g * p.lq;
+    // Scratch: every element a kernel reads is written by an earlier kernel first, so no initialisation.
+    let f32t = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        DeviceTensor { handle: client.empty(n.max(1) * 4), buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype: DType::F32 }
+    };
+    let dummy = f32t(&[1]);
+    let lens_t = DeviceTensor {
+        handle: client.create_from_slice(bytemuck::cast_slice(lens)),
+        buffer_len: lens.len(),
+        shape: vec![lens.len()],
+        strides: vec![1],
+        offset: 0,
+        dtype: DType::F32,
+    };
+    let (o, lse, mass) = (&out.o, out.lse.clone(), out.mass.clone());
+    let scores = cfg.mass.then(|| f32t(&[p.b, p.hkv, r_total, p.lcap]));
+    let single = plan.launches == 1;
+    let (o_part, ml_part, row_ml) = if single {
+        (dummy.clone(), dummy.clone(), dummy.clone())
+    } else {
+        (
+            f32t(&[p.b, p.hkv, r_total, plan.n_splits, p.d]),
+            f32t(&[p.b, p.hkv, r_total, plan.n_splits, 2]),
+            f32t(&[p.b, p.hkv, r_total, 2]),
+        )
+    };
+    // The final lse must exist for the combine even when not requested.
+    let lse_buf = lse.clone().unwrap_or_else(|| if single { dummy.clone() } else { f32t(&[p.b, p.lq, p.hq]) });
+    let vw = plan.vec;
+    let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: cfg.mass, plane: plan.plane };
+    let scale = cfg.scale.unwrap_or(1.0 / (p.d as f32).sqrt());
+    let count = CubeCount::Static(plan.n_splits as u32, p.hkv as u32, (p.b * plan.n_row_blocks) as u32);
+    // SAFETY: every index the kernel forms is inside a validated view or an allocation sized above.
+    unsafe {
+        decode_split::launch_unchecked::<E>(
+            client,
+            count,
+            CubeDim::new_1d(plan.tile as u32),
+            vw,
+            buf(q),
+            buf(k),
+            buf(v),
+            buf(&lens_t),
+            if single { buf(o) } else { buf(&dummy) },
+            buf(&lse_buf),
+            buf(mass.as_ref().filter(|_| single).unwrap_or(&dummy)),
+            buf(scores.as_ref().unwrap_or(&dummy)),
+            buf(&o_part),
+            buf(&ml_part),
+            k.offset / vw,
+            k.strides[0] / vw,
+            k.strides[1] / vw,
+            k.strides[2] / vw,
+            v.offset / vw,
+            v.strides[0] / vw,
+            v.strides[1] / vw,
+            v.strides[2] / vw,
+            p.hkv,
+            g,
+            p.lq,
+            p.lcap,
+            plan.chunk,
+            plan.n_splits,
+            plan.n_row_blocks,
+            scale,
+            scfg,
+        );
+        if !single {
+            decode_combine::launch_unchecked::<E>(
+                client,
+                CubeCount::Static((p.hkv * r_total) as u32, p.b as u32, 1),
+                CubeDim::new_1d(p.d as u32),
+                buf(&o_part),
+                buf(&ml_part),
+                buf(o),
+                buf(&lse_buf),
+                buf(&row_ml),
+                p.hkv,
+                g,
+                p.lq,
+                plan.n_splits,
+                p.d,
+            );
+            if let (Some(mass), Some(scores)) = (&mass, &scores) {
+                mass_finalize::launch_unchecked(
+                    client,
+                    CubeCount::Static(p.lcap.div_ceil(plan.tile) as u32, (p.hkv * p.lq) as u32, p.b as u32),
+                    CubeDim::new_1d(plan.tile as u32),
+                    buf(scores),
+                    buf(&row_ml),
+                    buf(&lens_t),
+                    buf(mass),
+                    p.hkv,
+                    g,
+                    p.lq,
+                    p.lcap,
+                    plan.tile,
+                );
+            }
+        }
+    }
+}

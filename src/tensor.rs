@@ -1,0 +1,147 @@
+//! A minimal device tensor: a cubecl buffer handle with a shape, element strides, an element offset and a
+//! dtype. Views of a larger buffer (a cache with spare capacity, one layer of a stacked cache) are tensors
+//! with the same handle and other strides/offset.
+
+use crate::Error;
+use cubecl::client::Client;
+use cubecl::server::Handle;
+use half::{bf16, f16};
+
+/// Storage dtypes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE single.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// Host element types that can be uploaded.
+pub trait HostElement: bytemuck::Pod + Copy + Send + Sync + 'static {
+    /// Its dtype.
+    const DTYPE: DType;
+    /// From f64, rounding to nearest.
+    fn from_f64(x: f64) -> Self;
+    /// To f64, exactly.
+    fn to_f64(self) -> f64;
+}
+
+impl HostElement for f32 {
+    const DTYPE: DType = DType::F32;
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+impl HostElement for f16 {
+    const DTYPE: DType = DType::F16;
+    fn from_f64(x: f64) -> Self {
+        f16::from_f64(x)
+    }
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
+}
+impl HostElement for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
+}
+
+/// A tensor on the device.
+#[derive(Clone, Debug)]
+pub struct DeviceTensor {
+    /// The buffer.
+    pub handle: Handle,
+    /// Elements in the buffer (for bounds validation of views).
+    pub buffer_len: usize,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Strides in elements.
+    pub strides: Vec<usize>,
+    /// Offset of element `[0, …, 0]` in elements.
+    pub offset: usize,
+    /// dtype.
+    pub dtype: DType,
+}
+
+/// Row-major contiguous strides of `shape`.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+impl DeviceTensor {
+    /// Uploads `data` (row-major, `shape`).
+    pub fn from_host<T: HostElement>(client: &Client, data: &[T], shape: &[usize]) -> Result<Self, Error> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::ShapeMismatch { tensor: "host data", expected: shape.to_vec(), got: vec![data.len()] });
+        }
+        let handle = client.create_from_slice(bytemuck::cast_slice(data));
+        Ok(DeviceTensor { handle, buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype: T::DTYPE })
+    }
+
+    /// A fresh contiguous tensor, every byte set to `fill` (so tests can detect unwritten elements).
+    pub fn filled(client: &Client, shape: &[usize], dtype: DType, fill: u8) -> Self {
+        let n: usize = shape.iter().product();
+        let handle = client.create_from_slice(&vec![fill; (n * dtype.size()).max(4)]);
+        DeviceTensor { handle, buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype }
+    }
+
+    /// A view with another shape/strides/offset over the same buffer (validated by the op that uses it).
+    pub fn view(&self, shape: &[usize], strides: &[usize], offset: usize) -> Self {
+        DeviceTensor { shape: shape.to_vec(), strides: strides.to_vec(), offset, ..self.clone() }
+    }
+
+    /// Whether the tensor is row-major contiguous from its offset.
+    pub fn is_contiguous(&self) -> bool {
+        self.strides == contiguous_strides(&self.shape)
+    }
+
+    /// Reads the whole buffer back as f64 (the tensor's own elements only, in row-major order).
+    pub fn to_host_f64(&self, client: &Client) -> Result<Vec<f64>, Error> {
+        let bytes = client.read_one(self.handle.clone()).map_err(|e| Error::Device(format!("{e:?}")))?;
+        let all: Vec<f64> = match self.dtype {
+            DType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes).into_iter().map(|x| x as f64).collect(),
+            DType::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(&bytes).into_iter().map(f16::to_f64).collect(),
+            DType::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(&bytes).into_iter().map(bf16::to_f64).collect(),
+        };
+        let n: usize = self.shape.iter().product();
+        let mut out = Vec::with_capacity(n);
+        let mut idx = vec![0usize; self.shape.len()];
+        for _ in 0..n {
+            let at = self.offset + idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum::<usize>();
+            out.push(all[at]);
+            for dim in (0..idx.len()).rev() {
+                idx[dim] += 1;
+                if idx[dim] < self.shape[dim] {
+                    break;
+                }
+                idx[dim] = 0;
+            }
+        }
+        Ok(out)
+    }
+}

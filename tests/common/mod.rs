@@ -1,0 +1,113 @@
+//! The one test harness of the kernel tests: a shared client, seeded data that never contains zeros, dtype
+//! rounding, poisoned buffers, the derived tolerance of design.md §5 and visible skips.
+
+#![allow(dead_code)]
+
+use cubecl::client::Client;
+use kvsqueeze::{DType, DeviceTensor};
+use std::sync::OnceLock;
+
+/// The client every test uses, opened once; prints which device it found.
+pub fn client() -> &'static Client {
+    static C: OnceLock<Client> = OnceLock::new();
+    C.get_or_init(|| {
+        let c = kvsqueeze::runtime::client().expect("a cubecl device (install mesa-vulkan-drivers for lavapipe)");
+        eprintln!("kernel tests on: {}", kvsqueeze::attention::device_name(&c));
+        c
+    })
+}
+
+/// Prints a visible skip, or fails when `KVSQUEEZE_REQUIRE_ALL=1` (GPU runs).
+pub fn skip(what: &str, why: &str) {
+    if kvsqueeze::runtime::require_all() {
+        panic!("required but skipped: {what}: {why}");
+    }
+    eprintln!("SKIP {what}: {why}");
+}
+
+/// SplitMix64.
+#[derive(Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `[-1, 1)`, never 0.
+    pub fn uniform(&mut self) -> f64 {
+        let x = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+        if x == 0.0 {
+            0.5
+        } else {
+            x
+        }
+    }
+    pub fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+}
+
+/// Rounds every value to `dtype` (the inputs the kernel and every reference then share).
+pub fn round_to(x: &[f64], dtype: DType) -> Vec<f64> {
+    x.iter()
+        .map(|&v| match dtype {
+            DType::F32 => v as f32 as f64,
+            DType::F16 => half::f16::from_f64(v).to_f64(),
+            DType::BF16 => half::bf16::from_f64(v).to_f64(),
+        })
+        .collect()
+}
+
+/// Uploads f64 values as `dtype`, in a buffer of `buffer_len ≥ data.len()` elements (the rest `pad`).
+pub fn upload(c: &Client, data: &[f64], shape: &[usize], dtype: DType) -> DeviceTensor {
+    match dtype {
+        DType::F32 => DeviceTensor::from_host(c, &data.iter().map(|&v| v as f32).collect::<Vec<_>>(), shape),
+        DType::F16 => DeviceTensor::from_host(c, &data.iter().map(|&v| half::f16::from_f64(v)).collect::<Vec<_>>(), shape),
+        DType::BF16 => DeviceTensor::from_host(c, &data.iter().map(|&v| half::bf16::from_f64(v)).collect::<Vec<_>>(), shape),
+    }
+    .expect("shape matches data")
+}
+
+/// A contiguous output buffer whose every byte is 0xFF — NaN in f32, f16 and bf16 — so an element the
+/// kernel forgets to write shows up.
+pub fn poisoned(c: &Client, shape: &[usize], dtype: DType) -> DeviceTensor {
+    DeviceTensor::filled(c, shape, dtype, 0xFF)
+}
+
+/// Machine epsilon of a dtype.
+pub fn eps(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => f32::EPSILON as f64,
+        DType::F16 => 9.765625e-4,
+        DType::BF16 => 7.8125e-3,
+    }
+}
+
+/// Max |a − b| over finite pairs, and whether the NaN/Inf pattern of `a` equals that of `b`.
+pub fn compare(a: &[f64], b: &[f64]) -> (f64, bool) {
+    assert_eq!(a.len(), b.len());
+    let mut err: f64 = 0.0;
+    let mut parity = true;
+    for (&x, &y) in a.iter().zip(b) {
+        if x.is_finite() && y.is_finite() {
+            err = err.max((x - y).abs());
+        } else if !(x.is_nan() && y.is_nan()) && x != y {
+            parity = false;
+        }
+    }
+    (err, parity)
+}
+
+/// design.md §5: the kernel's error against the f64 reference may be at most twice the error of the naive
+/// same-dtype reference against it, plus a floor of a few output ulps.
+pub fn check_tolerance(what: &str, case: &str, kernel: &[f64], naive: &[f64], gold: &[f64], floor: f64) {
+    let (ek, pk) = compare(kernel, gold);
+    let (en, _) = compare(naive, gold);
+    assert!(pk, "{what}: NaN/Inf pattern differs from the reference\n  case: {case}");
+    let tol = 2.0 * en + floor;
+    assert!(ek <= tol, "{what}: error {ek:.3e} > 2·{en:.3e} + {floor:.1e}\n  case: {case}");
+}
