@@ -243,7 +243,10 @@ fn plan(client: &Client, p: &Problem, k: &DeviceTensor, v: &DeviceTensor, cfg: &
     };
     let chunk = p.max_len.div_ceil(n_splits).div_ceil(TILE) * TILE;
     let n_splits = p.max_len.div_ceil(chunk);
-    let plane = client.features().plane.contains(Plane::Ops)
+    // `KVSQUEEZE_FORCE_PLANE=1` uses plane reductions where cubecl does not advertise them (lavapipe runs them
+    // correctly; cubecl turns them off for every CPU-type adapter) — for testing the plane path without a GPU.
+    let forced = std::env::var("KVSQUEEZE_FORCE_PLANE").is_ok_and(|v| v == "1");
+    let plane = (forced || client.features().plane.contains(Plane::Ops))
         && hw.plane_size_min == hw.plane_size_max
         && TILE % hw.plane_size_max as usize == 0;
     let single = n_splits == 1 && (!cfg.mass || n_rb == 1);

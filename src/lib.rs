@@ -14,6 +14,7 @@ pub mod attention;
 mod error;
 pub mod runtime;
 pub mod tensor;
+pub mod util;
 
 pub use error::Error;
 pub use tensor::{DType, DeviceTensor, HostElement};

@@ -9,3 +9,4 @@
 //! scalars so that property tests over shapes do not recompile.
 
 pub mod attention;
+pub mod util;

@@ -1,0 +1,198 @@
+//! Decode attention on the device: time per call, bytes moved, achieved bandwidth, % of the copy ceiling
+//! measured in the same run, the cost of the attention-mass output, and (when `KVSQUEEZE_SDPA_JSON` names the
+//! output of `benches/baselines/sdpa_decode.py` from the same machine) the ratio to PyTorch SDPA.
+//!
+//! `KVSQUEEZE_BENCH=full` (the default on CUDA) runs B ∈ {1, 8, 32} × L ∈ {4k, 16k, 32k, 128k}, Hq 32 / Hkv 8,
+//! D 128, bf16; `quick` (the default elsewhere) a small smoke grid in f16/f32. A correctness gate against the
+//! f64 reference runs before any timing. Small working sets rotate over several copies of the cache so that
+//! every call streams from DRAM, not L2.
+
+use criterion::{Criterion, Throughput};
+use kvsqueeze::attention::{decode_attention, decode_attention_into, DecodeConfig, DecodeOutput};
+use kvsqueeze::reference::attention::{attention, Dims};
+use kvsqueeze::util::{copy_bandwidth, random, sync};
+use kvsqueeze::{DType, DeviceTensor};
+use std::time::{Duration, Instant};
+
+const HQ: usize = 32;
+const HKV: usize = 8;
+const D: usize = 128;
+
+struct Inputs {
+    q: DeviceTensor,
+    kv: Vec<(DeviceTensor, DeviceTensor)>,
+    lens: Vec<u32>,
+}
+
+fn inputs(client: &cubecl::client::Client, b: usize, l: usize, dtype: DType) -> Inputs {
+    let bytes = 2 * b * HKV * l * D * dtype.size();
+    let copies = (512usize << 20).div_ceil(bytes).clamp(1, 64);
+    let kv = (0..copies)
+        .map(|c| {
+            let shape = [b, HKV, l, D];
+            (random(client, &shape, dtype, 2 * c as u32 + 1, 1.5), random(client, &shape, dtype, 2 * c as u32 + 2, 1.0))
+        })
+        .collect();
+    Inputs { q: random(client, &[b, 1, HQ, D], dtype, 99, 1.5), kv, lens: vec![l as u32; b] }
+}
+
+/// Seconds per call: median over 5 batches of `reps` back-to-back calls, synchronised at the end of a batch.
+fn time_calls(client: &cubecl::client::Client, x: &Inputs, cfg: &DecodeConfig, out: &mut DecodeOutput, reps: usize) -> f64 {
+    let mut batches = Vec::new();
+    for batch in 0..6 {
+        let t = Instant::now();
+        for i in 0..reps {
+            let (k, v) = &x.kv[i % x.kv.len()];
+            decode_attention_into(client, &x.q, k, v, &x.lens, cfg, out).expect("validated shapes");
+        }
+        sync(client).expect("device ok");
+        if batch > 0 {
+            batches.push(t.elapsed().as_secs_f64() / reps as f64);
+        }
+    }
+    batches.sort_by(|a, b| a.total_cmp(b));
+    batches[batches.len() / 2]
+}
+
+/// Correctness gate: the bench's own kernel variants (one split and several) against the f64 reference.
+fn gate(client: &cubecl::client::Client, dtype: DType) {
+    let (b, l) = (2, 1000);
+    let x = inputs(client, b, l, dtype);
+    let read = |t: &DeviceTensor| t.to_host_f64(client).expect("read back");
+    let (q, k, v) = (read(&x.q), read(&x.kv[0].0), read(&x.kv[0].1));
+    for splits in [Some(1), None] {
+        let mut cfg = DecodeConfig::new().with_mass(true);
+        if let Some(s) = splits {
+            cfg = cfg.with_splits(s);
+        }
+        let out = decode_attention(client, &x.q, &x.kv[0].0, &x.kv[0].1, &x.lens, &cfg).expect("gate launch");
+        let (o, mass) = (read(&out.o), read(out.mass.as_ref().unwrap()));
+        let mut worst: f64 = 0.0;
+        for bi in 0..b {
+            let tok = |src: &[f64]| -> Vec<f64> {
+                (0..l).flat_map(|j| (0..HKV).flat_map(move |h| (0..D).map(move |dd| ((bi * HKV + h) * l + j) * D + dd))).map(|i| src[i]).collect()
+            };
+            let r = attention(&q[bi * HQ * D..][..HQ * D], &tok(&k), &tok(&v), Dims { lq: 1, l, hq: HQ, hkv: HKV, d: D }, l - 1, 1.0 / (D as f64).sqrt());
+            for (a, e) in o[bi * HQ * D..][..HQ * D].iter().zip(&r.o) {
+                worst = worst.max((a - e).abs());
+            }
+            for h in 0..HKV {
+                for j in 0..l {
+                    worst = worst.max((mass[(bi * HKV + h) * l + j] - r.group_mean[h * l + j]).abs());
+                }
+            }
+        }
+        let bound = 4.0 * match dtype { DType::BF16 => 7.8e-3, DType::F16 => 9.8e-4, DType::F32 => 1.2e-6 };
+        assert!(worst <= bound, "correctness gate failed ({splits:?} splits): max error {worst:.3e} > {bound:.1e}");
+        eprintln!("gate ok: {:?}, plan {:?}, max error {worst:.2e}", dtype, out.plan);
+    }
+}
+
+fn sdpa_table() -> Option<serde_like::Table> {
+    let path = std::env::var("KVSQUEEZE_SDPA_JSON").ok()?;
+    let text = std::fs::read_to_string(&path).ok()?;
+    Some(serde_like::parse(&text))
+}
+
+/// A tiny reader for the flat JSON the SDPA script writes: `{"B8_L4096": {"cudnn": 0.0486, ...}, ...}` (ms).
+mod serde_like {
+    use std::collections::BTreeMap;
+    pub type Table = BTreeMap<String, BTreeMap<String, f64>>;
+    pub fn parse(s: &str) -> Table {
+        let mut t = Table::new();
+        let body = s.trim().trim_start_matches('{').trim_end_matches('}');
+        for entry in body.split('}') {
+            let Some((key, inner)) = entry.split_once(':') else { continue };
+            let key = key.trim_matches(|c: char| c == ',' || c.is_whitespace() || c == '"').to_string();
+            let mut m = BTreeMap::new();
+            for kv in inner.trim().trim_start_matches('{').split(',') {
+                if let Some((k, v)) = kv.split_once(':') {
+                    if let Ok(x) = v.trim().parse::<f64>() {
+                        m.insert(k.trim().trim_matches('"').to_string(), x);
+                    }
+                }
+            }
+            if !key.is_empty() {
+                t.insert(key, m);
+            }
+        }
+        t
+    }
+}
+
+fn main() {
+    let client = kvsqueeze::runtime::client().expect("a device");
+    let name = kvsqueeze::attention::device_name(&client);
+    let full = std::env::var("KVSQUEEZE_BENCH").map(|v| v == "full").unwrap_or(client.name().contains("cuda"));
+    let dtype = [DType::BF16, DType::F16, DType::F32].into_iter().find(|&t| kvsqueeze::attention::dtype_supported(&client, t)).unwrap();
+    println!("device: {name}; dtype {dtype:?}; grid {}", if full { "full" } else { "quick" });
+    gate(&client, dtype);
+    let ceiling = copy_bandwidth(&client, if full { 2 << 30 } else { 64 << 20 }, 10).expect("copy");
+    println!("copy ceiling (read+write): {:.3} TB/s", ceiling / 1e12);
+    let shapes: Vec<(usize, usize)> = if full {
+        [1, 8, 32].iter().flat_map(|&b| [4096, 16384, 32768, 131072].map(move |l| (b, l))).collect()
+    } else {
+        vec![(1, 1024), (2, 4096)]
+    };
+    let sdpa = sdpa_table();
+    let mut criterion = Criterion::default().configure_from_args().sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(if full { 1 } else { 2 }));
+    let mut rows = Vec::new();
+    for &(b, l) in &shapes {
+        let x = inputs(&client, b, l, dtype);
+        let kv_bytes = 2 * b * HKV * l * D * dtype.size();
+        let io_bytes = 2 * b * HQ * D * dtype.size();
+        let mut t = [0.0f64; 2];
+        for (mi, mass) in [false, true].into_iter().enumerate() {
+            let cfg = DecodeConfig::new().with_mass(mass);
+            let mut out = decode_attention(&client, &x.q, &x.kv[0].0, &x.kv[0].1, &x.lens, &cfg).expect("launch");
+            let bytes = kv_bytes + io_bytes + if mass { b * HKV * l * 4 } else { 0 };
+            let reps = (2e-2 / (bytes as f64 / ceiling)).clamp(5.0, 200.0) as usize;
+            t[mi] = time_calls(&client, &x, &cfg, &mut out, reps);
+            let mut group = criterion.benchmark_group("decode_attention");
+            group.throughput(Throughput::Bytes(bytes as u64));
+            let id = format!("B{b}_L{l}{}", if mass { "_mass" } else { "" });
+            group.bench_function(&id, |bench| {
+                bench.iter_custom(|iters| {
+                    let start = Instant::now();
+                    for i in 0..iters as usize {
+                        let (k, v) = &x.kv[i % x.kv.len()];
+                        decode_attention_into(&client, &x.q, k, v, &x.lens, &cfg, &mut out).unwrap();
+                    }
+                    sync(&client).unwrap();
+                    start.elapsed()
+                })
+            });
+            group.finish();
+            rows.push((b, l, mass, t[mi], bytes, out.plan));
+        }
+        let _ = t;
+    }
+    println!("\n| B | L | mass | µs/call | GB moved | TB/s | % copy ceiling | mass overhead | SDPA best µs (backend) | SDPA / ours | plan (splits, rows, launches) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (i, &(b, l, mass, secs, bytes, plan)) in rows.iter().enumerate() {
+        let bw = bytes as f64 / secs;
+        let overhead = if mass { format!("{:+.1}%", (secs / rows[i - 1].3 - 1.0) * 100.0) } else { "—".into() };
+        let (sdpa_us, ratio) = match sdpa.as_ref().and_then(|t| t.get(&format!("B{b}_L{l}"))) {
+            Some(m) => {
+                let best = m.iter().filter(|(_, &v)| v > 0.0).min_by(|a, b| a.1.total_cmp(b.1));
+                match best {
+                    Some((k, &ms)) => (format!("{:.1} ({k})", ms * 1e3), format!("{:.2}", ms * 1e-3 / secs)),
+                    None => ("n/a".into(), "n/a".into()),
+                }
+            }
+            None => ("not measured".into(), "—".into()),
+        };
+        println!(
+            "| {b} | {l} | {} | {:.1} | {:.3} | {:.2} | {:.0}% | {overhead} | {sdpa_us} | {ratio} | {}, {}, {} |",
+            if mass { "yes" } else { "no" },
+            secs * 1e6,
+            bytes as f64 / 1e9,
+            bw / 1e12,
+            100.0 * bw / (ceiling / 1.0),
+            plan.n_splits,
+            plan.rows,
+            plan.launches
+        );
+    }
+    println!("(copy ceiling {:.3} TB/s = bytes read + written per second by a device copy in this run)", ceiling / 1e12);
+}

@@ -1,0 +1,62 @@
+//! Device helpers for benches, tests and the CLI: random fills without a host upload, and the measured copy
+//! bandwidth that benches report as their ceiling.
+
+use crate::tensor::{contiguous_strides, DType, DeviceTensor};
+use crate::Error;
+use cubecl::client::Client;
+use cubecl::prelude::*;
+use kvsqueeze_kernels::util::{copy, fill_hash};
+use std::time::Instant;
+
+/// A contiguous tensor of `shape` filled on the device with values uniform in `[-amp, amp)` (never 0).
+pub fn random(client: &Client, shape: &[usize], dtype: DType, seed: u32, amp: f32) -> DeviceTensor {
+    let n: usize = shape.iter().product();
+    let t = DeviceTensor { handle: client.empty(n.max(1) * dtype.size()), buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype };
+    let (count, dim) = grid(n);
+    // SAFETY: the kernel writes exactly the `n` elements of the buffer it is given.
+    unsafe {
+        let arg = BufferArg::from_raw_parts(t.handle.clone(), n);
+        match dtype {
+            DType::F32 => fill_hash::launch_unchecked::<f32>(client, count, dim, arg, n, seed, amp),
+            DType::F16 => fill_hash::launch_unchecked::<half::f16>(client, count, dim, arg, n, seed, amp),
+            DType::BF16 => fill_hash::launch_unchecked::<half::bf16>(client, count, dim, arg, n, seed, amp),
+        }
+    }
+    t
+}
+
+fn grid(n: usize) -> (CubeCount, CubeDim) {
+    let cubes = n.div_ceil(256).clamp(1, 65_535);
+    (CubeCount::Static(cubes as u32, 1, 1), CubeDim::new_1d(256))
+}
+
+/// Waits for every queued launch.
+pub fn sync(client: &Client) -> Result<(), Error> {
+    cubecl::future::block_on(client.sync()).map_err(|e| Error::Device(format!("{e:?}")))
+}
+
+/// Device-to-device copy bandwidth (bytes read + written per second) over a `bytes`-sized f32 buffer, the
+/// median of `reps` timed copies after one warm-up.
+pub fn copy_bandwidth(client: &Client, bytes: usize, reps: usize) -> Result<f64, Error> {
+    let n = bytes / 16; // vectors of 4 f32
+    let src = random(client, &[n * 4], DType::F32, 7, 1.0);
+    let dst = client.empty(n * 16);
+    let run = || {
+        let (count, dim) = grid(n);
+        // SAFETY: both buffers hold `n` vectors of 4 f32.
+        unsafe {
+            copy::launch_unchecked::<f32>(client, count, dim, 4, BufferArg::from_raw_parts(src.handle.clone(), n * 4), BufferArg::from_raw_parts(dst.clone(), n * 4), n);
+        }
+    };
+    run();
+    sync(client)?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        run();
+        sync(client)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(2.0 * (n * 16) as f64 / times[times.len() / 2])
+}
