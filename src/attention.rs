@@ -19,6 +19,7 @@ use crate::tensor::{contiguous_strides, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::features::{Plane, TypeUsage};
+use cubecl::ir::AddressType;
 use cubecl::prelude::*;
 use kvsqueeze_kernels::attention::{decode_combine, decode_split, mass_finalize, SplitConfig};
 
@@ -80,8 +81,12 @@ pub struct Plan {
     pub tile: usize,
     /// Plane reductions in use.
     pub plane: bool,
+    /// Load loops unrolled (devices that advertise plane ops, i.e. GPUs).
+    pub unroll: bool,
     /// Kernel launches (1 to 3).
     pub launches: usize,
+    /// Index width: 32-bit unless some buffer holds 2³² elements or more.
+    pub address: AddressType,
 }
 
 /// The outputs of [`decode_attention`].
@@ -217,12 +222,13 @@ fn vector_width(p: &Problem, k: &DeviceTensor, v: &DeviceTensor) -> usize {
     w
 }
 
-fn plan(client: &Client, p: &Problem, k: &DeviceTensor, v: &DeviceTensor, cfg: &DecodeConfig) -> Result<Plan, Error> {
+fn plan(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, cfg: &DecodeConfig) -> Result<Plan, Error> {
     let hw = &client.properties().hardware;
     let r_total = p.hq / p.hkv * p.lq;
     let mut rows = r_total.next_power_of_two().min(16);
-    // Shared memory: q and the lane reduction (rows·D each), the probabilities (rows·tile), small vectors.
-    let smem = |rows: usize| 4 * (2 * rows * p.d + rows * TILE + TILE + 2 * rows);
+    // Shared memory: q and the lane reduction (rows·D each), the probabilities and the max reduction
+    // (rows·tile each), two small vectors.
+    let smem = |rows: usize| 4 * (2 * rows * p.d + 2 * rows * TILE + 2 * rows);
     while rows > 1 && smem(rows) > hw.max_shared_memory_size {
         rows /= 2;
     }
@@ -235,10 +241,11 @@ fn plan(client: &Client, p: &Problem, k: &DeviceTensor, v: &DeviceTensor, cfg: &
         Some(0) => return Err(Error::Config("splits must be at least 1")),
         Some(n) => n.min(p.max_len.div_ceil(TILE)).max(1),
         None => {
-            // Enough cubes to fill the device about twice, but never splits shorter than four tiles.
+            // About eight cubes per SM (memory latency needs many loads in flight), but never splits shorter
+            // than two tiles.
             let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
-            let want = (2 * sms).div_ceil(base_cubes);
-            want.min(p.max_len.div_ceil(4 * TILE)).max(1)
+            let want = (8 * sms).div_ceil(base_cubes);
+            want.min(p.max_len.div_ceil(2 * TILE)).max(1)
         }
     };
     let chunk = p.max_len.div_ceil(n_splits).div_ceil(TILE) * TILE;
@@ -251,7 +258,23 @@ fn plan(client: &Client, p: &Problem, k: &DeviceTensor, v: &DeviceTensor, cfg: &
         && TILE % hw.plane_size_max as usize == 0;
     let single = n_splits == 1 && (!cfg.mass || n_rb == 1);
     let launches = if single { 1 } else { 2 + cfg.mass as usize };
-    Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec: vector_width(p, k, v), tile: TILE, plane, launches })
+    // The largest element count any kernel indexes: the inputs' buffers, the scores scratch, the partials.
+    let largest = [
+        q.buffer_len,
+        k.buffer_len,
+        v.buffer_len,
+        p.b * p.hkv * r_total * p.lcap,
+        p.b * p.hkv * r_total * n_splits * p.d,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    let address = AddressType::from_len(largest);
+    if !client.features().supports_address(address) {
+        return Err(Error::DeviceLimit(format!("{largest} elements need {address} indexing, which this device lacks")));
+    }
+    let unroll = client.features().plane.contains(Plane::Ops);
+    Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec: vector_width(p, k, v), tile: TILE, plane, unroll, launches, address })
 }
 
 /// Dense decode attention over a (possibly ragged, possibly strided) batch, allocating the outputs; see the
@@ -266,7 +289,7 @@ pub fn decode_attention(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: 
         o: empty(&[p.b, p.lq, p.hq, p.d], p.dtype),
         lse: cfg.lse.then(|| empty(&[p.b, p.lq, p.hq], DType::F32)),
         mass: cfg.mass.then(|| empty(&[p.b, p.hkv, p.lq, p.lcap], DType::F32)),
-        plan: Plan { n_splits: 0, chunk: 0, rows: 0, n_row_blocks: 0, vec: 0, tile: 0, plane: false, launches: 0 },
+        plan: Plan { n_splits: 0, chunk: 0, rows: 0, n_row_blocks: 0, vec: 0, tile: 0, plane: false, unroll: false, launches: 0, address: AddressType::U32 },
     };
     decode_attention_into(client, q, k, v, lens, cfg, &mut out)?;
     Ok(out)
@@ -305,7 +328,7 @@ pub fn decode_attention_into(client: &Client, q: &DeviceTensor, k: &DeviceTensor
     check_out(Some(&out.o), "o", true, vec![p.b, p.lq, p.hq, p.d], p.dtype)?;
     check_out(out.lse.as_ref(), "lse", cfg.lse, vec![p.b, p.lq, p.hq], DType::F32)?;
     check_out(out.mass.as_ref(), "mass", cfg.mass, vec![p.b, p.hkv, p.lq, p.lcap], DType::F32)?;
-    let plan = plan(client, &p, k, v, cfg)?;
+    let plan = plan(client, &p, q, k, v, cfg)?;
     launch_unchecked(client, &p, &plan, q, k, v, lens, cfg, out);
     out.plan = plan;
     Ok(())
@@ -359,7 +382,7 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
     // The final lse must exist for the combine even when not requested.
     let lse_buf = lse.clone().unwrap_or_else(|| if single { dummy.clone() } else { f32t(&[p.b, p.lq, p.hq]) });
     let vw = plan.vec;
-    let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: cfg.mass, plane: plan.plane };
+    let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: cfg.mass, plane: plan.plane, unroll: plan.unroll };
     let scale = cfg.scale.unwrap_or(1.0 / (p.d as f32).sqrt());
     let count = CubeCount::Static(plan.n_splits as u32, p.hkv as u32, (p.b * plan.n_row_blocks) as u32);
     // SAFETY: every index the kernel forms is inside a validated view or an allocation sized above.
@@ -368,6 +391,7 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
             client,
             count,
             CubeDim::new_1d(plan.tile as u32),
+            plan.address,
             vw,
             buf(q),
             buf(k),
@@ -402,6 +426,7 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
                 client,
                 CubeCount::Static((p.hkv * r_total) as u32, p.b as u32, 1),
                 CubeDim::new_1d(p.d as u32),
+                plan.address,
                 buf(&o_part),
                 buf(&ml_part),
                 buf(o),
@@ -418,6 +443,7 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
                     client,
                     CubeCount::Static(p.lcap.div_ceil(plan.tile) as u32, (p.hkv * p.lq) as u32, p.b as u32),
                     CubeDim::new_1d(plan.tile as u32),
+                    plan.address,
                     buf(scores),
                     buf(&row_ml),
                     buf(&lens_t),

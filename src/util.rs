@@ -4,6 +4,7 @@
 use crate::tensor::{contiguous_strides, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
+use cubecl::ir::AddressType;
 use cubecl::prelude::*;
 use kvsqueeze_kernels::util::{copy, fill_hash};
 use std::time::Instant;
@@ -13,13 +14,14 @@ pub fn random(client: &Client, shape: &[usize], dtype: DType, seed: u32, amp: f3
     let n: usize = shape.iter().product();
     let t = DeviceTensor { handle: client.empty(n.max(1) * dtype.size()), buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype };
     let (count, dim) = grid(n);
+    let at = AddressType::from_len(n);
     // SAFETY: the kernel writes exactly the `n` elements of the buffer it is given.
     unsafe {
         let arg = BufferArg::from_raw_parts(t.handle.clone(), n);
         match dtype {
-            DType::F32 => fill_hash::launch_unchecked::<f32>(client, count, dim, arg, n, seed, amp),
-            DType::F16 => fill_hash::launch_unchecked::<half::f16>(client, count, dim, arg, n, seed, amp),
-            DType::BF16 => fill_hash::launch_unchecked::<half::bf16>(client, count, dim, arg, n, seed, amp),
+            DType::F32 => fill_hash::launch_unchecked::<f32>(client, count, dim, at, arg, n, seed, amp),
+            DType::F16 => fill_hash::launch_unchecked::<half::f16>(client, count, dim, at, arg, n, seed, amp),
+            DType::BF16 => fill_hash::launch_unchecked::<half::bf16>(client, count, dim, at, arg, n, seed, amp),
         }
     }
     t
@@ -45,7 +47,7 @@ pub fn copy_bandwidth(client: &Client, bytes: usize, reps: usize) -> Result<f64,
         let (count, dim) = grid(n);
         // SAFETY: both buffers hold `n` vectors of 4 f32.
         unsafe {
-            copy::launch_unchecked::<f32>(client, count, dim, 4, BufferArg::from_raw_parts(src.handle.clone(), n * 4), BufferArg::from_raw_parts(dst.clone(), n * 4), n);
+            copy::launch_unchecked::<f32>(client, count, dim, AddressType::from_len(n * 4), 4, BufferArg::from_raw_parts(src.handle.clone(), n * 4), BufferArg::from_raw_parts(dst.clone(), n * 4), n);
         }
     };
     run();

@@ -4,7 +4,7 @@
 use cubecl::prelude::*;
 
 /// `dst[i] = src[i]` over `n` vectors, grid-stride.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, address_type = "dynamic")]
 pub fn copy<E: Float, N: Size>(src: &[Vector<E, N>], dst: &mut [Vector<E, N>], n: usize) {
     let stride = (CUBE_COUNT as usize) * (CUBE_DIM as usize);
     let mut i = ABSOLUTE_POS;
@@ -15,7 +15,7 @@ pub fn copy<E: Float, N: Size>(src: &[Vector<E, N>], dst: &mut [Vector<E, N>], n
 }
 
 /// Fills `n` elements with values uniform in `[-amp, amp)` from a 32-bit integer hash of `(i, seed)`, never 0.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, address_type = "dynamic")]
 pub fn fill_hash<E: Float>(dst: &mut [E], n: usize, seed: u32, amp: f32) {
     let stride = (CUBE_COUNT as usize) * (CUBE_DIM as usize);
     let mut i = ABSOLUTE_POS;

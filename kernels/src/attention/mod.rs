@@ -46,37 +46,62 @@ pub struct SplitConfig {
     pub mass: bool,
     /// Use plane (warp) reductions; otherwise shared memory only.
     pub plane: bool,
+    /// Unroll the load loops (GPUs: more loads in flight; CPU-class adapters: JIT time grows ten-fold).
+    pub unroll: bool,
 }
 
-/// Maximum over the `tile` threads of a cube of one value per thread; every thread gets the result.
-/// `red` holds at least `tile` floats; the caller syncs before reusing it.
+/// Per-row maximum over the `tile` threads of a cube of one value per thread and row; every thread gets the
+/// results in `m`. One barrier for all rows: `red` holds `rows·tile` floats (`rows·tile/PLANE_DIM` are used
+/// with plane reductions). The caller syncs before `red` is written again.
 #[cube]
-fn cube_max(x: f32, red: &mut Shared<[f32]>, #[comptime] tile: usize, #[comptime] plane: bool) -> f32 {
+fn cube_max_rows(
+    s: &Array<f32>,
+    m: &mut Array<f32>,
+    red: &mut Shared<[f32]>,
+    #[comptime] rows: usize,
+    #[comptime] tile: usize,
+    #[comptime] plane: bool,
+) {
     let t = UNIT_POS as usize;
-    let mut result = NEG.runtime();
     if comptime![plane] {
-        let w = plane_max(x);
         let pd = PLANE_DIM as usize;
-        if UNIT_POS_PLANE == 0 {
-            red[t / pd] = w;
+        let nw = tile / pd;
+        #[unroll]
+        for r in 0..rows {
+            let w = plane_max(s[r]);
+            if UNIT_POS_PLANE == 0 {
+                red[r * nw + t / pd] = w;
+            }
         }
         sync_cube();
-        for i in 0..tile / pd {
-            result = max(result, red[i]);
+        #[unroll]
+        for r in 0..rows {
+            let mut result = NEG.runtime();
+            for i in 0..nw {
+                result = max(result, red[r * nw + i]);
+            }
+            m[r] = result;
         }
     } else {
-        red[t] = x;
+        #[unroll]
+        for r in 0..rows {
+            red[r * tile + t] = s[r];
+        }
         sync_cube();
-        for i in 0..tile {
-            result = max(result, red[i]);
+        #[unroll]
+        for r in 0..rows {
+            let mut result = NEG.runtime();
+            for i in 0..tile {
+                result = max(result, red[r * tile + i]);
+            }
+            m[r] = result;
         }
     }
-    result
 }
 
 /// Phase 1 of decode attention (see the module docs). Grid `(n_splits, Hkv, B·n_rb)`, `tile` threads.
 /// K/V offsets and strides are in vectors of `vec` elements.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_split<E: Float, N: Size>(
     q: &[E],
@@ -131,7 +156,7 @@ pub fn decode_split<E: Float, N: Size>(
 
     let mut q_s = Shared::<[f32]>::new_slice(rd);
     let mut p_s = Shared::<[f32]>::new_slice(comptime![cfg.rows * cfg.tile]);
-    let mut red = Shared::<[f32]>::new_slice(tile);
+    let mut red = Shared::<[f32]>::new_slice(comptime![cfg.rows * cfg.tile]);
     let mut acc_s = Shared::<[f32]>::new_slice(rd);
     let mut l_s = Shared::<[f32]>::new_slice(rows);
     let mut m_s = Shared::<[f32]>::new_slice(rows);
@@ -154,6 +179,7 @@ pub fn decode_split<E: Float, N: Size>(
     let mut m_r = Array::<f32>::new(rows);
     let mut l_r = Array::<f32>::new(rows);
     let mut s = Array::<f32>::new(rows);
+    let mut tm = Array::<f32>::new(rows);
     let mut acc = Array::<f32>::new(comptime![cfg.rows * cfg.vec]);
     #[unroll]
     for r in 0..rows {
@@ -178,6 +204,8 @@ pub fn decode_split<E: Float, N: Size>(
             s[r] = 0.0;
         }
         if j < end {
+            // Unrolled (on GPUs) so that all D/N loads of the row are in flight together.
+            #[unroll(cfg.unroll)]
             for dvi in 0..dv_n {
                 let kv = k[kbase + j * k_sl + dvi];
                 #[unroll]
@@ -202,12 +230,11 @@ pub fn decode_split<E: Float, N: Size>(
                 }
             }
         }
-        // Online softmax: the tile maximum per row, then this thread's key's numerator.
+        // Online softmax: the tile maximum per row (one barrier), then this thread's key's numerator.
+        cube_max_rows(&s, &mut tm, &mut red, rows, tile, cfg.plane);
         #[unroll]
         for r in 0..rows {
-            let tm = cube_max(s[r], &mut red, tile, cfg.plane);
-            sync_cube();
-            let m_new = max(m_r[r], tm);
+            let m_new = max(m_r[r], tm[r]);
             let mut p = 0.0f32.runtime();
             if !(s[r] == NEG) {
                 p = f32::exp(s[r] - m_new);
@@ -227,24 +254,27 @@ pub fn decode_split<E: Float, N: Size>(
         sync_cube();
         if my_kl < kl_n {
             let tile_len = min(tile, end - tile_start);
-            let mut jj = my_kl;
-            while jj < tile_len {
-                let vv = v[vbase + (tile_start + jj) * v_sl + my_dv];
-                #[unroll]
-                for r in 0..rows {
-                    let p = p_s[r * tile + jj];
-                    // Skip exact zeros (masked rows): 0·inf in a row's future must not make it NaN. Comparisons are
-                    // written `!(x == c)` so that a NaN is never taken for a mask: SPIR-V lowers `!=` to an
-                    // ordered compare, false for NaN.
-                    if !(p == 0.0) {
-                        l_r[r] += p;
-                        #[unroll]
-                        for e in 0..vec {
-                            acc[r * vec + e] += p * f32::cast_from(vv.extract(e));
+            // Unrolled (on GPUs) over the tile's keys of this lane, so the V loads are issued together.
+            #[unroll(cfg.unroll)]
+            for it in 0..comptime![cfg.tile.div_ceil(cfg.tile / (cfg.d / cfg.vec))] {
+                let jj = my_kl + it * kl_n;
+                if jj < tile_len {
+                    let vv = v[vbase + (tile_start + jj) * v_sl + my_dv];
+                    #[unroll]
+                    for r in 0..rows {
+                        let p = p_s[r * tile + jj];
+                        // Skip exact zeros (masked rows): 0·inf in a row's future must not make it NaN.
+                        // Comparisons are written `!(x == c)` so that a NaN is never taken for a mask:
+                        // SPIR-V lowers `!=` to an ordered compare, false for NaN.
+                        if !(p == 0.0) {
+                            l_r[r] += p;
+                            #[unroll]
+                            for e in 0..vec {
+                                acc[r * vec + e] += p * f32::cast_from(vv.extract(e));
+                            }
                         }
                     }
                 }
-                jj += kl_n;
             }
         }
         sync_cube();
@@ -329,7 +359,7 @@ pub fn decode_split<E: Float, N: Size>(
 
 /// Phase 2: merges the splits of one query row. Grid `(Hkv·G·Lq, B)`, `D` threads (one per output dim).
 /// Writes `o`, `lse`, and the row's global `(m, l)` into `row_ml` for [`mass_finalize`].
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_combine<E: Float>(
     o_part: &[f32],
@@ -377,7 +407,7 @@ pub fn decode_combine<E: Float>(
 /// Phase 3 (mass requested with several splits or row blocks): `mass_j = mean_g exp(s_gj − m_g)/l_g`.
 /// Grid `(⌈L_cap/tile⌉, Hkv·Lq, B)`, `tile` threads, one key each; slots past the length or in the causal
 /// future get 0.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn mass_finalize(
     scores: &[f32],
