@@ -154,7 +154,8 @@ pub fn decode_split<E: Float, N: Size>(
     let start = split * chunk;
     let end = min(start + chunk, len);
 
-    let mut q_s = Shared::<[f32]>::new_slice(rd);
+    // q as f32 vectors of the K/V width: one shared load feeds `vec` multiply-adds.
+    let mut q_s = Shared::<[Vector<f32, N>]>::new_slice(comptime![cfg.rows * (cfg.d / cfg.vec)]);
     let mut p_s = Shared::<[f32]>::new_slice(comptime![cfg.rows * cfg.tile]);
     let mut red = Shared::<[f32]>::new_slice(comptime![cfg.rows * cfg.tile]);
     let mut acc_s = Shared::<[f32]>::new_slice(rd);
@@ -163,13 +164,18 @@ pub fn decode_split<E: Float, N: Size>(
 
     // The group's query rows, pre-multiplied by the softmax scale (rows past `nrows` are zero).
     let mut idx = t;
-    while idx < rd {
-        let r = idx / d;
-        let mut val = 0.0f32.runtime();
-        if r < nrows {
-            let row = row0 + r;
-            let h = kvh * g + row % g;
-            val = f32::cast_from(q[((b * lq + row / g) * hq + h) * d + idx % d]) * scale;
+    while idx < rows * dv_n {
+        let r = idx / dv_n;
+        let mut val = Vector::<f32, N>::empty();
+        #[unroll]
+        for e in 0..vec {
+            let mut x = 0.0f32.runtime();
+            if r < nrows {
+                let row = row0 + r;
+                let h = kvh * g + row % g;
+                x = f32::cast_from(q[((b * lq + row / g) * hq + h) * d + (idx % dv_n) * vec + e]) * scale;
+            }
+            val.insert(e, x);
         }
         q_s[idx] = val;
         idx += tile;
@@ -208,12 +214,17 @@ pub fn decode_split<E: Float, N: Size>(
             #[unroll(cfg.unroll)]
             for dvi in 0..dv_n {
                 let kv = k[kbase + j * k_sl + dvi];
+                let mut kf = Array::<f32>::new(vec);
                 #[unroll]
                 for e in 0..vec {
-                    let kf = f32::cast_from(kv.extract(e));
+                    kf[e] = f32::cast_from(kv.extract(e));
+                }
+                #[unroll]
+                for r in 0..rows {
+                    let qv = q_s[r * dv_n + dvi];
                     #[unroll]
-                    for r in 0..rows {
-                        s[r] += q_s[r * d + dvi * vec + e] * kf;
+                    for e in 0..vec {
+                        s[r] += qv.extract(e) * kf[e];
                     }
                 }
             }
