@@ -83,6 +83,8 @@ pub struct Plan {
     pub plane: bool,
     /// Load loops unrolled (devices that advertise plane ops, i.e. GPUs).
     pub unroll: bool,
+    /// K tiles staged through shared memory (GPUs, when it fits).
+    pub stage_k: bool,
     /// Kernel launches (1 to 3).
     pub launches: usize,
     /// Index width: 32-bit unless some buffer holds 2³² elements or more.
@@ -250,9 +252,10 @@ fn plan(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &De
     };
     let chunk = p.max_len.div_ceil(n_splits).div_ceil(TILE) * TILE;
     let n_splits = p.max_len.div_ceil(chunk);
-    // `KVSQUEEZE_FORCE_PLANE=1` uses plane reductions where cubecl does not advertise them (lavapipe runs them
-    // correctly; cubecl turns them off for every CPU-type adapter) — for testing the plane path without a GPU.
-    let forced = std::env::var("KVSQUEEZE_FORCE_PLANE").is_ok_and(|v| v == "1");
+    // `KVSQUEEZE_FORCE_GPU_PATHS=1` takes the GPU code paths (plane reductions, unrolled loads, staged K)
+    // where cubecl does not advertise plane ops (it turns them off for every CPU-type adapter; lavapipe runs
+    // them correctly) — for testing those paths without a GPU.
+    let forced = std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1");
     let plane = (forced || client.features().plane.contains(Plane::Ops))
         && hw.plane_size_min == hw.plane_size_max
         && TILE % hw.plane_size_max as usize == 0;
@@ -273,8 +276,11 @@ fn plan(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &De
     if !client.features().supports_address(address) {
         return Err(Error::DeviceLimit(format!("{largest} elements need {address} indexing, which this device lacks")));
     }
-    let unroll = client.features().plane.contains(Plane::Ops);
-    Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec: vector_width(p, k, v), tile: TILE, plane, unroll, launches, address })
+    let unroll = forced || client.features().plane.contains(Plane::Ops);
+    let vec = vector_width(p, k, v);
+    let staged = TILE * (p.d / vec + 1) * vec * p.dtype.size();
+    let stage_k = unroll && smem(rows) + staged <= hw.max_shared_memory_size;
+    Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: TILE, plane, unroll, stage_k, launches, address })
 }
 
 /// Dense decode attention over a (possibly ragged, possibly strided) batch, allocating the outputs; see the
@@ -289,7 +295,7 @@ pub fn decode_attention(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: 
         o: empty(&[p.b, p.lq, p.hq, p.d], p.dtype),
         lse: cfg.lse.then(|| empty(&[p.b, p.lq, p.hq], DType::F32)),
         mass: cfg.mass.then(|| empty(&[p.b, p.hkv, p.lq, p.lcap], DType::F32)),
-        plan: Plan { n_splits: 0, chunk: 0, rows: 0, n_row_blocks: 0, vec: 0, tile: 0, plane: false, unroll: false, launches: 0, address: AddressType::U32 },
+        plan: Plan { n_splits: 0, chunk: 0, rows: 0, n_row_blocks: 0, vec: 0, tile: 0, plane: false, unroll: false, stage_k: false, launches: 0, address: AddressType::U32 },
     };
     decode_attention_into(client, q, k, v, lens, cfg, &mut out)?;
     Ok(out)
@@ -382,7 +388,7 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
     // The final lse must exist for the combine even when not requested.
     let lse_buf = lse.clone().unwrap_or_else(|| if single { dummy.clone() } else { f32t(&[p.b, p.lq, p.hq]) });
     let vw = plan.vec;
-    let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: cfg.mass, plane: plan.plane, unroll: plan.unroll };
+    let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: cfg.mass, plane: plan.plane, unroll: plan.unroll, stage_k: plan.stage_k };
     let scale = cfg.scale.unwrap_or(1.0 / (p.d as f32).sqrt());
     let count = CubeCount::Static(plan.n_splits as u32, p.hkv as u32, (p.b * plan.n_row_blocks) as u32);
     // SAFETY: every index the kernel forms is inside a validated view or an allocation sized above.

@@ -48,6 +48,10 @@ pub struct SplitConfig {
     pub plane: bool,
     /// Unroll the load loops (GPUs: more loads in flight; CPU-class adapters: JIT time grows ten-fold).
     pub unroll: bool,
+    /// Stage each K tile through shared memory with coalesced loads (rows padded by one vector against bank
+    /// conflicts) instead of one row per thread straight from global memory. Needs `tile·(D/N + 1)·N`
+    /// elements of shared memory more.
+    pub stage_k: bool,
 }
 
 /// Per-row maximum over the `tile` threads of a cube of one value per thread and row; every thread gets the
@@ -159,6 +163,7 @@ pub fn decode_split<E: Float, N: Size>(
     let mut p_s = Shared::<[f32]>::new_slice(comptime![cfg.rows * cfg.tile]);
     let mut red = Shared::<[f32]>::new_slice(comptime![cfg.rows * cfg.tile]);
     let mut acc_s = Shared::<[f32]>::new_slice(rd);
+    let mut k_s = Shared::<[Vector<E, N>]>::new_slice(comptime![if cfg.stage_k { cfg.tile * (cfg.d / cfg.vec + 1) } else { 1 }]);
     let mut l_s = Shared::<[f32]>::new_slice(rows);
     let mut m_s = Shared::<[f32]>::new_slice(rows);
 
@@ -209,11 +214,23 @@ pub fn decode_split<E: Float, N: Size>(
         for r in 0..rows {
             s[r] = 0.0;
         }
+        if comptime![cfg.stage_k] {
+            // Consecutive threads read consecutive vectors of a row: every global load is coalesced.
+            #[unroll(cfg.unroll)]
+            for it in 0..dv_n {
+                let idx = it * tile + t;
+                let key = idx / dv_n;
+                if tile_start + key < end {
+                    k_s[key * (dv_n + 1) + idx % dv_n] = k[kbase + (tile_start + key) * k_sl + idx % dv_n];
+                }
+            }
+            sync_cube();
+        }
         if j < end {
             // Unrolled (on GPUs) so that all D/N loads of the row are in flight together.
             #[unroll(cfg.unroll)]
             for dvi in 0..dv_n {
-                let kv = k[kbase + j * k_sl + dvi];
+                let kv = if comptime![cfg.stage_k] { k_s[t * (dv_n + 1) + dvi] } else { k[kbase + j * k_sl + dvi] };
                 let mut kf = Array::<f32>::new(vec);
                 #[unroll]
                 for e in 0..vec {
