@@ -15,6 +15,7 @@
 //! to 256 (64, 96 and 128 are the tested ones). The split count, tile and rows per cube are chosen from the
 //! problem and the device ([`Plan`], returned with the outputs so that benches can print what ran).
 
+use crate::rope::{angle_table, RopeConfig};
 use crate::tensor::{contiguous_strides, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
@@ -35,6 +36,8 @@ pub struct DecodeConfig {
     pub mass: bool,
     /// Force the number of KV splits (`None`: chosen from the problem size and the device).
     pub splits: Option<usize>,
+    /// Rotate the pre-RoPE query and keys inside the kernel (see [`crate::rope`]).
+    pub rope: Option<RopeConfig>,
 }
 
 impl DecodeConfig {
@@ -60,6 +63,11 @@ impl DecodeConfig {
     /// Forces the split count.
     pub fn with_splits(mut self, n: usize) -> Self {
         self.splits = Some(n);
+        self
+    }
+    /// Applies RoPE inside the kernel.
+    pub fn with_rope(mut self, rope: RopeConfig) -> Self {
+        self.rope = Some(rope);
         self
     }
 }
@@ -138,6 +146,7 @@ pub fn dtype_supported(client: &Client, dtype: DType) -> bool {
     let need = TypeUsage::Buffer | TypeUsage::Conversion;
     let uses = match dtype {
         DType::F32 => return true,
+        DType::U32 => return false,
         DType::F16 => half::f16::supported_uses(client),
         DType::BF16 => half::bf16::supported_uses(client),
     };
@@ -210,13 +219,14 @@ pub fn device_name(client: &Client) -> String {
     format!("{} | {}", client.name(), client.properties().identity.name)
 }
 
-/// Widest vector (≤ 16 bytes) dividing D, every K/V stride and offset.
-fn vector_width(p: &Problem, k: &DeviceTensor, v: &DeviceTensor) -> usize {
+/// Widest vector (≤ 16 bytes) dividing D (D/2 with RoPE), every K/V stride and offset.
+fn vector_width(p: &Problem, k: &DeviceTensor, v: &DeviceTensor, rope: bool) -> usize {
     let max = 16 / p.dtype.size();
     let mut w = max;
+    let dim = if rope { p.d / 2 } else { p.d };
     while w > 1 {
         let ok = |t: &DeviceTensor| t.offset % w == 0 && t.strides[..3].iter().all(|s| s % w == 0);
-        if p.d % w == 0 && ok(k) && ok(v) {
+        if dim % w == 0 && ok(k) && ok(v) {
             break;
         }
         w /= 2;
@@ -277,7 +287,7 @@ fn plan(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &De
         return Err(Error::DeviceLimit(format!("{largest} elements need {address} indexing, which this device lacks")));
     }
     let unroll = forced || client.features().plane.contains(Plane::Ops);
-    let vec = vector_width(p, k, v);
+    let vec = vector_width(p, k, v, cfg.rope.is_some());
     let staged = TILE * (p.d / vec + 1) * vec * p.dtype.size();
     let stage_k = unroll && smem(rows) + staged <= hw.max_shared_memory_size;
     Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: TILE, plane, unroll, stage_k, launches, address })
@@ -311,6 +321,9 @@ pub fn decode_attention_into(client: &Client, q: &DeviceTensor, k: &DeviceTensor
         if !s.is_finite() {
             return Err(Error::Config("scale must be finite"));
         }
+    }
+    if let Some(rope) = &cfg.rope {
+        crate::rope::validate(rope, p.b, p.lq, p.lcap)?;
     }
     let check_out = |t: Option<&DeviceTensor>, name: &'static str, want: bool, shape: Vec<usize>, dtype: DType| -> Result<(), Error> {
         match (t, want) {
@@ -347,6 +360,7 @@ pub(crate) fn launch_unchecked(client: &Client, p: &Problem, plan: &Plan, q: &De
         DType::F32 => launch_typed::<f32>(client, p, plan, q, k, v, lens, cfg, out),
         DType::F16 => launch_typed::<half::f16>(client, p, plan, q, k, v, lens, cfg, out),
         DType::BF16 => launch_typed::<half::bf16>(client, p, plan, q, k, v, lens, cfg, out),
+        DType::U32 => unreachable!("validate() accepts float storage only"),
     }
 }
 
@@ -388,8 +402,16 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
     // The final lse must exist for the combine even when not requested.
     let lse_buf = lse.clone().unwrap_or_else(|| if single { dummy.clone() } else { f32t(&[p.b, p.lq, p.hq]) });
     let vw = plan.vec;
-    let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: cfg.mass, plane: plan.plane, unroll: plan.unroll, stage_k: plan.stage_k };
+    let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: cfg.mass, plane: plan.plane, unroll: plan.unroll, stage_k: plan.stage_k, rope: cfg.rope.is_some() };
     let scale = cfg.scale.unwrap_or(1.0 / (p.d as f32).sqrt());
+    let (rope_tab, q_pos, k_pos) = match &cfg.rope {
+        Some(r) => {
+            let tab = angle_table(r.base, p.d);
+            let t = DeviceTensor::from_host(client, &tab, &[tab.len()]).expect("table shape");
+            (t, r.q_pos.clone(), r.k_pos.clone())
+        }
+        None => (dummy.clone(), dummy.clone(), dummy.clone()),
+    };
     let count = CubeCount::Static(plan.n_splits as u32, p.hkv as u32, (p.b * plan.n_row_blocks) as u32);
     // SAFETY: every index the kernel forms is inside a validated view or an allocation sized above.
     unsafe {
@@ -409,6 +431,9 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
             buf(scores.as_ref().unwrap_or(&dummy)),
             buf(&o_part),
             buf(&ml_part),
+            buf(&rope_tab),
+            buf(&q_pos),
+            buf(&k_pos),
             k.offset / vw,
             k.strides[0] / vw,
             k.strides[1] / vw,

@@ -16,13 +16,15 @@ pub enum DType {
     F16,
     /// bfloat16.
     BF16,
+    /// Unsigned 32-bit integers (positions).
+    U32,
 }
 
 impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            DType::F32 => 4,
+            DType::F32 | DType::U32 => 4,
             DType::F16 | DType::BF16 => 2,
         }
     }
@@ -42,6 +44,15 @@ impl HostElement for f32 {
     const DTYPE: DType = DType::F32;
     fn from_f64(x: f64) -> Self {
         x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+impl HostElement for u32 {
+    const DTYPE: DType = DType::U32;
+    fn from_f64(x: f64) -> Self {
+        x as u32
     }
     fn to_f64(self) -> f64 {
         self as f64
@@ -127,6 +138,7 @@ impl DeviceTensor {
             DType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes).into_iter().map(|x| x as f64).collect(),
             DType::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(&bytes).into_iter().map(f16::to_f64).collect(),
             DType::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(&bytes).into_iter().map(bf16::to_f64).collect(),
+            DType::U32 => bytemuck::pod_collect_to_vec::<u8, u32>(&bytes).into_iter().map(|x| x as f64).collect(),
         };
         let n: usize = self.shape.iter().product();
         let mut out = Vec::with_capacity(n);

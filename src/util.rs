@@ -22,6 +22,7 @@ pub fn random(client: &Client, shape: &[usize], dtype: DType, seed: u32, amp: f3
             DType::F32 => fill_hash::launch_unchecked::<f32>(client, count, dim, at, arg, n, seed, amp),
             DType::F16 => fill_hash::launch_unchecked::<half::f16>(client, count, dim, at, arg, n, seed, amp),
             DType::BF16 => fill_hash::launch_unchecked::<half::bf16>(client, count, dim, at, arg, n, seed, amp),
+            DType::U32 => panic!("random() fills float tensors only"),
         }
     }
     t

@@ -8,6 +8,8 @@ use common::*;
 use kvsqueeze::attention::{decode_attention, decode_attention_into, DecodeConfig, DecodeOutput, Plan};
 use kvsqueeze::reference::attention::{attention, Dims};
 use kvsqueeze::reference::cast_slice;
+use kvsqueeze::reference::rope::Rope;
+use kvsqueeze::rope::{RopeConfig, ANGLE_ERROR_RAD};
 use kvsqueeze::{DType, DeviceTensor, Error};
 use proptest::prelude::*;
 
@@ -28,6 +30,9 @@ struct Case {
     seed: u64,
     /// Put a NaN into this (batch, kv head, slot, dim) of K, or an Inf into V.
     poison: Option<(bool, usize, usize, usize, usize)>,
+    /// RoPE in the kernel with this base; positions: slot ranks (`false`) or random up to `max_pos` (`true`).
+    rope: Option<(f64, bool)>,
+    max_pos: u32,
 }
 
 impl std::fmt::Display for Case {
@@ -41,6 +46,9 @@ struct Inputs {
     q: Vec<f64>,
     k: Vec<f64>,
     v: Vec<f64>,
+    /// `[B, Lq]` and `[B, L_cap]` RoPE positions (empty without RoPE).
+    q_pos: Vec<u32>,
+    k_pos: Vec<u32>,
 }
 
 fn inputs(c: &Case) -> Inputs {
@@ -68,7 +76,24 @@ fn inputs(c: &Case) -> Inputs {
             v[at] = f64::INFINITY;
         }
     }
-    Inputs { q, k, v }
+    let (mut q_pos, mut k_pos) = (Vec::new(), Vec::new());
+    if let Some((_, random)) = c.rope {
+        for &len in &c.lens {
+            let mut pos: Vec<u32> = (0..c.lcap as u32).collect();
+            if random {
+                // Increasing random positions (a cache holding a sparse subset of a long stream).
+                let mut at = (rng.next_u64() % 1000) as u32;
+                for p in pos.iter_mut() {
+                    *p = at;
+                    at = at.saturating_add(1 + (rng.next_u64() % (c.max_pos as u64 / c.lcap as u64 + 1)) as u32);
+                }
+            }
+            let qp: Vec<u32> = (0..c.lq).map(|i| pos[len - c.lq + i]).collect();
+            q_pos.extend(qp);
+            k_pos.extend(pos);
+        }
+    }
+    Inputs { q, k, v, q_pos, k_pos }
 }
 
 /// Reference outputs in `[B, Lq, Hq, D]`, `[B, Lq, Hq]`, `[B, Hkv, Lq, L_cap]` computed in `T`.
@@ -86,9 +111,23 @@ fn reference<T: kvsqueeze::reference::Real>(c: &Case, x: &Inputs) -> (Vec<f64>, 
             }
             out
         };
-        let qb: Vec<T> = cast_slice(&x.q[bi * lq * hq * d..][..lq * hq * d]);
+        let mut qb: Vec<T> = cast_slice(&x.q[bi * lq * hq * d..][..lq * hq * d]);
+        let mut kb = gather(&x.k);
+        if let Some((base, _)) = c.rope {
+            let rope = Rope { base };
+            for i in 0..lq {
+                for h in 0..hq {
+                    rope.apply(&mut qb[(i * hq + h) * d..][..d], x.q_pos[bi * lq + i] as usize);
+                }
+            }
+            for j in 0..len {
+                for h in 0..hkv {
+                    rope.apply(&mut kb[(j * hkv + h) * d..][..d], x.k_pos[bi * lcap + j] as usize);
+                }
+            }
+        }
         let scale = T::of(1.0 / (d as f64).sqrt());
-        let out = attention(&qb, &gather(&x.k), &gather(&x.v), Dims { lq, l: len, hq, hkv, d }, len - lq, scale);
+        let out = attention(&qb, &kb, &gather(&x.v), Dims { lq, l: len, hq, hkv, d }, len - lq, scale);
         o.extend(cast_slice::<T, f64>(&out.o));
         lse.extend(cast_slice::<T, f64>(&out.lse));
         for i in 0..lq {
@@ -130,6 +169,11 @@ fn run_kernel(c: &Case, x: &Inputs) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, Pla
     if let Some(s) = c.splits {
         cfg = cfg.with_splits(s);
     }
+    if let Some((base, _)) = c.rope {
+        let q_pos = DeviceTensor::from_host(cl, &x.q_pos, &[b, c.lq]).unwrap();
+        let k_pos = DeviceTensor::from_host(cl, &x.k_pos, &[b, c.lcap]).unwrap();
+        cfg = cfg.with_rope(RopeConfig { base, q_pos, k_pos });
+    }
     let mut out = DecodeOutput {
         o: poisoned(cl, &[b, c.lq, c.hq, c.d], c.dtype),
         lse: c.lse.then(|| poisoned(cl, &[b, c.lq, c.hq], DType::F32)),
@@ -158,16 +202,21 @@ fn check(c: &Case) {
         DType::F32 => reference::<f32>(c, &x),
         DType::F16 => reference::<half::f16>(c, &x),
         DType::BF16 => reference::<half::bf16>(c, &x),
+        DType::U32 => unreachable!("float storage only"),
     };
     let (ko, kl, km, plan) = run_kernel(c, &x).unwrap_or_else(|e| panic!("kernel refused: {e}\n  case: {c}"));
     let case = format!("{c} plan={plan:?}");
     let mag = go.iter().filter(|v| v.is_finite()).fold(1.0f64, |a, &v| a.max(v.abs()));
-    check_tolerance("o", &case, &ko, &no, &go, 4.0 * eps(c.dtype) * mag);
+    // With RoPE, the kernel's documented angle error δ moves a score by at most δ·‖q‖·‖k‖·scale, and the
+    // output by about that times max|v| (= 1 here); twice that joins the floor.
+    let norm = |x: &[f64]| x.chunks(c.d).map(|r| r.iter().filter(|v| v.is_finite()).map(|v| v * v).sum::<f64>().sqrt()).fold(0.0, f64::max);
+    let rope_floor = if c.rope.is_some() { 2.0 * ANGLE_ERROR_RAD * norm(&x.q) * norm(&x.k) / (c.d as f64).sqrt() } else { 0.0 };
+    check_tolerance("o", &case, &ko, &no, &go, 4.0 * eps(c.dtype) * mag + rope_floor);
     if c.lse {
-        check_tolerance("lse", &case, &kl, &nl, &gl, 1e-5 * (1.0 + gl.iter().fold(0.0f64, |a, v| a.max(v.abs()))));
+        check_tolerance("lse", &case, &kl, &nl, &gl, 1e-5 * (1.0 + gl.iter().fold(0.0f64, |a, v| a.max(v.abs()))) + rope_floor);
     }
     if c.mass {
-        check_tolerance("mass", &case, &km, &nm, &gm, 1e-6);
+        check_tolerance("mass", &case, &km, &nm, &gm, 1e-6 + rope_floor);
     }
 }
 
@@ -194,13 +243,14 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         prop::option::of(1usize..6),
         prop::sample::select(vec![1usize, 1, 1, 2, 3]),
         any::<u64>(),
+        prop::sample::select(vec![None, None, Some((10_000.0, false)), Some((500_000.0, true))]),
     )
-        .prop_map(|(mut lens, extra, (hkv, g), d, dtype, (strided, lse, mass), splits, lq, seed)| {
+        .prop_map(|(mut lens, extra, (hkv, g), d, dtype, (strided, lse, mass), splits, lq, seed, rope)| {
             for l in lens.iter_mut() {
                 *l = (*l).max(lq);
             }
             let lcap = lens.iter().copied().max().unwrap() + extra;
-            Case { lens, lcap, lq, hq: hkv * g, hkv, d, dtype, strided, lse, mass, splits, seed, poison: None }
+            Case { lens, lcap, lq, hq: hkv * g, hkv, d, dtype, strided, lse, mass, splits, seed, poison: None, rope, max_pos: 1 << 24 }
         })
 }
 
@@ -215,7 +265,7 @@ proptest! {
 
 fn base(lens: Vec<usize>, hkv: usize, g: usize, d: usize, dtype: DType) -> Case {
     let lcap = lens.iter().copied().max().unwrap();
-    Case { lens, lcap, lq: 1, hq: hkv * g, hkv, d, dtype, strided: false, lse: true, mass: true, splits: None, seed: 11, poison: None }
+    Case { lens, lcap, lq: 1, hq: hkv * g, hkv, d, dtype, strided: false, lse: true, mass: true, splits: None, seed: 11, poison: None, rope: None, max_pos: 1 << 24 }
 }
 
 /// Head dim 96 goes through the same kernel with D/N = 12 vectors per row (not a power of two).
@@ -253,6 +303,17 @@ fn nan_and_inf_parity() {
     }
 }
 
+/// RoPE inside the kernel: cache-rank positions, sparse positions up to 2^24, and positions near 2^32 (all
+/// three 10/10/12-bit chunks of the angle reduction), with the NTK-scaled base of LongLLaDA.
+#[test]
+fn rope_positions() {
+    let ntk = kvsqueeze::rope::ntk_scaled_base(128, 500_000.0, 4096, 32768);
+    check(&Case { rope: Some((10_000.0, false)), ..base(vec![300, 129], 2, 4, 128, DType::F32) });
+    check(&Case { rope: Some((ntk, true)), splits: Some(3), lq: 2, ..base(vec![1000], 1, 8, 64, DType::F16) });
+    check(&Case { rope: Some((500_000.0, true)), max_pos: u32::MAX - 5000, ..base(vec![200], 2, 1, 128, DType::F32) });
+    check(&Case { rope: Some((10_000.0, true)), ..base(vec![77], 1, 4, 8, DType::F32) });
+}
+
 /// Every `Error` variant, and that a refused call leaves caller-owned outputs untouched.
 #[test]
 fn every_error_variant() {
@@ -282,6 +343,13 @@ fn every_error_variant() {
     assert!(matches!(call(&q, &past_end, &v, &[100, 3], &cfg), Err(Error::Layout { tensor: "k", .. })));
     assert!(matches!(call(&q, &k, &v, &[100, 3], &DecodeConfig::new().with_splits(0)), Err(Error::Config(_))));
     assert!(matches!(call(&q, &k, &v, &[100, 3], &DecodeConfig::new().with_scale(f32::NAN)), Err(Error::Config(_))));
+    let pos = |n: usize| DeviceTensor::from_host(cl, &vec![1u32; n], &[2, n / 2]).unwrap();
+    let rope = |q_pos, k_pos, base| DecodeConfig::new().with_rope(RopeConfig { base, q_pos, k_pos });
+    assert!(call(&q, &k, &v, &[100, 3], &rope(pos(2), pos(200), 1e4)).is_ok());
+    assert!(matches!(call(&q, &k, &v, &[100, 3], &rope(pos(2), pos(198), 1e4)), Err(Error::ShapeMismatch { tensor: "k_pos", .. })));
+    assert!(matches!(call(&q, &k, &v, &[100, 3], &rope(pos(4), pos(200), 1e4)), Err(Error::ShapeMismatch { tensor: "q_pos", .. })));
+    assert!(matches!(call(&q, &k, &v, &[100, 3], &rope(f32t(&[2, 1]), pos(200), 1e4)), Err(Error::DtypeMismatch { tensor: "q_pos", .. })));
+    assert!(matches!(call(&q, &k, &v, &[100, 3], &rope(pos(2), pos(200), f64::NAN)), Err(Error::Config(_))));
     if !dtype_ok(DType::BF16) {
         let b = |shape: &[usize]| upload(cl, &vec![0.5; shape.iter().product()], shape, DType::BF16);
         let r = call(&b(&[2, 1, 8, 64]), &b(&[2, 2, 100, 64]), &b(&[2, 2, 100, 64]), &[100, 3], &cfg);

@@ -9,4 +9,5 @@
 //! scalars so that property tests over shapes do not recompile.
 
 pub mod attention;
+pub mod rope;
 pub mod util;

@@ -58,6 +58,7 @@ pub fn round_to(x: &[f64], dtype: DType) -> Vec<f64> {
             DType::F32 => v as f32 as f64,
             DType::F16 => half::f16::from_f64(v).to_f64(),
             DType::BF16 => half::bf16::from_f64(v).to_f64(),
+            DType::U32 => v.round(),
         })
         .collect()
 }
@@ -68,6 +69,7 @@ pub fn upload(c: &Client, data: &[f64], shape: &[usize], dtype: DType) -> Device
         DType::F32 => DeviceTensor::from_host(c, &data.iter().map(|&v| v as f32).collect::<Vec<_>>(), shape),
         DType::F16 => DeviceTensor::from_host(c, &data.iter().map(|&v| half::f16::from_f64(v)).collect::<Vec<_>>(), shape),
         DType::BF16 => DeviceTensor::from_host(c, &data.iter().map(|&v| half::bf16::from_f64(v)).collect::<Vec<_>>(), shape),
+        DType::U32 => DeviceTensor::from_host(c, &data.iter().map(|&v| v as u32).collect::<Vec<_>>(), shape),
     }
     .expect("shape matches data")
 }
@@ -84,6 +86,7 @@ pub fn eps(dtype: DType) -> f64 {
         DType::F32 => f32::EPSILON as f64,
         DType::F16 => 9.765625e-4,
         DType::BF16 => 7.8125e-3,
+        DType::U32 => 0.0,
     }
 }
 

@@ -23,6 +23,7 @@
 //! lanes; each row of V is read by `DV` adjacent threads (coalesced). The key lanes are summed once at the end.
 //! Masked slots (past the length or in the causal future) are never loaded and weigh exactly 0.
 
+use crate::rope::rope_cos_sin;
 use cubecl::prelude::*;
 
 /// The masked-score sentinel: the most negative finite f32 (WGSL has no infinity literal). A slot with this
@@ -52,6 +53,9 @@ pub struct SplitConfig {
     /// conflicts) instead of one row per thread straight from global memory. Needs `tile·(D/N + 1)·N`
     /// elements of shared memory more.
     pub stage_k: bool,
+    /// Rotate the (pre-RoPE) query and keys in the kernel, rotate-half layout, from `q_pos`/`k_pos` and the
+    /// angle table of [`crate::rope`]; needs `vec` to divide `D/2`.
+    pub rope: bool,
 }
 
 /// Per-row maximum over the `tile` threads of a cube of one value per thread and row; every thread gets the
@@ -118,6 +122,9 @@ pub fn decode_split<E: Float, N: Size>(
     scores: &mut [f32],
     o_part: &mut [f32],
     ml_part: &mut [f32],
+    rope_tab: &[f32],
+    q_pos: &[u32],
+    k_pos: &[u32],
     k_off: usize,
     k_sb: usize,
     k_sh: usize,
@@ -168,21 +175,36 @@ pub fn decode_split<E: Float, N: Size>(
     let mut m_s = Shared::<[f32]>::new_slice(rows);
 
     // The group's query rows, pre-multiplied by the softmax scale (rows past `nrows` are zero).
+    let half = comptime![cfg.d / 2];
     let mut idx = t;
     while idx < rows * dv_n {
         let r = idx / dv_n;
-        let mut val = Vector::<f32, N>::empty();
+        let mut valf = Vector::<f32, N>::empty();
         #[unroll]
         for e in 0..vec {
             let mut x = 0.0f32.runtime();
             if r < nrows {
                 let row = row0 + r;
                 let h = kvh * g + row % g;
-                x = f32::cast_from(q[((b * lq + row / g) * hq + h) * d + (idx % dv_n) * vec + e]) * scale;
+                let base = ((b * lq + row / g) * hq + h) * d;
+                let dim = (idx % dv_n) * vec + e;
+                x = f32::cast_from(q[base + dim]);
+                if comptime![cfg.rope] {
+                    // Rotate-half: y[i] = x[i]·c − x[i+h]·s, y[i+h] = x[i+h]·c + x[i]·s.
+                    let pos = q_pos[b * lq + row / g];
+                    if dim < half {
+                        let (c, sn) = rope_cos_sin(rope_tab, dim, pos);
+                        x = x * c - f32::cast_from(q[base + dim + half]) * sn;
+                    } else {
+                        let (c, sn) = rope_cos_sin(rope_tab, dim - half, pos);
+                        x = x * c + f32::cast_from(q[base + dim - half]) * sn;
+                    }
+                }
+                x *= scale;
             }
-            val.insert(e, x);
+            valf.insert(e, x);
         }
-        q_s[idx] = val;
+        q_s[idx] = valf;
         idx += tile;
     }
     sync_cube();
@@ -227,21 +249,51 @@ pub fn decode_split<E: Float, N: Size>(
             sync_cube();
         }
         if j < end {
-            // Unrolled (on GPUs) so that all D/N loads of the row are in flight together.
-            #[unroll(cfg.unroll)]
-            for dvi in 0..dv_n {
-                let kv = if comptime![cfg.stage_k] { k_s[t * (dv_n + 1) + dvi] } else { k[kbase + j * k_sl + dvi] };
-                let mut kf = Array::<f32>::new(vec);
-                #[unroll]
-                for e in 0..vec {
-                    kf[e] = f32::cast_from(kv.extract(e));
-                }
-                #[unroll]
-                for r in 0..rows {
-                    let qv = q_s[r * dv_n + dvi];
+            if comptime![cfg.rope] {
+                // Pairs (i, i + D/2) are rotated together: vector `dvi` of the first half with `dvi + DV/2`.
+                let pos = k_pos[b * lcap + j];
+                let hv = comptime![cfg.d / cfg.vec / 2];
+                #[unroll(cfg.unroll)]
+                for dvi in 0..hv {
+                    let ka = if comptime![cfg.stage_k] { k_s[t * (dv_n + 1) + dvi] } else { k[kbase + j * k_sl + dvi] };
+                    let kb = if comptime![cfg.stage_k] { k_s[t * (dv_n + 1) + dvi + hv] } else { k[kbase + j * k_sl + dvi + hv] };
+                    let mut fa = Array::<f32>::new(vec);
+                    let mut fb = Array::<f32>::new(vec);
                     #[unroll]
                     for e in 0..vec {
-                        s[r] += qv.extract(e) * kf[e];
+                        let (c, sn) = rope_cos_sin(rope_tab, dvi * vec + e, pos);
+                        let xa = f32::cast_from(ka.extract(e));
+                        let xb = f32::cast_from(kb.extract(e));
+                        fa[e] = xa * c - xb * sn;
+                        fb[e] = xb * c + xa * sn;
+                    }
+                    #[unroll]
+                    for r in 0..rows {
+                        let qa = q_s[r * dv_n + dvi];
+                        let qb = q_s[r * dv_n + dvi + hv];
+                        #[unroll]
+                        for e in 0..vec {
+                            s[r] += qa.extract(e) * fa[e] + qb.extract(e) * fb[e];
+                        }
+                    }
+                }
+            } else {
+                // Unrolled (on GPUs) so that all D/N loads of the row are in flight together.
+                #[unroll(cfg.unroll)]
+                for dvi in 0..dv_n {
+                    let kv = if comptime![cfg.stage_k] { k_s[t * (dv_n + 1) + dvi] } else { k[kbase + j * k_sl + dvi] };
+                    let mut kf = Array::<f32>::new(vec);
+                    #[unroll]
+                    for e in 0..vec {
+                        kf[e] = f32::cast_from(kv.extract(e));
+                    }
+                    #[unroll]
+                    for r in 0..rows {
+                        let qv = q_s[r * dv_n + dvi];
+                        #[unroll]
+                        for e in 0..vec {
+                            s[r] += qv.extract(e) * kf[e];
+                        }
                     }
                 }
             }
