@@ -82,7 +82,7 @@ fn gate(client: &cubecl::client::Client, dtype: DType) {
                 }
             }
         }
-        let bound = 4.0 * match dtype { DType::BF16 => 7.8e-3, DType::F16 => 9.8e-4, DType::F32 => 1.2e-6 };
+        let bound = 4.0 * match dtype { DType::BF16 => 7.8e-3, DType::F16 => 9.8e-4, DType::F32 | DType::U32 => 1.2e-6 };
         assert!(worst <= bound, "correctness gate failed ({splits:?} splits): max error {worst:.3e} > {bound:.1e}");
         eprintln!("gate ok: {:?}, plan {:?}, max error {worst:.2e}", dtype, out.plan);
     }
@@ -167,6 +167,22 @@ fn main() {
         }
         let _ = t;
     }
+    // The cost of RoPE inside the kernel (cache-rank positions), at one shape.
+    let rope_row = shapes.iter().copied().find(|&(b, l)| b == 8 && l == 32768).or(shapes.last().copied()).map(|(b, l)| {
+        let x = inputs(&client, b, l, dtype);
+        let q_pos = DeviceTensor::from_host(&client, &vec![l as u32 - 1; b], &[b, 1]).unwrap();
+        let k_pos = DeviceTensor::from_host(&client, &(0..b * l).map(|i| (i % l) as u32).collect::<Vec<_>>(), &[b, l]).unwrap();
+        let mut secs = [0.0; 2];
+        for (i, rope) in [false, true].into_iter().enumerate() {
+            let mut cfg = DecodeConfig::new();
+            if rope {
+                cfg = cfg.with_rope(kvsqueeze::rope::RopeConfig { base: 500_000.0, q_pos: q_pos.clone(), k_pos: k_pos.clone() });
+            }
+            let mut out = decode_attention(&client, &x.q, &x.kv[0].0, &x.kv[0].1, &x.lens, &cfg).expect("launch");
+            secs[i] = time_calls(&client, &x, &cfg, &mut out, 20);
+        }
+        (b, l, secs)
+    });
     println!("\n| B | L | mass | µs/call | GB moved | TB/s | % copy ceiling | mass overhead | SDPA best µs (backend) | SDPA / ours | plan (splits, rows, launches) |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (i, &(b, l, mass, secs, bytes, plan)) in rows.iter().enumerate() {
@@ -195,4 +211,7 @@ fn main() {
         );
     }
     println!("(copy ceiling {:.3} TB/s = bytes read + written per second by a device copy in this run)", ceiling / 1e12);
+    if let Some((b, l, [plain, rope])) = rope_row {
+        println!("RoPE in kernel at B={b} L={l}: {:.1} µs vs {:.1} µs without ({:+.1}%)", rope * 1e6, plain * 1e6, (rope / plain - 1.0) * 100.0);
+    }
 }
