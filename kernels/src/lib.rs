@@ -9,5 +9,6 @@
 //! scalars so that property tests over shapes do not recompile.
 
 pub mod attention;
+pub mod policy;
 pub mod rope;
 pub mod util;

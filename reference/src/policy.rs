@@ -222,6 +222,20 @@ impl<T: Real> PolicyCache<T> {
         (qr, kr)
     }
 
+    /// One step with the attention mass given instead of computed (`mass: [len + 1]`, cache order, the new
+    /// token last): append, accumulate, compress. Used to check a device implementation's decisions on the
+    /// very same scores. Returns the original position of the removed key, if any.
+    pub fn step_with_mass(&mut self, k: &[T], v: &[T], mass: &[T]) -> Option<usize> {
+        assert!(k.len() == self.d && v.len() == self.d && mass.len() == self.entries.len() + 1, "shape mismatch");
+        self.entries.push(Entry::new(self.seen, k.to_vec(), v.to_vec()));
+        self.seen += 1;
+        for (e, &a) in self.entries.iter_mut().zip(mass) {
+            e.score = e.score + a;
+            e.count = e.count + T::one();
+        }
+        self.compress(mass)
+    }
+
     /// Appends an entry as it is (no attention, no accumulation): for driving a rule with fixed scores.
     pub fn push_entry(&mut self, e: Entry<T>) {
         self.seen = self.seen.max(e.pos + 1);

@@ -1,0 +1,259 @@
+//! The fixed-budget cache's device step (spec §2, §3, §5; host side in `kvsqueeze::policy`).
+//!
+//! Per (sequence `b`, KV head `h`) the cache has `cap + 1` physical slots (the new token is appended before
+//! one entry is evicted), and four small arrays: `order: [cap+1]` (rank → slot), `rank: [cap+1]` (slot → rank,
+//! `FREE` for the free slot), `score: [cap+1]` (`S`, f32) and `count: [cap+1]` (`C`, f32). K/V rows never move;
+//! evicting rank `r` shifts `order[r+1..len]` down by one (4 bytes per slot, against the `2·D·elem` bytes per
+//! slot attention reads) and frees one slot, which the next token fills.
+//!
+//! [`policy_append`] writes the new token into the free slot; after decode attention has written the per-slot
+//! mass, [`policy_step`] accumulates `S += mass`, `C += 1` on every valid slot and, when `len > cap`, removes one
+//! rank of the region `[sinks, len − recent)` by the policy's rule (ties: the leftmost rank), merging values for
+//! WeightedKV. The rules are those of `kvsqueeze-reference` (`policy.rs`, `treekv.rs`, `weightedkv.rs`,
+//! `baselines.rs`).
+
+use cubecl::prelude::*;
+
+/// Marks the free slot in `rank`.
+pub const FREE: u32 = u32::MAX;
+
+/// Which rule [`policy_step`] applies (comptime: one kernel variant per policy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rule {
+    /// Keep everything (no eviction; the step only accumulates).
+    Full,
+    /// Evict the region's oldest rank.
+    StreamingLlm,
+    /// Evict the region's smallest accumulated `S`.
+    H2o,
+    /// Evict the region's smallest current mass.
+    Tova,
+    /// The pair `(sinks + ptr, sinks + ptr + 1)`: evict the right one if `S̄` of the left is larger, else the
+    /// left; `select_left` always the left.
+    TreeKv {
+        /// The ablation.
+        select_left: bool,
+    },
+    /// Smallest `S̄` among the region's first `middle` ranks; its value merges into the next rank's.
+    WeightedKv,
+}
+
+/// Writes token `t` into the free slot of every (b, h). Grid `(Hkv, B)`, `D` threads.
+/// `len[b]` is the number of valid slots before the append; the free slot is `free[b·Hkv + h]`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn policy_append<E: Float>(
+    k_new: &[E],
+    v_new: &[E],
+    k: &mut [E],
+    v: &mut [E],
+    order: &mut [u32],
+    rank: &mut [u32],
+    score: &mut [f32],
+    count: &mut [f32],
+    pos: &mut [u32],
+    free: &[u32],
+    len: &[u32],
+    step: &[u32],
+    hkv: usize,
+    cap1: usize,
+    d: usize,
+) {
+    let h = CUBE_POS_X as usize;
+    let b = CUBE_POS_Y as usize;
+    let dd = UNIT_POS as usize;
+    let head = b * hkv + h;
+    let slot = free[head] as usize;
+    let row = (head * cap1 + slot) * d;
+    if dd < d {
+        k[row + dd] = k_new[head * d + dd];
+        v[row + dd] = v_new[head * d + dd];
+    }
+    if dd == 0 {
+        let l = len[b] as usize;
+        order[head * cap1 + l] = slot as u32;
+        rank[head * cap1 + slot] = l as u32;
+        score[head * cap1 + slot] = 0.0;
+        count[head * cap1 + slot] = 0.0;
+        pos[head * cap1 + slot] = step[b];
+    }
+}
+
+/// Leftmost minimum over `(value, rank)` pairs held one per thread; every thread gets the winning rank.
+/// `vals`/`idxs` hold one entry per unit of the cube (a power of two).
+#[cube]
+fn argmin_leftmost(v: f32, q: u32, vals: &mut Shared<[f32]>, idxs: &mut Shared<[u32]>) -> u32 {
+    let t = UNIT_POS as usize;
+    vals[t] = v;
+    idxs[t] = q;
+    sync_cube();
+    // A runtime counter (a comptime initial value would freeze the loop at expansion time).
+    let mut stride = CUBE_DIM as usize / 2;
+    while stride > 0 {
+        if t < stride {
+            let va = vals[t];
+            let qa = idxs[t];
+            let vb = vals[t + stride];
+            let qb = idxs[t + stride];
+            if vb < va || (vb == va && qb < qa) {
+                vals[t] = vb;
+                idxs[t] = qb;
+            }
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let winner = idxs[0];
+    winner
+}
+
+/// Accumulates the step's mass and evicts (or merges) one rank when over budget. Grid `(Hkv, B)`,
+/// `threads` units. `mass: [B, Hkv, cap+1]` (decode attention's output for one query token), `len[b]`: valid
+/// slots after the append; `ptr[b]`: TreeKV's pointer for this eviction. Writes the slot the next token will
+/// use into `free`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn policy_step<E: Float>(
+    mass: &[f32],
+    v: &mut [E],
+    order: &mut [u32],
+    rank: &mut [u32],
+    score: &mut [f32],
+    count: &mut [f32],
+    free: &mut [u32],
+    len: &[u32],
+    ptr: &[u32],
+    hkv: usize,
+    cap1: usize,
+    d: usize,
+    sinks: usize,
+    middle: usize,
+    recent: usize,
+    #[comptime] rule: Rule,
+    #[comptime] threads: usize,
+) {
+    let h = CUBE_POS_X as usize;
+    let b = CUBE_POS_Y as usize;
+    let t = UNIT_POS as usize;
+    let head = b * hkv + h;
+    let base = head * cap1;
+    let l = len[b] as usize;
+    let cap = cap1 - 1;
+    let mut vals = Shared::<[f32]>::new_slice(threads);
+    let mut idxs = Shared::<[u32]>::new_slice(threads);
+
+    // S += mass, C += 1 on every valid slot (slot order; a slot is valid iff its rank is < len).
+    let mut slot = t;
+    while slot < cap1 {
+        if rank[base + slot] < l as u32 {
+            score[base + slot] += mass[base + slot];
+            count[base + slot] += 1.0;
+        }
+        slot += threads;
+    }
+    sync_cube();
+
+    let mut evict = l > cap;
+    if comptime![rule == Rule::Full] {
+        evict = false;
+    }
+    if evict {
+        let lo = sinks;
+        let hi = l - recent; // region = ranks [lo, hi), middle + 1 of them
+        let mut victim = lo as u32;
+        if comptime![rule == Rule::StreamingLlm] {
+            // The oldest rank of the region is `lo` already.
+        } else if comptime![matches!(rule, Rule::TreeKv { .. })] {
+            let a = lo + ptr[b] as usize;
+            if comptime![rule == Rule::TreeKv { select_left: true }] {
+                victim = a as u32;
+            } else {
+                let sa = order[base + a] as usize;
+                let sb = order[base + a + 1] as usize;
+                let ma = score[base + sa] / count[base + sa];
+                let mb = score[base + sb] / count[base + sb];
+                victim = a as u32;
+                if ma > mb {
+                    victim = (a + 1) as u32;
+                }
+            }
+        } else {
+            // Argmin over the region (WeightedKV: its first `middle` ranks, the newest can only be the target).
+            let mut end = hi;
+            if comptime![rule == Rule::WeightedKv] {
+                end = lo + middle;
+            }
+            let mut best = f32::MAX.runtime();
+            let mut best_q = u32::MAX.runtime();
+            let mut q = lo + t;
+            while q < end {
+                let s = order[base + q] as usize;
+                let val = if comptime![rule == Rule::H2o] {
+                    score[base + s]
+                } else if comptime![rule == Rule::Tova] {
+                    mass[base + s]
+                } else {
+                    score[base + s] / count[base + s]
+                };
+                if val < best || best_q == u32::MAX {
+                    best = val;
+                    best_q = q as u32;
+                }
+                q += threads;
+            }
+            victim = argmin_leftmost(best, best_q, &mut vals, &mut idxs);
+        }
+        let r = victim as usize;
+        let vslot = order[base + r] as usize;
+        if comptime![rule == Rule::WeightedKv] {
+            // V[j+1] ← (ā_j·V[j] + ā_{j+1}·V[j+1]) / (ā_j + ā_{j+1}); equal weights if both are 0.
+            let tslot = order[base + r + 1] as usize;
+            let mut wa = score[base + vslot] / count[base + vslot];
+            let mut wb = score[base + tslot] / count[base + tslot];
+            if !(wa + wb > 0.0) {
+                wa = 1.0;
+                wb = 1.0;
+            }
+            let mut dd = t;
+            while dd < d {
+                let src = f32::cast_from(v[(base + vslot) * d + dd]);
+                let dst = f32::cast_from(v[(base + tslot) * d + dd]);
+                v[(base + tslot) * d + dd] = E::cast_from((wa * src + wb * dst) / (wa + wb));
+                dd += threads;
+            }
+        }
+        // Ranks above r move down by one; the victim's slot becomes free.
+        let mut s2 = t;
+        while s2 < cap1 {
+            let rk = rank[base + s2];
+            if rk != FREE && rk > victim {
+                rank[base + s2] = rk - 1;
+            }
+            s2 += threads;
+        }
+        // order[q-1] = order[q] for q in r+1..l, chunk by chunk: each chunk's reads finish before its writes,
+        // and no chunk reads what a later one writes.
+        let mut chunk = r;
+        while chunk < l - 1 {
+            let q = chunk + t;
+            let mut moved = 0u32.runtime();
+            if q < l - 1 {
+                moved = order[base + q + 1];
+            }
+            sync_cube();
+            if q < l - 1 {
+                order[base + q] = moved;
+            }
+            sync_cube();
+            chunk += threads;
+        }
+        if t == 0 {
+            rank[base + vslot] = FREE;
+            free[head] = vslot as u32;
+        }
+    } else {
+        if t == 0 {
+            free[head] = l as u32;
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Fixed-budget KV caches updated on the device: Full, StreamingLLM, H2O, TOVA, TreeKV (and its select-left
+//! ablation) and WeightedKV, one layer, batched over sequences and KV heads.
+//!
+//! The frame and the rules are those of `kvsqueeze-reference` (`policy.rs`): per (sequence, KV head) a
+//! logical cache `[sinks | middle | recent]` of capacity `c`; each decode step appends the new token,
+//! attends (decode attention over every valid slot, writing the per-slot mass averaged over the GQA group),
+//! accumulates `S += mass`, `C += 1`, and, when `len > c`, removes one entry of the region by the policy's
+//! rule. On the device (kernels in `kvsqueeze_kernels::policy`): `c + 1` physical slots whose K/V rows never
+//! move, a rank → slot `order` array, a slot → rank array, `S`, `C` and the original positions. A step is
+//! three launches plus decode attention's one to three, and three uploads of `B` u32 (lengths, steps,
+//! TreeKV's pointer); nothing is read back.
+//!
+//! Positions: keys are attended as stored (this version applies no RoPE inside the policy cache; decode
+//! attention's in-kernel RoPE takes `[B, L_cap]` positions, while per-head cache ranks need `[B, Hkv, L_cap]` —
+//! left for the follow-up, see the closing notes).
+
+use crate::attention::{decode_attention, DecodeConfig};
+use crate::tensor::{DType, DeviceTensor};
+use crate::Error;
+use cubecl::client::Client;
+use cubecl::prelude::*;
+use kvsqueeze_kernels::policy::{policy_append, policy_step, Rule, FREE};
+pub use kvsqueeze_reference::policy::{Layout, Policy};
+
+/// The common interface of the compressed caches (one layer).
+pub trait CompressedKvCache {
+    /// One decode step: `q: [B, 1, Hq, D]`, `k, v: [B, Hkv, D]` (this token's) → `o: [B, 1, Hq, D]`.
+    fn step(&mut self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<DeviceTensor, Error>;
+    /// Entries per (sequence, KV head) now.
+    fn len(&self) -> usize;
+    /// Whether the cache holds no token yet.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The budget `c`.
+    fn capacity(&self) -> usize;
+    /// Bytes the device holds for this cache (K, V, and the per-slot state).
+    fn physical_bytes(&self) -> usize;
+    /// The original positions kept, `[B][Hkv][len]` in cache order (reads back from the device).
+    fn kept_positions(&self) -> Result<Vec<Vec<Vec<usize>>>, Error>;
+}
+
+/// Shape and policy of a [`PolicyCache`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct PolicyCacheConfig {
+    /// The policy.
+    pub policy: Policy,
+    /// Segment sizes; for [`Policy::Full`] the capacity is the most tokens it may hold.
+    pub layout: Layout,
+    /// Sequences.
+    pub batch: usize,
+    /// Query heads.
+    pub hq: usize,
+    /// KV heads.
+    pub hkv: usize,
+    /// Head dim.
+    pub d: usize,
+    /// Storage dtype of K/V.
+    pub dtype: DType,
+}
+
+impl PolicyCacheConfig {
+    /// A configuration.
+    pub fn new(policy: Policy, layout: Layout, batch: usize, hq: usize, hkv: usize, d: usize, dtype: DType) -> Self {
+        PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype }
+    }
+}
+
+/// A fixed-budget cache on the device (see the module docs).
+pub struct PolicyCache {
+    client: Client,
+    cfg: PolicyCacheConfig,
+    /// `[B, Hkv, c+1, D]`.
+    k: DeviceTensor,
+    v: DeviceTensor,
+    /// `[B, Hkv, c+1]` each.
+    order: DeviceTensor,
+    rank: DeviceTensor,
+    score: DeviceTensor,
+    count: DeviceTensor,
+    pos: DeviceTensor,
+    /// `[B, Hkv]`: the slot the next token goes to.
+    free: DeviceTensor,
+    /// The last step's mass `[B, Hkv, 1, c+1]`.
+    mass: Option<DeviceTensor>,
+    /// Tokens streamed so far (all sequences step together).
+    seen: usize,
+}
+
+fn rule(p: Policy) -> Rule {
+    match p {
+        Policy::Full => Rule::Full,
+        Policy::StreamingLlm => Rule::StreamingLlm,
+        Policy::H2o => Rule::H2o,
+        Policy::Tova => Rule::Tova,
+        Policy::TreeKv { select_left } => Rule::TreeKv { select_left },
+        Policy::WeightedKv => Rule::WeightedKv,
+    }
+}
+
+fn u32_tensor(client: &Client, data: &[u32], shape: &[usize]) -> DeviceTensor {
+    DeviceTensor::from_host(client, data, shape).expect("shape matches")
+}
+
+const THREADS: usize = 128;
+
+impl PolicyCache {
+    /// An empty cache. Errors on a layout the policy cannot run with, a GQA ratio that is not integral, an
+    /// unsupported head dim or dtype.
+    pub fn new(client: &Client, cfg: PolicyCacheConfig) -> Result<Self, Error> {
+        let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype } = cfg;
+        let cap = layout.capacity();
+        if cap == 0 {
+            return Err(Error::Config("capacity must be at least 1"));
+        }
+        if matches!(policy, Policy::TreeKv { .. } | Policy::WeightedKv) && layout.middle == 0 {
+            return Err(Error::Config("TreeKV and WeightedKV need a middle region of at least 1"));
+        }
+        if batch == 0 || hkv == 0 || hq == 0 || hq % hkv != 0 {
+            return Err(Error::GqaRatio { hq, hkv });
+        }
+        if d == 0 || d % 8 != 0 || d > 256 || d > client.properties().hardware.max_units_per_cube as usize {
+            return Err(Error::UnsupportedHeadDim { d });
+        }
+        if !crate::attention::dtype_supported(client, dtype) {
+            return Err(Error::DtypeUnsupported { dtype, device: crate::attention::device_name(client) });
+        }
+        let cap1 = cap + 1;
+        let heads = batch * hkv;
+        let zeros = |shape: &[usize], dtype: DType| DeviceTensor::filled(client, shape, dtype, 0);
+        let rank = u32_tensor(client, &vec![FREE; heads * cap1], &[batch, hkv, cap1]);
+        Ok(PolicyCache {
+            client: client.clone(),
+            cfg,
+            k: zeros(&[batch, hkv, cap1, d], dtype),
+            v: zeros(&[batch, hkv, cap1, d], dtype),
+            order: zeros(&[batch, hkv, cap1], DType::U32),
+            rank,
+            score: zeros(&[batch, hkv, cap1], DType::F32),
+            count: zeros(&[batch, hkv, cap1], DType::F32),
+            pos: zeros(&[batch, hkv, cap1], DType::U32),
+            free: zeros(&[batch, hkv], DType::U32),
+            mass: None,
+            seen: 0,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PolicyCacheConfig {
+        &self.cfg
+    }
+
+    /// The last step's per-slot mass `[B, Hkv, 1, c+1]`, in slot order.
+    pub fn last_mass(&self) -> Option<&DeviceTensor> {
+        self.mass.as_ref()
+    }
+
+    /// Reads back `(order, rank, score, count, pos)` (each `[B, Hkv, c+1]`), for tests and tools.
+    pub fn slots(&self) -> Result<[Vec<f64>; 5], Error> {
+        let c = &self.client;
+        Ok([self.order.to_host_f64(c)?, self.rank.to_host_f64(c)?, self.score.to_host_f64(c)?, self.count.to_host_f64(c)?, self.pos.to_host_f64(c)?])
+    }
+
+    /// Reads back the values `[B, Hkv, c+1, D]` (slot order).
+    pub fn values(&self) -> Result<Vec<f64>, Error> {
+        self.v.to_host_f64(&self.client)
+    }
+
+    fn check(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
+        if t.shape != shape {
+            return Err(Error::ShapeMismatch { tensor: name, expected: shape, got: t.shape.clone() });
+        }
+        if t.dtype != self.cfg.dtype {
+            return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: self.cfg.dtype });
+        }
+        if !t.is_contiguous() || t.offset != 0 || t.buffer_len < shape.iter().product() {
+            return Err(Error::Layout { tensor: name, reason: "must be contiguous from the buffer start" });
+        }
+        Ok(())
+    }
+}
+
+impl CompressedKvCache for PolicyCache {
+    fn step(&mut self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<DeviceTensor, Error> {
+        let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, .. } = self.cfg;
+        self.check("q", q, vec![batch, 1, hq, d])?;
+        self.check("k", k, vec![batch, hkv, d])?;
+        self.check("v", v, vec![batch, hkv, d])?;
+        let cap = layout.capacity();
+        let cap1 = cap + 1;
+        if policy == Policy::Full && self.seen >= cap {
+            return Err(Error::LengthBeyondCapacity { batch: 0, len: self.seen + 1, capacity: cap });
+        }
+        let c = &self.client;
+        let before = self.seen.min(cap);
+        let len_b = u32_tensor(c, &vec![before as u32; batch], &[batch]);
+        let step_b = u32_tensor(c, &vec![self.seen as u32; batch], &[batch]);
+        let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
+        // SAFETY: every buffer is sized by `new` from the validated configuration.
+        unsafe {
+            let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
+            macro_rules! append {
+                ($e:ty) => {
+                    policy_append::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&len_b), b(&step_b), hkv, cap1, d)
+                };
+            }
+            match self.cfg.dtype {
+                DType::F32 => append!(f32),
+                DType::F16 => append!(half::f16),
+                DType::BF16 => append!(half::bf16),
+                DType::U32 => unreachable!("validated float storage"),
+            }
+        }
+        let after = before + 1;
+        let out = decode_attention(c, q, &self.k, &self.v, &vec![after as u32; batch], &DecodeConfig::new().with_mass(true))?;
+        let mass = out.mass.expect("mass requested");
+        // TreeKV's pointer for this step's eviction: evictions so far, modulo the tree region.
+        let evictions = (self.seen + 1).saturating_sub(cap + 1);
+        let ptr = if layout.middle > 0 { evictions % layout.middle } else { 0 };
+        let ptr_b = u32_tensor(c, &vec![ptr as u32; batch], &[batch]);
+        let len_after = u32_tensor(c, &vec![after as u32; batch], &[batch]);
+        // SAFETY: as above; `mass` is decode attention's `[B, Hkv, 1, c+1]` output.
+        unsafe {
+            let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
+            macro_rules! policy {
+                ($e:ty) => {
+                    policy_step::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(THREADS as u32), b(&mass), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), b(&len_after), b(&ptr_b), hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), THREADS)
+                };
+            }
+            match self.cfg.dtype {
+                DType::F32 => policy!(f32),
+                DType::F16 => policy!(half::f16),
+                DType::BF16 => policy!(half::bf16),
+                DType::U32 => unreachable!("validated float storage"),
+            }
+        }
+        self.mass = Some(mass);
+        self.seen += 1;
+        Ok(out.o)
+    }
+
+    fn len(&self) -> usize {
+        self.seen.min(self.cfg.layout.capacity())
+    }
+
+    fn capacity(&self) -> usize {
+        self.cfg.layout.capacity()
+    }
+
+    fn physical_bytes(&self) -> usize {
+        [&self.k, &self.v, &self.order, &self.rank, &self.score, &self.count, &self.pos, &self.free]
+            .iter()
+            .map(|t| t.buffer_len * t.dtype.size())
+            .sum()
+    }
+
+    fn kept_positions(&self) -> Result<Vec<Vec<Vec<usize>>>, Error> {
+        let PolicyCacheConfig { batch, hkv, layout, .. } = self.cfg;
+        let cap1 = layout.capacity() + 1;
+        let [order, _, _, _, pos] = self.slots()?;
+        let len = self.len();
+        Ok((0..batch)
+            .map(|b| (0..hkv).map(|h| (0..len).map(|q| pos[(b * hkv + h) * cap1 + order[(b * hkv + h) * cap1 + q] as usize] as usize).collect()).collect())
+            .collect())
+    }
+}
+

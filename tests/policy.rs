@@ -1,0 +1,168 @@
+//! The device policy caches against the reference's state machines, step by step: the reference policy is
+//! driven with the very attention mass the device computed (`PolicyCache::step_with_mass`), so every eviction
+//! decision must be identical — kept sets compared exactly, ties generated on purpose (keys drawn from a small
+//! pool give bit-identical masses) — and the step's output is checked against f64 attention over the same
+//! entries with the derived tolerance; WeightedKV's merged values against the reference's.
+
+mod common;
+
+use common::*;
+use kvsqueeze::policy::{CompressedKvCache, Layout, Policy, PolicyCache, PolicyCacheConfig};
+use kvsqueeze::reference::attention::{attention, Dims};
+use kvsqueeze::reference::cast_slice;
+use kvsqueeze::reference::policy::{Positions, PolicyCache as RefCache, PolicyConfig};
+use kvsqueeze::DType;
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+struct Stream {
+    policy: Policy,
+    layout: Layout,
+    batch: usize,
+    hkv: usize,
+    g: usize,
+    d: usize,
+    dtype: DType,
+    steps: usize,
+    /// 0: random keys; 1: most keys drawn from a pool of three (equal masses at a step); 2: every key equal
+    /// (with `c + 1` a power of two, every steady-state mass is exactly `1/(c+1)`, so `S̄` ties exactly).
+    ties: u8,
+    seed: u64,
+}
+
+fn run(s: &Stream) {
+    let cl = client();
+    if !kvsqueeze::attention::dtype_supported(cl, s.dtype) {
+        skip(&format!("{:?} policy cache", s.dtype), "dtype unsupported on this device");
+        return;
+    }
+    let case = format!("{s:?}");
+    let (b, hkv, hq, d) = (s.batch, s.hkv, s.hkv * s.g, s.d);
+    let cap = s.layout.capacity();
+    let cap1 = cap + 1;
+    let mut dev = PolicyCache::new(cl, PolicyCacheConfig::new(s.policy, s.layout, b, hq, hkv, d, s.dtype)).unwrap();
+    let rcfg = PolicyConfig { policy: s.policy, layout: s.layout, rope: None, positions: Positions::CacheRank, scale: 1.0 / (d as f64).sqrt() };
+    let mut refs: Vec<RefCache<f32>> = (0..b * hkv).map(|_| RefCache::new(rcfg, d)).collect();
+    let mut rng = Rng(s.seed);
+    let pool: Vec<Vec<f64>> = (0..3).map(|_| round_to(&rng.vec(d, 1.5), s.dtype)).collect();
+    let expected_bytes = 2 * b * hkv * cap1 * d * s.dtype.size() + 5 * b * hkv * cap1 * 4 + b * hkv * 4;
+    assert_eq!(dev.physical_bytes(), expected_bytes, "physical bytes");
+    for t in 0..s.steps {
+        let q = round_to(&rng.vec(b * hq * d, 1.5), s.dtype);
+        let mut k = round_to(&rng.vec(b * hkv * d, 1.5), s.dtype);
+        if (s.ties == 1 && t % 3 != 0) || s.ties == 2 {
+            for head in 0..b * hkv {
+                let p = &pool[if s.ties == 2 { 0 } else { (rng.next_u64() % 3) as usize }];
+                k[head * d..][..d].copy_from_slice(p);
+            }
+        }
+        let v = round_to(&rng.vec(b * hkv * d, 1.0), s.dtype);
+        // The slot of every entry at attention time: the current order plus the free slot for the new token.
+        let [order, _, _, _, _] = dev.slots().unwrap();
+        let free = {
+            let before = dev.len();
+            let [_, rank, ..] = dev.slots().unwrap();
+            (0..b * hkv).map(|head| (0..cap1).find(|&sl| rank[head * cap1 + sl] as u32 == u32::MAX).filter(|_| before >= cap).unwrap_or(before)).collect::<Vec<_>>()
+        };
+        let o = dev
+            .step(&upload(cl, &q, &[b, 1, hq, d], s.dtype), &upload(cl, &k, &[b, hkv, d], s.dtype), &upload(cl, &v, &[b, hkv, d], s.dtype))
+            .unwrap_or_else(|e| panic!("step {t}: {e}\n  case: {case}"));
+        let o = o.to_host_f64(cl).unwrap();
+        let mass = dev.last_mass().unwrap().to_host_f64(cl).unwrap();
+        for head in 0..b * hkv {
+            let r = &mut refs[head];
+            let len_before = r.len();
+            let slots: Vec<usize> = (0..len_before).map(|qr| order[head * cap1 + qr] as usize).chain([free[head]]).collect();
+            let m: Vec<f32> = slots.iter().map(|&sl| mass[head * cap1 + sl] as f32).collect();
+            // f64 attention over exactly the entries the reference holds, plus the new token.
+            let ks: Vec<f64> = r.entries().iter().flat_map(|e| cast_slice::<f32, f64>(&e.k)).chain(k[head * d..][..d].iter().copied()).collect();
+            let vs: Vec<f64> = r.entries().iter().flat_map(|e| cast_slice::<f32, f64>(&e.v)).chain(v[head * d..][..d].iter().copied()).collect();
+            let (bi, h) = (head / hkv, head % hkv);
+            let qh = &q[(bi * hq + h * s.g) * d..][..s.g * d];
+            let l = len_before + 1;
+            let dims = Dims { lq: 1, l, hq: s.g, hkv: 1, d };
+            let gold = attention(qh, &ks, &vs, dims, l - 1, 1.0 / (d as f64).sqrt());
+            let naive = attention(&cast_slice::<f64, f32>(qh), &cast_slice(&ks), &cast_slice(&vs), dims, l - 1, 1.0 / (d as f32).sqrt());
+            let ko = &o[(bi * hq + h * s.g) * d..][..s.g * d];
+            let mag = gold.o.iter().fold(1.0f64, |a, &x| a.max(x.abs()));
+            check_tolerance("o", &format!("step {t} head {head}: {case}"), ko, &cast_slice(&naive.o), &gold.o, 4.0 * eps(s.dtype) * mag);
+            r.step_with_mass(&cast_slice(&k[head * d..][..d]), &cast_slice(&v[head * d..][..d]), &m);
+        }
+        let kept = dev.kept_positions().unwrap();
+        for head in 0..b * hkv {
+            let want = refs[head].kept_positions();
+            assert_eq!(kept[head / hkv][head % hkv], want, "kept set differs at step {t}, head {head}\n  case: {case}");
+        }
+        assert_eq!(dev.len(), (t + 1).min(cap));
+    }
+    if s.policy == Policy::WeightedKv {
+        // Merged values: the device's against the reference's (same convex merges of the same f32 scores).
+        let vals = dev.values().unwrap();
+        let [order, ..] = dev.slots().unwrap();
+        for head in 0..b * hkv {
+            for (qr, e) in refs[head].entries().iter().enumerate() {
+                let sl = order[head * cap1 + qr] as usize;
+                for dd in 0..d {
+                    let (got, want) = (vals[(head * cap1 + sl) * d + dd], e.v[dd] as f64);
+                    assert!((got - want).abs() <= 4.0 * eps(s.dtype) * (1.0 + want.abs()), "merged value {got} vs {want}\n  case: {case}");
+                }
+            }
+        }
+    }
+}
+
+const POLICIES: [Policy; 6] = [
+    Policy::StreamingLlm,
+    Policy::H2o,
+    Policy::Tova,
+    Policy::TreeKv { select_left: false },
+    Policy::TreeKv { select_left: true },
+    Policy::WeightedKv,
+];
+
+/// One long stream per policy: 2,000 steps through a 4 + 24 + 8 budget, GQA 4, ties on purpose.
+#[test]
+fn long_streams_match_reference() {
+    for (i, &policy) in POLICIES.iter().enumerate() {
+        run(&Stream { policy, layout: Layout { sinks: 4, middle: 24, recent: 8 }, batch: 2, hkv: 2, g: 4, d: 16, dtype: DType::F32, steps: 2000, ties: 1, seed: 100 + i as u64 });
+    }
+}
+
+/// Exact ties of the scores every rule compares: all keys equal, capacity 31 so every steady-state mass is
+/// exactly 1/32 — the leftmost-tie rule decides every eviction.
+#[test]
+fn exact_ties_take_the_leftmost() {
+    for (i, &policy) in POLICIES.iter().enumerate() {
+        run(&Stream { policy, layout: Layout { sinks: 2, middle: 21, recent: 8 }, batch: 1, hkv: 2, g: 2, d: 16, dtype: DType::F32, steps: 400, ties: 2, seed: 7 + i as u64 });
+    }
+}
+
+/// A budget at least the stream length is exactly dense attention (and Full never evicts).
+#[test]
+fn big_budget_is_dense_and_full_refuses_overflow() {
+    for &policy in POLICIES.iter().chain([Policy::Full].iter()) {
+        run(&Stream { policy, layout: Layout { sinks: 1, middle: 60, recent: 3 }, batch: 1, hkv: 1, g: 8, d: 32, dtype: DType::F32, steps: 64, ties: 0, seed: 5 });
+    }
+    let cl = client();
+    let mut full = PolicyCache::new(cl, PolicyCacheConfig::new(Policy::Full, Layout { sinks: 0, middle: 2, recent: 0 }, 1, 1, 1, 8, DType::F32)).unwrap();
+    let x = |shape: &[usize]| upload(cl, &vec![0.5; shape.iter().product()], shape, DType::F32);
+    for _ in 0..2 {
+        full.step(&x(&[1, 1, 1, 8]), &x(&[1, 1, 8]), &x(&[1, 1, 8])).unwrap();
+    }
+    assert!(matches!(full.step(&x(&[1, 1, 1, 8]), &x(&[1, 1, 8]), &x(&[1, 1, 8])), Err(kvsqueeze::Error::LengthBeyondCapacity { .. })));
+    assert!(matches!(full.step(&x(&[1, 1, 2, 8]), &x(&[1, 1, 8]), &x(&[1, 1, 8])), Err(kvsqueeze::Error::ShapeMismatch { tensor: "q", .. })));
+    assert!(PolicyCache::new(cl, PolicyCacheConfig::new(Policy::WeightedKv, Layout { sinks: 2, middle: 0, recent: 2 }, 1, 1, 1, 8, DType::F32)).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Random layouts (budgets 16–80), GQA 1/4/8, f32 and f16, 300-step streams.
+    #[test]
+    fn random_layouts_match_reference(p in 0usize..6, sinks in 0usize..5, middle in 1usize..64, recent in 0usize..12,
+                                      g in prop::sample::select(vec![1usize, 4, 8]), f16 in any::<bool>(), ties in 0u8..2, seed: u64) {
+        let layout = Layout { sinks, middle: middle.max(16usize.saturating_sub(sinks + recent)), recent };
+        let dtype = if f16 { DType::F16 } else { DType::F32 };
+        run(&Stream { policy: POLICIES[p], layout, batch: 2, hkv: 2, g, d: 16, dtype, steps: 300, ties, seed });
+    }
+}
