@@ -6,7 +6,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda} KVSQUEEZE_DEVICE=cuda KVSQUEEZE_REQUIRE_ALL=1
 BIN=/tmp/kvsqueeze-bin; mkdir -p "$BIN"
-for f in carry/*.xz; do n=$(basename "$f" .xz); xz -dc "$f" > "$BIN/$n" && chmod +x "$BIN/$n"; done
+for f in carry/*${ONLY:-}*.xz; do n=$(basename "$f" .xz); xz -dc "$f" > "$BIN/$n" && chmod +x "$BIN/$n"; done
+# ONLY=substring runs just the binaries whose name contains it.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 summary=()
 for t in $([ "${SKIP_TESTS:-0}" = 1 ] || echo "$BIN"/test-*); do
@@ -14,7 +15,7 @@ for t in $([ "${SKIP_TESTS:-0}" = 1 ] || echo "$BIN"/test-*); do
   "$t" --test-threads=1 > "$OUT/$name.log" 2>&1; rc=$?
   summary+=("$name rc=$rc: $(grep -E '^test result' "$OUT/$name.log" | tail -1)")
 done
-if [ "${SKIP_SDPA:-0}" != 1 ]; then
+if [ "${SKIP_SDPA:-0}" != 1 ] && ls "$BIN"/bench-attention >/dev/null 2>&1; then
   python3 benches/baselines/sdpa_decode.py "$OUT/sdpa.json" ${QUICK:+quick} > "$OUT/sdpa.log" 2>&1 || echo "sdpa failed" >> "$OUT/sdpa.log"
 elif [ -f carry/sdpa-prev.json ]; then
   cp carry/sdpa-prev.json "$OUT/sdpa.json"; echo "SDPA: NOT measured in this run (earlier run's numbers)"
