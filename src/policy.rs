@@ -74,8 +74,9 @@ pub struct PolicyCache {
     /// `[B, Hkv, c+1, D]`.
     k: DeviceTensor,
     v: DeviceTensor,
-    /// `[B, Hkv, c+1]` each.
-    order: DeviceTensor,
+    /// `[B, Hkv, c+1]` each; `order` is double-buffered (`order[cur]` is current).
+    order: [DeviceTensor; 2],
+    cur: usize,
     rank: DeviceTensor,
     score: DeviceTensor,
     count: DeviceTensor,
@@ -135,7 +136,8 @@ impl PolicyCache {
             cfg,
             k: zeros(&[batch, hkv, cap1, d], dtype),
             v: zeros(&[batch, hkv, cap1, d], dtype),
-            order: zeros(&[batch, hkv, cap1], DType::U32),
+            order: [zeros(&[batch, hkv, cap1], DType::U32), zeros(&[batch, hkv, cap1], DType::U32)],
+            cur: 0,
             rank,
             score: zeros(&[batch, hkv, cap1], DType::F32),
             count: zeros(&[batch, hkv, cap1], DType::F32),
@@ -159,7 +161,7 @@ impl PolicyCache {
     /// Reads back `(order, rank, score, count, pos)` (each `[B, Hkv, c+1]`), for tests and tools.
     pub fn slots(&self) -> Result<[Vec<f64>; 5], Error> {
         let c = &self.client;
-        Ok([self.order.to_host_f64(c)?, self.rank.to_host_f64(c)?, self.score.to_host_f64(c)?, self.count.to_host_f64(c)?, self.pos.to_host_f64(c)?])
+        Ok([self.order[self.cur].to_host_f64(c)?, self.rank.to_host_f64(c)?, self.score.to_host_f64(c)?, self.count.to_host_f64(c)?, self.pos.to_host_f64(c)?])
     }
 
     /// Reads back the values `[B, Hkv, c+1, D]` (slot order).
@@ -202,7 +204,7 @@ impl CompressedKvCache for PolicyCache {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
             macro_rules! append {
                 ($e:ty) => {
-                    policy_append::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&len_b), b(&step_b), hkv, cap1, d)
+                    policy_append::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&len_b), b(&step_b), hkv, cap1, d)
                 };
             }
             match self.cfg.dtype {
@@ -225,7 +227,7 @@ impl CompressedKvCache for PolicyCache {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
             macro_rules! policy {
                 ($e:ty) => {
-                    policy_step::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(THREADS as u32), b(&mass), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), b(&len_after), b(&ptr_b), hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), THREADS)
+                    policy_step::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(THREADS as u32), b(&mass), b(&self.v), b(&self.order[self.cur]), b(&self.order[1 - self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), b(&len_after), b(&ptr_b), hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), THREADS)
                 };
             }
             match self.cfg.dtype {
@@ -234,6 +236,9 @@ impl CompressedKvCache for PolicyCache {
                 DType::BF16 => policy!(half::bf16),
                 DType::U32 => unreachable!("validated float storage"),
             }
+        }
+        if policy != Policy::Full && after > cap {
+            self.cur = 1 - self.cur; // this step evicted: the shifted order is in the other buffer
         }
         self.mass = Some(mass);
         self.seen += 1;
@@ -249,7 +254,7 @@ impl CompressedKvCache for PolicyCache {
     }
 
     fn physical_bytes(&self) -> usize {
-        [&self.k, &self.v, &self.order, &self.rank, &self.score, &self.count, &self.pos, &self.free]
+        [&self.k, &self.v, &self.order[0], &self.order[1], &self.rank, &self.score, &self.count, &self.pos, &self.free]
             .iter()
             .map(|t| t.buffer_len * t.dtype.size())
             .sum()

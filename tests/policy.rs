@@ -45,7 +45,7 @@ fn run(s: &Stream) {
     let mut refs: Vec<RefCache<f32>> = (0..b * hkv).map(|_| RefCache::new(rcfg, d)).collect();
     let mut rng = Rng(s.seed);
     let pool: Vec<Vec<f64>> = (0..3).map(|_| round_to(&rng.vec(d, 1.5), s.dtype)).collect();
-    let expected_bytes = 2 * b * hkv * cap1 * d * s.dtype.size() + 5 * b * hkv * cap1 * 4 + b * hkv * 4;
+    let expected_bytes = 2 * b * hkv * cap1 * d * s.dtype.size() + 6 * b * hkv * cap1 * 4 + b * hkv * 4;
     assert_eq!(dev.physical_bytes(), expected_bytes, "physical bytes");
     for t in 0..s.steps {
         let q = round_to(&rng.vec(b * hq * d, 1.5), s.dtype);

@@ -6,6 +6,9 @@
 //! evicting rank `r` shifts `order[r+1..len]` down by one (4 bytes per slot, against the `2·D·elem` bytes per
 //! slot attention reads) and frees one slot, which the next token fills.
 //!
+//! `order` is double-buffered: an evicting step reads one buffer and writes the shifted order into the other
+//! (the host flips them), so the shift needs no barrier.
+//!
 //! [`policy_append`] writes the new token into the free slot; after decode attention has written the per-slot
 //! mass, [`policy_step`] accumulates `S += mass`, `C += 1` on every valid slot and, when `len > cap`, removes one
 //! rank of the region `[sinks, len − recent)` by the policy's rule (ties: the leftmost rank), merging values for
@@ -110,13 +113,14 @@ fn argmin_leftmost(v: f32, q: u32, vals: &mut Shared<[f32]>, idxs: &mut Shared<[
 /// Accumulates the step's mass and evicts (or merges) one rank when over budget. Grid `(Hkv, B)`,
 /// `threads` units. `mass: [B, Hkv, cap+1]` (decode attention's output for one query token), `len[b]`: valid
 /// slots after the append; `ptr[b]`: TreeKV's pointer for this eviction. Writes the slot the next token will
-/// use into `free`.
+/// use into `free`, and, when it evicts, the new rank → slot order into `order_next` (else that is untouched).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_step<E: Float>(
     mass: &[f32],
     v: &mut [E],
-    order: &mut [u32],
+    order: &[u32],
+    order_next: &mut [u32],
     rank: &mut [u32],
     score: &mut [f32],
     count: &mut [f32],
@@ -231,21 +235,15 @@ pub fn policy_step<E: Float>(
             }
             s2 += threads;
         }
-        // order[q-1] = order[q] for q in r+1..l, chunk by chunk: each chunk's reads finish before its writes,
-        // and no chunk reads what a later one writes.
-        let mut chunk = r;
-        while chunk < l - 1 {
-            let q = chunk + t;
-            let mut moved = 0u32.runtime();
-            if q < l - 1 {
-                moved = order[base + q + 1];
+        // The new order, written to the other buffer (no read/write hazard, no barrier): rank r is gone.
+        let mut q = t;
+        while q < l - 1 {
+            let mut src = q;
+            if q >= r {
+                src = q + 1;
             }
-            sync_cube();
-            if q < l - 1 {
-                order[base + q] = moved;
-            }
-            sync_cube();
-            chunk += threads;
+            order_next[base + q] = order[base + src];
+            q += threads;
         }
         if t == 0 {
             rank[base + vslot] = FREE;
