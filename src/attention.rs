@@ -323,7 +323,7 @@ pub fn decode_attention_into(client: &Client, q: &DeviceTensor, k: &DeviceTensor
         }
     }
     if let Some(rope) = &cfg.rope {
-        crate::rope::validate(rope, p.b, p.lq, p.lcap)?;
+        crate::rope::validate(rope, p.b, p.lq, p.hkv, p.lcap)?;
     }
     let check_out = |t: Option<&DeviceTensor>, name: &'static str, want: bool, shape: Vec<usize>, dtype: DType| -> Result<(), Error> {
         match (t, want) {
@@ -404,13 +404,14 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
     let vw = plan.vec;
     let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: cfg.mass, plane: plan.plane, unroll: plan.unroll, stage_k: plan.stage_k, rope: cfg.rope.is_some() };
     let scale = cfg.scale.unwrap_or(1.0 / (p.d as f32).sqrt());
-    let (rope_tab, q_pos, k_pos) = match &cfg.rope {
+    let (rope_tab, q_pos, k_pos, (kp_sb, kp_sh)) = match &cfg.rope {
         Some(r) => {
             let tab = angle_table(r.base, p.d);
             let t = DeviceTensor::from_host(client, &tab, &[tab.len()]).expect("table shape");
-            (t, r.q_pos.clone(), r.k_pos.clone())
+            let strides = if r.k_pos.shape.len() == 3 { (p.hkv * p.lcap, p.lcap) } else { (p.lcap, 0) };
+            (t, r.q_pos.clone(), r.k_pos.clone(), strides)
         }
-        None => (dummy.clone(), dummy.clone(), dummy.clone()),
+        None => (dummy.clone(), dummy.clone(), dummy.clone(), (0, 0)),
     };
     let count = CubeCount::Static(plan.n_splits as u32, p.hkv as u32, (p.b * plan.n_row_blocks) as u32);
     // SAFETY: every index the kernel forms is inside a validated view or an allocation sized above.
@@ -434,6 +435,8 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
             buf(&rope_tab),
             buf(&q_pos),
             buf(&k_pos),
+            kp_sb,
+            kp_sh,
             k.offset / vw,
             k.strides[0] / vw,
             k.strides[1] / vw,

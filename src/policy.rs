@@ -10,9 +10,10 @@
 //! three launches plus decode attention's one to three, and three uploads of `B` u32 (lengths, steps,
 //! TreeKV's pointer); nothing is read back.
 //!
-//! Positions: keys are attended as stored (this version applies no RoPE inside the policy cache; decode
-//! attention's in-kernel RoPE takes `[B, L_cap]` positions, while per-head cache ranks need `[B, Hkv, L_cap]` —
-//! left for the follow-up, see the closing notes).
+//! Positions: with [`PolicyCacheConfig::with_rope`], keys are stored pre-RoPE and rotated inside decode
+//! attention by their cache rank (the slot → rank array is passed as per-head positions), the query by the
+//! newest rank — the StreamingLLM/TreeKV position reassignment. In-kernel RoPE is costly (+321% at B=8, L=32k
+//! on an H200: one sin/cos pair per key and dim pair).
 
 use crate::attention::{decode_attention, DecodeConfig};
 use crate::tensor::{DType, DeviceTensor};
@@ -58,12 +59,20 @@ pub struct PolicyCacheConfig {
     pub d: usize,
     /// Storage dtype of K/V.
     pub dtype: DType,
+    /// RoPE base: keys are stored pre-RoPE and rotated inside attention by their cache rank, the query by the
+    /// newest rank (StreamingLLM/TreeKV position reassignment); `None`: no rotation.
+    pub rope: Option<f64>,
 }
 
 impl PolicyCacheConfig {
-    /// A configuration.
+    /// A configuration (no RoPE).
     pub fn new(policy: Policy, layout: Layout, batch: usize, hq: usize, hkv: usize, d: usize, dtype: DType) -> Self {
-        PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype }
+        PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype, rope: None }
+    }
+    /// Rotates keys by cache rank with this base.
+    pub fn with_rope(mut self, base: f64) -> Self {
+        self.rope = Some(base);
+        self
     }
 }
 
@@ -110,7 +119,10 @@ impl PolicyCache {
     /// An empty cache. Errors on a layout the policy cannot run with, a GQA ratio that is not integral, an
     /// unsupported head dim or dtype.
     pub fn new(client: &Client, cfg: PolicyCacheConfig) -> Result<Self, Error> {
-        let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype } = cfg;
+        let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype, rope } = cfg;
+        if rope.is_some_and(|b| !b.is_finite() || b <= 1.0) {
+            return Err(Error::Config("RoPE base must be finite and > 1"));
+        }
         let cap = layout.capacity();
         if cap == 0 {
             return Err(Error::Config("capacity must be at least 1"));
@@ -215,7 +227,14 @@ impl CompressedKvCache for PolicyCache {
             }
         }
         let after = before + 1;
-        let out = decode_attention(c, q, &self.k, &self.v, &vec![after as u32; batch], &DecodeConfig::new().with_mass(true))?;
+        let mut acfg = DecodeConfig::new().with_mass(true);
+        if let Some(base) = self.cfg.rope {
+            // Cache-rank positions: the slot → rank array is exactly `[B, Hkv, c+1]` positions; the query sits at
+            // the newest rank, `len` before the append.
+            let q_pos = len_b.view(&[batch, 1], &[1, 1], 0);
+            acfg = acfg.with_rope(crate::rope::RopeConfig { base, q_pos, k_pos: self.rank.clone() });
+        }
+        let out = decode_attention(c, q, &self.k, &self.v, &vec![after as u32; batch], &acfg)?;
         let mass = out.mass.expect("mass requested");
         // TreeKV's pointer for this step's eviction: evictions so far, modulo the tree region.
         let evictions = (self.seen + 1).saturating_sub(cap + 1);

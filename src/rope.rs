@@ -19,7 +19,8 @@ pub struct RopeConfig {
     pub base: f64,
     /// `[B, Lq]` u32: each query token's position.
     pub q_pos: DeviceTensor,
-    /// `[B, L_cap]` u32: each cache slot's position.
+    /// `[B, L_cap]` u32: each cache slot's position, shared by the KV heads; or `[B, Hkv, L_cap]`: per KV head
+    /// (caches that evict per head, positions = cache rank).
     pub k_pos: DeviceTensor,
 }
 
@@ -38,12 +39,15 @@ pub fn angle_table(base: f64, d: usize) -> Vec<f32> {
     tab
 }
 
-pub(crate) fn validate(rope: &RopeConfig, b: usize, lq: usize, lcap: usize) -> Result<(), crate::Error> {
+/// Checks the positions; returns the strides of `k_pos` over `(batch, KV head)` in elements.
+pub(crate) fn validate(rope: &RopeConfig, b: usize, lq: usize, hkv: usize, lcap: usize) -> Result<(usize, usize), crate::Error> {
     use crate::Error;
     if !rope.base.is_finite() || rope.base <= 1.0 {
         return Err(Error::Config("RoPE base must be finite and > 1"));
     }
-    for (name, t, shape) in [("q_pos", &rope.q_pos, vec![b, lq]), ("k_pos", &rope.k_pos, vec![b, lcap])] {
+    let per_head = rope.k_pos.shape.len() == 3;
+    let k_shape = if per_head { vec![b, hkv, lcap] } else { vec![b, lcap] };
+    for (name, t, shape) in [("q_pos", &rope.q_pos, vec![b, lq]), ("k_pos", &rope.k_pos, k_shape)] {
         if t.shape != shape {
             return Err(Error::ShapeMismatch { tensor: name, expected: shape, got: t.shape.clone() });
         }
@@ -54,5 +58,5 @@ pub(crate) fn validate(rope: &RopeConfig, b: usize, lq: usize, lcap: usize) -> R
             return Err(Error::Layout { tensor: name, reason: "positions must be contiguous and inside their buffer" });
         }
     }
-    Ok(())
+    Ok(if per_head { (hkv * lcap, lcap) } else { (lcap, 0) })
 }

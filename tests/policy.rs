@@ -11,6 +11,7 @@ use kvsqueeze::policy::{CompressedKvCache, Layout, Policy, PolicyCache, PolicyCa
 use kvsqueeze::reference::attention::{attention, Dims};
 use kvsqueeze::reference::cast_slice;
 use kvsqueeze::reference::policy::{Positions, PolicyCache as RefCache, PolicyConfig};
+use kvsqueeze::reference::rope::Rope;
 use kvsqueeze::DType;
 use proptest::prelude::*;
 
@@ -28,6 +29,8 @@ struct Stream {
     /// (with `c + 1` a power of two, every steady-state mass is exactly `1/(c+1)`, so `S̄` ties exactly).
     ties: u8,
     seed: u64,
+    /// RoPE base (keys rotated by cache rank).
+    rope: Option<f64>,
 }
 
 fn run(s: &Stream) {
@@ -40,8 +43,13 @@ fn run(s: &Stream) {
     let (b, hkv, hq, d) = (s.batch, s.hkv, s.hkv * s.g, s.d);
     let cap = s.layout.capacity();
     let cap1 = cap + 1;
-    let mut dev = PolicyCache::new(cl, PolicyCacheConfig::new(s.policy, s.layout, b, hq, hkv, d, s.dtype)).unwrap();
-    let rcfg = PolicyConfig { policy: s.policy, layout: s.layout, rope: None, positions: Positions::CacheRank, scale: 1.0 / (d as f64).sqrt() };
+    let mut pcfg = PolicyCacheConfig::new(s.policy, s.layout, b, hq, hkv, d, s.dtype);
+    if let Some(base) = s.rope {
+        pcfg = pcfg.with_rope(base);
+    }
+    let mut dev = PolicyCache::new(cl, pcfg).unwrap();
+    let rope = s.rope.map(|base| Rope { base });
+    let rcfg = PolicyConfig { policy: s.policy, layout: s.layout, rope, positions: Positions::CacheRank, scale: 1.0 / (d as f64).sqrt() };
     let mut refs: Vec<RefCache<f32>> = (0..b * hkv).map(|_| RefCache::new(rcfg, d)).collect();
     let mut rng = Rng(s.seed);
     let pool: Vec<Vec<f64>> = (0..3).map(|_| round_to(&rng.vec(d, 1.5), s.dtype)).collect();
@@ -75,17 +83,33 @@ fn run(s: &Stream) {
             let slots: Vec<usize> = (0..len_before).map(|qr| order[head * cap1 + qr] as usize).chain([free[head]]).collect();
             let m: Vec<f32> = slots.iter().map(|&sl| mass[head * cap1 + sl] as f32).collect();
             // f64 attention over exactly the entries the reference holds, plus the new token.
-            let ks: Vec<f64> = r.entries().iter().flat_map(|e| cast_slice::<f32, f64>(&e.k)).chain(k[head * d..][..d].iter().copied()).collect();
+            let mut ks: Vec<f64> = r.entries().iter().flat_map(|e| cast_slice::<f32, f64>(&e.k)).chain(k[head * d..][..d].iter().copied()).collect();
             let vs: Vec<f64> = r.entries().iter().flat_map(|e| cast_slice::<f32, f64>(&e.v)).chain(v[head * d..][..d].iter().copied()).collect();
             let (bi, h) = (head / hkv, head % hkv);
-            let qh = &q[(bi * hq + h * s.g) * d..][..s.g * d];
+            let mut qh = q[(bi * hq + h * s.g) * d..][..s.g * d].to_vec();
             let l = len_before + 1;
+            if let Some(rope) = rope {
+                // Cache ranks: entry j at rank j, the query (and the new key) at rank len_before.
+                for (j, kr) in ks.chunks_mut(d).enumerate() {
+                    rope.apply(kr, j);
+                }
+                for qg in qh.chunks_mut(d) {
+                    rope.apply(qg, len_before);
+                }
+            }
+            let qh = &qh[..];
             let dims = Dims { lq: 1, l, hq: s.g, hkv: 1, d };
             let gold = attention(qh, &ks, &vs, dims, l - 1, 1.0 / (d as f64).sqrt());
             let naive = attention(&cast_slice::<f64, f32>(qh), &cast_slice(&ks), &cast_slice(&vs), dims, l - 1, 1.0 / (d as f32).sqrt());
             let ko = &o[(bi * hq + h * s.g) * d..][..s.g * d];
             let mag = gold.o.iter().fold(1.0f64, |a, &x| a.max(x.abs()));
-            check_tolerance("o", &format!("step {t} head {head}: {case}"), ko, &cast_slice(&naive.o), &gold.o, 4.0 * eps(s.dtype) * mag);
+            let rope_floor = if rope.is_some() {
+                let norm = |x: &[f64]| x.chunks(d).map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt()).fold(0.0, f64::max);
+                2.0 * kvsqueeze::rope::ANGLE_ERROR_RAD * norm(qh) * norm(&ks) / (d as f64).sqrt()
+            } else {
+                0.0
+            };
+            check_tolerance("o", &format!("step {t} head {head}: {case}"), ko, &cast_slice(&naive.o), &gold.o, 4.0 * eps(s.dtype) * mag + rope_floor);
             r.step_with_mass(&cast_slice(&k[head * d..][..d]), &cast_slice(&v[head * d..][..d]), &m);
         }
         let kept = dev.kept_positions().unwrap();
@@ -124,7 +148,7 @@ const POLICIES: [Policy; 6] = [
 #[test]
 fn long_streams_match_reference() {
     for (i, &policy) in POLICIES.iter().enumerate() {
-        run(&Stream { policy, layout: Layout { sinks: 4, middle: 24, recent: 8 }, batch: 2, hkv: 2, g: 4, d: 16, dtype: DType::F32, steps: 2000, ties: 1, seed: 100 + i as u64 });
+        run(&Stream { policy, layout: Layout { sinks: 4, middle: 24, recent: 8 }, batch: 2, hkv: 2, g: 4, d: 16, dtype: DType::F32, steps: 2000, ties: 1, seed: 100 + i as u64, rope: None });
     }
 }
 
@@ -133,7 +157,16 @@ fn long_streams_match_reference() {
 #[test]
 fn exact_ties_take_the_leftmost() {
     for (i, &policy) in POLICIES.iter().enumerate() {
-        run(&Stream { policy, layout: Layout { sinks: 2, middle: 21, recent: 8 }, batch: 1, hkv: 2, g: 2, d: 16, dtype: DType::F32, steps: 400, ties: 2, seed: 7 + i as u64 });
+        run(&Stream { policy, layout: Layout { sinks: 2, middle: 21, recent: 8 }, batch: 1, hkv: 2, g: 2, d: 16, dtype: DType::F32, steps: 400, ties: 2, seed: 7 + i as u64, rope: None });
+    }
+}
+
+/// Keys stored pre-RoPE, rotated by cache rank inside attention: 1,000 steps per policy with position
+/// reassignment after every eviction.
+#[test]
+fn rope_by_cache_rank() {
+    for (i, &policy) in POLICIES.iter().enumerate() {
+        run(&Stream { policy, layout: Layout { sinks: 4, middle: 20, recent: 8 }, batch: 1, hkv: 2, g: 4, d: 32, dtype: DType::F32, steps: 1000, ties: 1, seed: 40 + i as u64, rope: Some(500_000.0) });
     }
 }
 
@@ -141,7 +174,7 @@ fn exact_ties_take_the_leftmost() {
 #[test]
 fn big_budget_is_dense_and_full_refuses_overflow() {
     for &policy in POLICIES.iter().chain([Policy::Full].iter()) {
-        run(&Stream { policy, layout: Layout { sinks: 1, middle: 60, recent: 3 }, batch: 1, hkv: 1, g: 8, d: 32, dtype: DType::F32, steps: 64, ties: 0, seed: 5 });
+        run(&Stream { policy, layout: Layout { sinks: 1, middle: 60, recent: 3 }, batch: 1, hkv: 1, g: 8, d: 32, dtype: DType::F32, steps: 64, ties: 0, seed: 5, rope: None });
     }
     let cl = client();
     let mut full = PolicyCache::new(cl, PolicyCacheConfig::new(Policy::Full, Layout { sinks: 0, middle: 2, recent: 0 }, 1, 1, 1, 8, DType::F32)).unwrap();
@@ -160,9 +193,9 @@ proptest! {
     /// Random layouts (budgets 16–80), GQA 1/4/8, f32 and f16, 300-step streams.
     #[test]
     fn random_layouts_match_reference(p in 0usize..6, sinks in 0usize..5, middle in 1usize..64, recent in 0usize..12,
-                                      g in prop::sample::select(vec![1usize, 4, 8]), f16 in any::<bool>(), ties in 0u8..2, seed: u64) {
+                                      g in prop::sample::select(vec![1usize, 4, 8]), f16 in any::<bool>(), ties in 0u8..2, rope in any::<bool>(), seed: u64) {
         let layout = Layout { sinks, middle: middle.max(16usize.saturating_sub(sinks + recent)), recent };
         let dtype = if f16 { DType::F16 } else { DType::F32 };
-        run(&Stream { policy: POLICIES[p], layout, batch: 2, hkv: 2, g, d: 16, dtype, steps: 300, ties, seed });
+        run(&Stream { policy: POLICIES[p], layout, batch: 2, hkv: 2, g, d: 16, dtype, steps: 300, ties, seed, rope: rope.then_some(10_000.0) });
     }
 }

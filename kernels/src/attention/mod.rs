@@ -125,6 +125,8 @@ pub fn decode_split<E: Float, N: Size>(
     rope_tab: &[f32],
     q_pos: &[u32],
     k_pos: &[u32],
+    kp_sb: usize,
+    kp_sh: usize,
     k_off: usize,
     k_sb: usize,
     k_sh: usize,
@@ -251,7 +253,7 @@ pub fn decode_split<E: Float, N: Size>(
         if j < end {
             if comptime![cfg.rope] {
                 // Pairs (i, i + D/2) are rotated together: vector `dvi` of the first half with `dvi + DV/2`.
-                let pos = k_pos[b * lcap + j];
+                let pos = k_pos[b * kp_sb + kvh * kp_sh + j];
                 let hv = comptime![cfg.d / cfg.vec / 2];
                 #[unroll(cfg.unroll)]
                 for dvi in 0..hv {
