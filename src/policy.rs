@@ -7,8 +7,8 @@
 //! accumulates `S += mass`, `C += 1`, and, when `len > c`, removes one entry of the region by the policy's
 //! rule. On the device (kernels in `kvsqueeze_kernels::policy`): `c + 1` physical slots whose K/V rows never
 //! move, a rank → slot `order` array, a slot → rank array, `S`, `C` and the original positions. A step is
-//! three launches plus decode attention's one to three, and three uploads of `B` u32 (lengths, steps,
-//! TreeKV's pointer); nothing is read back.
+//! two launches plus decode attention's one to three; lengths, the step and TreeKV's pointer are launch
+//! scalars (all sequences step together); nothing is read back.
 //!
 //! Positions: with [`PolicyCacheConfig::with_rope`], keys are stored pre-RoPE and rotated inside decode
 //! attention by their cache rank (the slot → rank array is passed as per-head positions), the query by the
@@ -208,15 +208,13 @@ impl CompressedKvCache for PolicyCache {
         }
         let c = &self.client;
         let before = self.seen.min(cap);
-        let len_b = u32_tensor(c, &vec![before as u32; batch], &[batch]);
-        let step_b = u32_tensor(c, &vec![self.seen as u32; batch], &[batch]);
         let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
         // SAFETY: every buffer is sized by `new` from the validated configuration.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
             macro_rules! append {
                 ($e:ty) => {
-                    policy_append::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&len_b), b(&step_b), hkv, cap1, d)
+                    policy_append::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), before as u32, self.seen as u32, hkv, cap1, d)
                 };
             }
             match self.cfg.dtype {
@@ -231,7 +229,7 @@ impl CompressedKvCache for PolicyCache {
         if let Some(base) = self.cfg.rope {
             // Cache-rank positions: the slot → rank array is exactly `[B, Hkv, c+1]` positions; the query sits at
             // the newest rank, `len` before the append.
-            let q_pos = len_b.view(&[batch, 1], &[1, 1], 0);
+            let q_pos = u32_tensor(c, &vec![before as u32; batch], &[batch, 1]);
             acfg = acfg.with_rope(crate::rope::RopeConfig { base, q_pos, k_pos: self.rank.clone() });
         }
         let out = decode_attention(c, q, &self.k, &self.v, &vec![after as u32; batch], &acfg)?;
@@ -239,14 +237,12 @@ impl CompressedKvCache for PolicyCache {
         // TreeKV's pointer for this step's eviction: evictions so far, modulo the tree region.
         let evictions = (self.seen + 1).saturating_sub(cap + 1);
         let ptr = if layout.middle > 0 { evictions % layout.middle } else { 0 };
-        let ptr_b = u32_tensor(c, &vec![ptr as u32; batch], &[batch]);
-        let len_after = u32_tensor(c, &vec![after as u32; batch], &[batch]);
         // SAFETY: as above; `mass` is decode attention's `[B, Hkv, 1, c+1]` output.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
             macro_rules! policy {
                 ($e:ty) => {
-                    policy_step::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(THREADS as u32), b(&mass), b(&self.v), b(&self.order[self.cur]), b(&self.order[1 - self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), b(&len_after), b(&ptr_b), hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), THREADS)
+                    policy_step::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(THREADS as u32), b(&mass), b(&self.v), b(&self.order[self.cur]), b(&self.order[1 - self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), after as u32, ptr as u32, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), THREADS)
                 };
             }
             match self.cfg.dtype {

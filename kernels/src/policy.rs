@@ -41,8 +41,9 @@ pub enum Rule {
     WeightedKv,
 }
 
-/// Writes token `t` into the free slot of every (b, h). Grid `(Hkv, B)`, `D` threads.
-/// `len[b]` is the number of valid slots before the append; the free slot is `free[b·Hkv + h]`.
+/// Writes token `step` into the free slot of every (b, h). Grid `(Hkv, B)`, `D` threads. `len` is the number
+/// of valid slots before the append (all sequences step together, so lengths are launch scalars, not
+/// uploads); the free slot is `free[b·Hkv + h]`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_append<E: Float>(
@@ -56,8 +57,8 @@ pub fn policy_append<E: Float>(
     count: &mut [f32],
     pos: &mut [u32],
     free: &[u32],
-    len: &[u32],
-    step: &[u32],
+    len: u32,
+    step: u32,
     hkv: usize,
     cap1: usize,
     d: usize,
@@ -73,12 +74,12 @@ pub fn policy_append<E: Float>(
         v[row + dd] = v_new[head * d + dd];
     }
     if dd == 0 {
-        let l = len[b] as usize;
+        let l = len as usize;
         order[head * cap1 + l] = slot as u32;
-        rank[head * cap1 + slot] = l as u32;
+        rank[head * cap1 + slot] = len;
         score[head * cap1 + slot] = 0.0;
         count[head * cap1 + slot] = 0.0;
-        pos[head * cap1 + slot] = step[b];
+        pos[head * cap1 + slot] = step;
     }
 }
 
@@ -111,8 +112,8 @@ fn argmin_leftmost(v: f32, q: u32, vals: &mut Shared<[f32]>, idxs: &mut Shared<[
 }
 
 /// Accumulates the step's mass and evicts (or merges) one rank when over budget. Grid `(Hkv, B)`,
-/// `threads` units. `mass: [B, Hkv, cap+1]` (decode attention's output for one query token), `len[b]`: valid
-/// slots after the append; `ptr[b]`: TreeKV's pointer for this eviction. Writes the slot the next token will
+/// `threads` units. `mass: [B, Hkv, cap+1]` (decode attention's output for one query token), `len`: valid
+/// slots after the append; `ptr`: TreeKV's pointer for this eviction (launch scalars). Writes the slot the next token will
 /// use into `free`, and, when it evicts, the new rank → slot order into `order_next` (else that is untouched).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -125,8 +126,8 @@ pub fn policy_step<E: Float>(
     score: &mut [f32],
     count: &mut [f32],
     free: &mut [u32],
-    len: &[u32],
-    ptr: &[u32],
+    len: u32,
+    ptr: u32,
     hkv: usize,
     cap1: usize,
     d: usize,
@@ -141,7 +142,7 @@ pub fn policy_step<E: Float>(
     let t = UNIT_POS as usize;
     let head = b * hkv + h;
     let base = head * cap1;
-    let l = len[b] as usize;
+    let l = len as usize;
     let cap = cap1 - 1;
     let mut vals = Shared::<[f32]>::new_slice(threads);
     let mut idxs = Shared::<[u32]>::new_slice(threads);
@@ -168,7 +169,7 @@ pub fn policy_step<E: Float>(
         if comptime![rule == Rule::StreamingLlm] {
             // The oldest rank of the region is `lo` already.
         } else if comptime![matches!(rule, Rule::TreeKv { .. })] {
-            let a = lo + ptr[b] as usize;
+            let a = lo + ptr as usize;
             if comptime![rule == Rule::TreeKv { select_left: true }] {
                 victim = a as u32;
             } else {
