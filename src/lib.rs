@@ -13,6 +13,7 @@ pub use kvsqueeze_reference as reference;
 pub mod attention;
 mod error;
 pub mod policy;
+pub mod replay;
 pub mod rope;
 pub mod runtime;
 pub mod tensor;

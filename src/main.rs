@@ -13,14 +13,99 @@ fn lcg(state: &mut u64) -> f64 {
     ((*state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
 }
 
+const USAGE: &str = "usage:
+  kvsqueeze demo                      the reference demo of every policy
+  kvsqueeze devices                   compiled backends and the device found
+  kvsqueeze replay --policy NAME --budget N --trace IN.safetensors [--out OUT.safetensors]
+                   [--sinks S (4)] [--recent R (budget/2)] [--rope BASE]
+      NAME: full, streaming-llm, h2o, tova, treekv, treekv-select-left, weightedkv
+      IN: q [steps, Hq, D], k and v [steps, Hkv, D] (f32/f16/bf16); OUT: o [steps, Hq, D] f32,
+      kept [steps, Hkv, budget] i32 (original positions in cache order, -1 padded)";
+
 fn main() {
-    let arg = std::env::args().nth(1).unwrap_or_default();
-    match arg.as_str() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str).unwrap_or("") {
         "devices" => kvsqueeze::runtime::print_devices(),
         "" | "demo" => demo(),
+        "replay" => std::process::exit(replay(&args[1..])),
+        "-h" | "--help" | "help" => println!("{USAGE}"),
         other => {
-            eprintln!("unknown command `{other}`; try `kvsqueeze demo` or `kvsqueeze devices`");
+            eprintln!("unknown command `{other}`\n{USAGE}");
             std::process::exit(2);
+        }
+    }
+}
+
+/// `kvsqueeze replay`; returns the exit code (2: usage, 1: refused or failed).
+fn replay(args: &[String]) -> i32 {
+    use kvsqueeze::policy::Layout;
+    use kvsqueeze::replay::{parse_policy, replay, to_safetensors, ReplayOptions};
+    let mut flags = std::collections::HashMap::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.strip_prefix("--"), it.next()) {
+            (Some(name), Some(value)) => {
+                flags.insert(name.to_string(), value.clone());
+            }
+            _ => {
+                eprintln!("expected `--flag value` pairs, got `{a}`\n{USAGE}");
+                return 2;
+            }
+        }
+    }
+    let num = |name: &str| flags.get(name).map(|v| v.parse::<usize>().map_err(|_| format!("--{name} wants a number, got `{v}`")));
+    let parsed = (|| -> Result<(ReplayOptions, String, Option<String>), String> {
+        let policy = flags.get("policy").ok_or("--policy is required")?;
+        let policy = parse_policy(policy).ok_or(format!("unknown policy `{policy}`"))?;
+        let budget = num("budget").ok_or("--budget is required")??;
+        let sinks = num("sinks").transpose()?.unwrap_or(4.min(budget));
+        let recent = num("recent").transpose()?.unwrap_or(budget / 2);
+        if sinks + recent > budget {
+            return Err(format!("--sinks {sinks} + --recent {recent} exceed --budget {budget}"));
+        }
+        let rope = flags.get("rope").map(|v| v.parse::<f64>().map_err(|_| format!("--rope wants a number, got `{v}`"))).transpose()?;
+        let trace = flags.get("trace").ok_or("--trace is required")?.clone();
+        let layout = Layout { sinks, middle: budget - sinks - recent, recent };
+        Ok((ReplayOptions { policy, layout, rope }, trace, flags.get("out").cloned()))
+    })();
+    let (opts, trace, out) = match parsed {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("{e}\n{USAGE}");
+            return 2;
+        }
+    };
+    let bytes = match std::fs::read(&trace) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("cannot read {trace}: {e}");
+            return 1;
+        }
+    };
+    let client = match kvsqueeze::runtime::client() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("no device: {e}");
+            return 1;
+        }
+    };
+    eprintln!("device: {}", kvsqueeze::attention::device_name(&client));
+    match replay(&client, &bytes, &opts).and_then(|r| to_safetensors(&r, opts.layout.capacity()).map(|b| (r, b))) {
+        Ok((r, b)) => {
+            let (steps, hq, hkv, d) = r.dims;
+            println!("replayed {steps} steps (Hq {hq}, Hkv {hkv}, D {d}) with {:?}, layout {:?}", opts.policy, opts.layout);
+            if let Some(path) = out {
+                if let Err(e) = std::fs::write(&path, b) {
+                    eprintln!("cannot write {path}: {e}");
+                    return 1;
+                }
+                println!("wrote {path}");
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("replay refused: {e}");
+            1
         }
     }
 }
