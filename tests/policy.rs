@@ -135,14 +135,7 @@ fn run(s: &Stream) {
     }
 }
 
-const POLICIES: [Policy; 6] = [
-    Policy::StreamingLlm,
-    Policy::H2o,
-    Policy::Tova,
-    Policy::TreeKv { select_left: false },
-    Policy::TreeKv { select_left: true },
-    Policy::WeightedKv,
-];
+const POLICIES: [Policy; 6] = Policy::EVICTING;
 
 /// One long stream per policy: 2,000 steps through a 4 + 24 + 8 budget, GQA 4, ties on purpose.
 #[test]

@@ -13,7 +13,8 @@
 //! - [`fourier`]: FourierAttention cache, transforms, direct and spectral decode attention (spec §1);
 //! - [`policy`]: the common fixed-budget cache state machine (layout `[sinks | middle | recent]`);
 //! - [`treekv`], [`weightedkv`], [`baselines`]: the policies' choice rules (spec §2, §3, §5);
-//! - [`metrics`]: relative L2, NMSE, cosine similarity, KL divergence, Jaccard.
+//! - [`metrics`]: relative L2, NMSE, cosine similarity, KL divergence, Jaccard;
+//! - [`testing`]: the seeded data generator every test harness shares.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -23,6 +24,7 @@ pub mod fourier;
 pub mod metrics;
 pub mod policy;
 pub mod rope;
+pub mod testing;
 pub mod treekv;
 pub mod weightedkv;
 

@@ -13,14 +13,7 @@ use kvsqueeze_reference::treekv::prefill_blocks;
 use kvsqueeze_reference::{cast_slice, metrics};
 use proptest::prelude::*;
 
-const POLICIES: [Policy; 6] = [
-    Policy::StreamingLlm,
-    Policy::H2o,
-    Policy::Tova,
-    Policy::TreeKv { select_left: false },
-    Policy::TreeKv { select_left: true },
-    Policy::WeightedKv,
-];
+const POLICIES: [Policy; 6] = Policy::EVICTING;
 
 fn policy_strategy() -> impl Strategy<Value = Policy> {
     (0..POLICIES.len()).prop_map(|i| POLICIES[i])
@@ -42,7 +35,7 @@ fn stream(cfg: PolicyConfig, g: usize, d: usize, steps: usize, seed: u64) -> (Po
     let mut cache = PolicyCache::new(cfg, d);
     let mut hist = Vec::new();
     for _ in 0..steps {
-        let (q, k, v) = (rng.vec(g * d), rng.vec(d), rng.vec(d));
+        let (q, k, v) = (rng.vec(g * d, 1.0), rng.vec(d, 1.0), rng.vec(d, 1.0));
         cache.step(&q, &k, &v);
         hist.push([q, k, v]);
     }
@@ -61,7 +54,7 @@ proptest! {
         let d = 8;
         let mut cache = PolicyCache::<f64>::new(config(policy, layout, seed % 2 == 0), d);
         for t in 0..steps {
-            cache.step(&rng.vec(g * d), &rng.vec(d), &rng.vec(d));
+            cache.step(&rng.vec(g * d, 1.0), &rng.vec(d, 1.0), &rng.vec(d, 1.0));
             let seen = t + 1;
             prop_assert_eq!(cache.len(), seen.min(layout.capacity()));
             let kept = cache.kept_positions();
@@ -86,7 +79,7 @@ proptest! {
         let mut full = PolicyCache::<f64>::new(config(Policy::Full, layout, true), d);
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
         for t in 0..steps {
-            let (q, k, v) = (rng.vec(g * d), rng.vec(d), rng.vec(d));
+            let (q, k, v) = (rng.vec(g * d, 1.0), rng.vec(d, 1.0), rng.vec(d, 1.0));
             let got = cache.step(&q, &k, &v);
             let got_full = full.step(&q, &k, &v);
             ks.extend(rope.rotated(&k, t));
@@ -148,7 +141,7 @@ proptest! {
     #[test]
     fn fourier_transform_is_truncated_dft(lm in 1usize..30, extra in 0usize..20, n in 1usize..12, seed: u64) {
         let mut rng = Rng(seed);
-        let x = rng.vec(lm);
+        let x = rng.vec(lm, 1.0);
         let rows: Vec<Vec<f64>> = x.iter().map(|&v| vec![v]).collect();
         let window = lm + extra;
         let s = transform(&rows, vec![0], n, window);
@@ -187,7 +180,7 @@ proptest! {
             cache.append(&k[t * d..][..d], &v[t * d..][..d]).unwrap();
         }
         prop_assert_eq!(cache.len(), total);
-        let q = rng.vec(g * d);
+        let q = rng.vec(g * d, 1.0);
         let scale = default_scale(d);
         let direct = cache.attend_direct(&q, scale);
         let spectral = cache.attend_spectral(&q, scale);
@@ -216,7 +209,7 @@ proptest! {
         let w = w.min(l);
         let capacity = w + extra;
         let mut rng = Rng(seed);
-        let (q, k) = (rng.vec(w * g * d), rng.vec(l * d));
+        let (q, k) = (rng.vec(w * g * d, 1.0), rng.vec(l * d, 1.0));
         let kept = snapkv_select(&q, &k, d, w, capacity, 1, Pool::Max, default_scale(d));
         prop_assert_eq!(kept.len(), capacity.min(l));
         prop_assert!((l - w..l).all(|j| kept.contains(&j)));
@@ -231,7 +224,7 @@ proptest! {
         let mut rng = Rng(seed);
         let nblocks = l.div_ceil(b);
         let w = l - b * (nblocks - 1);
-        let (q, k) = (rng.vec(w * 2 * d), rng.vec(l * d));
+        let (q, k) = (rng.vec(w * 2 * d, 1.0), rng.vec(l * d, 1.0));
         let kept = prefill_blocks(&q, &k, d, b, blocks * b, default_scale(d), false);
         let expect = if nblocks <= blocks { l } else { (blocks - 1) * b + w };
         prop_assert_eq!(kept.len(), expect);
@@ -245,7 +238,7 @@ proptest! {
         let d = 16;
         let hq = hkv * g;
         let mut rng = Rng(seed);
-        let (q, k, v) = (rng.vec(hq * d), rng.vec(l * hkv * d), rng.vec(l * hkv * d));
+        let (q, k, v) = (rng.vec(hq * d, 1.0), rng.vec(l * hkv * d, 1.0), rng.vec(l * hkv * d, 1.0));
         let dims = Dims { lq: 1, l, hq, hkv, d };
         let gold = attention(&q, &k, &v, dims, l - 1, default_scale(d)).o;
         let e32 = {

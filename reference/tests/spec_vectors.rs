@@ -21,7 +21,7 @@ fn treekv_select_left_c8_t64() {
     let d = 4;
     let mut cache = PolicyCache::<f64>::new(cfg(Policy::TreeKv { select_left: true }, whole(8)), d);
     for _ in 0..64 {
-        cache.step(&rng.vec(2 * d), &rng.vec(d), &rng.vec(d));
+        cache.step(&rng.vec(2 * d, 1.0), &rng.vec(d, 1.0), &rng.vec(d, 1.0));
     }
     assert_eq!(cache.kept_positions(), vec![39, 47, 51, 55, 57, 59, 61, 63]);
 }

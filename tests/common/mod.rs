@@ -25,31 +25,7 @@ pub fn skip(what: &str, why: &str) {
     eprintln!("SKIP {what}: {why}");
 }
 
-/// SplitMix64.
-#[derive(Clone)]
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `[-1, 1)`, never 0.
-    pub fn uniform(&mut self) -> f64 {
-        let x = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
-        if x == 0.0 {
-            0.5
-        } else {
-            x
-        }
-    }
-    pub fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
-        (0..n).map(|_| self.uniform() * scale).collect()
-    }
-}
+pub use kvsqueeze::reference::testing::Rng;
 
 /// Rounds every value to `dtype` (the inputs the kernel and every reference then share).
 pub fn round_to(x: &[f64], dtype: DType) -> Vec<f64> {
