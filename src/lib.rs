@@ -12,6 +12,7 @@ pub use kvsqueeze_reference as reference;
 
 pub mod attention;
 mod error;
+pub mod fourier;
 pub mod policy;
 pub mod replay;
 pub mod rope;

@@ -9,6 +9,7 @@
 //! scalars so that property tests over shapes do not recompile.
 
 pub mod attention;
+pub mod fourier;
 pub mod policy;
 pub mod rope;
 pub mod util;
