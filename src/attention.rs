@@ -72,8 +72,8 @@ impl DecodeConfig {
     }
 }
 
-/// What a launch did: the choices made for the problem and device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a launch did: the choices made for the problem and device (all zero before a launch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Plan {
     /// KV splits.
     pub n_splits: usize,
@@ -99,7 +99,7 @@ pub struct Plan {
     pub address: AddressType,
 }
 
-/// The outputs of [`decode_attention`].
+/// The outputs of [`decode_attention`] (or caller-owned buffers for [`decode_attention_into`]).
 #[derive(Clone, Debug)]
 pub struct DecodeOutput {
     /// `[B, Lq, Hq, D]`, storage dtype.
@@ -110,6 +110,13 @@ pub struct DecodeOutput {
     pub mass: Option<DeviceTensor>,
     /// What ran.
     pub plan: Plan,
+}
+
+impl DecodeOutput {
+    /// Caller-owned output buffers for [`decode_attention_into`]; the plan is filled in by the launch.
+    pub fn new(o: DeviceTensor, lse: Option<DeviceTensor>, mass: Option<DeviceTensor>) -> Self {
+        DecodeOutput { o, lse, mass, plan: Plan::default() }
+    }
 }
 
 /// Validated problem sizes.
@@ -301,12 +308,11 @@ pub fn decode_attention(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: 
         let n: usize = shape.iter().product();
         DeviceTensor { handle: client.empty(n.max(1) * dtype.size()), buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype }
     };
-    let mut out = DecodeOutput {
-        o: empty(&[p.b, p.lq, p.hq, p.d], p.dtype),
-        lse: cfg.lse.then(|| empty(&[p.b, p.lq, p.hq], DType::F32)),
-        mass: cfg.mass.then(|| empty(&[p.b, p.hkv, p.lq, p.lcap], DType::F32)),
-        plan: Plan { n_splits: 0, chunk: 0, rows: 0, n_row_blocks: 0, vec: 0, tile: 0, plane: false, unroll: false, stage_k: false, launches: 0, address: AddressType::U32 },
-    };
+    let mut out = DecodeOutput::new(
+        empty(&[p.b, p.lq, p.hq, p.d], p.dtype),
+        cfg.lse.then(|| empty(&[p.b, p.lq, p.hq], DType::F32)),
+        cfg.mass.then(|| empty(&[p.b, p.hkv, p.lq, p.lcap], DType::F32)),
+    );
     decode_attention_into(client, q, k, v, lens, cfg, &mut out)?;
     Ok(out)
 }

@@ -174,12 +174,11 @@ fn run_kernel(c: &Case, x: &Inputs) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, Pla
         let k_pos = DeviceTensor::from_host(cl, &x.k_pos, &[b, c.lcap]).unwrap();
         cfg = cfg.with_rope(RopeConfig { base, q_pos, k_pos });
     }
-    let mut out = DecodeOutput {
-        o: poisoned(cl, &[b, c.lq, c.hq, c.d], c.dtype),
-        lse: c.lse.then(|| poisoned(cl, &[b, c.lq, c.hq], DType::F32)),
-        mass: c.mass.then(|| poisoned(cl, &[b, c.hkv, c.lq, c.lcap], DType::F32)),
-        plan: decode_attention(cl, &q, &k, &v, &lens32(c), &cfg)?.plan,
-    };
+    let mut out = DecodeOutput::new(
+        poisoned(cl, &[b, c.lq, c.hq, c.d], c.dtype),
+        c.lse.then(|| poisoned(cl, &[b, c.lq, c.hq], DType::F32)),
+        c.mass.then(|| poisoned(cl, &[b, c.hkv, c.lq, c.lcap], DType::F32)),
+    );
     let lens = lens32(c);
     decode_attention_into(cl, &q, &k, &v, &lens, &cfg, &mut out)?;
     let read = |t: &Option<DeviceTensor>| t.as_ref().map(|t| t.to_host_f64(cl).unwrap()).unwrap_or_default();
@@ -358,12 +357,7 @@ fn every_error_variant() {
         eprintln!("SKIP DtypeUnsupported check: every dtype is supported on this device (not a failure: the variant cannot occur here)");
     }
     // A refused call launches nothing: the poisoned outputs stay poisoned.
-    let mut out = DecodeOutput {
-        o: poisoned(cl, &[2, 1, 8, 64], DType::F32),
-        lse: None,
-        mass: None,
-        plan: decode_attention(cl, &q, &k, &v, &[100, 3], &cfg).unwrap().plan,
-    };
+    let mut out = DecodeOutput::new(poisoned(cl, &[2, 1, 8, 64], DType::F32), None, None);
     let before = out.o.to_host_f64(cl).unwrap();
     assert!(decode_attention_into(cl, &q, &k, &v, &[100, 300], &cfg, &mut out).is_err());
     assert!(matches!(decode_attention_into(cl, &q, &k, &v, &[100, 3], &DecodeConfig::new().with_mass(true), &mut out), Err(Error::Config(_))));
