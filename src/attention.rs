@@ -16,7 +16,7 @@
 //! problem and the device ([`Plan`], returned with the outputs so that benches can print what ran).
 
 use crate::rope::{angle_table, RopeConfig};
-use crate::tensor::{contiguous_strides, DType, DeviceTensor};
+use crate::tensor::{contiguous_strides, with_float_type, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::features::{Plane, TypeUsage};
@@ -134,20 +134,6 @@ pub(crate) struct Problem {
 
 const TILE: usize = 128;
 
-fn check_view(t: &DeviceTensor, name: &'static str) -> Result<(), Error> {
-    if t.shape.len() != t.strides.len() {
-        return Err(Error::Layout { tensor: name, reason: "strides and shape differ in rank" });
-    }
-    if t.shape.iter().any(|&s| s == 0) {
-        return Ok(());
-    }
-    let last = t.offset + t.shape.iter().zip(&t.strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
-    if last >= t.buffer_len {
-        return Err(Error::Layout { tensor: name, reason: "view reaches past the end of its buffer" });
-    }
-    Ok(())
-}
-
 /// Whether `dtype` can be a storage dtype on this device (buffers and conversion to f32).
 pub fn dtype_supported(client: &Client, dtype: DType) -> bool {
     let need = TypeUsage::Buffer | TypeUsage::Conversion;
@@ -195,12 +181,12 @@ pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &
         if t.strides[3] != 1 {
             return Err(Error::Layout { tensor: name, reason: "the head dim must have unit stride" });
         }
-        check_view(t, name)?;
+        t.check_in_buffer(name)?;
     }
     if !q.is_contiguous() {
         return Err(Error::Layout { tensor: "q", reason: "must be contiguous [B, Lq, Hq, D]" });
     }
-    check_view(q, "q")?;
+    q.check_in_buffer("q")?;
     for (batch, &len) in lens.iter().enumerate() {
         let len = len as usize;
         if len == 0 || len < lq {
@@ -313,7 +299,7 @@ pub fn decode_attention(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: 
         cfg.lse.then(|| empty(&[p.b, p.lq, p.hq], DType::F32)),
         cfg.mass.then(|| empty(&[p.b, p.hkv, p.lq, p.lcap], DType::F32)),
     );
-    decode_attention_into(client, q, k, v, lens, cfg, &mut out)?;
+    run(client, &p, q, k, v, lens, cfg, &mut out)?;
     Ok(out)
 }
 
@@ -323,6 +309,12 @@ pub fn decode_attention(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: 
 /// nothing is launched and the outputs are untouched.
 pub fn decode_attention_into(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &mut DecodeOutput) -> Result<(), Error> {
     let p = validate(client, q, k, v, lens)?;
+    run(client, &p, q, k, v, lens, cfg, out)
+}
+
+/// The checks that depend on the config and the outputs, then the launch (inputs already validated into `p`).
+#[allow(clippy::too_many_arguments)]
+fn run(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &mut DecodeOutput) -> Result<(), Error> {
     if let Some(s) = cfg.scale {
         if !s.is_finite() {
             return Err(Error::Config("scale must be finite"));
@@ -346,15 +338,15 @@ pub fn decode_attention_into(client: &Client, q: &DeviceTensor, k: &DeviceTensor
                 if !t.is_contiguous() {
                     return Err(Error::Layout { tensor: name, reason: "outputs must be contiguous" });
                 }
-                check_view(t, name)
+                t.check_in_buffer(name)
             }
         }
     };
     check_out(Some(&out.o), "o", true, vec![p.b, p.lq, p.hq, p.d], p.dtype)?;
     check_out(out.lse.as_ref(), "lse", cfg.lse, vec![p.b, p.lq, p.hq], DType::F32)?;
     check_out(out.mass.as_ref(), "mass", cfg.mass, vec![p.b, p.hkv, p.lq, p.lcap], DType::F32)?;
-    let plan = plan(client, &p, q, k, v, cfg)?;
-    launch_unchecked(client, &p, &plan, q, k, v, lens, cfg, out);
+    let plan = plan(client, p, q, k, v, cfg)?;
+    launch_unchecked(client, p, &plan, q, k, v, lens, cfg, out);
     out.plan = plan;
     Ok(())
 }
@@ -362,12 +354,7 @@ pub fn decode_attention_into(client: &Client, q: &DeviceTensor, k: &DeviceTensor
 /// Launches with validated inputs (assumes [`validate`] and [`plan`] accepted them).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_unchecked(client: &Client, p: &Problem, plan: &Plan, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &DecodeOutput) {
-    match p.dtype {
-        DType::F32 => launch_typed::<f32>(client, p, plan, q, k, v, lens, cfg, out),
-        DType::F16 => launch_typed::<half::f16>(client, p, plan, q, k, v, lens, cfg, out),
-        DType::BF16 => launch_typed::<half::bf16>(client, p, plan, q, k, v, lens, cfg, out),
-        DType::U32 => unreachable!("validate() accepts float storage only"),
-    }
+    with_float_type!(p.dtype, E => launch_typed::<E>(client, p, plan, q, k, v, lens, cfg, out))
 }
 
 fn buf(t: &DeviceTensor) -> BufferArg {

@@ -6,7 +6,7 @@
 //! middle tokens), the coefficients `[2N, C]` f32 (cosine rows then sine rows). Angles `2π·((n·t) mod T)/T` are
 //! reduced exactly in u32 arithmetic, so `N·T < 2³²` is required; `L_mid ≤ T` (a longer middle would alias).
 
-use crate::tensor::{contiguous_strides, DType, DeviceTensor};
+use crate::tensor::{contiguous_strides, with_float_type, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::prelude::*;
@@ -31,11 +31,10 @@ fn check_float(client: &Client, t: &DeviceTensor, name: &'static str) -> Result<
     if t.shape.iter().any(|&s| s == 0) {
         return Err(Error::ShapeMismatch { tensor: name, expected: vec![1, 1], got: t.shape.clone() });
     }
-    let last = t.offset + t.shape.iter().zip(&t.strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
-    if *t.strides.last().unwrap_or(&0) != 1 || last >= t.buffer_len {
-        return Err(Error::Layout { tensor: name, reason: "needs a unit column stride, inside its buffer" });
+    if *t.strides.last().unwrap_or(&0) != 1 {
+        return Err(Error::Layout { tensor: name, reason: "needs a unit column stride" });
     }
-    Ok(())
+    t.check_in_buffer(name)
 }
 
 /// The prefill transform (spec §1.3 step 1) of `x: [L_mid, C]`: returns `[2N, C]` f32 coefficients.
@@ -59,17 +58,7 @@ pub fn fourier_transform(client: &Client, x: &DeviceTensor, n_freq: usize, windo
     unsafe {
         let xa = BufferArg::from_raw_parts(x.handle.clone(), x.buffer_len);
         let ca = BufferArg::from_raw_parts(coef.handle.clone(), coef.buffer_len);
-        macro_rules! go {
-            ($e:ty) => {
-                transform_kernel::launch_unchecked::<$e>(client, count, CubeDim::new_1d(TILE as u32), xa, ca, lmid, cols, x.strides[0], n_freq, window as u32, TILE)
-            };
-        }
-        match x.dtype {
-            DType::F32 => go!(f32),
-            DType::F16 => go!(half::f16),
-            DType::BF16 => go!(half::bf16),
-            DType::U32 => unreachable!("check_float refuses integers"),
-        }
+        with_float_type!(x.dtype, E => transform_kernel::launch_unchecked::<E>(client, count, CubeDim::new_1d(TILE as u32), xa, ca, lmid, cols, x.strides[0], n_freq, window as u32, TILE))
     }
     Ok(coef)
 }
@@ -97,17 +86,7 @@ pub fn fourier_update(client: &Client, x: &DeviceTensor, coef: &DeviceTensor, p:
     unsafe {
         let xa = BufferArg::from_raw_parts(x.handle.clone(), x.buffer_len);
         let ca = BufferArg::from_raw_parts(coef.handle.clone(), coef.buffer_len);
-        macro_rules! go {
-            ($e:ty) => {
-                update_kernel::launch_unchecked::<$e>(client, count, CubeDim::new_1d(TILE as u32), xa, ca, cols, n_freq, p as u32, window as u32, TILE)
-            };
-        }
-        match x.dtype {
-            DType::F32 => go!(f32),
-            DType::F16 => go!(half::f16),
-            DType::BF16 => go!(half::bf16),
-            DType::U32 => unreachable!("check_float refuses integers"),
-        }
+        with_float_type!(x.dtype, E => update_kernel::launch_unchecked::<E>(client, count, CubeDim::new_1d(TILE as u32), xa, ca, cols, n_freq, p as u32, window as u32, TILE))
     }
     Ok(())
 }

@@ -16,7 +16,7 @@
 //! on an H200: one sin/cos pair per key and dim pair).
 
 use crate::attention::{decode_attention, DecodeConfig};
-use crate::tensor::{DType, DeviceTensor};
+use crate::tensor::{with_float_type, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::prelude::*;
@@ -212,17 +212,7 @@ impl CompressedKvCache for PolicyCache {
         // SAFETY: every buffer is sized by `new` from the validated configuration.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
-            macro_rules! append {
-                ($e:ty) => {
-                    policy_append::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), before as u32, self.seen as u32, hkv, cap1, d)
-                };
-            }
-            match self.cfg.dtype {
-                DType::F32 => append!(f32),
-                DType::F16 => append!(half::f16),
-                DType::BF16 => append!(half::bf16),
-                DType::U32 => unreachable!("validated float storage"),
-            }
+            with_float_type!(self.cfg.dtype, E => policy_append::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), before as u32, self.seen as u32, hkv, cap1, d))
         }
         let after = before + 1;
         let mut acfg = DecodeConfig::new().with_mass(true);
@@ -240,17 +230,7 @@ impl CompressedKvCache for PolicyCache {
         // SAFETY: as above; `mass` is decode attention's `[B, Hkv, 1, c+1]` output.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
-            macro_rules! policy {
-                ($e:ty) => {
-                    policy_step::launch_unchecked::<$e>(c, grid.clone(), CubeDim::new_1d(THREADS as u32), b(&mass), b(&self.v), b(&self.order[self.cur]), b(&self.order[1 - self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), after as u32, ptr as u32, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), THREADS)
-                };
-            }
-            match self.cfg.dtype {
-                DType::F32 => policy!(f32),
-                DType::F16 => policy!(half::f16),
-                DType::BF16 => policy!(half::bf16),
-                DType::U32 => unreachable!("validated float storage"),
-            }
+            with_float_type!(self.cfg.dtype, E => policy_step::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(THREADS as u32), b(&mass), b(&self.v), b(&self.order[self.cur]), b(&self.order[1 - self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), after as u32, ptr as u32, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), THREADS))
         }
         if policy != Policy::Full && after > cap {
             self.cur = 1 - self.cur; // this step evicted: the shifted order is in the other buffer

@@ -7,6 +7,30 @@ use cubecl::client::Client;
 use cubecl::server::Handle;
 use half::{bf16, f16};
 
+/// Runs `$body` with the type alias `$e` bound to the host type of a float storage dtype (the one place that
+/// maps a runtime [`DType`] to a kernel's generic element). Integer dtypes are a bug in the caller's
+/// validation.
+macro_rules! with_float_type {
+    ($dtype:expr, $e:ident => $body:expr) => {
+        match $dtype {
+            $crate::tensor::DType::F32 => {
+                type $e = f32;
+                $body
+            }
+            $crate::tensor::DType::F16 => {
+                type $e = half::f16;
+                $body
+            }
+            $crate::tensor::DType::BF16 => {
+                type $e = half::bf16;
+                $body
+            }
+            $crate::tensor::DType::U32 => unreachable!("validation admits float storage only"),
+        }
+    };
+}
+pub(crate) use with_float_type;
+
 /// Storage dtypes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -124,6 +148,21 @@ impl DeviceTensor {
     /// A view with another shape/strides/offset over the same buffer (validated by the op that uses it).
     pub fn view(&self, shape: &[usize], strides: &[usize], offset: usize) -> Self {
         DeviceTensor { shape: shape.to_vec(), strides: strides.to_vec(), offset, ..self.clone() }
+    }
+
+    /// Checks that the view is well formed and lies inside its buffer (every op's layout check).
+    pub fn check_in_buffer(&self, name: &'static str) -> Result<(), Error> {
+        if self.shape.len() != self.strides.len() {
+            return Err(Error::Layout { tensor: name, reason: "strides and shape differ in rank" });
+        }
+        if self.shape.iter().any(|&s| s == 0) {
+            return Ok(());
+        }
+        let last = self.offset + self.shape.iter().zip(&self.strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
+        if last >= self.buffer_len {
+            return Err(Error::Layout { tensor: name, reason: "view reaches past the end of its buffer" });
+        }
+        Ok(())
     }
 
     /// Whether the tensor is row-major contiguous from its offset.

@@ -1,7 +1,7 @@
 //! Device helpers for benches, tests and the CLI: random fills without a host upload, and the measured copy
 //! bandwidth that benches report as their ceiling.
 
-use crate::tensor::{contiguous_strides, DType, DeviceTensor};
+use crate::tensor::{contiguous_strides, with_float_type, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::ir::AddressType;
@@ -18,12 +18,8 @@ pub fn random(client: &Client, shape: &[usize], dtype: DType, seed: u32, amp: f3
     // SAFETY: the kernel writes exactly the `n` elements of the buffer it is given.
     unsafe {
         let arg = BufferArg::from_raw_parts(t.handle.clone(), n);
-        match dtype {
-            DType::F32 => fill_hash::launch_unchecked::<f32>(client, count, dim, at, arg, n, seed, amp),
-            DType::F16 => fill_hash::launch_unchecked::<half::f16>(client, count, dim, at, arg, n, seed, amp),
-            DType::BF16 => fill_hash::launch_unchecked::<half::bf16>(client, count, dim, at, arg, n, seed, amp),
-            DType::U32 => panic!("random() fills float tensors only"),
-        }
+        assert!(dtype != DType::U32, "random() fills float tensors only");
+        with_float_type!(dtype, E => fill_hash::launch_unchecked::<E>(client, count, dim, at, arg, n, seed, amp))
     }
     t
 }

@@ -66,12 +66,9 @@ fn run(s: &Stream) {
         }
         let v = round_to(&rng.vec(b * hkv * d, 1.0), s.dtype);
         // The slot of every entry at attention time: the current order plus the free slot for the new token.
-        let [order, _, _, _, _] = dev.slots().unwrap();
-        let free = {
-            let before = dev.len();
-            let [_, rank, ..] = dev.slots().unwrap();
-            (0..b * hkv).map(|head| (0..cap1).find(|&sl| rank[head * cap1 + sl] as u32 == u32::MAX).filter(|_| before >= cap).unwrap_or(before)).collect::<Vec<_>>()
-        };
+        let [order, rank, ..] = dev.slots().unwrap();
+        let before = dev.len();
+        let free: Vec<usize> = (0..b * hkv).map(|head| (0..cap1).find(|&sl| rank[head * cap1 + sl] as u32 == u32::MAX).filter(|_| before >= cap).unwrap_or(before)).collect();
         let o = dev
             .step(&upload(cl, &q, &[b, 1, hq, d], s.dtype), &upload(cl, &k, &[b, hkv, d], s.dtype), &upload(cl, &v, &[b, hkv, d], s.dtype))
             .unwrap_or_else(|e| panic!("step {t}: {e}\n  case: {case}"));
