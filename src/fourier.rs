@@ -1,16 +1,47 @@
-//! FourierAttention on the device (spec §1; reference `kvsqueeze-reference::fourier`). This first part holds
-//! the compression kernels: the prefill transform of the middle segment's compressed columns and the rank-1
-//! decode update; FlashFourierAttention (direct and spectral) is the follow-up.
+//! FourierAttention on the device (spec §1; reference `kvsqueeze-reference::fourier`, kernels
+//! `kvsqueeze_kernels::fourier`): the compressed cache of one layer, batched over sequences and KV heads, and
+//! FlashFourierAttention decode over it by two paths.
 //!
-//! Shapes: `x: [L_mid, C]` (any row stride, unit column stride — e.g. a view of the compressed columns of the
-//! middle tokens), the coefficients `[2N, C]` f32 (cosine rows then sine rows). Angles `2π·((n·t) mod T)/T` are
-//! reduced exactly in u32 arithmetic, so `N·T < 2³²` is required; `L_mid ≤ T` (a longer middle would alias).
+//! ## The cache ([`FourierLayerCache`])
+//! Per sequence and KV head, keys post-RoPE at their true positions (the caller rotates; nothing is
+//! re-assigned):
+//! - **exact** rows `[B, Hkv, X, D]` (storage dtype): the `l_init` first tokens and the `l_local` last ones, the
+//!   latter as a ring (a decode step moves the oldest out and writes the new token into its slot);
+//! - **middle, critical**: `[B, T, |Dkn|]` and `[B, T, |Dvn|]` (storage dtype), the critical columns of every
+//!   middle token, allocated for the whole window `T`;
+//! - **middle, compressed**: `[B, |Dkc|, 2N]` and `[B, |Dvc|, 2N]` f32 Fourier coefficients (column-major: the
+//!   official `[2N, C]` transposed);
+//! - **stats**: `[B, 2, |Dkc|]` and `[B, 2, |Dvc|]` f32, the frozen affine map `x̃ = a·x̂ + b`.
+//!
+//! Columns are global `h·D + d` as in the official dim lists; per-head counts vary ([`FourierDims`]).
+//!
+//! Until a sequence's middle is formed (the first time it holds more than `l_init + 2N + l_local` tokens, at
+//! prefill or at a decode step, spec §1.10.3 as the reference resolves it) all of its tokens are exact, so the
+//! exact buffer starts with `X = l_init + 2N + l_local + 1` rows; once every sequence has formed its middle it
+//! is re-packed to `X = l_init + l_local` and [`FourierLayerCache::physical_bytes`] equals
+//! [`FourierLayerConfig::formula_bytes`]. A middle longer than `T` is refused with
+//! [`Error::LengthBeyondCapacity`] (positions would alias), before anything is launched.
+//!
+//! ## Decode attention ([`FourierLayerCache::attend`]), `q: [B, 1, Hq, D]` → `o: [B, 1, Hq, D]`
+//! One softmax over `[init | middle | local]`, split over the tokens (exact splits and middle splits, each cube
+//! serving the `G` query heads of a KV head), combined on the device.
+//! - [`FourierPath::Direct`] (the paper's kernel's semantics): reconstructs the middle's K and V
+//!   (`[B, Hkv, L_mid, D]` f32 each, a per-call scratch that is not part of the cache) and attends over it.
+//!   Cost `O(L_mid·2N·|Dc|)` per KV head.
+//! - [`FourierPath::Spectral`] (spec §1.5, exact): projects the coefficients by the query
+//!   (`pc = Σ_c q_c·a_c·coef[c]`), scores middle tokens by an inverse DFT of `pc` at their positions, accumulates
+//!   the middle's softmax weights in the frequency domain (`P[n] = Σ_t p_t·(cos, sin)(ωnt)`) and resolves the
+//!   compressed value dims once per query in the combine. Cost `O(L_mid·N·G)` per KV head, no scratch.
 
 use crate::tensor::{contiguous_strides, with_float_type, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::prelude::*;
-use kvsqueeze_kernels::fourier::{fourier_transform as transform_kernel, fourier_update as update_kernel};
+use cubecl::server::Handle;
+use kvsqueeze_kernels::fourier::{
+    fourier_combine, fourier_gather, fourier_project, fourier_reconstruct, fourier_split, fourier_stats_finalize, fourier_stats_partial,
+    fourier_transform as transform_kernel, fourier_update, FlashConfig, CRIT, NONE,
+};
 
 const TILE: usize = 128;
 
@@ -24,69 +55,747 @@ fn check_window(n_freq: usize, window: usize) -> Result<(), Error> {
     Ok(())
 }
 
-fn check_float(client: &Client, t: &DeviceTensor, name: &'static str) -> Result<(), Error> {
-    if !crate::attention::dtype_supported(client, t.dtype) {
-        return Err(Error::DtypeUnsupported { dtype: t.dtype, device: crate::attention::device_name(client) });
+fn upload_u32(client: &Client, v: &[u32]) -> Handle {
+    if v.is_empty() {
+        client.create_from_slice(bytemuck::cast_slice(&[NONE]))
+    } else {
+        client.create_from_slice(bytemuck::cast_slice(v))
     }
-    if t.shape.iter().any(|&s| s == 0) {
-        return Err(Error::ShapeMismatch { tensor: name, expected: vec![1, 1], got: t.shape.clone() });
-    }
-    if *t.strides.last().unwrap_or(&0) != 1 {
-        return Err(Error::Layout { tensor: name, reason: "needs a unit column stride" });
-    }
-    t.check_in_buffer(name)
 }
 
-/// The prefill transform (spec §1.3 step 1) of `x: [L_mid, C]`: returns `[2N, C]` f32 coefficients.
+fn zeros_f32(client: &Client, n: usize) -> Handle {
+    client.create_from_slice(bytemuck::cast_slice(&vec![0.0f32; n.max(1)]))
+}
+
+/// `BufferArg` over a handle of `len` elements.
+///
+/// # Safety
+/// The kernel it is passed to must index only below `len`.
+unsafe fn arg(h: &Handle, len: usize) -> BufferArg {
+    BufferArg::from_raw_parts(h.clone(), len.max(1))
+}
+
+/// The prefill transform (spec §1.3 step 1) of `x: [L_mid, C]` (any row stride, unit column stride): returns the
+/// coefficients `[C, 2N]` f32 (column `c`: `N` cosine then `N` sine coefficients).
 pub fn fourier_transform(client: &Client, x: &DeviceTensor, n_freq: usize, window: usize) -> Result<DeviceTensor, Error> {
-    if x.shape.len() != 2 {
-        return Err(Error::ShapeMismatch { tensor: "x", expected: vec![0, 0], got: x.shape.clone() });
+    if x.shape.len() != 2 || x.shape.iter().any(|&s| s == 0) {
+        return Err(Error::ShapeMismatch { tensor: "x", expected: vec![1, 1], got: x.shape.clone() });
     }
-    check_float(client, x, "x")?;
+    if !crate::attention::dtype_supported(client, x.dtype) {
+        return Err(Error::DtypeUnsupported { dtype: x.dtype, device: crate::attention::device_name(client) });
+    }
+    if x.strides[1] != 1 {
+        return Err(Error::Layout { tensor: "x", reason: "needs a unit column stride" });
+    }
+    x.check_in_buffer("x")?;
     check_window(n_freq, window)?;
     let (lmid, cols) = (x.shape[0], x.shape[1]);
-    if x.offset != 0 {
-        return Err(Error::Layout { tensor: "x", reason: "views with an offset are not supported yet" });
-    }
     if lmid > window {
         return Err(Error::LengthBeyondCapacity { batch: 0, len: lmid, capacity: window });
     }
-    let shape = [2 * n_freq, cols];
+    if x.buffer_len >= 1 << 32 {
+        return Err(Error::DeviceLimit("the transform indexes columns with u32 offsets".into()));
+    }
+    let shape = [cols, 2 * n_freq];
     let coef = DeviceTensor { handle: client.empty(2 * n_freq * cols * 4), buffer_len: 2 * n_freq * cols, shape: shape.to_vec(), strides: contiguous_strides(&shape), offset: 0, dtype: DType::F32 };
-    let count = CubeCount::Static(cols.div_ceil(TILE) as u32, n_freq as u32, 1);
+    let col_off: Vec<u32> = (0..cols as u32).collect();
+    let col_off = upload_u32(client, &col_off);
+    let count = CubeCount::Static(n_freq.div_ceil(TILE) as u32, cols as u32, 1);
     // SAFETY: the kernel reads rows `< L_mid` of the validated view and writes the `2N·C` coefficients.
     unsafe {
-        let xa = BufferArg::from_raw_parts(x.handle.clone(), x.buffer_len);
-        let ca = BufferArg::from_raw_parts(coef.handle.clone(), coef.buffer_len);
-        with_float_type!(x.dtype, E => transform_kernel::launch_unchecked::<E>(client, count, CubeDim::new_1d(TILE as u32), xa, ca, lmid, cols, x.strides[0], n_freq, window as u32, TILE))
+        with_float_type!(x.dtype, E => transform_kernel::launch_unchecked::<E>(client, count, CubeDim::new_1d(TILE as u32), arg(&x.handle, x.buffer_len), arg(&col_off, cols), arg(&coef.handle, coef.buffer_len), x.offset, x.strides[0], lmid, 0, n_freq, window as u32, TILE))
     }
     Ok(coef)
 }
 
-/// The decode update (spec §1.3 step 2): adds `x: [C]` (one token's compressed columns) at middle index `p`.
-pub fn fourier_update(client: &Client, x: &DeviceTensor, coef: &DeviceTensor, p: usize, window: usize) -> Result<(), Error> {
-    if x.shape.len() != 1 {
-        return Err(Error::ShapeMismatch { tensor: "x", expected: vec![0], got: x.shape.clone() });
+/// Which dims of each KV head are critical (kept exactly in the middle) and which are compressed, for K and V.
+/// Lists are in-head dims, sorted; the compressed list of a head is the complement of its critical list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FourierDims {
+    /// KV heads.
+    pub hkv: usize,
+    /// Head dim.
+    pub d: usize,
+    /// Per head: critical key dims.
+    pub k_crit: Vec<Vec<usize>>,
+    /// Per head: critical value dims.
+    pub v_crit: Vec<Vec<usize>>,
+}
+
+/// Flattened column tables of one of K/V: per-head offsets into the global column lists and the columns.
+#[derive(Clone, Debug, Default)]
+struct Columns {
+    /// `[Hkv + 1]` prefix offsets of the compressed columns; their in-head dims; their heads.
+    c_off: Vec<u32>,
+    c_dim: Vec<u32>,
+    c_head: Vec<u32>,
+    n_off: Vec<u32>,
+    n_dim: Vec<u32>,
+    n_head: Vec<u32>,
+}
+
+impl FourierDims {
+    /// From per-head critical lists (checked: sorted, distinct, `< d`, one list per head).
+    pub fn from_critical(hkv: usize, d: usize, k_crit: Vec<Vec<usize>>, v_crit: Vec<Vec<usize>>) -> Result<Self, Error> {
+        if k_crit.len() != hkv || v_crit.len() != hkv {
+            return Err(Error::Config("one critical list per KV head, for K and for V"));
+        }
+        let ok = |l: &Vec<usize>| l.windows(2).all(|w| w[0] < w[1]) && l.iter().all(|&j| j < d);
+        if !k_crit.iter().chain(&v_crit).all(ok) {
+            return Err(Error::Config("critical dims must be sorted, distinct and below the head dim"));
+        }
+        Ok(FourierDims { hkv, d, k_crit, v_crit })
     }
-    check_float(client, x, "x")?;
-    let cols = x.shape[0];
-    if coef.shape.len() != 2 || coef.shape[1] != cols || coef.shape[0] % 2 != 0 || coef.shape[0] == 0 {
-        return Err(Error::ShapeMismatch { tensor: "coef", expected: vec![0, cols], got: coef.shape.clone() });
+
+    /// The same critical lists for every head.
+    pub fn uniform(hkv: usize, d: usize, k_crit: &[usize], v_crit: &[usize]) -> Result<Self, Error> {
+        Self::from_critical(hkv, d, vec![k_crit.to_vec(); hkv], vec![v_crit.to_vec(); hkv])
     }
-    if coef.dtype != DType::F32 || !coef.is_contiguous() || coef.offset != 0 || x.offset != 0 {
-        return Err(Error::Layout { tensor: "coef", reason: "coefficients are a contiguous f32 [2N, C] tensor" });
+
+    /// One layer of the official JSON schema (spec §1.6): `Layer_<layer> → {kc_list, kn_list, vc_list,
+    /// vn_list, …_h_list}` with global column ids `h·D + d`. Checks that, per head, the compressed and critical
+    /// lists partition the head's dims and agree with the cumulative `*_h_list` counts.
+    pub fn from_official_json(text: &str, layer: usize, hkv: usize, d: usize) -> Result<Self, Error> {
+        let bad = |why: String| Error::Device(format!("dim-list JSON: {why}"));
+        let root: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let entry = root.get(format!("Layer_{layer}")).ok_or_else(|| bad(format!("no Layer_{layer}")))?;
+        let list = |name: &str| -> Result<Vec<usize>, Error> {
+            let arr = entry.get(name).and_then(|v| v.as_array()).ok_or_else(|| bad(format!("Layer_{layer}.{name} missing")))?;
+            arr.iter().map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| bad(format!("{name}: not an integer")))).collect()
+        };
+        let per_head = |c: &str, n: &str| -> Result<Vec<Vec<usize>>, Error> {
+            let (cl, nl) = (list(c)?, list(n)?);
+            let (ch, nh) = (list(&format!("{}_h_list", &c[..2]))?, list(&format!("{}_h_list", &n[..2]))?);
+            let mut crit = vec![Vec::new(); hkv];
+            let mut comp_count = vec![0usize; hkv];
+            for &g in &nl {
+                if g >= hkv * d {
+                    return Err(bad(format!("{n}: column {g} beyond {hkv}×{d}")));
+                }
+                crit[g / d].push(g % d);
+            }
+            for &g in &cl {
+                if g >= hkv * d {
+                    return Err(bad(format!("{c}: column {g} beyond {hkv}×{d}")));
+                }
+                comp_count[g / d] += 1;
+            }
+            for h in 0..hkv {
+                if crit[h].len() + comp_count[h] != d {
+                    return Err(bad(format!("head {h}: compressed and critical lists do not partition its {d} dims")));
+                }
+            }
+            // The cumulative per-head counts (the loader prepends 0), when present in full.
+            let check = |cum: &[usize], counts: Vec<usize>| cum.len() != hkv || cum.iter().zip(counts.iter().scan(0, |a, &x| { *a += x; Some(*a) })).all(|(a, b)| *a == b);
+            if !check(&ch, comp_count.clone()) || !check(&nh, crit.iter().map(Vec::len).collect()) {
+                return Err(bad("per-head counts (*_h_list) disagree with the lists".into()));
+            }
+            Ok(crit)
+        };
+        let k_crit = per_head("kc_list", "kn_list")?;
+        let v_crit = per_head("vc_list", "vn_list")?;
+        Self::from_critical(hkv, d, k_crit, v_crit).map_err(|_| bad("critical lists are not sorted".into()))
     }
-    let n_freq = coef.shape[0] / 2;
-    check_window(n_freq, window)?;
-    if p >= window {
-        return Err(Error::LengthBeyondCapacity { batch: 0, len: p + 1, capacity: window });
+
+    /// Compressed fraction of the K and V columns.
+    pub fn compressed_fraction(&self) -> (f64, f64) {
+        let tot = (self.hkv * self.d) as f64;
+        let k: usize = self.k_crit.iter().map(Vec::len).sum();
+        let v: usize = self.v_crit.iter().map(Vec::len).sum();
+        (1.0 - k as f64 / tot, 1.0 - v as f64 / tot)
     }
-    let count = CubeCount::Static(cols.div_ceil(TILE) as u32, n_freq as u32, 1);
-    // SAFETY: reads `C` elements of `x`, updates the `2N·C` coefficients.
-    unsafe {
-        let xa = BufferArg::from_raw_parts(x.handle.clone(), x.buffer_len);
-        let ca = BufferArg::from_raw_parts(coef.handle.clone(), coef.buffer_len);
-        with_float_type!(x.dtype, E => update_kernel::launch_unchecked::<E>(client, count, CubeDim::new_1d(TILE as u32), xa, ca, cols, n_freq, p as u32, window as u32, TILE))
+
+    fn columns(&self, crit: &[Vec<usize>]) -> Columns {
+        let mut c = Columns { c_off: vec![0], n_off: vec![0], ..Default::default() };
+        for (h, list) in crit.iter().enumerate() {
+            for j in 0..self.d {
+                if list.contains(&j) {
+                    c.n_dim.push(j as u32);
+                    c.n_head.push(h as u32);
+                } else {
+                    c.c_dim.push(j as u32);
+                    c.c_head.push(h as u32);
+                }
+            }
+            c.c_off.push(c.c_dim.len() as u32);
+            c.n_off.push(c.n_dim.len() as u32);
+        }
+        c
     }
-    Ok(())
+}
+
+/// Shape and settings of a [`FourierLayerCache`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct FourierLayerConfig {
+    /// Sequences.
+    pub batch: usize,
+    /// Query heads.
+    pub hq: usize,
+    /// Storage dtype of the exact rows and the critical columns (coefficients and stats are f32).
+    pub dtype: DType,
+    /// Exact leading tokens.
+    pub l_init: usize,
+    /// Exact trailing window.
+    pub l_local: usize,
+    /// Frequencies `N`.
+    pub n_freq: usize,
+    /// Translated window `T`: the longest middle.
+    pub window: usize,
+    /// The dim lists (carry `Hkv` and `D`).
+    pub dims: FourierDims,
+}
+
+impl FourierLayerConfig {
+    /// A configuration.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(batch: usize, hq: usize, dtype: DType, l_init: usize, l_local: usize, n_freq: usize, window: usize, dims: FourierDims) -> Self {
+        FourierLayerConfig { batch, hq, dtype, l_init, l_local, n_freq, window, dims }
+    }
+    /// Tokens held exactly before the middle forms: `l_init + 2N + l_local`.
+    pub fn trigger(&self) -> usize {
+        self.l_init + 2 * self.n_freq + self.l_local
+    }
+    /// Bytes of the cache once every sequence has formed its middle:
+    /// `B·(2·Hkv·(l_init + l_local)·D·e + T·(|Dkn| + |Dvn|)·e + 2N·(|Dkc| + |Dvc|)·4 + 2·(|Dkc| + |Dvc|)·4)`.
+    pub fn formula_bytes(&self) -> usize {
+        let e = self.dtype.size();
+        let (hkv, d) = (self.dims.hkv, self.dims.d);
+        let crit: usize = self.dims.k_crit.iter().chain(&self.dims.v_crit).map(Vec::len).sum();
+        let comp = 2 * hkv * d - crit;
+        self.batch * (2 * hkv * (self.l_init + self.l_local) * d * e + self.window * crit * e + 2 * self.n_freq * comp * 4 + 2 * comp * 4)
+    }
+}
+
+/// Which decode-attention path [`FourierLayerCache::attend`] takes (both compute the same function).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FourierPath {
+    /// Reconstruct the middle, then attend (the paper's kernel's semantics).
+    Direct,
+    /// Exact spectral-domain path (spec §1.5).
+    Spectral,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Seq {
+    /// Tokens represented.
+    count: usize,
+    formed: bool,
+    mid_len: usize,
+    /// Ring slots start at `l_init + skip`; `ring` is the oldest local token's index in the ring.
+    skip: usize,
+    ring: usize,
+}
+
+struct Tables {
+    k: Columns,
+    v: Columns,
+    /// Device copies: compressed/critical offsets and dims for K and V, dim maps for the reconstruction,
+    /// global-column offsets (`h·D + d`, the prompt's layout), the identity `0..D`.
+    kc_off: Handle,
+    kc_dim: Handle,
+    kn_off: Handle,
+    kn_dim: Handle,
+    vc_off: Handle,
+    vc_dim: Handle,
+    vn_off: Handle,
+    vn_dim: Handle,
+    dmap_k: Handle,
+    dmap_v: Handle,
+    kc_glob: Handle,
+    kn_glob: Handle,
+    vc_glob: Handle,
+    vn_glob: Handle,
+    ident: Handle,
+    /// Offsets of the columns in the exact buffer (`h·X·D + d`), for the current `X`.
+    kc_x: Handle,
+    kn_x: Handle,
+    vc_x: Handle,
+    vn_x: Handle,
+}
+
+/// The FourierAttention cache of one layer on the device (see the module docs).
+pub struct FourierLayerCache {
+    client: Client,
+    cfg: FourierLayerConfig,
+    seqs: Vec<Seq>,
+    x_cap: usize,
+    ek: Handle,
+    ev: Handle,
+    ck: Handle,
+    cv: Handle,
+    coef_k: Handle,
+    coef_v: Handle,
+    ab_k: Handle,
+    ab_v: Handle,
+    tab: Tables,
+    plane: bool,
+}
+
+impl FourierLayerCache {
+    /// An empty cache; checks the configuration and the device.
+    pub fn new(client: &Client, cfg: FourierLayerConfig) -> Result<Self, Error> {
+        let (hkv, d) = (cfg.dims.hkv, cfg.dims.d);
+        if cfg.batch == 0 || hkv == 0 || cfg.hq == 0 || cfg.hq % hkv != 0 {
+            return Err(Error::GqaRatio { hq: cfg.hq, hkv });
+        }
+        let g = cfg.hq / hkv;
+        if !matches!(g, 1 | 2 | 4 | 8 | 16) {
+            return Err(Error::Config("the GQA group size must be 1, 2, 4, 8 or 16"));
+        }
+        if d == 0 || d > 256 {
+            return Err(Error::UnsupportedHeadDim { d });
+        }
+        if cfg.l_local == 0 {
+            return Err(Error::Config("the local window must hold at least one token"));
+        }
+        check_window(cfg.n_freq, cfg.window)?;
+        if !crate::attention::dtype_supported(client, cfg.dtype) || cfg.dtype == DType::U32 {
+            return Err(Error::DtypeUnsupported { dtype: cfg.dtype, device: crate::attention::device_name(client) });
+        }
+        let hw = &client.properties().hardware;
+        let tile = Self::tile(g, d);
+        if (hw.max_units_per_cube as usize) < tile {
+            return Err(Error::DeviceLimit(format!("needs {tile} units per cube")));
+        }
+        let smem = 4 * (2 * g * d + 2 * g * tile + g * 2 * kvsqueeze_kernels::fourier::FCHUNK);
+        if smem > hw.max_shared_memory_size {
+            return Err(Error::DeviceLimit(format!("needs {smem} B of shared memory, the device has {}", hw.max_shared_memory_size)));
+        }
+        let x_cap = cfg.trigger() + 1;
+        let (kt, vt) = (cfg.dims.columns(&cfg.dims.k_crit), cfg.dims.columns(&cfg.dims.v_crit));
+        let (ckn, cvn, ckc, cvc) = (kt.n_dim.len(), vt.n_dim.len(), kt.c_dim.len(), vt.c_dim.len());
+        let e = cfg.dtype.size();
+        let largest = [cfg.batch * hkv * x_cap * d, cfg.batch * cfg.window * ckn.max(cvn), cfg.batch * 2 * cfg.n_freq * ckc.max(cvc), cfg.batch * hkv * cfg.window * d];
+        if largest.iter().any(|&n| n >= 1 << 32) {
+            return Err(Error::DeviceLimit("buffers of 2^32 elements or more (the cache indexes with u32 offsets)".into()));
+        }
+        let n2 = 2 * cfg.n_freq;
+        let dmap = |t: &Columns| -> Vec<u32> {
+            let mut m = vec![0u32; hkv * d];
+            for (i, (&h, &dd)) in t.c_head.iter().zip(&t.c_dim).enumerate() {
+                m[h as usize * d + dd as usize] = i as u32;
+            }
+            for (i, (&h, &dd)) in t.n_head.iter().zip(&t.n_dim).enumerate() {
+                m[h as usize * d + dd as usize] = CRIT | i as u32;
+            }
+            m
+        };
+        let glob = |heads: &[u32], dims: &[u32]| -> Vec<u32> { heads.iter().zip(dims).map(|(&h, &dd)| h * d as u32 + dd).collect() };
+        let c = client;
+        let tab = Tables {
+            kc_off: upload_u32(c, &kt.c_off),
+            kc_dim: upload_u32(c, &kt.c_dim),
+            kn_off: upload_u32(c, &kt.n_off),
+            kn_dim: upload_u32(c, &kt.n_dim),
+            vc_off: upload_u32(c, &vt.c_off),
+            vc_dim: upload_u32(c, &vt.c_dim),
+            vn_off: upload_u32(c, &vt.n_off),
+            vn_dim: upload_u32(c, &vt.n_dim),
+            dmap_k: upload_u32(c, &dmap(&kt)),
+            dmap_v: upload_u32(c, &dmap(&vt)),
+            kc_glob: upload_u32(c, &glob(&kt.c_head, &kt.c_dim)),
+            kn_glob: upload_u32(c, &glob(&kt.n_head, &kt.n_dim)),
+            vc_glob: upload_u32(c, &glob(&vt.c_head, &vt.c_dim)),
+            vn_glob: upload_u32(c, &glob(&vt.n_head, &vt.n_dim)),
+            ident: upload_u32(c, &(0..d as u32).collect::<Vec<_>>()),
+            kc_x: upload_u32(c, &[]),
+            kn_x: upload_u32(c, &[]),
+            vc_x: upload_u32(c, &[]),
+            vn_x: upload_u32(c, &[]),
+            k: kt,
+            v: vt,
+        };
+        let b = cfg.batch;
+        let forced = std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1");
+        let plane = (forced || client.features().plane.contains(cubecl::features::Plane::Ops))
+            && hw.plane_size_min == hw.plane_size_max
+            && tile % hw.plane_size_max as usize == 0;
+        let mut cache = FourierLayerCache {
+            ek: c.empty((b * hkv * x_cap * d * e).max(4)),
+            ev: c.empty((b * hkv * x_cap * d * e).max(4)),
+            ck: c.empty((b * cfg.window * ckn * e).max(4)),
+            cv: c.empty((b * cfg.window * cvn * e).max(4)),
+            coef_k: zeros_f32(c, b * ckc * n2),
+            coef_v: zeros_f32(c, b * cvc * n2),
+            ab_k: zeros_f32(c, b * 2 * ckc),
+            ab_v: zeros_f32(c, b * 2 * cvc),
+            client: client.clone(),
+            seqs: vec![Seq::default(); b],
+            x_cap,
+            tab,
+            plane,
+            cfg,
+        };
+        cache.set_x_tables();
+        Ok(cache)
+    }
+
+    fn tile(g: usize, d: usize) -> usize {
+        if g * d > 1024 {
+            64
+        } else {
+            TILE
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FourierLayerConfig {
+        &self.cfg
+    }
+
+    /// Tokens represented per sequence (init + middle + local).
+    pub fn lens(&self) -> Vec<usize> {
+        self.seqs.iter().map(|s| s.count).collect()
+    }
+
+    /// Middle lengths per sequence (0 until formed).
+    pub fn mid_lens(&self) -> Vec<usize> {
+        self.seqs.iter().map(|s| s.mid_len).collect()
+    }
+
+    /// Bytes the device holds for the cache now (exact rows, critical columns, coefficients, stats; the small
+    /// index tables excluded). Equals [`FourierLayerConfig::formula_bytes`] once every middle is formed.
+    pub fn physical_bytes(&self) -> usize {
+        let (hkv, d, e) = (self.cfg.dims.hkv, self.cfg.dims.d, self.cfg.dtype.size());
+        let (t, b, n2) = (&self.tab, self.cfg.batch, 2 * self.cfg.n_freq);
+        let (ckn, cvn, ckc, cvc) = (t.k.n_dim.len(), t.v.n_dim.len(), t.k.c_dim.len(), t.v.c_dim.len());
+        b * (2 * hkv * self.x_cap * d * e + self.cfg.window * (ckn + cvn) * e + n2 * (ckc + cvc) * 4 + 2 * (ckc + cvc) * 4)
+    }
+
+    fn set_x_tables(&mut self) {
+        let (d, x) = (self.cfg.dims.d as u32, self.x_cap as u32);
+        let xo = |heads: &[u32], dims: &[u32]| -> Vec<u32> { heads.iter().zip(dims).map(|(&h, &dd)| h * x * d + dd).collect() };
+        let c = &self.client;
+        self.tab.kc_x = upload_u32(c, &xo(&self.tab.k.c_head, &self.tab.k.c_dim));
+        self.tab.kn_x = upload_u32(c, &xo(&self.tab.k.n_head, &self.tab.k.n_dim));
+        self.tab.vc_x = upload_u32(c, &xo(&self.tab.v.c_head, &self.tab.v.c_dim));
+        self.tab.vn_x = upload_u32(c, &xo(&self.tab.v.n_head, &self.tab.v.n_dim));
+    }
+
+    fn check_tensor(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
+        if t.shape != shape {
+            return Err(Error::ShapeMismatch { tensor: name, expected: shape, got: t.shape.clone() });
+        }
+        if t.dtype != self.cfg.dtype {
+            return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: self.cfg.dtype });
+        }
+        if !t.is_contiguous() {
+            return Err(Error::Layout { tensor: name, reason: "must be contiguous" });
+        }
+        t.check_in_buffer(name)?;
+        if t.buffer_len >= 1 << 32 {
+            return Err(Error::DeviceLimit(format!("`{name}` has 2^32 elements or more")));
+        }
+        Ok(())
+    }
+
+    /// `dst[dst_row[r] + w] = src[src_row[r] + col[w]]`.
+    #[allow(clippy::too_many_arguments)]
+    fn gather(&self, src: &Handle, src_len: usize, src_row: &[u32], col: &Handle, width: usize, dst: &Handle, dst_len: usize, dst_row: &[u32]) {
+        if src_row.is_empty() || width == 0 {
+            return;
+        }
+        let c = &self.client;
+        let (sr, dr) = (upload_u32(c, src_row), upload_u32(c, dst_row));
+        let count = CubeCount::Static(width.div_ceil(TILE) as u32, src_row.len() as u32, 1);
+        // SAFETY: the host computed every row offset plus column offset inside its buffer.
+        unsafe {
+            with_float_type!(self.cfg.dtype, E => fourier_gather::launch_unchecked::<E>(c, count, CubeDim::new_1d(TILE as u32), arg(src, src_len), arg(&sr, src_row.len()), arg(col, width), arg(dst, dst_len), arg(&dr, dst_row.len()), width, TILE))
+        }
+    }
+
+    /// Transform + stats of one of K/V for sequence `b`: the middle's columns are
+    /// `x[x_base + col[c] + t·t_stride]`, `t < lmid`.
+    #[allow(clippy::too_many_arguments)]
+    fn compress(&self, b: usize, x: &Handle, x_len: usize, x_base: usize, t_stride: usize, lmid: usize, col: &Handle, cols: usize, coef: &Handle, ab: &Handle) {
+        if cols == 0 {
+            return;
+        }
+        let c = &self.client;
+        let (n, w) = (self.cfg.n_freq, self.cfg.window as u32);
+        let blocks = lmid.div_ceil(TILE);
+        let part = c.empty(blocks * cols * 6 * 4);
+        let coef_len = self.cfg.batch * cols * 2 * n;
+        let dim = CubeDim::new_1d(TILE as u32);
+        // SAFETY: the host validated that the middle's rows lie inside `x`; outputs are sized for `cols`.
+        unsafe {
+            with_float_type!(self.cfg.dtype, E => {
+                transform_kernel::launch_unchecked::<E>(c, CubeCount::Static(n.div_ceil(TILE) as u32, cols as u32, 1), dim, arg(x, x_len), arg(col, cols), arg(coef, coef_len), x_base, t_stride, lmid, b * cols * 2 * n, n, w, TILE);
+                fourier_stats_partial::launch_unchecked::<E>(c, CubeCount::Static(blocks as u32, cols as u32, 1), dim, arg(x, x_len), arg(col, cols), arg(coef, coef_len), arg(&part, blocks * cols * 6), x_base, t_stride, lmid, cols, b * cols * 2 * n, n, w, TILE);
+            });
+            fourier_stats_finalize::launch_unchecked(c, CubeCount::Static(cols.div_ceil(TILE) as u32, 1, 1), dim, arg(&part, blocks * cols * 6), arg(ab, self.cfg.batch * 2 * cols), blocks, cols, lmid, b * 2 * cols, TILE);
+        }
+    }
+
+    /// Prefills sequence `b` (which must be empty) with its prompt's post-RoPE keys and values,
+    /// `k, v: [L, Hkv, D]` (token-major). Forms the middle if `L > l_init + 2N + l_local`.
+    pub fn prefill(&mut self, b: usize, k: &DeviceTensor, v: &DeviceTensor) -> Result<(), Error> {
+        let (hkv, d) = (self.cfg.dims.hkv, self.cfg.dims.d);
+        let (li, ll) = (self.cfg.l_init, self.cfg.l_local);
+        if b >= self.cfg.batch {
+            return Err(Error::Config("sequence index beyond the batch"));
+        }
+        if self.seqs[b].count > 0 {
+            return Err(Error::Config("prefill needs an empty sequence"));
+        }
+        let l = k.shape.first().copied().unwrap_or(0);
+        if l == 0 {
+            return Err(Error::ZeroLength { batch: b });
+        }
+        self.check_tensor("k", k, vec![l, hkv, d])?;
+        self.check_tensor("v", v, vec![l, hkv, d])?;
+        let form = l > self.cfg.trigger();
+        let lmid = if form { l - li - ll } else { 0 };
+        if lmid > self.cfg.window {
+            return Err(Error::LengthBeyondCapacity { batch: b, len: lmid, capacity: self.cfg.window });
+        }
+        if l > self.x_cap && !form {
+            return Err(Error::Config("the exact buffer was re-packed; prefill every sequence before decoding"));
+        }
+        let (x, e_len) = (self.x_cap, self.cfg.batch * hkv * self.x_cap * d);
+        let n_exact = if form { li + ll } else { l };
+        let (mut sr, mut dr) = (Vec::new(), Vec::new());
+        for h in 0..hkv {
+            for s in 0..n_exact {
+                let ts = if s < li || !form { s } else { l - ll + (s - li) };
+                sr.push((k.offset + (ts * hkv + h) * d) as u32);
+                dr.push((((b * hkv + h) * x + s) * d) as u32);
+            }
+        }
+        let sr_v: Vec<u32> = sr.iter().map(|&o| o - k.offset as u32 + v.offset as u32).collect();
+        self.gather(&k.handle, k.buffer_len, &sr, &self.tab.ident, d, &self.ek, e_len, &dr);
+        self.gather(&v.handle, v.buffer_len, &sr_v, &self.tab.ident, d, &self.ev, e_len, &dr);
+        let seq = &mut self.seqs[b];
+        seq.count = l;
+        if form {
+            let (t, tcap) = (&self.tab, self.cfg.window);
+            let (ckn, cvn, ckc, cvc) = (t.k.n_dim.len(), t.v.n_dim.len(), t.k.c_dim.len(), t.v.c_dim.len());
+            let rows = |off: usize| -> Vec<u32> { (0..lmid).map(|i| (off + (li + i) * hkv * d) as u32).collect() };
+            let dst = |w: usize| -> Vec<u32> { (0..lmid).map(|i| ((b * tcap + i) * w) as u32).collect() };
+            self.gather(&k.handle, k.buffer_len, &rows(k.offset), &t.kn_glob, ckn, &self.ck, self.cfg.batch * tcap * ckn, &dst(ckn));
+            self.gather(&v.handle, v.buffer_len, &rows(v.offset), &t.vn_glob, cvn, &self.cv, self.cfg.batch * tcap * cvn, &dst(cvn));
+            self.compress(b, &k.handle, k.buffer_len, k.offset + li * hkv * d, hkv * d, lmid, &t.kc_glob, ckc, &self.coef_k, &self.ab_k);
+            self.compress(b, &v.handle, v.buffer_len, v.offset + li * hkv * d, hkv * d, lmid, &t.vc_glob, cvc, &self.coef_v, &self.ab_v);
+            self.seqs[b] = Seq { count: l, formed: true, mid_len: lmid, skip: 0, ring: 0 };
+        }
+        self.repack_if_due();
+        Ok(())
+    }
+
+    /// Appends one decode token per sequence, `k, v: [B, Hkv, D]` (post-RoPE): a formed sequence moves its
+    /// oldest local token into the middle (rank-1 coefficient update, critical columns appended) and writes
+    /// the new token into the freed slot; an unformed one keeps it exact and forms its middle when due.
+    pub fn append(&mut self, k: &DeviceTensor, v: &DeviceTensor) -> Result<(), Error> {
+        let (bsz, hkv, d) = (self.cfg.batch, self.cfg.dims.hkv, self.cfg.dims.d);
+        let (li, ll, tcap) = (self.cfg.l_init, self.cfg.l_local, self.cfg.window);
+        self.check_tensor("k", k, vec![bsz, hkv, d])?;
+        self.check_tensor("v", v, vec![bsz, hkv, d])?;
+        for (b, s) in self.seqs.iter().enumerate() {
+            let mid_after = if s.formed { s.mid_len + 1 } else if s.count + 1 > self.cfg.trigger() { s.count + 1 - li - ll } else { 0 };
+            if mid_after > tcap {
+                return Err(Error::LengthBeyondCapacity { batch: b, len: mid_after, capacity: tcap });
+            }
+            if !s.formed && s.count + 1 > self.x_cap {
+                return Err(Error::Config("the exact buffer was re-packed; prefill every sequence before decoding"));
+            }
+        }
+        let x = self.x_cap;
+        let e_len = bsz * hkv * x * d;
+        let (ckn, cvn, ckc, cvc) = (self.tab.k.n_dim.len(), self.tab.v.n_dim.len(), self.tab.k.c_dim.len(), self.tab.v.c_dim.len());
+        let mut row = vec![NONE; bsz];
+        let mut pos = vec![0u32; bsz];
+        let mut slot = vec![0usize; bsz];
+        for (b, s) in self.seqs.iter().enumerate() {
+            if s.formed {
+                slot[b] = li + s.skip + s.ring;
+                row[b] = ((b * hkv * x + slot[b]) * d) as u32;
+                pos[b] = s.mid_len as u32;
+            } else {
+                slot[b] = s.count;
+            }
+        }
+        let c = self.client.clone();
+        let n = self.cfg.n_freq;
+        if row.iter().any(|&r| r != NONE) {
+            let (rh, ph) = (upload_u32(&c, &row), upload_u32(&c, &pos));
+            let dim = CubeDim::new_1d(TILE as u32);
+            for (buf, col, cols, coef) in [(&self.ek, &self.tab.kc_x, ckc, &self.coef_k), (&self.ev, &self.tab.vc_x, cvc, &self.coef_v)] {
+                if cols == 0 {
+                    continue;
+                }
+                // SAFETY: rows are slots of formed sequences, columns the compressed ones, `pos < T`.
+                unsafe {
+                    with_float_type!(self.cfg.dtype, E => fourier_update::launch_unchecked::<E>(&c, CubeCount::Static(n.div_ceil(TILE) as u32, cols as u32, bsz as u32), dim, arg(buf, e_len), arg(&rh, bsz), arg(col, cols), arg(&ph, bsz), arg(coef, bsz * cols * 2 * n), cols, n, self.cfg.window as u32, TILE))
+                }
+            }
+            let dst = |w: usize| -> Vec<u32> { (0..bsz).map(|b| ((b * tcap + pos[b] as usize) * w) as u32).collect() };
+            self.gather(&self.ek, e_len, &row, &self.tab.kn_x, ckn, &self.ck, bsz * tcap * ckn, &dst(ckn));
+            self.gather(&self.ev, e_len, &row, &self.tab.vn_x, cvn, &self.cv, bsz * tcap * cvn, &dst(cvn));
+        }
+        let (mut sr, mut sv, mut dr) = (Vec::new(), Vec::new(), Vec::new());
+        for (b, &sl) in slot.iter().enumerate() {
+            for h in 0..hkv {
+                sr.push((k.offset + (b * hkv + h) * d) as u32);
+                sv.push((v.offset + (b * hkv + h) * d) as u32);
+                dr.push((((b * hkv + h) * x + sl) * d) as u32);
+            }
+        }
+        self.gather(&k.handle, k.buffer_len, &sr, &self.tab.ident, d, &self.ek, e_len, &dr);
+        self.gather(&v.handle, v.buffer_len, &sv, &self.tab.ident, d, &self.ev, e_len, &dr);
+        for b in 0..bsz {
+            let s = self.seqs[b];
+            if s.formed {
+                self.seqs[b].ring = (s.ring + 1) % ll;
+                self.seqs[b].mid_len += 1;
+                self.seqs[b].count += 1;
+                continue;
+            }
+            self.seqs[b].count += 1;
+            let count = s.count + 1;
+            if count > self.cfg.trigger() {
+                // Form the middle from the exact rows [l_init, count − l_local) of this sequence.
+                let lmid = count - li - ll;
+                let t = &self.tab;
+                let base = b * hkv * x * d;
+                let rows: Vec<u32> = (0..lmid).map(|i| (base + (li + i) * d) as u32).collect();
+                let dst = |w: usize| -> Vec<u32> { (0..lmid).map(|i| ((b * tcap + i) * w) as u32).collect() };
+                self.gather(&self.ek, e_len, &rows, &t.kn_x, ckn, &self.ck, bsz * tcap * ckn, &dst(ckn));
+                self.gather(&self.ev, e_len, &rows, &t.vn_x, cvn, &self.cv, bsz * tcap * cvn, &dst(cvn));
+                self.compress(b, &self.ek, e_len, base + li * d, d, lmid, &t.kc_x, ckc, &self.coef_k, &self.ab_k);
+                self.compress(b, &self.ev, e_len, base + li * d, d, lmid, &t.vc_x, cvc, &self.coef_v, &self.ab_v);
+                self.seqs[b] = Seq { count, formed: true, mid_len: lmid, skip: lmid, ring: 0 };
+            }
+        }
+        self.repack_if_due();
+        Ok(())
+    }
+
+    /// Once every sequence has formed its middle, re-packs the exact rows to `l_init + l_local` per head.
+    fn repack_if_due(&mut self) {
+        let (li, ll) = (self.cfg.l_init, self.cfg.l_local);
+        let x_new = li + ll;
+        if self.x_cap == x_new || !self.seqs.iter().all(|s| s.formed) {
+            return;
+        }
+        let (bsz, hkv, d, e) = (self.cfg.batch, self.cfg.dims.hkv, self.cfg.dims.d, self.cfg.dtype.size());
+        let (mut sr, mut dr) = (Vec::new(), Vec::new());
+        for (b, s) in self.seqs.iter().enumerate() {
+            for h in 0..hkv {
+                for sl in 0..x_new {
+                    let from = if sl < li { sl } else { sl + s.skip };
+                    sr.push((((b * hkv + h) * self.x_cap + from) * d) as u32);
+                    dr.push((((b * hkv + h) * x_new + sl) * d) as u32);
+                }
+            }
+        }
+        let (old_len, new_len) = (bsz * hkv * self.x_cap * d, bsz * hkv * x_new * d);
+        let (nk, nv) = (self.client.empty((new_len * e).max(4)), self.client.empty((new_len * e).max(4)));
+        self.gather(&self.ek, old_len, &sr, &self.tab.ident, d, &nk, new_len, &dr);
+        self.gather(&self.ev, old_len, &sr, &self.tab.ident, d, &nv, new_len, &dr);
+        self.ek = nk;
+        self.ev = nv;
+        self.x_cap = x_new;
+        for s in &mut self.seqs {
+            s.skip = 0;
+        }
+        self.set_x_tables();
+    }
+
+    /// Decode attention of one query token per sequence, `q: [B, 1, Hq, D]` (post-RoPE) → `o: [B, 1, Hq, D]`,
+    /// `softmax(scale·q·K̃ᵀ)·Ṽ` over every token the cache represents.
+    pub fn attend(&self, q: &DeviceTensor, scale: f32, path: FourierPath) -> Result<DeviceTensor, Error> {
+        let (bsz, hq, hkv, d) = (self.cfg.batch, self.cfg.hq, self.cfg.dims.hkv, self.cfg.dims.d);
+        self.check_tensor("q", q, vec![bsz, 1, hq, d])?;
+        if !scale.is_finite() {
+            return Err(Error::Config("the softmax scale must be finite"));
+        }
+        if let Some(b) = self.seqs.iter().position(|s| s.count == 0) {
+            return Err(Error::ZeroLength { batch: b });
+        }
+        let c = &self.client;
+        let g = hq / hkv;
+        let (li, ll, n) = (self.cfg.l_init, self.cfg.l_local, self.cfg.n_freq);
+        let tile = Self::tile(g, d);
+        let exact: Vec<u32> = self.seqs.iter().map(|s| if s.formed { (li + ll) as u32 } else { s.count as u32 }).collect();
+        let mids: Vec<u32> = self.seqs.iter().map(|s| s.mid_len as u32).collect();
+        let mut state = exact.clone();
+        state.extend(self.seqs.iter().map(|s| s.skip as u32));
+        state.extend(&mids);
+        let state = upload_u32(c, &state);
+        let max_x = *exact.iter().max().unwrap_or(&1) as usize;
+        let max_m = *mids.iter().max().unwrap_or(&0) as usize;
+        let sms = c.properties().hardware.num_streaming_multiprocessors.unwrap_or(16) as usize;
+        let base_cubes = bsz * hkv;
+        let split = |len: usize| -> (usize, usize) {
+            if len == 0 {
+                return (0, tile);
+            }
+            let want = (4 * sms).div_ceil(base_cubes).min(len.div_ceil(tile)).max(1);
+            let chunk = len.div_ceil(want).div_ceil(tile) * tile;
+            (len.div_ceil(chunk), chunk)
+        };
+        let (sx, chunk_x) = split(max_x);
+        let (sm, chunk_m) = split(max_m);
+        let st = sx + sm;
+        let spectral = path == FourierPath::Spectral && max_m > 0;
+        let (ckn, cvn, ckc, cvc) = (self.tab.k.n_dim.len(), self.tab.v.n_dim.len(), self.tab.k.c_dim.len(), self.tab.v.c_dim.len());
+        let (tcap, w) = (self.cfg.window, self.cfg.window as u32);
+        let n2 = 2 * n;
+        let e_len = bsz * hkv * self.x_cap * d;
+        let fcfg = FlashConfig { d, g, tile, n_freq: n, spectral, plane: self.plane };
+        let dim = CubeDim::new_1d(tile as u32);
+        let one = c.empty(4);
+        // Middle sources: the reconstruction (direct) or the projections (spectral).
+        let (mut mk, mut mv, mut mlen) = (one.clone(), one.clone(), 1);
+        let (mut pc, mut qb) = (one.clone(), one.clone());
+        let tm = max_m.max(1);
+        if max_m > 0 && !spectral {
+            mlen = bsz * hkv * tm * d;
+            mk = c.empty(mlen * 4);
+            mv = c.empty(mlen * 4);
+            let mids_h = upload_u32(c, &mids);
+            let count = CubeCount::Static(max_m.div_ceil(TILE) as u32, (hkv * d) as u32, bsz as u32);
+            for (crit, ncrit, coef, ab, dmap, cols, out) in [
+                (&self.ck, ckn, &self.coef_k, &self.ab_k, &self.tab.dmap_k, ckc, &mk),
+                (&self.cv, cvn, &self.coef_v, &self.ab_v, &self.tab.dmap_v, cvc, &mv),
+            ] {
+                // SAFETY: tokens below each sequence's middle length, columns from the validated dim tables.
+                unsafe {
+                    with_float_type!(self.cfg.dtype, E => fourier_reconstruct::launch_unchecked::<E>(c, count.clone(), CubeDim::new_1d(TILE as u32), arg(crit, bsz * tcap * ncrit), arg(coef, bsz * cols * n2), arg(ab, bsz * 2 * cols), arg(dmap, hkv * d), arg(&mids_h, bsz), arg(out, mlen), hkv, d, tcap, ncrit.max(1), tm, cols, n, w, TILE))
+                }
+            }
+        }
+        if spectral {
+            pc = c.empty(bsz * hq * n2 * 4);
+            qb = c.empty(bsz * hq * 4);
+            // SAFETY: reads the group's query rows and the head's compressed K columns; writes `[B, Hq, 2N]`, `[B, Hq]`.
+            unsafe {
+                with_float_type!(self.cfg.dtype, E => fourier_project::launch_unchecked::<E>(c, CubeCount::Static(n2.div_ceil(TILE) as u32, hkv as u32, bsz as u32), CubeDim::new_1d(TILE as u32), arg(&q.handle, q.buffer_len), arg(&self.coef_k, bsz * ckc * n2), arg(&self.ab_k, bsz * 2 * ckc), arg(&self.tab.kc_off, hkv + 1), arg(&self.tab.kc_dim, ckc), arg(&pc, bsz * hq * n2), arg(&qb, bsz * hq), hkv, ckc, n, g, d, TILE))
+            }
+        }
+        let o_len = bsz * hkv * st * g * d;
+        let ml_len = bsz * hkv * st * g * 2;
+        let sp_len = if spectral { bsz * hkv * sm * g * n2 } else { 1 };
+        let (o_part, ml_part, sp_part) = (c.empty(o_len * 4), c.empty(ml_len * 4), c.empty(sp_len.max(1) * 4));
+        let shape = [bsz, 1, hq, d];
+        let out = DeviceTensor { handle: c.empty(bsz * hq * d * self.cfg.dtype.size()), buffer_len: bsz * hq * d, shape: shape.to_vec(), strides: contiguous_strides(&shape), offset: 0, dtype: self.cfg.dtype };
+        // SAFETY: every index is bounded by the per-sequence lengths in `state` (validated against the buffers'
+        // capacities when tokens were added) and the partials are sized for the grid.
+        unsafe {
+            with_float_type!(self.cfg.dtype, E => {
+                fourier_split::launch_unchecked::<E>(c, CubeCount::Static(st as u32, hkv as u32, bsz as u32), dim,
+                    arg(&q.handle, q.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&state, 3 * bsz),
+                    arg(&mk, mlen), arg(&mv, mlen), arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn),
+                    arg(&self.tab.kn_off, hkv + 1), arg(&self.tab.kn_dim, ckn), arg(&self.tab.vn_off, hkv + 1), arg(&self.tab.vn_dim, cvn),
+                    arg(&pc, bsz * hq * n2), arg(&qb, bsz * hq),
+                    arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&sp_part, sp_len),
+                    bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
+                fourier_combine::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, bsz as u32, 1), dim,
+                    arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&sp_part, sp_len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc),
+                    arg(&self.tab.vc_off, hkv + 1), arg(&self.tab.vc_dim, cvc), arg(&out.handle, out.buffer_len), hkv, cvc, sx, sm, fcfg);
+            })
+        }
+        Ok(out)
+    }
 }

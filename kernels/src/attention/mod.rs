@@ -62,7 +62,7 @@ pub struct SplitConfig {
 /// results in `m`. One barrier for all rows: `red` holds `rows·tile` floats (`rows·tile/PLANE_DIM` are used
 /// with plane reductions). The caller syncs before `red` is written again.
 #[cube]
-fn cube_max_rows(
+pub(crate) fn cube_max_rows(
     s: &Array<f32>,
     m: &mut Array<f32>,
     red: &mut Shared<[f32]>,

@@ -1,13 +1,33 @@
-//! FourierAttention's compression kernels (spec §1.3; reference `kvsqueeze-reference::fourier`): the prefill
-//! transform of the middle segment and the rank-1 decode update.
+//! FourierAttention on the device (spec §1; reference `kvsqueeze-reference::fourier`): the compression kernels
+//! (prefill transform, reconstruction statistics, rank-1 decode update), the row gather that moves tokens between
+//! the exact segments and the middle, and FlashFourierAttention decode — the direct path (reconstruct the middle,
+//! the paper's semantics) and the exact spectral path (spec §1.5) — as one split kernel plus one combine.
 //!
-//! A compressed column is a time series `x_t`, `t = 0..L_mid`; with `ω = 2π/T` and `n < N`:
-//! `coef[n, j] = Σ_t x[t, j]·cos(ωnt)` (rows `0..N`) and `coef[N + n, j] = Σ_t x[t, j]·sin(ωnt)` (rows `N..2N`).
-//! Angles are reduced exactly in integers, `(n·t) mod T` (the host checks `N·T < 2³²`), then scaled by `2π/T` in
-//! f32; sums accumulate in f32. Layouts: `x: [L_mid, C]` (row stride `x_rs` elements, so a view of the
-//! compressed columns of a wider buffer works), `coef: [2N, C]` f32 contiguous.
+//! ## Conventions
+//! - A compressed column is a time series `x_t`, `t = 0..L_mid` (middle index). With `ω = 2π/T` and `n < N`:
+//!   `coef[c, n] = Σ_t x_t cos(ωnt)`, `coef[c, N + n] = Σ_t x_t sin(ωnt)`. Coefficients are stored
+//!   **column-major**, `[C, 2N]` f32 per sequence (the official code's `[2N, C]` transposed), so that the
+//!   frequency axis is contiguous: the kernels put frequencies on threads and read them coalesced.
+//! - Angles are reduced exactly in integers, `(n·t) mod T` (the host checks `N·T < 2³²`), scaled by `2π/T` in
+//!   f32. Inner loops advance the angle by a complex rotation (4 multiply-adds, no trig) and re-seed it from the
+//!   exact angle every [`RESEED`] steps, which bounds the recurrence's drift to 32 rotations.
+//! - The affine renormalisation is kept as `x̃ = a·x̂ + b` per compressed column (`a = dev_u/dev_d` or 1 where
+//!   the raw reconstruction is constant to rounding, `b = avg_u − a·avg_d`), stored `[2, C]` per sequence.
+//! - Columns are addressed by offset tables: element `(row, col)` of a source is `src[row_off[row] + col_off[col]]`
+//!   (u32 offsets; the host keeps every buffer below 2³² elements), so one kernel reads the prompt
+//!   (`[L, Hkv, D]`, token-major) and the cache's exact buffer (`[B, Hkv, X, D]`) alike.
 
+use crate::attention::{cube_max_rows, NEG};
 use cubecl::prelude::*;
+
+/// A row offset that means "no row": the thread does nothing.
+pub const NONE: u32 = u32::MAX;
+/// Rotation steps between exact re-seeds of an angle recurrence.
+pub const RESEED: usize = 32;
+/// Frequencies staged through shared memory per chunk in [`fourier_split`] and [`fourier_combine`].
+pub const FCHUNK: usize = 64;
+/// Marks a critical dim in the dim map of [`fourier_reconstruct`] (the low bits are its critical index).
+pub const CRIT: u32 = 1 << 31;
 
 /// `(cos, sin)(2π·((n·t) mod T)/T)`.
 #[cube]
@@ -17,36 +37,847 @@ fn basis(n: u32, t: u32, window: u32) -> (f32, f32) {
     (f32::cos(a), f32::sin(a))
 }
 
-/// Prefill transform. Grid `(⌈C/tile⌉, N)`, `tile` threads: one frequency per cube row, one column per thread,
-/// looping over the `L_mid` tokens (coalesced across columns).
+/// Prefill transform. Grid `(⌈N/tile⌉, C)`, `tile` threads: one frequency per thread, one column per cube row;
+/// the cube's threads read the same token value (a broadcast) and advance their own angle by rotation.
+/// Column `c` of token `t` is `x[x_base + col_off[c] + t·t_stride]`; writes `coef[coef_base + c·2N + …]`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn fourier_transform<E: Float>(x: &[E], coef: &mut [f32], lmid: usize, cols: usize, x_rs: usize, n_freq: usize, window: u32, #[comptime] tile: usize) {
-    let j = CUBE_POS_X as usize * tile + UNIT_POS as usize;
-    let n = CUBE_POS_Y;
-    if j < cols {
-        let mut c = 0.0f32.runtime();
-        let mut s = 0.0f32.runtime();
+pub fn fourier_transform<E: Float>(
+    x: &[E],
+    col_off: &[u32],
+    coef: &mut [f32],
+    x_base: usize,
+    t_stride: usize,
+    lmid: usize,
+    coef_base: usize,
+    n_freq: usize,
+    window: u32,
+    #[comptime] tile: usize,
+) {
+    let n = CUBE_POS_X as usize * tile + UNIT_POS as usize;
+    let c = CUBE_POS_Y as usize;
+    if n < n_freq {
+        let (rc, rs) = basis(n as u32, 1, window);
+        let col = x_base + col_off[c] as usize;
+        let mut ac = 0.0f32.runtime();
+        let mut asn = 0.0f32.runtime();
+        let mut bc = 1.0f32.runtime();
+        let mut bs = 0.0f32.runtime();
         for t in 0..lmid {
-            let (cs, sn) = basis(n, t as u32, window);
-            let v = f32::cast_from(x[t * x_rs + j]);
-            c += v * cs;
-            s += v * sn;
+            if t % RESEED == 0 {
+                let (c0, s0) = basis(n as u32, t as u32, window);
+                bc = c0;
+                bs = s0;
+            }
+            let v = f32::cast_from(x[col + t * t_stride]);
+            ac += v * bc;
+            asn += v * bs;
+            let nc = bc * rc - bs * rs;
+            bs = bs * rc + bc * rs;
+            bc = nc;
         }
-        coef[n as usize * cols + j] = c;
-        coef[(n_freq + n as usize) * cols + j] = s;
+        coef[coef_base + c * 2 * n_freq + n] = ac;
+        coef[coef_base + c * 2 * n_freq + n_freq + n] = asn;
     }
 }
 
-/// Decode update: adds one token's compressed columns `x: [C]` at middle index `p`. Grid `(⌈C/tile⌉, N)`.
+/// Raw inverse `x̂_t = (1/N)·Σ_n coef[n]·cos(ωnt) + coef[N + n]·sin(ωnt)` of one column (`coef` at `base`).
+#[cube]
+fn raw_inverse(coef: &[f32], base: usize, t: u32, n_freq: usize, window: u32) -> f32 {
+    let (rc, rs) = basis(t, 1, window);
+    let mut acc = 0.0f32.runtime();
+    let mut bc = 1.0f32.runtime();
+    let mut bs = 0.0f32.runtime();
+    for n in 0..n_freq {
+        if n % RESEED == 0 {
+            let (c0, s0) = basis(n as u32, t, window);
+            bc = c0;
+            bs = s0;
+        }
+        acc += coef[base + n] * bc + coef[base + n_freq + n] * bs;
+        let nc = bc * rc - bs * rs;
+        bs = bs * rc + bc * rs;
+        bc = nc;
+    }
+    acc / f32::cast_from(n_freq)
+}
+
+/// Statistics, phase 1. Grid `(⌈L_mid/tile⌉, C)`: thread = token, cube = (token block, column). Each cube
+/// writes `part[(blk·C + c)·6 + …] = (Σx, min x, max x, Σx̂, min x̂, max x̂)` over its tokens.
 #[cube(launch_unchecked)]
-pub fn fourier_update<E: Float>(x: &[E], coef: &mut [f32], cols: usize, n_freq: usize, p: u32, window: u32, #[comptime] tile: usize) {
-    let j = CUBE_POS_X as usize * tile + UNIT_POS as usize;
-    let n = CUBE_POS_Y;
-    if j < cols {
-        let (cs, sn) = basis(n, p, window);
-        let v = f32::cast_from(x[j]);
-        coef[n as usize * cols + j] += v * cs;
-        coef[(n_freq + n as usize) * cols + j] += v * sn;
+#[allow(clippy::too_many_arguments)]
+pub fn fourier_stats_partial<E: Float>(
+    x: &[E],
+    col_off: &[u32],
+    coef: &[f32],
+    part: &mut [f32],
+    x_base: usize,
+    t_stride: usize,
+    lmid: usize,
+    cols: usize,
+    coef_base: usize,
+    n_freq: usize,
+    window: u32,
+    #[comptime] tile: usize,
+) {
+    let t = UNIT_POS as usize;
+    let blk = CUBE_POS_X as usize;
+    let c = CUBE_POS_Y as usize;
+    let tok = blk * tile + t;
+    let mut red = Shared::<[f32]>::new_slice(comptime![6 * tile]);
+    let mut xu = 0.0f32.runtime();
+    let mut xd = 0.0f32.runtime();
+    let valid = tok < lmid;
+    if valid {
+        xu = f32::cast_from(x[x_base + col_off[c] as usize + tok * t_stride]);
+        xd = raw_inverse(coef, coef_base + c * 2 * n_freq, tok as u32, n_freq, window);
+    }
+    red[t] = xu;
+    red[tile + t] = xu;
+    red[2 * tile + t] = xu;
+    red[3 * tile + t] = xd;
+    red[4 * tile + t] = xd;
+    red[5 * tile + t] = xd;
+    if !valid {
+        // Neutral elements: 0 for the sums, the first token's value would be better for min/max but any
+        // valid token's value is not known here, so use ±f32::MAX.
+        red[tile + t] = f32::MAX;
+        red[2 * tile + t] = f32::MIN;
+        red[4 * tile + t] = f32::MAX;
+        red[5 * tile + t] = f32::MIN;
+    }
+    sync_cube();
+    if t < 6 {
+        let kind = t % 3;
+        let mut r = red[t * tile];
+        for i in 1..tile {
+            let v = red[t * tile + i];
+            if kind == 0 {
+                r += v;
+            } else if kind == 1 {
+                r = min(r, v);
+            } else {
+                r = max(r, v);
+            }
+        }
+        part[(blk * cols + c) * 6 + t] = r;
+    }
+}
+
+/// Statistics, phase 2. Grid `(⌈C/tile⌉)`: thread = column; reduces the `blocks` partials and writes
+/// `ab[ab_base + c] = a`, `ab[ab_base + C + c] = b`.
+#[cube(launch_unchecked)]
+pub fn fourier_stats_finalize(part: &[f32], ab: &mut [f32], blocks: usize, cols: usize, lmid: usize, ab_base: usize, #[comptime] tile: usize) {
+    let c = CUBE_POS_X as usize * tile + UNIT_POS as usize;
+    if c < cols {
+        let mut su = 0.0f32.runtime();
+        let mut lu = f32::MAX.runtime();
+        let mut hu = f32::MIN.runtime();
+        let mut sd = 0.0f32.runtime();
+        let mut ld = f32::MAX.runtime();
+        let mut hd = f32::MIN.runtime();
+        for blk in 0..blocks {
+            let p = (blk * cols + c) * 6;
+            su += part[p];
+            lu = min(lu, part[p + 1]);
+            hu = max(hu, part[p + 2]);
+            sd += part[p + 3];
+            ld = min(ld, part[p + 4]);
+            hd = max(hd, part[p + 5]);
+        }
+        let inv = 1.0f32 / f32::cast_from(lmid);
+        let avg_u = su * inv;
+        let avg_d = sd * inv;
+        let dev_u = max(hu - avg_u, avg_u - lu);
+        let dev_d = max(hd - avg_d, avg_d - ld);
+        // The reference's guard: a raw reconstruction constant to rounding keeps scale 1.
+        let mut a = 1.0f32.runtime();
+        if dev_d > 16.0 * f32::EPSILON * f32::abs(avg_d) && dev_d > 0.0 {
+            a = dev_u / dev_d;
+        }
+        ab[ab_base + c] = a;
+        ab[ab_base + cols + c] = avg_u - a * avg_d;
+    }
+}
+
+/// Decode update of one of K/V, batched over sequences. Grid `(⌈N/tile⌉, C, B)`: for sequence `b` with
+/// `row_off[b] != NONE`, adds the token's column `c` (`x[row_off[b] + col_off[c]]`) at middle index `pos[b]`
+/// to `coef[b·C·2N + c·2N + …]`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn fourier_update<E: Float>(
+    x: &[E],
+    row_off: &[u32],
+    col_off: &[u32],
+    pos: &[u32],
+    coef: &mut [f32],
+    cols: usize,
+    n_freq: usize,
+    window: u32,
+    #[comptime] tile: usize,
+) {
+    let n = CUBE_POS_X as usize * tile + UNIT_POS as usize;
+    let c = CUBE_POS_Y as usize;
+    let b = CUBE_POS_Z as usize;
+    let row = row_off[b];
+    if n < n_freq && !(row == NONE) {
+        let (cs, sn) = basis(n as u32, pos[b], window);
+        let v = f32::cast_from(x[row as usize + col_off[c] as usize]);
+        let base = (b * cols + c) * 2 * n_freq;
+        coef[base + n] += v * cs;
+        coef[base + n_freq + n] += v * sn;
+    }
+}
+
+/// Row gather: `dst[dst_row[r] + w] = src[src_row[r] + col_off[w]]` for `w < width`; rows whose `src_row` is
+/// [`NONE`] are skipped. Grid `(⌈width/tile⌉, rows)`.
+#[cube(launch_unchecked)]
+pub fn fourier_gather<E: Float>(src: &[E], src_row: &[u32], col_off: &[u32], dst: &mut [E], dst_row: &[u32], width: usize, #[comptime] tile: usize) {
+    let w = CUBE_POS_X as usize * tile + UNIT_POS as usize;
+    let r = CUBE_POS_Y as usize;
+    let s = src_row[r];
+    if w < width && !(s == NONE) {
+        dst[dst_row[r] as usize + w] = src[s as usize + col_off[w] as usize];
+    }
+}
+
+/// Direct path: reconstructs the middle of one of K/V into `out: [B, Hkv, T_cap, D]` f32 (critical dims
+/// copied from `crit: [B, T, Cn]`, compressed dims `a·x̂ + b`). Grid `(⌈max L_mid/tile⌉, Hkv·D, B)`, thread =
+/// token; `dmap[h·D + d]` is the compressed column index, or [`CRIT`]` | ` the critical column index.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments, unused_assignments)]
+pub fn fourier_reconstruct<E: Float>(
+    crit: &[E],
+    coef: &[f32],
+    ab: &[f32],
+    dmap: &[u32],
+    mid_len: &[u32],
+    out: &mut [f32],
+    hkv: usize,
+    d: usize,
+    t_crit: usize,
+    n_crit: usize,
+    t_cap: usize,
+    cols: usize,
+    n_freq: usize,
+    window: u32,
+    #[comptime] tile: usize,
+) {
+    let t = CUBE_POS_X as usize * tile + UNIT_POS as usize;
+    let hd = CUBE_POS_Y as usize;
+    let b = CUBE_POS_Z as usize;
+    if t < mid_len[b] as usize {
+        let m = dmap[hd];
+        let mut val = 0.0f32.runtime();
+        if m >= CRIT {
+            val = f32::cast_from(crit[(b * t_crit + t) * n_crit + (m - CRIT) as usize]);
+        } else {
+            let c = m as usize;
+            let raw = raw_inverse(coef, (b * cols + c) * 2 * n_freq, t as u32, n_freq, window);
+            val = ab[b * 2 * cols + c] * raw + ab[b * 2 * cols + cols + c];
+        }
+        let h = hd / d;
+        out[((b * hkv + h) * t_cap + t) * d + hd % d] = val;
+    }
+}
+
+/// Spectral path, query projection (spec §1.5): for KV head `h` and its `G` query heads,
+/// `pc[b, hq, n'] = Σ_{c ∈ head h} q[b, hq, d_c]·a_c·coef[b, c, n']` for `n' < 2N` and
+/// `qb[b, hq] = Σ_c q[b, hq, d_c]·b_c`. Grid `(⌈2N/tile⌉, Hkv, B)`, thread = coefficient row `n'`; the
+/// coefficient reads are shared by the group.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn fourier_project<E: Float>(
+    q: &[E],
+    coef: &[f32],
+    ab: &[f32],
+    c_off: &[u32],
+    c_dim: &[u32],
+    pc: &mut [f32],
+    qb: &mut [f32],
+    hkv: usize,
+    cols: usize,
+    n_freq: usize,
+    #[comptime] g: usize,
+    #[comptime] d: usize,
+    #[comptime] tile: usize,
+) {
+    let nn = CUBE_POS_X as usize * tile + UNIT_POS as usize;
+    let h = CUBE_POS_Y as usize;
+    let b = CUBE_POS_Z as usize;
+    let hq = hkv * g;
+    let qbase = (b * hq + h * g) * d;
+    let c0 = c_off[h] as usize;
+    let c1 = c_off[h + 1] as usize;
+    let two_n = 2 * n_freq;
+    if nn < two_n {
+        let mut acc = Array::<f32>::new(g);
+        #[unroll]
+        for gi in 0..g {
+            acc[gi] = 0.0;
+        }
+        for c in c0..c1 {
+            let w = coef[(b * cols + c) * two_n + nn] * ab[b * 2 * cols + c];
+            let dd = c_dim[c] as usize;
+            #[unroll]
+            for gi in 0..g {
+                acc[gi] += f32::cast_from(q[qbase + gi * d + dd]) * w;
+            }
+        }
+        #[unroll]
+        for gi in 0..g {
+            pc[(b * hq + h * g + gi) * two_n + nn] = acc[gi];
+        }
+    }
+    if CUBE_POS_X == 0 && (UNIT_POS as usize) < g {
+        let gi = UNIT_POS as usize;
+        let mut s = 0.0f32.runtime();
+        for c in c0..c1 {
+            s += f32::cast_from(q[qbase + gi * d + c_dim[c] as usize]) * ab[b * 2 * cols + cols + c];
+        }
+        qb[b * hq + h * g + gi] = s;
+    }
+}
+
+/// Comptime shape of [`fourier_split`] / [`fourier_combine`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlashConfig {
+    /// Head dim `D`.
+    pub d: usize,
+    /// Query heads per KV head `G`.
+    pub g: usize,
+    /// Threads per cube = tokens per tile.
+    pub tile: usize,
+    /// Frequencies `N`.
+    pub n_freq: usize,
+    /// Spectral middle (otherwise the middle is read from the direct path's reconstruction).
+    pub spectral: bool,
+    /// Plane (warp) reductions for the tile maxima.
+    pub plane: bool,
+}
+
+/// FlashFourierAttention phase 1 (decode, one query token per sequence). Grid `(S_x + S_m, Hkv, B)`, `tile`
+/// threads. Splits `< S_x` cover the exact tokens (init + local: token `j` sits in slot `j` if `j < l_init`,
+/// else `j + skip[b]` of `ek/ev: [B, Hkv, X, D]`), splits `≥ S_x` the middle. Each cube runs an online softmax
+/// over its tokens for the `G` query rows of the group and writes its partials:
+/// `ml_part[((b·Hkv + h)·S + split)·G + g] = (m, l)`, `o_part[… ·D + d]` (unnormalised, every dim), and for
+/// spectral middle splits `sp_part[((b·Hkv + h)·S_m + split − S_x)·G + g][2N] = (Σ p·cos(ωnt), Σ p·sin(ωnt))`.
+///
+/// Middle scores: direct, `s = scale·⟨q, k̃_t⟩` from `mk: [B, Hkv, T_cap, D]` f32; spectral,
+/// `s = scale·((1/N)·Σ_n pc[n] cos(ωnt) + pc[N + n] sin(ωnt) + qb + Σ_{critical} q_d·K[t, d])`.
+/// Middle values: direct, `Σ p·ṽ_t`; spectral, only the critical dims here (the compressed ones are
+/// resolved from `sp_part` in [`fourier_combine`]).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments, unused_assignments)]
+pub fn fourier_split<E: Float>(
+    q: &[E],
+    ek: &[E],
+    ev: &[E],
+    state: &[u32],
+    mk: &[f32],
+    mv: &[f32],
+    ck: &[E],
+    cv: &[E],
+    kn_off: &[u32],
+    kn_dim: &[u32],
+    vn_off: &[u32],
+    vn_dim: &[u32],
+    pc: &[f32],
+    qb: &[f32],
+    o_part: &mut [f32],
+    ml_part: &mut [f32],
+    sp_part: &mut [f32],
+    batch: usize,
+    hkv: usize,
+    l_init: usize,
+    x_cap: usize,
+    t_crit: usize,
+    t_cap: usize,
+    ckn: usize,
+    cvn: usize,
+    chunk_x: usize,
+    chunk_m: usize,
+    sx: usize,
+    sm: usize,
+    window: u32,
+    scale: f32,
+    #[comptime] cfg: FlashConfig,
+) {
+    let g = cfg.g;
+    let d = cfg.d;
+    let tile = cfg.tile;
+    let n_freq = cfg.n_freq;
+    let npt = comptime![cfg.n_freq.div_ceil(cfg.tile)];
+    let two_n = comptime![2 * cfg.n_freq];
+    let t = UNIT_POS as usize;
+    let split = CUBE_POS_X as usize;
+    let h = CUBE_POS_Y as usize;
+    let b = CUBE_POS_Z as usize;
+    let hq = hkv * g;
+    let s_total = sx + sm;
+    let middle = split >= sx;
+    // state = [exact_len; skip; mid_len], each [B].
+    let mut start = split * chunk_x;
+    let mut len = state[b] as usize;
+    let mut chunk = chunk_x;
+    if middle {
+        start = (split - sx) * chunk_m;
+        len = state[2 * batch + b] as usize;
+        chunk = chunk_m;
+    }
+    let skip = state[batch + b] as usize;
+    let end = max(min(start + chunk, len), start);
+    let n_tiles = (end - start + tile - 1) / tile;
+
+    let mut q_s = Shared::<[f32]>::new_slice(comptime![cfg.g * cfg.d]);
+    let mut acc_s = Shared::<[f32]>::new_slice(comptime![cfg.g * cfg.d]);
+    let mut p_s = Shared::<[f32]>::new_slice(comptime![cfg.g * cfg.tile]);
+    let mut red = Shared::<[f32]>::new_slice(comptime![cfg.g * cfg.tile]);
+    let mut pf_s = Shared::<[f32]>::new_slice(comptime![cfg.g * 2 * FCHUNK]);
+    let qbase = (b * hq + h * g) * d;
+    for i in 0..comptime![(cfg.g * cfg.d).div_ceil(cfg.tile)] {
+        let idx = i * tile + t;
+        if idx < g * d {
+            q_s[idx] = f32::cast_from(q[qbase + idx]) * scale;
+            acc_s[idx] = 0.0;
+        }
+    }
+    sync_cube();
+
+    let mut m_r = Array::<f32>::new(g);
+    let mut l_r = Array::<f32>::new(g);
+    let mut al = Array::<f32>::new(g);
+    let mut s = Array::<f32>::new(g);
+    let mut tm = Array::<f32>::new(g);
+    let mut spc = Array::<f32>::new(comptime![cfg.g * cfg.n_freq.div_ceil(cfg.tile)]);
+    let mut sps = Array::<f32>::new(comptime![cfg.g * cfg.n_freq.div_ceil(cfg.tile)]);
+    #[unroll]
+    for gi in 0..g {
+        m_r[gi] = NEG;
+        l_r[gi] = 0.0;
+    }
+    #[unroll]
+    for e in 0..g * npt {
+        spc[e] = 0.0;
+        sps[e] = 0.0;
+    }
+    let spectral_mid = comptime![cfg.spectral] && middle;
+    let ekbase = (b * hkv + h) * x_cap;
+    let mbase = (b * hkv + h) * t_cap;
+    let kn0 = kn_off[h] as usize;
+    let kn1 = kn_off[h + 1] as usize;
+    let vn0 = vn_off[h] as usize;
+    let vn1 = vn_off[h + 1] as usize;
+
+    for ti in 0..n_tiles {
+        let base = start + ti * tile;
+        let j = base + t;
+        let valid = j < end;
+        let nvalid = min(tile, end - base);
+        #[unroll]
+        for gi in 0..g {
+            s[gi] = 0.0;
+        }
+        if spectral_mid {
+            if valid {
+                for c in kn0..kn1 {
+                    let kv = f32::cast_from(ck[(b * t_crit + j) * ckn + c]);
+                    let dd = kn_dim[c] as usize;
+                    #[unroll]
+                    for gi in 0..g {
+                        s[gi] += q_s[gi * d + dd] * kv;
+                    }
+                }
+            }
+            let mut sp = Array::<f32>::new(g);
+            #[unroll]
+            for gi in 0..g {
+                sp[gi] = 0.0;
+            }
+            let (rc, rs) = basis(j as u32, 1, window);
+            for ch in 0..comptime![cfg.n_freq.div_ceil(FCHUNK)] {
+                let n0 = ch * FCHUNK;
+                sync_cube();
+                for i in 0..comptime![(cfg.g * 2 * FCHUNK).div_ceil(cfg.tile)] {
+                    let idx = i * tile + t;
+                    if idx < g * 2 * FCHUNK {
+                        let gi = idx / (2 * FCHUNK);
+                        let k = idx % (2 * FCHUNK);
+                        let mut nn = n0 + k;
+                        if k >= FCHUNK {
+                            nn = n_freq + n0 + k - FCHUNK;
+                        }
+                        let mut v = 0.0f32.runtime();
+                        if n0 + k % FCHUNK < n_freq {
+                            v = pc[(b * hq + h * g + gi) * two_n + nn];
+                        }
+                        pf_s[idx] = v;
+                    }
+                }
+                sync_cube();
+                if valid {
+                    let nc_here = min(FCHUNK, n_freq - n0);
+                    let mut bc = 1.0f32.runtime();
+                    let mut bs = 0.0f32.runtime();
+                    for k in 0..nc_here {
+                        if k % RESEED == 0 {
+                            let (c0, s0) = basis((n0 + k) as u32, j as u32, window);
+                            bc = c0;
+                            bs = s0;
+                        }
+                        #[unroll]
+                        for gi in 0..g {
+                            sp[gi] += pf_s[gi * 2 * FCHUNK + k] * bc + pf_s[gi * 2 * FCHUNK + FCHUNK + k] * bs;
+                        }
+                        let nc = bc * rc - bs * rs;
+                        bs = bs * rc + bc * rs;
+                        bc = nc;
+                    }
+                }
+            }
+            if valid {
+                let inv_n = 1.0f32 / f32::cast_from(n_freq);
+                #[unroll]
+                for gi in 0..g {
+                    s[gi] += scale * (sp[gi] * inv_n + qb[b * hq + h * g + gi]);
+                }
+            }
+        } else if valid {
+            if middle {
+                for dd in 0..d {
+                    let kv = mk[(mbase + j) * d + dd];
+                    #[unroll]
+                    for gi in 0..g {
+                        s[gi] += q_s[gi * d + dd] * kv;
+                    }
+                }
+            } else {
+                let mut slot = j;
+                if j >= l_init {
+                    slot = j + skip;
+                }
+                for dd in 0..d {
+                    let kv = f32::cast_from(ek[(ekbase + slot) * d + dd]);
+                    #[unroll]
+                    for gi in 0..g {
+                        s[gi] += q_s[gi * d + dd] * kv;
+                    }
+                }
+            }
+        }
+        #[unroll]
+        for gi in 0..g {
+            if !valid {
+                s[gi] = NEG;
+            }
+        }
+        cube_max_rows(&s, &mut tm, &mut red, g, tile, cfg.plane);
+        #[unroll]
+        for gi in 0..g {
+            let m_new = max(m_r[gi], tm[gi]);
+            let mut p = 0.0f32.runtime();
+            if valid {
+                p = f32::exp(s[gi] - m_new);
+            }
+            p_s[gi * tile + t] = p;
+            let mut alpha = 1.0f32.runtime();
+            if !(m_new == NEG) {
+                alpha = f32::exp(m_r[gi] - m_new);
+            }
+            al[gi] = alpha;
+            m_r[gi] = m_new;
+            l_r[gi] = l_r[gi] * alpha + p;
+        }
+        sync_cube();
+        if spectral_mid {
+            // Critical value dims: thread = critical column of this head.
+            for i in 0..comptime![cfg.d.div_ceil(cfg.tile)] {
+                let cc = vn0 + i * tile + t;
+                if cc < vn1 {
+                    let dd = vn_dim[cc] as usize;
+                    let mut a = Array::<f32>::new(g);
+                    #[unroll]
+                    for gi in 0..g {
+                        a[gi] = acc_s[gi * d + dd] * al[gi];
+                    }
+                    for k in 0..nvalid {
+                        let vv = f32::cast_from(cv[(b * t_crit + base + k) * cvn + cc]);
+                        #[unroll]
+                        for gi in 0..g {
+                            a[gi] += p_s[gi * tile + k] * vv;
+                        }
+                    }
+                    #[unroll]
+                    for gi in 0..g {
+                        acc_s[gi * d + dd] = a[gi];
+                    }
+                }
+            }
+            // Compressed value dims in the frequency domain: thread = frequency, rotating along the tokens.
+            #[unroll]
+            for kk in 0..npt {
+                let n = kk * tile + t;
+                if n < n_freq {
+                    let (rc, rs) = basis(n as u32, 1, window);
+                    let mut bc = 1.0f32.runtime();
+                    let mut bs = 0.0f32.runtime();
+                    let mut ac = Array::<f32>::new(g);
+                    let mut asn = Array::<f32>::new(g);
+                    #[unroll]
+                    for gi in 0..g {
+                        ac[gi] = spc[gi * npt + kk] * al[gi];
+                        asn[gi] = sps[gi * npt + kk] * al[gi];
+                    }
+                    for k in 0..nvalid {
+                        if k % RESEED == 0 {
+                            let (c0, s0) = basis(n as u32, (base + k) as u32, window);
+                            bc = c0;
+                            bs = s0;
+                        }
+                        #[unroll]
+                        for gi in 0..g {
+                            let p = p_s[gi * tile + k];
+                            ac[gi] += p * bc;
+                            asn[gi] += p * bs;
+                        }
+                        let nc = bc * rc - bs * rs;
+                        bs = bs * rc + bc * rs;
+                        bc = nc;
+                    }
+                    #[unroll]
+                    for gi in 0..g {
+                        spc[gi * npt + kk] = ac[gi];
+                        sps[gi * npt + kk] = asn[gi];
+                    }
+                }
+            }
+        } else {
+            // Dense rows: thread = dim, every group member at once (each V element is read once).
+            for i in 0..comptime![cfg.d.div_ceil(cfg.tile)] {
+                let dd = i * tile + t;
+                if dd < d {
+                    let mut a = Array::<f32>::new(g);
+                    #[unroll]
+                    for gi in 0..g {
+                        a[gi] = acc_s[gi * d + dd] * al[gi];
+                    }
+                    for k in 0..nvalid {
+                        let mut vv = 0.0f32.runtime();
+                        if middle {
+                            vv = mv[(mbase + base + k) * d + dd];
+                        } else {
+                            let jj = base + k;
+                            let mut slot = jj;
+                            if jj >= l_init {
+                                slot = jj + skip;
+                            }
+                            vv = f32::cast_from(ev[(ekbase + slot) * d + dd]);
+                        }
+                        #[unroll]
+                        for gi in 0..g {
+                            a[gi] += p_s[gi * tile + k] * vv;
+                        }
+                    }
+                    #[unroll]
+                    for gi in 0..g {
+                        acc_s[gi * d + dd] = a[gi];
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+
+    // l is per thread (its own tokens, rescaled with the shared maxima): sum it over the cube.
+    #[unroll]
+    for gi in 0..g {
+        red[gi * tile + t] = l_r[gi];
+    }
+    sync_cube();
+    let pbase = ((b * hkv + h) * s_total + split) * g;
+    if t < g {
+        let mut sum = 0.0f32.runtime();
+        for i in 0..tile {
+            sum += red[t * tile + i];
+        }
+        ml_part[(pbase + t) * 2] = m_r[t];
+        ml_part[(pbase + t) * 2 + 1] = sum;
+    }
+    for i in 0..comptime![(cfg.g * cfg.d).div_ceil(cfg.tile)] {
+        let idx = i * tile + t;
+        if idx < g * d {
+            o_part[pbase * d + idx] = acc_s[idx];
+        }
+    }
+    if comptime![cfg.spectral] {
+        if middle {
+            let sbase = ((b * hkv + h) * sm + split - sx) * g;
+            #[unroll]
+            for kk in 0..npt {
+                let n = kk * tile + t;
+                if n < n_freq {
+                    #[unroll]
+                    for gi in 0..g {
+                        sp_part[(sbase + gi) * two_n + n] = spc[gi * npt + kk];
+                        sp_part[(sbase + gi) * two_n + n_freq + n] = sps[gi * npt + kk];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The weight `exp(m_s − M)` of a split's partials (0 for a split that saw no token).
+#[cube]
+fn split_weight(m: f32, m_max: f32) -> f32 {
+    let mut w = 0.0f32.runtime();
+    if !(m == NEG) {
+        w = f32::exp(m - m_max);
+    }
+    w
+}
+
+/// FlashFourierAttention phase 2. Grid `(Hkv, B)`, `tile` threads: merges the `S_x + S_m` partials of each
+/// group member, resolves the spectral middle's compressed value dims
+/// `o[d_c] += a_c/N·Σ_n (P[n]·coef[c, n] + P[N + n]·coef[c, N + n]) + b_c·l_mid` (spectral only) and writes
+/// `o[b, hq, :] = acc/l` in the storage dtype.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn fourier_combine<E: Float>(
+    o_part: &[f32],
+    ml_part: &[f32],
+    sp_part: &[f32],
+    coef_v: &[f32],
+    ab_v: &[f32],
+    vc_off: &[u32],
+    vc_dim: &[u32],
+    o: &mut [E],
+    hkv: usize,
+    cvc: usize,
+    sx: usize,
+    sm: usize,
+    #[comptime] cfg: FlashConfig,
+) {
+    let g = cfg.g;
+    let d = cfg.d;
+    let tile = cfg.tile;
+    let n_freq = cfg.n_freq;
+    let two_n = comptime![2 * cfg.n_freq];
+    let t = UNIT_POS as usize;
+    let h = CUBE_POS_X as usize;
+    let b = CUBE_POS_Y as usize;
+    let hq = hkv * g;
+    let s_total = sx + sm;
+    let pbase = (b * hkv + h) * s_total;
+
+    let mut mx = Array::<f32>::new(g);
+    let mut lt = Array::<f32>::new(g);
+    let mut lm = Array::<f32>::new(g);
+    #[unroll]
+    for gi in 0..g {
+        let mut m = NEG.runtime();
+        for sp in 0..s_total {
+            m = max(m, ml_part[((pbase + sp) * g + gi) * 2]);
+        }
+        let mut l = 0.0f32.runtime();
+        let mut l_mid = 0.0f32.runtime();
+        for sp in 0..s_total {
+            let w = split_weight(ml_part[((pbase + sp) * g + gi) * 2], m) * ml_part[((pbase + sp) * g + gi) * 2 + 1];
+            l += w;
+            if sp >= sx {
+                l_mid += w;
+            }
+        }
+        mx[gi] = m;
+        lt[gi] = l;
+        lm[gi] = l_mid;
+    }
+    let mut o_s = Shared::<[f32]>::new_slice(comptime![cfg.g * cfg.d]);
+    let mut pf_s = Shared::<[f32]>::new_slice(comptime![cfg.g * 2 * FCHUNK]);
+    for i in 0..comptime![(cfg.g * cfg.d).div_ceil(cfg.tile)] {
+        let idx = i * tile + t;
+        if idx < g * d {
+            let gi = idx / d;
+            let mut acc = 0.0f32.runtime();
+            for sp in 0..s_total {
+                let w = split_weight(ml_part[((pbase + sp) * g + gi) * 2], mx[gi]);
+                acc += w * o_part[(pbase + sp) * g * d + idx];
+            }
+            o_s[idx] = acc;
+        }
+    }
+    if comptime![cfg.spectral] {
+        let c0 = vc_off[h] as usize;
+        let c1 = vc_off[h + 1] as usize;
+        let cpt = comptime![cfg.d.div_ceil(cfg.tile)];
+        let mut dots = Array::<f32>::new(comptime![cfg.g * cfg.d.div_ceil(cfg.tile)]);
+        #[unroll]
+        for e in 0..g * cpt {
+            dots[e] = 0.0;
+        }
+        let sbase = (b * hkv + h) * sm;
+        for ch in 0..comptime![cfg.n_freq.div_ceil(FCHUNK)] {
+            let n0 = ch * FCHUNK;
+            sync_cube();
+            for i in 0..comptime![(cfg.g * 2 * FCHUNK).div_ceil(cfg.tile)] {
+                let idx = i * tile + t;
+                if idx < g * 2 * FCHUNK {
+                    let gi = idx / (2 * FCHUNK);
+                    let k = idx % (2 * FCHUNK);
+                    let mut nn = n0 + k;
+                    if k >= FCHUNK {
+                        nn = n_freq + n0 + k - FCHUNK;
+                    }
+                    let mut v = 0.0f32.runtime();
+                    if n0 + k % FCHUNK < n_freq {
+                        for sp in 0..sm {
+                            let w = split_weight(ml_part[((pbase + sx + sp) * g + gi) * 2], mx[gi]);
+                            v += w * sp_part[((sbase + sp) * g + gi) * two_n + nn];
+                        }
+                    }
+                    pf_s[idx] = v;
+                }
+            }
+            sync_cube();
+            let nc_here = min(FCHUNK, n_freq - n0);
+            #[unroll]
+            for kk in 0..cpt {
+                let c = c0 + kk * tile + t;
+                if c < c1 {
+                    let cbase = (b * cvc + c) * two_n;
+                    for k in 0..nc_here {
+                        let cc = coef_v[cbase + n0 + k];
+                        let cs = coef_v[cbase + n_freq + n0 + k];
+                        #[unroll]
+                        for gi in 0..g {
+                            dots[gi * cpt + kk] += pf_s[gi * 2 * FCHUNK + k] * cc + pf_s[gi * 2 * FCHUNK + FCHUNK + k] * cs;
+                        }
+                    }
+                }
+            }
+        }
+        sync_cube();
+        let inv_n = 1.0f32 / f32::cast_from(n_freq);
+        #[unroll]
+        for kk in 0..cpt {
+            let c = c0 + kk * tile + t;
+            if c < c1 {
+                let dd = vc_dim[c] as usize;
+                let a = ab_v[b * 2 * cvc + c];
+                let bb = ab_v[b * 2 * cvc + cvc + c];
+                #[unroll]
+                for gi in 0..g {
+                    o_s[gi * d + dd] += a * inv_n * dots[gi * cpt + kk] + bb * lm[gi];
+                }
+            }
+        }
+    }
+    sync_cube();
+    for i in 0..comptime![(cfg.g * cfg.d).div_ceil(cfg.tile)] {
+        let idx = i * tile + t;
+        if idx < g * d {
+            let gi = idx / d;
+            o[(b * hq + h * g) * d + idx] = E::cast_from(o_s[idx] / lt[gi]);
+        }
     }
 }
