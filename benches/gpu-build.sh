@@ -16,7 +16,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"][0] in ("test", "bench"):
         print(m["target"]["kind"][0], m["target"]["name"], m["executable"])'
 }
-{ cargo test --release --features cuda --no-run --target-dir $T --message-format=json -p kvsqueeze;
+{ cargo test --release --features cuda --no-run --target-dir $T --message-format=json -p kvsqueeze --test gpu_all;
   cargo bench --features cuda --no-run --target-dir $T --message-format=json -p kvsqueeze; } | exes | while read -r kind name exe; do
   strip -o "carry/$kind-$name" "$exe"
 done

@@ -40,7 +40,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use kvsqueeze_kernels::fourier::{
     fourier_combine, fourier_gather, fourier_project, fourier_reconstruct, fourier_split, fourier_stats_finalize, fourier_stats_partial,
-    fourier_transform as transform_kernel, fourier_update, FlashConfig, CRIT, NONE,
+    fourier_basis_table, fourier_transform as transform_kernel, fourier_update, FlashConfig, CRIT, NONE,
 };
 
 const TILE: usize = 128;
@@ -257,13 +257,15 @@ impl FourierLayerConfig {
         self.l_init + 2 * self.n_freq + self.l_local
     }
     /// Bytes of the cache once every sequence has formed its middle:
-    /// `B·(2·Hkv·(l_init + l_local)·D·e + T·(|Dkn| + |Dvn|)·e + 2N·(|Dkc| + |Dvc|)·4 + 2·(|Dkc| + |Dvc|)·4)`.
+    /// `B·(2·Hkv·(l_init + l_local)·D·e + T·(|Dkn| + |Dvn|)·e + 2N·(|Dkc| + |Dvc|)·4 + 2·(|Dkc| + |Dvc|)·4)`
+    /// plus the decode kernels' basis table, `4·N·tile·4` (tile = 128 tokens, 64 when `G·D > 1024`).
     pub fn formula_bytes(&self) -> usize {
         let e = self.dtype.size();
         let (hkv, d) = (self.dims.hkv, self.dims.d);
         let crit: usize = self.dims.k_crit.iter().chain(&self.dims.v_crit).map(Vec::len).sum();
         let comp = 2 * hkv * d - crit;
-        self.batch * (2 * hkv * (self.l_init + self.l_local) * d * e + self.window * crit * e + 2 * self.n_freq * comp * 4 + 2 * comp * 4)
+        let tile = FourierLayerCache::tile(self.hq / hkv.max(1), d);
+        self.batch * (2 * hkv * (self.l_init + self.l_local) * d * e + self.window * crit * e + 2 * self.n_freq * comp * 4 + 2 * comp * 4) + 4 * self.n_freq * tile * 4
     }
 }
 
@@ -329,6 +331,9 @@ pub struct FourierLayerCache {
     ab_k: Handle,
     ab_v: Handle,
     tab: Tables,
+    /// The tile basis of `kvsqueeze_kernels::fourier::fourier_basis_table`, `4·N·tile` f32.
+    basis: Handle,
+    tile: usize,
     plane: bool,
 }
 
@@ -411,7 +416,14 @@ impl FourierLayerCache {
         let plane = (forced || client.features().plane.contains(cubecl::features::Plane::Ops))
             && hw.plane_size_min == hw.plane_size_max
             && tile % hw.plane_size_max as usize == 0;
+        let basis = c.empty(4 * cfg.n_freq * tile * 4);
+        // SAFETY: writes the `4·N·tile` entries of the table.
+        unsafe {
+            fourier_basis_table::launch_unchecked(c, CubeCount::Static((cfg.n_freq * tile).div_ceil(256) as u32, 1, 1), CubeDim::new_1d(256), arg(&basis, 4 * cfg.n_freq * tile), cfg.n_freq, cfg.window as u32, tile);
+        }
         let mut cache = FourierLayerCache {
+            basis,
+            tile,
             ek: c.empty((b * hkv * x_cap * d * e).max(4)),
             ev: c.empty((b * hkv * x_cap * d * e).max(4)),
             ck: c.empty((b * cfg.window * ckn * e).max(4)),
@@ -431,6 +443,7 @@ impl FourierLayerCache {
         Ok(cache)
     }
 
+    /// Tokens per tile of the decode kernels (threads per cube).
     fn tile(g: usize, d: usize) -> usize {
         if g * d > 1024 {
             64
@@ -460,7 +473,7 @@ impl FourierLayerCache {
         let (hkv, d, e) = (self.cfg.dims.hkv, self.cfg.dims.d, self.cfg.dtype.size());
         let (t, b, n2) = (&self.tab, self.cfg.batch, 2 * self.cfg.n_freq);
         let (ckn, cvn, ckc, cvc) = (t.k.n_dim.len(), t.v.n_dim.len(), t.k.c_dim.len(), t.v.c_dim.len());
-        b * (2 * hkv * self.x_cap * d * e + self.cfg.window * (ckn + cvn) * e + n2 * (ckc + cvc) * 4 + 2 * (ckc + cvc) * 4)
+        b * (2 * hkv * self.x_cap * d * e + self.cfg.window * (ckn + cvn) * e + n2 * (ckc + cvc) * 4 + 2 * (ckc + cvc) * 4) + 4 * self.cfg.n_freq * self.tile * 4
     }
 
     fn set_x_tables(&mut self) {
@@ -702,6 +715,37 @@ impl FourierLayerCache {
         self.set_x_tables();
     }
 
+    /// **Benchmarks only**: puts every sequence in the formed state with `len` tokens (middle
+    /// `len − l_init − l_local`) and fills the exact rows, critical columns, coefficients and stats with random
+    /// values on the device, without the cost of a prefill transform. The shapes, lengths and bytes are those a
+    /// real prefill would leave; the values are not (decode timing does not depend on them). Correctness is
+    /// tested through [`Self::prefill`] and [`Self::append`].
+    #[doc(hidden)]
+    pub fn synthetic_formed(&mut self, len: usize, seed: u32) -> Result<(), Error> {
+        let (li, ll, t) = (self.cfg.l_init, self.cfg.l_local, self.cfg.window);
+        if len <= self.cfg.trigger() || len - li - ll > t {
+            return Err(Error::LengthBeyondCapacity { batch: 0, len, capacity: t + li + ll });
+        }
+        let (bsz, hkv, d, dt) = (self.cfg.batch, self.cfg.dims.hkv, self.cfg.dims.d, self.cfg.dtype);
+        let (ckn, cvn, ckc, cvc) = (self.tab.k.n_dim.len(), self.tab.v.n_dim.len(), self.tab.k.c_dim.len(), self.tab.v.c_dim.len());
+        let n2 = 2 * self.cfg.n_freq;
+        let c = &self.client;
+        let rnd = |n: usize, dtype: DType, s: u32, amp: f32| crate::util::random(c, &[n.max(1)], dtype, seed.wrapping_mul(16).wrapping_add(s), amp).handle;
+        self.x_cap = li + ll;
+        self.ek = rnd(bsz * hkv * self.x_cap * d, dt, 1, 1.5);
+        self.ev = rnd(bsz * hkv * self.x_cap * d, dt, 2, 1.0);
+        self.ck = rnd(bsz * t * ckn, dt, 3, 1.5);
+        self.cv = rnd(bsz * t * cvn, dt, 4, 1.0);
+        self.coef_k = rnd(bsz * ckc * n2, DType::F32, 5, 1.0);
+        self.coef_v = rnd(bsz * cvc * n2, DType::F32, 6, 1.0);
+        self.ab_k = rnd(bsz * 2 * ckc, DType::F32, 7, 0.01);
+        self.ab_v = rnd(bsz * 2 * cvc, DType::F32, 8, 0.01);
+        let mid = len - li - ll;
+        self.seqs = vec![Seq { count: len, formed: true, mid_len: mid, skip: 0, ring: 0 }; bsz];
+        self.set_x_tables();
+        Ok(())
+    }
+
     /// Decode attention of one query token per sequence, `q: [B, 1, Hq, D]` (post-RoPE) → `o: [B, 1, Hq, D]`,
     /// `softmax(scale·q·K̃ᵀ)·Ṽ` over every token the cache represents.
     pub fn attend(&self, q: &DeviceTensor, scale: f32, path: FourierPath) -> Result<DeviceTensor, Error> {
@@ -755,14 +799,15 @@ impl FourierLayerCache {
             mk = c.empty(mlen * 4);
             mv = c.empty(mlen * 4);
             let mids_h = upload_u32(c, &mids);
-            let count = CubeCount::Static(max_m.div_ceil(TILE) as u32, (hkv * d) as u32, bsz as u32);
+            let count = CubeCount::Static(max_m.div_ceil(tile) as u32, (hkv * d) as u32, bsz as u32);
+            let tab_len = 4 * n * tile;
             for (crit, ncrit, coef, ab, dmap, cols, out) in [
                 (&self.ck, ckn, &self.coef_k, &self.ab_k, &self.tab.dmap_k, ckc, &mk),
                 (&self.cv, cvn, &self.coef_v, &self.ab_v, &self.tab.dmap_v, cvc, &mv),
             ] {
                 // SAFETY: tokens below each sequence's middle length, columns from the validated dim tables.
                 unsafe {
-                    with_float_type!(self.cfg.dtype, E => fourier_reconstruct::launch_unchecked::<E>(c, count.clone(), CubeDim::new_1d(TILE as u32), arg(crit, bsz * tcap * ncrit), arg(coef, bsz * cols * n2), arg(ab, bsz * 2 * cols), arg(dmap, hkv * d), arg(&mids_h, bsz), arg(out, mlen), hkv, d, tcap, ncrit.max(1), tm, cols, n, w, TILE))
+                    with_float_type!(self.cfg.dtype, E => fourier_reconstruct::launch_unchecked::<E>(c, count.clone(), dim, arg(crit, bsz * tcap * ncrit), arg(coef, bsz * cols * n2), arg(ab, bsz * 2 * cols), arg(dmap, hkv * d), arg(&mids_h, bsz), arg(&self.basis, tab_len), arg(out, mlen), hkv, d, tcap, ncrit.max(1), tm, cols, n, w, tile))
                 }
             }
         }
@@ -788,7 +833,7 @@ impl FourierLayerCache {
                     arg(&q.handle, q.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&state, 3 * bsz),
                     arg(&mk, mlen), arg(&mv, mlen), arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn),
                     arg(&self.tab.kn_off, hkv + 1), arg(&self.tab.kn_dim, ckn), arg(&self.tab.vn_off, hkv + 1), arg(&self.tab.vn_dim, cvn),
-                    arg(&pc, bsz * hq * n2), arg(&qb, bsz * hq),
+                    arg(&pc, bsz * hq * n2), arg(&qb, bsz * hq), arg(&self.basis, 4 * n * tile),
                     arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&sp_part, sp_len),
                     bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
                 fourier_combine::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, bsz as u32, 1), dim,

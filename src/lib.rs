@@ -11,6 +11,7 @@ pub use kvsqueeze_kernels as kernels;
 pub use kvsqueeze_reference as reference;
 
 pub mod attention;
+pub mod check;
 mod error;
 pub mod fourier;
 pub mod policy;

@@ -5,6 +5,7 @@ that refuses a shape is left out). Usage: python3 sdpa_decode.py OUT.json [quick
 """
 import json
 import math
+import os
 import sys
 
 import torch
@@ -12,12 +13,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HQ, HKV, D = 32, 8, 128
+# SDPA_BATCHES=1,8 limits the grid (the full one is 1, 8, 32).
+BATCHES = [int(x) for x in os.environ.get("SDPA_BATCHES", "1,8,32").split(",")]
 
 
 def main():
     out_path = sys.argv[1]
     quick = len(sys.argv) > 2 and sys.argv[2] == "quick"
-    shapes = [(1, 1024), (2, 4096)] if quick else [(b, l) for b in (1, 8, 32) for l in (4096, 16384, 32768, 131072)]
+    shapes = [(1, 1024), (2, 4096)] if quick else [(b, l) for b in BATCHES for l in (4096, 8192, 16384, 32768, 131072)]
     backends = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "flash": SDPBackend.FLASH_ATTENTION,

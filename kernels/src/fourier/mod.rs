@@ -243,7 +243,9 @@ pub fn fourier_gather<E: Float>(src: &[E], src_row: &[u32], col_off: &[u32], dst
 
 /// Direct path: reconstructs the middle of one of K/V into `out: [B, Hkv, T_cap, D]` f32 (critical dims
 /// copied from `crit: [B, T, Cn]`, compressed dims `a·x̂ + b`). Grid `(⌈max L_mid/tile⌉, Hkv·D, B)`, thread =
-/// token; `dmap[h·D + d]` is the compressed column index, or [`CRIT`]` | ` the critical column index.
+/// token; `dmap[h·D + d]` is the compressed column index, or [`CRIT`]` | ` the critical column index. The cube's
+/// column coefficients are rotated by the tile's start angle into shared memory, chunk by chunk, so each token
+/// needs only the fixed tile basis of [`fourier_basis_table`].
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments, unused_assignments)]
 pub fn fourier_reconstruct<E: Float>(
@@ -252,6 +254,7 @@ pub fn fourier_reconstruct<E: Float>(
     ab: &[f32],
     dmap: &[u32],
     mid_len: &[u32],
+    tab: &[f32],
     out: &mut [f32],
     hkv: usize,
     d: usize,
@@ -263,21 +266,70 @@ pub fn fourier_reconstruct<E: Float>(
     window: u32,
     #[comptime] tile: usize,
 ) {
-    let t = CUBE_POS_X as usize * tile + UNIT_POS as usize;
+    let i = UNIT_POS as usize;
+    let base = CUBE_POS_X as usize * tile;
+    let t = base + i;
     let hd = CUBE_POS_Y as usize;
     let b = CUBE_POS_Z as usize;
-    if t < mid_len[b] as usize {
-        let m = dmap[hd];
-        let mut val = 0.0f32.runtime();
-        if m >= CRIT {
-            val = f32::cast_from(crit[(b * t_crit + t) * n_crit + (m - CRIT) as usize]);
-        } else {
-            let c = m as usize;
-            let raw = raw_inverse(coef, (b * cols + c) * 2 * n_freq, t as u32, n_freq, window);
-            val = ab[b * 2 * cols + c] * raw + ab[b * 2 * cols + cols + c];
+    let len = mid_len[b] as usize;
+    let m = dmap[hd];
+    let h = hd / d;
+    if m >= CRIT {
+        if t < len {
+            out[((b * hkv + h) * t_cap + t) * d + hd % d] = f32::cast_from(crit[(b * t_crit + t) * n_crit + (m - CRIT) as usize]);
         }
-        let h = hd / d;
-        out[((b * hkv + h) * t_cap + t) * d + hd % d] = val;
+    } else if base < len {
+        let c = m as usize;
+        let cbase = (b * cols + c) * 2 * n_freq;
+        let mut cf = Shared::<[f32]>::new_slice(comptime![2 * FCHUNK]);
+        let mut acc = 0.0f32.runtime();
+        for ch in 0..(n_freq + FCHUNK - 1) / FCHUNK {
+            let n0 = ch * FCHUNK;
+            sync_cube();
+            for r in 0..comptime![(2 * FCHUNK).div_ceil(tile)] {
+                let idx = r * tile + i;
+                if idx < FCHUNK {
+                    let mut vc = 0.0f32.runtime();
+                    let mut vs = 0.0f32.runtime();
+                    if n0 + idx < n_freq {
+                        let (ca, sa) = basis((n0 + idx) as u32, base as u32, window);
+                        let cc = coef[cbase + n0 + idx];
+                        let cs = coef[cbase + n_freq + n0 + idx];
+                        vc = cc * ca + cs * sa;
+                        vs = cs * ca - cc * sa;
+                    }
+                    cf[idx] = vc;
+                    cf[FCHUNK + idx] = vs;
+                }
+            }
+            sync_cube();
+            let nc_here = min(FCHUNK, n_freq - n0);
+            for k in 0..nc_here {
+                acc += cf[k] * tab[(n0 + k) * tile + i] + cf[FCHUNK + k] * tab[(n_freq + n0 + k) * tile + i];
+            }
+        }
+        if t < len {
+            let raw = acc / f32::cast_from(n_freq);
+            out[((b * hkv + h) * t_cap + t) * d + hd % d] = ab[b * 2 * cols + c] * raw + ab[b * 2 * cols + cols + c];
+        }
+    }
+}
+
+/// The tile basis both decode paths use: `tab[n·tile + i] = cos(ωn·i)`, `tab[(N + n)·tile + i] = sin(ωn·i)`
+/// (token-minor), then the transpose `tab[2N·tile + i·N + n]`, `tab[2N·tile + (tile + i)·N + n]`
+/// (frequency-minor), for `n < N`, `i < tile`. Grid `(⌈N·tile/256⌉)`, 256 threads.
+#[cube(launch_unchecked)]
+pub fn fourier_basis_table(tab: &mut [f32], n_freq: usize, window: u32, #[comptime] tile: usize) {
+    let idx = CUBE_POS_X as usize * 256 + UNIT_POS as usize;
+    if idx < n_freq * tile {
+        let n = idx / tile;
+        let i = idx % tile;
+        let (cs, sn) = basis(n as u32, i as u32, window);
+        tab[n * tile + i] = cs;
+        tab[(n_freq + n) * tile + i] = sn;
+        let tt = 2 * n_freq * tile;
+        tab[tt + i * n_freq + n] = cs;
+        tab[tt + (tile + i) * n_freq + n] = sn;
     }
 }
 
@@ -384,6 +436,7 @@ pub fn fourier_split<E: Float>(
     vn_dim: &[u32],
     pc: &[f32],
     qb: &[f32],
+    tab: &[f32],
     o_part: &mut [f32],
     ml_part: &mut [f32],
     sp_part: &mut [f32],
@@ -494,44 +547,40 @@ pub fn fourier_split<E: Float>(
             for gi in 0..g {
                 sp[gi] = 0.0;
             }
-            let (rc, rs) = basis(j as u32, 1, window);
+            // t = base + i: the projections are rotated by the tile's start angle ωn·base once per tile, then
+            // every token needs only the fixed tile basis (cos, sin)(ωn·i) from the table.
             for ch in 0..comptime![cfg.n_freq.div_ceil(FCHUNK)] {
                 let n0 = ch * FCHUNK;
                 sync_cube();
-                for i in 0..comptime![(cfg.g * 2 * FCHUNK).div_ceil(cfg.tile)] {
+                for i in 0..comptime![(cfg.g * FCHUNK).div_ceil(cfg.tile)] {
                     let idx = i * tile + t;
-                    if idx < g * 2 * FCHUNK {
-                        let gi = idx / (2 * FCHUNK);
-                        let k = idx % (2 * FCHUNK);
-                        let mut nn = n0 + k;
-                        if k >= FCHUNK {
-                            nn = n_freq + n0 + k - FCHUNK;
+                    if idx < g * FCHUNK {
+                        let gi = idx / FCHUNK;
+                        let k = idx % FCHUNK;
+                        let mut vc = 0.0f32.runtime();
+                        let mut vs = 0.0f32.runtime();
+                        if n0 + k < n_freq {
+                            let (ca, sa) = basis((n0 + k) as u32, base as u32, window);
+                            let row = (b * hq + h * g + gi) * two_n;
+                            let pcv = pc[row + n0 + k];
+                            let psv = pc[row + n_freq + n0 + k];
+                            vc = pcv * ca + psv * sa;
+                            vs = psv * ca - pcv * sa;
                         }
-                        let mut v = 0.0f32.runtime();
-                        if n0 + k % FCHUNK < n_freq {
-                            v = pc[(b * hq + h * g + gi) * two_n + nn];
-                        }
-                        pf_s[idx] = v;
+                        pf_s[gi * 2 * FCHUNK + k] = vc;
+                        pf_s[gi * 2 * FCHUNK + FCHUNK + k] = vs;
                     }
                 }
                 sync_cube();
                 if valid {
                     let nc_here = min(FCHUNK, n_freq - n0);
-                    let mut bc = 1.0f32.runtime();
-                    let mut bs = 0.0f32.runtime();
                     for k in 0..nc_here {
-                        if k % RESEED == 0 {
-                            let (c0, s0) = basis((n0 + k) as u32, j as u32, window);
-                            bc = c0;
-                            bs = s0;
-                        }
+                        let bc = tab[(n0 + k) * tile + t];
+                        let bs = tab[(n_freq + n0 + k) * tile + t];
                         #[unroll]
                         for gi in 0..g {
                             sp[gi] += pf_s[gi * 2 * FCHUNK + k] * bc + pf_s[gi * 2 * FCHUNK + FCHUNK + k] * bs;
                         }
-                        let nc = bc * rc - bs * rs;
-                        bs = bs * rc + bc * rs;
-                        bc = nc;
                     }
                 }
             }
@@ -613,41 +662,35 @@ pub fn fourier_split<E: Float>(
                     }
                 }
             }
-            // Compressed value dims in the frequency domain: thread = frequency, rotating along the tokens.
+            // Compressed value dims in the frequency domain: thread = frequency; `U = Σ_i p_i cos(ωn·i)`,
+            // `W = Σ_i p_i sin(ωn·i)` from the transposed table, then rotated by the tile's start angle.
+            let ttab = comptime![2 * cfg.n_freq * cfg.tile];
             #[unroll]
             for kk in 0..npt {
                 let n = kk * tile + t;
                 if n < n_freq {
-                    let (rc, rs) = basis(n as u32, 1, window);
-                    let mut bc = 1.0f32.runtime();
-                    let mut bs = 0.0f32.runtime();
-                    let mut ac = Array::<f32>::new(g);
-                    let mut asn = Array::<f32>::new(g);
+                    let mut u = Array::<f32>::new(g);
+                    let mut wv = Array::<f32>::new(g);
                     #[unroll]
                     for gi in 0..g {
-                        ac[gi] = spc[gi * npt + kk] * al[gi];
-                        asn[gi] = sps[gi * npt + kk] * al[gi];
+                        u[gi] = 0.0;
+                        wv[gi] = 0.0;
                     }
                     for k in 0..nvalid {
-                        if k % RESEED == 0 {
-                            let (c0, s0) = basis(n as u32, (base + k) as u32, window);
-                            bc = c0;
-                            bs = s0;
-                        }
+                        let bc = tab[ttab + k * n_freq + n];
+                        let bs = tab[ttab + (tile + k) * n_freq + n];
                         #[unroll]
                         for gi in 0..g {
                             let p = p_s[gi * tile + k];
-                            ac[gi] += p * bc;
-                            asn[gi] += p * bs;
+                            u[gi] += p * bc;
+                            wv[gi] += p * bs;
                         }
-                        let nc = bc * rc - bs * rs;
-                        bs = bs * rc + bc * rs;
-                        bc = nc;
                     }
+                    let (ca, sa) = basis(n as u32, base as u32, window);
                     #[unroll]
                     for gi in 0..g {
-                        spc[gi * npt + kk] = ac[gi];
-                        sps[gi * npt + kk] = asn[gi];
+                        spc[gi * npt + kk] = spc[gi * npt + kk] * al[gi] + ca * u[gi] - sa * wv[gi];
+                        sps[gi * npt + kk] = sps[gi * npt + kk] * al[gi] + sa * u[gi] + ca * wv[gi];
                     }
                 }
             }
