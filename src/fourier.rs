@@ -39,7 +39,7 @@ use cubecl::client::Client;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use kvsqueeze_kernels::fourier::{
-    fourier_combine, fourier_gather, fourier_project, fourier_reconstruct, fourier_split, fourier_stats_finalize, fourier_stats_partial,
+    fourier_combine, fourier_gather, fourier_project, fourier_reconstruct, fourier_reduce_spectrum, fourier_split, fourier_stats_finalize, fourier_stats_partial,
     fourier_basis_table, fourier_transform as transform_kernel, fourier_update, FlashConfig, CRIT, NONE,
 };
 
@@ -775,7 +775,7 @@ impl FourierLayerCache {
             if len == 0 {
                 return (0, tile);
             }
-            let want = (4 * sms).div_ceil(base_cubes).min(len.div_ceil(tile)).max(1);
+            let want = (8 * sms).div_ceil(base_cubes).min(len.div_ceil(tile)).max(1);
             let chunk = len.div_ceil(want).div_ceil(tile) * tile;
             (len.div_ceil(chunk), chunk)
         };
@@ -823,6 +823,8 @@ impl FourierLayerCache {
         let ml_len = bsz * hkv * st * g * 2;
         let sp_len = if spectral { bsz * hkv * sm * g * n2 } else { 1 };
         let (o_part, ml_part, sp_part) = (c.empty(o_len * 4), c.empty(ml_len * 4), c.empty(sp_len.max(1) * 4));
+        let spec_len = if spectral { bsz * hq * n2 } else { 1 };
+        let spec = c.empty(spec_len * 4);
         let shape = [bsz, 1, hq, d];
         let out = DeviceTensor { handle: c.empty(bsz * hq * d * self.cfg.dtype.size()), buffer_len: bsz * hq * d, shape: shape.to_vec(), strides: contiguous_strides(&shape), offset: 0, dtype: self.cfg.dtype };
         // SAFETY: every index is bounded by the per-sequence lengths in `state` (validated against the buffers'
@@ -836,8 +838,12 @@ impl FourierLayerCache {
                     arg(&pc, bsz * hq * n2), arg(&qb, bsz * hq), arg(&self.basis, 4 * n * tile),
                     arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&sp_part, sp_len),
                     bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
+                if spectral {
+                    fourier_reduce_spectrum::launch_unchecked(c, CubeCount::Static(n2.div_ceil(tile) as u32, hq as u32, bsz as u32), dim,
+                        arg(&ml_part, ml_len), arg(&sp_part, sp_len), arg(&spec, spec_len), hkv, g, sx, sm, n2, tile);
+                }
                 fourier_combine::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, bsz as u32, 1), dim,
-                    arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&sp_part, sp_len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc),
+                    arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&spec, spec_len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc),
                     arg(&self.tab.vc_off, hkv + 1), arg(&self.tab.vc_dim, cvc), arg(&out.handle, out.buffer_len), hkv, cvc, sx, sm, fcfg);
             })
         }

@@ -780,8 +780,33 @@ fn split_weight(m: f32, m_max: f32) -> f32 {
     w
 }
 
+/// Spectral path: merges the middle splits' frequency accumulators of each query head, weighted relative to the
+/// head's global maximum: `spec[b, hq, n'] = Σ_{s ≥ S_x} exp(m_s − M)·sp_part[s, g, n']`.
+/// Grid `(⌈2N/tile⌉, Hkv·G, B)`, thread = coefficient row `n'`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn fourier_reduce_spectrum(ml_part: &[f32], sp_part: &[f32], spec: &mut [f32], hkv: usize, g: usize, sx: usize, sm: usize, two_n: usize, #[comptime] tile: usize) {
+    let nn = CUBE_POS_X as usize * tile + UNIT_POS as usize;
+    let h = CUBE_POS_Y as usize / g;
+    let gi = CUBE_POS_Y as usize % g;
+    let b = CUBE_POS_Z as usize;
+    let pbase = (b * hkv + h) * (sx + sm);
+    if nn < two_n {
+        let mut m = NEG.runtime();
+        for sp in 0..sx + sm {
+            m = max(m, ml_part[((pbase + sp) * g + gi) * 2]);
+        }
+        let mut acc = 0.0f32.runtime();
+        for sp in 0..sm {
+            let w = split_weight(ml_part[((pbase + sx + sp) * g + gi) * 2], m);
+            acc += w * sp_part[(((b * hkv + h) * sm + sp) * g + gi) * two_n + nn];
+        }
+        spec[((b * hkv + h) * g + gi) * two_n + nn] = acc;
+    }
+}
+
 /// FlashFourierAttention phase 2. Grid `(Hkv, B)`, `tile` threads: merges the `S_x + S_m` partials of each
-/// group member, resolves the spectral middle's compressed value dims
+/// group member, takes the merged spectrum of [`fourier_reduce_spectrum`] and resolves the spectral middle's compressed value dims
 /// `o[d_c] += a_c/N·Σ_n (P[n]·coef[c, n] + P[N + n]·coef[c, N + n]) + b_c·l_mid` (spectral only) and writes
 /// `o[b, hq, :] = acc/l` in the storage dtype.
 #[cube(launch_unchecked)]
@@ -789,7 +814,7 @@ fn split_weight(m: f32, m_max: f32) -> f32 {
 pub fn fourier_combine<E: Float>(
     o_part: &[f32],
     ml_part: &[f32],
-    sp_part: &[f32],
+    spec: &[f32],
     coef_v: &[f32],
     ab_v: &[f32],
     vc_off: &[u32],
@@ -858,7 +883,6 @@ pub fn fourier_combine<E: Float>(
         for e in 0..g * cpt {
             dots[e] = 0.0;
         }
-        let sbase = (b * hkv + h) * sm;
         for ch in 0..comptime![cfg.n_freq.div_ceil(FCHUNK)] {
             let n0 = ch * FCHUNK;
             sync_cube();
@@ -873,10 +897,7 @@ pub fn fourier_combine<E: Float>(
                     }
                     let mut v = 0.0f32.runtime();
                     if n0 + k % FCHUNK < n_freq {
-                        for sp in 0..sm {
-                            let w = split_weight(ml_part[((pbase + sx + sp) * g + gi) * 2], mx[gi]);
-                            v += w * sp_part[((sbase + sp) * g + gi) * two_n + nn];
-                        }
+                        v = spec[((b * hkv + h) * g + gi) * two_n + nn];
                     }
                     pf_s[idx] = v;
                 }
