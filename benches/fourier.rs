@@ -83,7 +83,12 @@ fn main() {
     let grid: Vec<(usize, usize)> = if full { [1, 8].iter().flat_map(|&b| [8192, 32768, 131072].map(move |l| (b, l))).collect() } else { vec![(1, 1200), (2, 3000)] };
     println!("\n| B | L | cache MB (dense MB) | spectral µs | spectral GB/s (% ceiling) | direct µs | dense µs (ours) | dense SDPA µs | dense / spectral | SDPA / spectral | direct / spectral |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    // KVSQUEEZE_ROWS=B1_L32768,B8_L8192 limits the grid (for profiling one row).
+    let only = std::env::var("KVSQUEEZE_ROWS").ok();
     for &(b, l) in &grid {
+        if only.as_ref().is_some_and(|o| !o.split(',').any(|r| r == format!("B{b}_L{l}"))) {
+            continue;
+        }
         let window = l - l_init - l_local + 64;
         let cfg = FourierLayerConfig::new(b, HQ, dtype, l_init, l_local, n, window, dims.clone());
         let mut cache = FourierLayerCache::new(&client, cfg).unwrap();

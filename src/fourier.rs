@@ -39,7 +39,7 @@ use cubecl::client::Client;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use kvsqueeze_kernels::fourier::{
-    fourier_combine, fourier_gather, fourier_project, fourier_reconstruct, fourier_reduce_spectrum, fourier_split, fourier_stats_finalize, fourier_stats_partial,
+    fourier_combine, fourier_gather, fourier_project, fourier_reconstruct, fourier_reduce_spectrum, fourier_resolve_values, PCHUNKS, fourier_split, fourier_stats_finalize, fourier_stats_partial,
     fourier_basis_table, fourier_transform as transform_kernel, fourier_update, FlashConfig, CRIT, NONE,
 };
 
@@ -298,8 +298,6 @@ struct Tables {
     kc_dim: Handle,
     kn_off: Handle,
     kn_dim: Handle,
-    vc_off: Handle,
-    vc_dim: Handle,
     vn_off: Handle,
     vn_dim: Handle,
     dmap_k: Handle,
@@ -393,8 +391,6 @@ impl FourierLayerCache {
             kc_dim: upload_u32(c, &kt.c_dim),
             kn_off: upload_u32(c, &kt.n_off),
             kn_dim: upload_u32(c, &kt.n_dim),
-            vc_off: upload_u32(c, &vt.c_off),
-            vc_dim: upload_u32(c, &vt.c_dim),
             vn_off: upload_u32(c, &vt.n_off),
             vn_dim: upload_u32(c, &vt.n_dim),
             dmap_k: upload_u32(c, &dmap(&kt)),
@@ -812,11 +808,11 @@ impl FourierLayerCache {
             }
         }
         if spectral {
-            pc = c.empty(bsz * hq * n2 * 4);
-            qb = c.empty(bsz * hq * 4);
+            pc = c.empty(PCHUNKS * bsz * hq * n2 * 4);
+            qb = c.empty(PCHUNKS * bsz * hq * 4);
             // SAFETY: reads the group's query rows and the head's compressed K columns; writes `[B, Hq, 2N]`, `[B, Hq]`.
             unsafe {
-                with_float_type!(self.cfg.dtype, E => fourier_project::launch_unchecked::<E>(c, CubeCount::Static(n2.div_ceil(TILE) as u32, hkv as u32, bsz as u32), CubeDim::new_1d(TILE as u32), arg(&q.handle, q.buffer_len), arg(&self.coef_k, bsz * ckc * n2), arg(&self.ab_k, bsz * 2 * ckc), arg(&self.tab.kc_off, hkv + 1), arg(&self.tab.kc_dim, ckc), arg(&pc, bsz * hq * n2), arg(&qb, bsz * hq), hkv, ckc, n, g, d, TILE))
+                with_float_type!(self.cfg.dtype, E => fourier_project::launch_unchecked::<E>(c, CubeCount::Static(n2.div_ceil(TILE) as u32, hkv as u32, (PCHUNKS * bsz) as u32), CubeDim::new_1d(TILE as u32), arg(&q.handle, q.buffer_len), arg(&self.coef_k, bsz * ckc * n2), arg(&self.ab_k, bsz * 2 * ckc), arg(&self.tab.kc_off, hkv + 1), arg(&self.tab.kc_dim, ckc), arg(&pc, PCHUNKS * bsz * hq * n2), arg(&qb, PCHUNKS * bsz * hq), bsz, hkv, ckc, n, g, d, TILE))
             }
         }
         let o_len = bsz * hkv * st * g * d;
@@ -825,6 +821,8 @@ impl FourierLayerCache {
         let (o_part, ml_part, sp_part) = (c.empty(o_len * 4), c.empty(ml_len * 4), c.empty(sp_len.max(1) * 4));
         let spec_len = if spectral { bsz * hq * n2 } else { 1 };
         let spec = c.empty(spec_len * 4);
+        let vext_len = if spectral { bsz * hq * d } else { 1 };
+        let vext = c.empty(vext_len * 4);
         let shape = [bsz, 1, hq, d];
         let out = DeviceTensor { handle: c.empty(bsz * hq * d * self.cfg.dtype.size()), buffer_len: bsz * hq * d, shape: shape.to_vec(), strides: contiguous_strides(&shape), offset: 0, dtype: self.cfg.dtype };
         // SAFETY: every index is bounded by the per-sequence lengths in `state` (validated against the buffers'
@@ -835,16 +833,18 @@ impl FourierLayerCache {
                     arg(&q.handle, q.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&state, 3 * bsz),
                     arg(&mk, mlen), arg(&mv, mlen), arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn),
                     arg(&self.tab.kn_off, hkv + 1), arg(&self.tab.kn_dim, ckn), arg(&self.tab.vn_off, hkv + 1), arg(&self.tab.vn_dim, cvn),
-                    arg(&pc, bsz * hq * n2), arg(&qb, bsz * hq), arg(&self.basis, 4 * n * tile),
+                    arg(&pc, PCHUNKS * bsz * hq * n2), arg(&qb, PCHUNKS * bsz * hq), arg(&self.basis, 4 * n * tile),
                     arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&sp_part, sp_len),
                     bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
                 if spectral {
                     fourier_reduce_spectrum::launch_unchecked(c, CubeCount::Static(n2.div_ceil(tile) as u32, hq as u32, bsz as u32), dim,
                         arg(&ml_part, ml_len), arg(&sp_part, sp_len), arg(&spec, spec_len), hkv, g, sx, sm, n2, tile);
+                    fourier_resolve_values::launch_unchecked(c, CubeCount::Static(d.div_ceil(8) as u32, hq as u32, bsz as u32), CubeDim::new_1d(128),
+                        arg(&ml_part, ml_len), arg(&spec, spec_len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc), arg(&self.tab.dmap_v, hkv * d),
+                        arg(&vext, vext_len), hkv, g, d, cvc, sx, sm, n);
                 }
                 fourier_combine::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, bsz as u32, 1), dim,
-                    arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&spec, spec_len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc),
-                    arg(&self.tab.vc_off, hkv + 1), arg(&self.tab.vc_dim, cvc), arg(&out.handle, out.buffer_len), hkv, cvc, sx, sm, fcfg);
+                    arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&vext, vext_len), arg(&out.handle, out.buffer_len), hkv, sx, sm, fcfg);
             })
         }
         Ok(out)

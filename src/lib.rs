@@ -12,6 +12,7 @@ pub use kvsqueeze_reference as reference;
 
 pub mod attention;
 pub mod check;
+pub mod compare;
 mod error;
 pub mod fourier;
 pub mod policy;

@@ -48,6 +48,26 @@ pub fn device() -> Result<Device, String> {
     Err(why.join("; "))
 }
 
+/// A client on the named backend: `auto` (as [`device`]), `cuda`, `wgpu` or `cpu`. The error says what is
+/// missing and what to do (a backend not compiled in, or no such device).
+pub fn client_for(backend: &str) -> Result<Client, String> {
+    match backend {
+        "auto" => client(),
+        "cuda" | "wgpu" | "cpu" => {
+            if !compiled_backends().contains(&backend) {
+                return Err(format!("backend `{backend}` is not compiled into this binary: rebuild with `--features {backend}` (compiled: {:?})", compiled_backends()));
+            }
+            let dev = match backend {
+                "cuda" => Device::cuda(0).map_err(|e| e.to_string()),
+                "wgpu" => Device::wgpu(WgpuDeviceKind::default()).map_err(|e| e.to_string()),
+                _ => Device::cpu().map_err(|e| e.to_string()),
+            };
+            dev.map(|d| d.client()).map_err(|e| format!("backend `{backend}` found no device: {e}"))
+        }
+        other => Err(format!("unknown backend `{other}`: use cuda, wgpu, cpu or auto")),
+    }
+}
+
 /// A client on [`device`].
 pub fn client() -> Result<Client, String> {
     device().map(|d| d.client())

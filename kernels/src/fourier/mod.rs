@@ -26,6 +26,8 @@ pub const NONE: u32 = u32::MAX;
 pub const RESEED: usize = 32;
 /// Frequencies staged through shared memory per chunk in [`fourier_split`] and [`fourier_combine`].
 pub const FCHUNK: usize = 64;
+/// Column slices of the spectral projection (more cubes in flight; the split kernel sums the slices).
+pub const PCHUNKS: usize = 4;
 /// Marks a critical dim in the dim map of [`fourier_reconstruct`] (the low bits are its critical index).
 pub const CRIT: u32 = 1 << 31;
 
@@ -335,8 +337,9 @@ pub fn fourier_basis_table(tab: &mut [f32], n_freq: usize, window: u32, #[compti
 
 /// Spectral path, query projection (spec §1.5): for KV head `h` and its `G` query heads,
 /// `pc[b, hq, n'] = Σ_{c ∈ head h} q[b, hq, d_c]·a_c·coef[b, c, n']` for `n' < 2N` and
-/// `qb[b, hq] = Σ_c q[b, hq, d_c]·b_c`. Grid `(⌈2N/tile⌉, Hkv, B)`, thread = coefficient row `n'`; the
-/// coefficient reads are shared by the group.
+/// `qb[b, hq] = Σ_c q[b, hq, d_c]·b_c`, as [`PCHUNKS`] partial sums over slices of the head's columns
+/// (`pc: [PCHUNKS, B, Hq, 2N]`, `qb: [PCHUNKS, B, Hq]`, summed by [`fourier_split`]). Grid
+/// `(⌈2N/tile⌉, Hkv, PCHUNKS·B)`, thread = coefficient row `n'`; the coefficient reads are shared by the group.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn fourier_project<E: Float>(
@@ -347,6 +350,7 @@ pub fn fourier_project<E: Float>(
     c_dim: &[u32],
     pc: &mut [f32],
     qb: &mut [f32],
+    batch: usize,
     hkv: usize,
     cols: usize,
     n_freq: usize,
@@ -356,12 +360,17 @@ pub fn fourier_project<E: Float>(
 ) {
     let nn = CUBE_POS_X as usize * tile + UNIT_POS as usize;
     let h = CUBE_POS_Y as usize;
-    let b = CUBE_POS_Z as usize;
+    let b = CUBE_POS_Z as usize % batch;
+    let part = CUBE_POS_Z as usize / batch;
     let hq = hkv * g;
     let qbase = (b * hq + h * g) * d;
-    let c0 = c_off[h] as usize;
-    let c1 = c_off[h + 1] as usize;
+    let h0 = c_off[h] as usize;
+    let h1 = c_off[h + 1] as usize;
+    let per = (h1 - h0 + PCHUNKS - 1) / PCHUNKS;
+    let c0 = min(h0 + part * per, h1);
+    let c1 = min(c0 + per, h1);
     let two_n = 2 * n_freq;
+    let obase = (part * batch + b) * hq + h * g;
     if nn < two_n {
         let mut acc = Array::<f32>::new(g);
         #[unroll]
@@ -378,7 +387,7 @@ pub fn fourier_project<E: Float>(
         }
         #[unroll]
         for gi in 0..g {
-            pc[(b * hq + h * g + gi) * two_n + nn] = acc[gi];
+            pc[(obase + gi) * two_n + nn] = acc[gi];
         }
     }
     if CUBE_POS_X == 0 && (UNIT_POS as usize) < g {
@@ -387,7 +396,7 @@ pub fn fourier_project<E: Float>(
         for c in c0..c1 {
             s += f32::cast_from(q[qbase + gi * d + c_dim[c] as usize]) * ab[b * 2 * cols + cols + c];
         }
-        qb[b * hq + h * g + gi] = s;
+        qb[obase + gi] = s;
     }
 }
 
@@ -561,9 +570,14 @@ pub fn fourier_split<E: Float>(
                         let mut vs = 0.0f32.runtime();
                         if n0 + k < n_freq {
                             let (ca, sa) = basis((n0 + k) as u32, base as u32, window);
-                            let row = (b * hq + h * g + gi) * two_n;
-                            let pcv = pc[row + n0 + k];
-                            let psv = pc[row + n_freq + n0 + k];
+                            let mut pcv = 0.0f32.runtime();
+                            let mut psv = 0.0f32.runtime();
+                            #[unroll]
+                            for part in 0..PCHUNKS {
+                                let row = ((part * batch + b) * hq + h * g + gi) * two_n;
+                                pcv += pc[row + n0 + k];
+                                psv += pc[row + n_freq + n0 + k];
+                            }
                             vc = pcv * ca + psv * sa;
                             vs = psv * ca - pcv * sa;
                         }
@@ -588,7 +602,12 @@ pub fn fourier_split<E: Float>(
                 let inv_n = 1.0f32 / f32::cast_from(n_freq);
                 #[unroll]
                 for gi in 0..g {
-                    s[gi] += scale * (sp[gi] * inv_n + qb[b * hq + h * g + gi]);
+                    let mut qbs = 0.0f32.runtime();
+                    #[unroll]
+                    for part in 0..PCHUNKS {
+                        qbs += qb[(part * batch + b) * hq + h * g + gi];
+                    }
+                    s[gi] += scale * (sp[gi] * inv_n + qbs);
                 }
             }
         } else if valid {
@@ -805,42 +824,97 @@ pub fn fourier_reduce_spectrum(ml_part: &[f32], sp_part: &[f32], spec: &mut [f32
     }
 }
 
-/// FlashFourierAttention phase 2. Grid `(Hkv, B)`, `tile` threads: merges the `S_x + S_m` partials of each
-/// group member, takes the merged spectrum of [`fourier_reduce_spectrum`] and resolves the spectral middle's compressed value dims
-/// `o[d_c] += a_c/N·Σ_n (P[n]·coef[c, n] + P[N + n]·coef[c, N + n]) + b_c·l_mid` (spectral only) and writes
-/// `o[b, hq, :] = acc/l` in the storage dtype.
+/// Spectral path, value side: for each compressed value dim `d_c` of KV head `h` and query head `hq`,
+/// `vext[b, hq, d_c] = a_c/N·Σ_n' spec[b, hq, n']·coef[b, c, n'] + b_c·l_mid` (0 on the critical dims), with
+/// `l_mid` the head's middle softmax mass relative to its global maximum. Grid `(⌈D/8⌉, Hkv·G, B)`,
+/// 128 threads = 8 dims × 16 lanes over the coefficient rows (coalesced), reduced in shared memory.
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-pub fn fourier_combine<E: Float>(
-    o_part: &[f32],
+#[allow(clippy::too_many_arguments, unused_assignments)]
+pub fn fourier_resolve_values(
     ml_part: &[f32],
     spec: &[f32],
     coef_v: &[f32],
     ab_v: &[f32],
-    vc_off: &[u32],
-    vc_dim: &[u32],
-    o: &mut [E],
+    dmap_v: &[u32],
+    vext: &mut [f32],
     hkv: usize,
+    g: usize,
+    d: usize,
     cvc: usize,
     sx: usize,
     sm: usize,
-    #[comptime] cfg: FlashConfig,
+    n_freq: usize,
 ) {
+    let t = UNIT_POS as usize;
+    let lane = t % 16;
+    let dd = CUBE_POS_X as usize * 8 + t / 16;
+    let hg = CUBE_POS_Y as usize;
+    let h = hg / g;
+    let gi = hg % g;
+    let b = CUBE_POS_Z as usize;
+    let hq = hkv * g;
+    let two_n = 2 * n_freq;
+    let mut red = Shared::<[f32]>::new_slice(129usize);
+    if t == 0 {
+        let pbase = (b * hkv + h) * (sx + sm);
+        let mut m = NEG.runtime();
+        for sp in 0..sx + sm {
+            m = max(m, ml_part[((pbase + sp) * g + gi) * 2]);
+        }
+        let mut l_mid = 0.0f32.runtime();
+        for sp in sx..sx + sm {
+            l_mid += split_weight(ml_part[((pbase + sp) * g + gi) * 2], m) * ml_part[((pbase + sp) * g + gi) * 2 + 1];
+        }
+        red[128] = l_mid;
+    }
+    let mut acc = 0.0f32.runtime();
+    let mut col = NONE.runtime();
+    if dd < d {
+        col = dmap_v[h * d + dd];
+        if col < CRIT {
+            let cbase = (b * cvc + col as usize) * two_n;
+            let sbase = (b * hq + hg) * two_n;
+            for i in 0..(two_n + 15) / 16 {
+                let nn = i * 16 + lane;
+                if nn < two_n {
+                    acc += spec[sbase + nn] * coef_v[cbase + nn];
+                }
+            }
+        }
+    }
+    red[t] = acc;
+    sync_cube();
+    if lane == 0 && dd < d {
+        let mut sum = 0.0f32.runtime();
+        for i in 0..16 {
+            sum += red[t + i];
+        }
+        let mut val = 0.0f32.runtime();
+        if col < CRIT {
+            let c = col as usize;
+            val = ab_v[b * 2 * cvc + c] * sum / f32::cast_from(n_freq) + ab_v[b * 2 * cvc + cvc + c] * red[128];
+        }
+        vext[(b * hq + hg) * d + dd] = val;
+    }
+}
+
+/// FlashFourierAttention phase 2. Grid `(Hkv, B)`, `tile` threads: merges the `S_x + S_m` partials of each
+/// group member (weights `exp(m_s − M)`), adds the spectral middle's compressed value dims from
+/// [`fourier_resolve_values`] (spectral only) and writes `o[b, hq, :] = acc/l` in the storage dtype.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn fourier_combine<E: Float>(o_part: &[f32], ml_part: &[f32], vext: &[f32], o: &mut [E], hkv: usize, sx: usize, sm: usize, #[comptime] cfg: FlashConfig) {
     let g = cfg.g;
     let d = cfg.d;
     let tile = cfg.tile;
-    let n_freq = cfg.n_freq;
-    let two_n = comptime![2 * cfg.n_freq];
     let t = UNIT_POS as usize;
     let h = CUBE_POS_X as usize;
     let b = CUBE_POS_Y as usize;
     let hq = hkv * g;
     let s_total = sx + sm;
     let pbase = (b * hkv + h) * s_total;
-
     let mut mx = Array::<f32>::new(g);
     let mut lt = Array::<f32>::new(g);
-    let mut lm = Array::<f32>::new(g);
     #[unroll]
     for gi in 0..g {
         let mut m = NEG.runtime();
@@ -848,20 +922,12 @@ pub fn fourier_combine<E: Float>(
             m = max(m, ml_part[((pbase + sp) * g + gi) * 2]);
         }
         let mut l = 0.0f32.runtime();
-        let mut l_mid = 0.0f32.runtime();
         for sp in 0..s_total {
-            let w = split_weight(ml_part[((pbase + sp) * g + gi) * 2], m) * ml_part[((pbase + sp) * g + gi) * 2 + 1];
-            l += w;
-            if sp >= sx {
-                l_mid += w;
-            }
+            l += split_weight(ml_part[((pbase + sp) * g + gi) * 2], m) * ml_part[((pbase + sp) * g + gi) * 2 + 1];
         }
         mx[gi] = m;
         lt[gi] = l;
-        lm[gi] = l_mid;
     }
-    let mut o_s = Shared::<[f32]>::new_slice(comptime![cfg.g * cfg.d]);
-    let mut pf_s = Shared::<[f32]>::new_slice(comptime![cfg.g * 2 * FCHUNK]);
     for i in 0..comptime![(cfg.g * cfg.d).div_ceil(cfg.tile)] {
         let idx = i * tile + t;
         if idx < g * d {
@@ -871,77 +937,10 @@ pub fn fourier_combine<E: Float>(
                 let w = split_weight(ml_part[((pbase + sp) * g + gi) * 2], mx[gi]);
                 acc += w * o_part[(pbase + sp) * g * d + idx];
             }
-            o_s[idx] = acc;
-        }
-    }
-    if comptime![cfg.spectral] {
-        let c0 = vc_off[h] as usize;
-        let c1 = vc_off[h + 1] as usize;
-        let cpt = comptime![cfg.d.div_ceil(cfg.tile)];
-        let mut dots = Array::<f32>::new(comptime![cfg.g * cfg.d.div_ceil(cfg.tile)]);
-        #[unroll]
-        for e in 0..g * cpt {
-            dots[e] = 0.0;
-        }
-        for ch in 0..comptime![cfg.n_freq.div_ceil(FCHUNK)] {
-            let n0 = ch * FCHUNK;
-            sync_cube();
-            for i in 0..comptime![(cfg.g * 2 * FCHUNK).div_ceil(cfg.tile)] {
-                let idx = i * tile + t;
-                if idx < g * 2 * FCHUNK {
-                    let gi = idx / (2 * FCHUNK);
-                    let k = idx % (2 * FCHUNK);
-                    let mut nn = n0 + k;
-                    if k >= FCHUNK {
-                        nn = n_freq + n0 + k - FCHUNK;
-                    }
-                    let mut v = 0.0f32.runtime();
-                    if n0 + k % FCHUNK < n_freq {
-                        v = spec[((b * hkv + h) * g + gi) * two_n + nn];
-                    }
-                    pf_s[idx] = v;
-                }
+            if comptime![cfg.spectral] {
+                acc += vext[(b * hq + h * g) * d + idx];
             }
-            sync_cube();
-            let nc_here = min(FCHUNK, n_freq - n0);
-            #[unroll]
-            for kk in 0..cpt {
-                let c = c0 + kk * tile + t;
-                if c < c1 {
-                    let cbase = (b * cvc + c) * two_n;
-                    for k in 0..nc_here {
-                        let cc = coef_v[cbase + n0 + k];
-                        let cs = coef_v[cbase + n_freq + n0 + k];
-                        #[unroll]
-                        for gi in 0..g {
-                            dots[gi * cpt + kk] += pf_s[gi * 2 * FCHUNK + k] * cc + pf_s[gi * 2 * FCHUNK + FCHUNK + k] * cs;
-                        }
-                    }
-                }
-            }
-        }
-        sync_cube();
-        let inv_n = 1.0f32 / f32::cast_from(n_freq);
-        #[unroll]
-        for kk in 0..cpt {
-            let c = c0 + kk * tile + t;
-            if c < c1 {
-                let dd = vc_dim[c] as usize;
-                let a = ab_v[b * 2 * cvc + c];
-                let bb = ab_v[b * 2 * cvc + cvc + c];
-                #[unroll]
-                for gi in 0..g {
-                    o_s[gi * d + dd] += a * inv_n * dots[gi * cpt + kk] + bb * lm[gi];
-                }
-            }
-        }
-    }
-    sync_cube();
-    for i in 0..comptime![(cfg.g * cfg.d).div_ceil(cfg.tile)] {
-        let idx = i * tile + t;
-        if idx < g * d {
-            let gi = idx / d;
-            o[(b * hq + h * g) * d + idx] = E::cast_from(o_s[idx] / lt[gi]);
+            o[(b * hq + h * g) * d + idx] = E::cast_from(acc / lt[gi]);
         }
     }
 }
