@@ -361,7 +361,7 @@ impl FourierLayerCache {
         if (hw.max_units_per_cube as usize) < tile {
             return Err(Error::DeviceLimit(format!("needs {tile} units per cube")));
         }
-        let smem = 4 * (2 * g * d + 2 * g * tile + g * 2 * kvsqueeze_kernels::fourier::FCHUNK);
+        let smem = 4 * (2 * g * d + 2 * g * tile + g * 2 * cfg.n_freq);
         if smem > hw.max_shared_memory_size {
             return Err(Error::DeviceLimit(format!("needs {smem} B of shared memory, the device has {}", hw.max_shared_memory_size)));
         }
@@ -771,7 +771,7 @@ impl FourierLayerCache {
             if len == 0 {
                 return (0, tile);
             }
-            let want = (8 * sms).div_ceil(base_cubes).min(len.div_ceil(tile)).max(1);
+            let want = (8 * sms).div_ceil(base_cubes).min(len.div_ceil(tile)).clamp(1, kvsqueeze_kernels::fourier::MAX_SPLITS / 2);
             let chunk = len.div_ceil(want).div_ceil(tile) * tile;
             (len.div_ceil(chunk), chunk)
         };
@@ -843,7 +843,7 @@ impl FourierLayerCache {
                         arg(&ml_part, ml_len), arg(&spec, spec_len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc), arg(&self.tab.dmap_v, hkv * d),
                         arg(&vext, vext_len), hkv, g, d, cvc, sx, sm, n);
                 }
-                fourier_combine::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, bsz as u32, 1), dim,
+                fourier_combine::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, (bsz * g) as u32, 1), dim,
                     arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&vext, vext_len), arg(&out.handle, out.buffer_len), hkv, sx, sm, fcfg);
             })
         }

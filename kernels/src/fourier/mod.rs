@@ -495,7 +495,8 @@ pub fn fourier_split<E: Float>(
     let mut acc_s = Shared::<[f32]>::new_slice(comptime![cfg.g * cfg.d]);
     let mut p_s = Shared::<[f32]>::new_slice(comptime![cfg.g * cfg.tile]);
     let mut red = Shared::<[f32]>::new_slice(comptime![cfg.g * cfg.tile]);
-    let mut pf_s = Shared::<[f32]>::new_slice(comptime![cfg.g * 2 * FCHUNK]);
+    // Spectral: the group's query projections, rotated to the current tile's start angle.
+    let mut pf_s = Shared::<[f32]>::new_slice(comptime![if cfg.spectral { cfg.g * 2 * cfg.n_freq } else { 1 }]);
     let qbase = (b * hq + h * g) * d;
     for i in 0..comptime![(cfg.g * cfg.d).div_ceil(cfg.tile)] {
         let idx = i * tile + t;
@@ -531,6 +532,28 @@ pub fn fourier_split<E: Float>(
     let vn0 = vn_off[h] as usize;
     let vn1 = vn_off[h + 1] as usize;
 
+    if spectral_mid {
+        // pf[g, n] = the projections (summed over the column slices) rotated by the chunk's start angle ωn·start.
+        for i in 0..comptime![(cfg.g * cfg.n_freq).div_ceil(cfg.tile)] {
+            let idx = i * tile + t;
+            if idx < g * n_freq {
+                let gi = idx / n_freq;
+                let n = idx % n_freq;
+                let mut pcv = 0.0f32.runtime();
+                let mut psv = 0.0f32.runtime();
+                #[unroll]
+                for part in 0..PCHUNKS {
+                    let row = ((part * batch + b) * hq + h * g + gi) * two_n;
+                    pcv += pc[row + n];
+                    psv += pc[row + n_freq + n];
+                }
+                let (ca, sa) = basis(n as u32, start as u32, window);
+                pf_s[gi * two_n + n] = pcv * ca + psv * sa;
+                pf_s[gi * two_n + n_freq + n] = psv * ca - pcv * sa;
+            }
+        }
+        sync_cube();
+    }
     for ti in 0..n_tiles {
         let base = start + ti * tile;
         let j = base + t;
@@ -556,45 +579,15 @@ pub fn fourier_split<E: Float>(
             for gi in 0..g {
                 sp[gi] = 0.0;
             }
-            // t = base + i: the projections are rotated by the tile's start angle ωn·base once per tile, then
-            // every token needs only the fixed tile basis (cos, sin)(ωn·i) from the table.
-            for ch in 0..comptime![cfg.n_freq.div_ceil(FCHUNK)] {
-                let n0 = ch * FCHUNK;
-                sync_cube();
-                for i in 0..comptime![(cfg.g * FCHUNK).div_ceil(cfg.tile)] {
-                    let idx = i * tile + t;
-                    if idx < g * FCHUNK {
-                        let gi = idx / FCHUNK;
-                        let k = idx % FCHUNK;
-                        let mut vc = 0.0f32.runtime();
-                        let mut vs = 0.0f32.runtime();
-                        if n0 + k < n_freq {
-                            let (ca, sa) = basis((n0 + k) as u32, base as u32, window);
-                            let mut pcv = 0.0f32.runtime();
-                            let mut psv = 0.0f32.runtime();
-                            #[unroll]
-                            for part in 0..PCHUNKS {
-                                let row = ((part * batch + b) * hq + h * g + gi) * two_n;
-                                pcv += pc[row + n0 + k];
-                                psv += pc[row + n_freq + n0 + k];
-                            }
-                            vc = pcv * ca + psv * sa;
-                            vs = psv * ca - pcv * sa;
-                        }
-                        pf_s[gi * 2 * FCHUNK + k] = vc;
-                        pf_s[gi * 2 * FCHUNK + FCHUNK + k] = vs;
-                    }
-                }
-                sync_cube();
-                if valid {
-                    let nc_here = min(FCHUNK, n_freq - n0);
-                    for k in 0..nc_here {
-                        let bc = tab[(n0 + k) * tile + t];
-                        let bs = tab[(n_freq + n0 + k) * tile + t];
-                        #[unroll]
-                        for gi in 0..g {
-                            sp[gi] += pf_s[gi * 2 * FCHUNK + k] * bc + pf_s[gi * 2 * FCHUNK + FCHUNK + k] * bs;
-                        }
+            // t = base + i: the projections are already rotated to the tile's start angle ωn·base, so every
+            // token needs only the fixed tile basis (cos, sin)(ωn·i) of the table.
+            if valid {
+                for n in 0..n_freq {
+                    let bc = tab[n * tile + t];
+                    let bs = tab[(n_freq + n) * tile + t];
+                    #[unroll]
+                    for gi in 0..g {
+                        sp[gi] += pf_s[gi * two_n + n] * bc + pf_s[gi * two_n + n_freq + n] * bs;
                     }
                 }
             }
@@ -658,6 +651,23 @@ pub fn fourier_split<E: Float>(
         }
         sync_cube();
         if spectral_mid {
+            // Advance the staged projections to the next tile: rotate by ωn·tile = ωn·(tile − 1) + ωn·1 (both in
+            // the table; every thread has finished this tile's score reads at the barrier above).
+            for i in 0..comptime![(cfg.g * cfg.n_freq).div_ceil(cfg.tile)] {
+                let idx = i * tile + t;
+                if idx < g * n_freq {
+                    let gi = idx / n_freq;
+                    let n = idx % n_freq;
+                    let (c1, s1) = (tab[n * tile + 1], tab[(n_freq + n) * tile + 1]);
+                    let (ce, se) = (tab[n * tile + tile - 1], tab[(n_freq + n) * tile + tile - 1]);
+                    let cs = ce * c1 - se * s1;
+                    let sn = se * c1 + ce * s1;
+                    let pcv = pf_s[gi * two_n + n];
+                    let psv = pf_s[gi * two_n + n_freq + n];
+                    pf_s[gi * two_n + n] = pcv * cs + psv * sn;
+                    pf_s[gi * two_n + n_freq + n] = psv * cs - pcv * sn;
+                }
+            }
             // Critical value dims: thread = critical column of this head.
             for i in 0..comptime![cfg.d.div_ceil(cfg.tile)] {
                 let cc = vn0 + i * tile + t;
@@ -799,6 +809,58 @@ fn split_weight(m: f32, m_max: f32) -> f32 {
     w
 }
 
+/// Most splits [`head_weights`] handles (the host keeps `S_x + S_m` at or below it).
+pub const MAX_SPLITS: usize = 1024;
+
+/// For one query head (partials at `ml_part[((pbase + s)·G + gi)·2]`): stores `w[s] = exp(m_s − M)` for every
+/// split `s < s_total` in shared memory and returns `(Σ_s w_s·l_s, Σ_{s ≥ sx} w_s·l_s)`, cooperatively over the
+/// cube's `tile` threads (`red` holds `2·tile` floats). Every thread gets the sums.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn head_weights(ml_part: &[f32], pbase: usize, g: usize, gi: usize, sx: usize, s_total: usize, w: &mut Shared<[f32]>, red: &mut Shared<[f32]>, #[comptime] tile: usize) -> (f32, f32) {
+    let t = UNIT_POS as usize;
+    let rounds = (s_total + tile - 1) / tile;
+    let mut m = NEG.runtime();
+    for r in 0..rounds {
+        let sp = r * tile + t;
+        if sp < s_total {
+            m = max(m, ml_part[((pbase + sp) * g + gi) * 2]);
+        }
+    }
+    red[t] = m;
+    sync_cube();
+    let mut mx = NEG.runtime();
+    for i in 0..tile {
+        mx = max(mx, red[i]);
+    }
+    sync_cube();
+    let mut lt = 0.0f32.runtime();
+    let mut lm = 0.0f32.runtime();
+    for r in 0..rounds {
+        let sp = r * tile + t;
+        if sp < s_total {
+            let wt = split_weight(ml_part[((pbase + sp) * g + gi) * 2], mx);
+            w[sp] = wt;
+            let l = wt * ml_part[((pbase + sp) * g + gi) * 2 + 1];
+            lt += l;
+            if sp >= sx {
+                lm += l;
+            }
+        }
+    }
+    red[t] = lt;
+    red[tile + t] = lm;
+    sync_cube();
+    let mut a = 0.0f32.runtime();
+    let mut bm = 0.0f32.runtime();
+    for i in 0..tile {
+        a += red[i];
+        bm += red[tile + i];
+    }
+    sync_cube();
+    (a, bm)
+}
+
 /// Spectral path: merges the middle splits' frequency accumulators of each query head, weighted relative to the
 /// head's global maximum: `spec[b, hq, n'] = Σ_{s ≥ S_x} exp(m_s − M)·sp_part[s, g, n']`.
 /// Grid `(⌈2N/tile⌉, Hkv·G, B)`, thread = coefficient row `n'`.
@@ -810,15 +872,14 @@ pub fn fourier_reduce_spectrum(ml_part: &[f32], sp_part: &[f32], spec: &mut [f32
     let gi = CUBE_POS_Y as usize % g;
     let b = CUBE_POS_Z as usize;
     let pbase = (b * hkv + h) * (sx + sm);
+    let mut w = Shared::<[f32]>::new_slice(MAX_SPLITS);
+    let mut red = Shared::<[f32]>::new_slice(comptime![2 * tile]);
+    let _sums = head_weights(ml_part, pbase, g, gi, sx, sx + sm, &mut w, &mut red, tile);
     if nn < two_n {
-        let mut m = NEG.runtime();
-        for sp in 0..sx + sm {
-            m = max(m, ml_part[((pbase + sp) * g + gi) * 2]);
-        }
         let mut acc = 0.0f32.runtime();
+        let rowbase = ((b * hkv + h) * sm * g + gi) * two_n + nn;
         for sp in 0..sm {
-            let w = split_weight(ml_part[((pbase + sx + sp) * g + gi) * 2], m);
-            acc += w * sp_part[(((b * hkv + h) * sm + sp) * g + gi) * two_n + nn];
+            acc += w[sx + sp] * sp_part[rowbase + sp * g * two_n];
         }
         spec[((b * hkv + h) * g + gi) * two_n + nn] = acc;
     }
@@ -854,19 +915,9 @@ pub fn fourier_resolve_values(
     let b = CUBE_POS_Z as usize;
     let hq = hkv * g;
     let two_n = 2 * n_freq;
-    let mut red = Shared::<[f32]>::new_slice(129usize);
-    if t == 0 {
-        let pbase = (b * hkv + h) * (sx + sm);
-        let mut m = NEG.runtime();
-        for sp in 0..sx + sm {
-            m = max(m, ml_part[((pbase + sp) * g + gi) * 2]);
-        }
-        let mut l_mid = 0.0f32.runtime();
-        for sp in sx..sx + sm {
-            l_mid += split_weight(ml_part[((pbase + sp) * g + gi) * 2], m) * ml_part[((pbase + sp) * g + gi) * 2 + 1];
-        }
-        red[128] = l_mid;
-    }
+    let mut w = Shared::<[f32]>::new_slice(MAX_SPLITS);
+    let mut red = Shared::<[f32]>::new_slice(256usize);
+    let (_lt, l_mid) = head_weights(ml_part, (b * hkv + h) * (sx + sm), g, gi, sx, sx + sm, &mut w, &mut red, 128usize);
     let mut acc = 0.0f32.runtime();
     let mut col = NONE.runtime();
     if dd < d {
@@ -892,13 +943,13 @@ pub fn fourier_resolve_values(
         let mut val = 0.0f32.runtime();
         if col < CRIT {
             let c = col as usize;
-            val = ab_v[b * 2 * cvc + c] * sum / f32::cast_from(n_freq) + ab_v[b * 2 * cvc + cvc + c] * red[128];
+            val = ab_v[b * 2 * cvc + c] * sum / f32::cast_from(n_freq) + ab_v[b * 2 * cvc + cvc + c] * l_mid;
         }
         vext[(b * hq + hg) * d + dd] = val;
     }
 }
 
-/// FlashFourierAttention phase 2. Grid `(Hkv, B)`, `tile` threads: merges the `S_x + S_m` partials of each
+/// FlashFourierAttention phase 2. Grid `(Hkv, B·G)`, `tile` threads (one query head per cube): merges the `S_x + S_m` partials of each
 /// group member (weights `exp(m_s − M)`), adds the spectral middle's compressed value dims from
 /// [`fourier_resolve_values`] (spectral only) and writes `o[b, hq, :] = acc/l` in the storage dtype.
 #[cube(launch_unchecked)]
@@ -909,38 +960,26 @@ pub fn fourier_combine<E: Float>(o_part: &[f32], ml_part: &[f32], vext: &[f32], 
     let tile = cfg.tile;
     let t = UNIT_POS as usize;
     let h = CUBE_POS_X as usize;
-    let b = CUBE_POS_Y as usize;
+    let b = CUBE_POS_Y as usize / g;
+    let gi = CUBE_POS_Y as usize % g;
     let hq = hkv * g;
     let s_total = sx + sm;
     let pbase = (b * hkv + h) * s_total;
-    let mut mx = Array::<f32>::new(g);
-    let mut lt = Array::<f32>::new(g);
-    #[unroll]
-    for gi in 0..g {
-        let mut m = NEG.runtime();
-        for sp in 0..s_total {
-            m = max(m, ml_part[((pbase + sp) * g + gi) * 2]);
-        }
-        let mut l = 0.0f32.runtime();
-        for sp in 0..s_total {
-            l += split_weight(ml_part[((pbase + sp) * g + gi) * 2], m) * ml_part[((pbase + sp) * g + gi) * 2 + 1];
-        }
-        mx[gi] = m;
-        lt[gi] = l;
-    }
-    for i in 0..comptime![(cfg.g * cfg.d).div_ceil(cfg.tile)] {
-        let idx = i * tile + t;
-        if idx < g * d {
-            let gi = idx / d;
+    let mut w = Shared::<[f32]>::new_slice(MAX_SPLITS);
+    let mut red = Shared::<[f32]>::new_slice(comptime![2 * cfg.tile]);
+    let (lt, _lm) = head_weights(ml_part, pbase, g, gi, sx, s_total, &mut w, &mut red, tile);
+    for i in 0..comptime![cfg.d.div_ceil(cfg.tile)] {
+        let dd = i * tile + t;
+        if dd < d {
             let mut acc = 0.0f32.runtime();
+            let ob = (pbase * g + gi) * d + dd;
             for sp in 0..s_total {
-                let w = split_weight(ml_part[((pbase + sp) * g + gi) * 2], mx[gi]);
-                acc += w * o_part[(pbase + sp) * g * d + idx];
+                acc += w[sp] * o_part[ob + sp * g * d];
             }
             if comptime![cfg.spectral] {
-                acc += vext[(b * hq + h * g) * d + idx];
+                acc += vext[(b * hq + h * g + gi) * d + dd];
             }
-            o[(b * hq + h * g) * d + idx] = E::cast_from(acc / lt[gi]);
+            o[(b * hq + h * g + gi) * d + dd] = E::cast_from(acc / lt);
         }
     }
 }
