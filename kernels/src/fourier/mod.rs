@@ -582,7 +582,26 @@ pub fn fourier_split<E: Float>(
             // t = base + i: the projections are already rotated to the tile's start angle ωn·base, so every
             // token needs only the fixed tile basis (cos, sin)(ωn·i) of the table.
             if valid {
-                for n in 0..n_freq {
+                // Four frequencies per round: their table loads are issued together.
+                for n4 in 0..comptime![cfg.n_freq / 4] {
+                    let mut bc = Array::<f32>::new(4usize);
+                    let mut bs = Array::<f32>::new(4usize);
+                    #[unroll]
+                    for u in 0..4usize {
+                        let n = n4 * 4 + u;
+                        bc[u] = tab[n * tile + t];
+                        bs[u] = tab[(n_freq + n) * tile + t];
+                    }
+                    #[unroll]
+                    for u in 0..4usize {
+                        let n = n4 * 4 + u;
+                        #[unroll]
+                        for gi in 0..g {
+                            sp[gi] += pf_s[gi * two_n + n] * bc[u] + pf_s[gi * two_n + n_freq + n] * bs[u];
+                        }
+                    }
+                }
+                for n in comptime![cfg.n_freq / 4 * 4]..n_freq {
                     let bc = tab[n * tile + t];
                     let bs = tab[(n_freq + n) * tile + t];
                     #[unroll]
@@ -705,7 +724,27 @@ pub fn fourier_split<E: Float>(
                         u[gi] = 0.0;
                         wv[gi] = 0.0;
                     }
-                    for k in 0..nvalid {
+                    for k4 in 0..nvalid / 4 {
+                        let mut bc = Array::<f32>::new(4usize);
+                        let mut bs = Array::<f32>::new(4usize);
+                        #[unroll]
+                        for e in 0..4usize {
+                            let k = k4 * 4 + e;
+                            bc[e] = tab[ttab + k * n_freq + n];
+                            bs[e] = tab[ttab + (tile + k) * n_freq + n];
+                        }
+                        #[unroll]
+                        for e in 0..4usize {
+                            let k = k4 * 4 + e;
+                            #[unroll]
+                            for gi in 0..g {
+                                let p = p_s[gi * tile + k];
+                                u[gi] += p * bc[e];
+                                wv[gi] += p * bs[e];
+                            }
+                        }
+                    }
+                    for k in nvalid / 4 * 4..nvalid {
                         let bc = tab[ttab + k * n_freq + n];
                         let bs = tab[ttab + (tile + k) * n_freq + n];
                         #[unroll]
