@@ -1,7 +1,7 @@
 //! Dense decode attention with GQA, split-KV (flash-decoding), and the optional per-slot attention mass.
 //!
 //! [`decode_attention`] validates everything, then launches (crate-private, "assumes validated")
-//! [`launch_unchecked`]. Shapes:
+//! `launch_unchecked`. Shapes:
 //! - `q`: `[B, Lq, Hq, D]`, contiguous; query row `i` of sequence `b` sits at position `lens[b] − Lq + i` and
 //!   attends keys `0..=lens[b] − Lq + i` (causal offset; `Lq = 1` is plain decode);
 //! - `k`, `v`: `[B, Hkv, L_cap, D]`, any strides with a unit innermost stride (views of a larger cache buffer

@@ -203,7 +203,7 @@ pub fn compare(client: &Client, s: &Stream, opts: &CompareOptions, progress: &mu
                         let kept = cache.kept_positions()?;
                         for h in 0..hkv {
                             let mass: f64 = kept[0][h].iter().map(|&p| dense_p[si][h][p]).sum();
-                            kl_sum += -mass.ln();
+                            kl_sum += (-mass.ln()).max(0.0);
                             kl_n += 1;
                         }
                     }

@@ -197,6 +197,23 @@ impl FourierDims {
         Self::from_critical(hkv, d, k_crit, v_crit).map_err(|_| bad("critical lists are not sorted".into()))
     }
 
+    /// Calibrates the lists on captured keys and values (spec §1.6, [`kvsqueeze_reference::fourier::calibrate`]):
+    /// each sample is `[L][Hkv·D]` (all heads' columns of one layer, token-major), the columns with the lowest
+    /// renormalised reconstruction error from `n_freq` frequencies are compressed, `fractions = (K, V)` of them
+    /// (the paper's schedule: [`kvsqueeze_reference::fourier::paper_fraction`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn calibrate(k_samples: &[Vec<Vec<f64>>], v_samples: &[Vec<Vec<f64>>], hkv: usize, d: usize, l_init: usize, l_local: usize, n_freq: usize, fractions: (f64, f64)) -> Result<Self, Error> {
+        let wide = |s: &[Vec<Vec<f64>>]| s.iter().all(|x| x.iter().all(|r| r.len() == hkv * d));
+        if !wide(k_samples) || !wide(v_samples) {
+            return Err(Error::Config("calibration samples must be [L][Hkv·D]"));
+        }
+        let crit = |samples: &[Vec<Vec<f64>>], f: f64| -> Vec<Vec<usize>> {
+            let comp = kvsqueeze_reference::fourier::calibrate(samples, l_init, l_local, n_freq, f);
+            (0..hkv).map(|h| (0..d).filter(|&j| !comp.contains(&(h * d + j))).collect()).collect()
+        };
+        Self::from_critical(hkv, d, crit(k_samples, fractions.0), crit(v_samples, fractions.1))
+    }
+
     /// Compressed fraction of the K and V columns.
     pub fn compressed_fraction(&self) -> (f64, f64) {
         let tot = (self.hkv * self.d) as f64;
@@ -848,5 +865,30 @@ impl FourierLayerCache {
             })
         }
         Ok(out)
+    }
+}
+
+/// The common cache interface: a step appends the token (post-RoPE keys) and attends by the spectral path with
+/// scale `1/√D`. FourierAttention keeps every token, so the kept positions are all of them and the capacity is
+/// `l_init + T + l_local` per sequence.
+impl crate::policy::CompressedKvCache for FourierLayerCache {
+    fn step(&mut self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<DeviceTensor, Error> {
+        // Validate the query before the append so that a bad query leaves the cache unchanged.
+        let (bsz, hq, d) = (self.cfg.batch, self.cfg.hq, self.cfg.dims.d);
+        self.check_tensor("q", q, vec![bsz, 1, hq, d])?;
+        self.append(k, v)?;
+        self.attend(q, 1.0 / (d as f32).sqrt(), FourierPath::Spectral)
+    }
+    fn len(&self) -> usize {
+        self.seqs.iter().map(|s| s.count).max().unwrap_or(0)
+    }
+    fn capacity(&self) -> usize {
+        self.cfg.l_init + self.cfg.window + self.cfg.l_local
+    }
+    fn physical_bytes(&self) -> usize {
+        FourierLayerCache::physical_bytes(self)
+    }
+    fn kept_positions(&self) -> Result<Vec<Vec<Vec<usize>>>, Error> {
+        Ok(self.seqs.iter().map(|s| vec![(0..s.count).collect(); self.cfg.dims.hkv]).collect())
     }
 }

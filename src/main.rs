@@ -144,7 +144,7 @@ fn main() {
     match result {
         Ok(()) => {}
         Err(Fail::Usage(e)) => {
-            eprintln!("error: {e}\n{USAGE}");
+            eprintln!("error: {e} (usage: `kvsqueeze help`)");
             std::process::exit(2);
         }
         Err(Fail::Refused(e)) => {

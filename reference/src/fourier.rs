@@ -427,3 +427,56 @@ impl<T: Real> FourierCache<T> {
         out
     }
 }
+
+/// Calibration score of spec §1.6: for each column of a captured middle `mid: [L_mid][C]`, the mean squared
+/// error of its renormalised reconstruction from `n` frequencies over the window `T = L_mid` (the official
+/// search's choice).
+pub fn column_mse(mid: &[Vec<f64>], n: usize) -> Vec<f64> {
+    let (l, c) = (mid.len(), mid.first().map_or(0, Vec::len));
+    if l == 0 || c == 0 {
+        return vec![0.0; c];
+    }
+    let s = transform(mid, (0..c).collect(), n, l);
+    let mut err = vec![0.0; c];
+    for (t, row) in mid.iter().enumerate() {
+        for (e, (x, y)) in err.iter_mut().zip(row.iter().zip(s.reconstruct(t, n, l))) {
+            *e += (x - y) * (x - y);
+        }
+    }
+    err.iter().map(|e| e / l as f64).collect()
+}
+
+/// The paper's compressed fractions `(K, V)` for layer `layer` of `n_layers` (spec §1.6): 0.90/0.95 in the first
+/// four layers, 0.50/0.70 in the last eight, 0.80/0.80 elsewhere.
+pub fn paper_fraction(layer: usize, n_layers: usize) -> (f64, f64) {
+    if layer < 4 {
+        (0.90, 0.95)
+    } else if layer + 8 >= n_layers {
+        (0.50, 0.70)
+    } else {
+        (0.80, 0.80)
+    }
+}
+
+/// Chooses the compressed columns of one layer's K or V (spec §1.6): each captured sample `[L][C]` (all heads'
+/// columns, `C = Hkv·D`) is split into init / middle / local, the per-column reconstruction MSE of the middle is
+/// averaged over samples, and the `⌊fraction·C⌋` columns with the lowest error are compressed. Returns them
+/// sorted (global column ids). Samples whose middle is empty are skipped.
+pub fn calibrate(samples: &[Vec<Vec<f64>>], l_init: usize, l_local: usize, n: usize, fraction: f64) -> Vec<usize> {
+    let c = samples.iter().find_map(|s| s.first().map(Vec::len)).unwrap_or(0);
+    let mut score = vec![0.0; c];
+    for s in samples {
+        if s.len() <= l_init + l_local {
+            continue;
+        }
+        for (a, e) in score.iter_mut().zip(column_mse(&s[l_init..s.len() - l_local], n)) {
+            *a += e;
+        }
+    }
+    let mut order: Vec<usize> = (0..c).collect();
+    order.sort_by(|&a, &b| score[a].total_cmp(&score[b]).then(a.cmp(&b)));
+    let k = ((fraction.clamp(0.0, 1.0) * c as f64).floor() as usize).min(c);
+    let mut chosen = order[..k].to_vec();
+    chosen.sort_unstable();
+    chosen
+}

@@ -280,3 +280,33 @@ fn fourier_random_walk_sanity() {
     assert!(rel < 0.5, "{rel}");
     let _ = basis(1, 1, 2);
 }
+
+/// Calibration (spec §1.6) compresses the smooth columns and keeps the rough ones: half of the columns are
+/// slow random walks, half white noise, and a fraction of one half must select exactly the walks.
+#[test]
+fn calibration_picks_smooth_columns() {
+    use kvsqueeze_reference::fourier::calibrate;
+    use kvsqueeze_reference::testing::Rng;
+    let (l, c) = (300, 16);
+    let mut rng = Rng(99);
+    let smooth: Vec<bool> = (0..c).map(|j| (j * 7) % 3 != 0).collect();
+    let n_smooth = smooth.iter().filter(|&&s| s).count();
+    let mut walk = rng.vec(c, 1.0);
+    let samples: Vec<Vec<Vec<f64>>> = (0..2)
+        .map(|_| {
+            (0..l)
+                .map(|_| {
+                    (0..c)
+                        .map(|j| {
+                            walk[j] += 0.02 * rng.uniform();
+                            if smooth[j] { walk[j] } else { rng.uniform() }
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let chosen = calibrate(&samples, 4, 20, 16, n_smooth as f64 / c as f64);
+    let want: Vec<usize> = (0..c).filter(|&j| smooth[j]).collect();
+    assert_eq!(chosen, want);
+}
