@@ -23,7 +23,7 @@ for b in "$BIN"/bench-*; do
 done
 for t in $([ "${SKIP_TESTS:-0}" = 1 ] || ls "$BIN"/test-* 2>/dev/null); do
   name=$(basename "$t")
-  timeout "${TEST_TIMEOUT:-400}" "$t" --test-threads=1 ${TEST_ARGS:-} > "$OUT/$name.log" 2>&1; rc=$?
+  timeout "${TEST_TIMEOUT:-400}" "$t" --test-threads=${TEST_THREADS:-1} ${TEST_ARGS:-} > "$OUT/$name.log" 2>&1; rc=$?
   summary+=("$name rc=$rc: $(grep -E '^test result' "$OUT/$name.log" | tail -1) ($(grep -c ' ok$' "$OUT/$name.log") ok lines)")
 done
 echo "=== summary ==="
