@@ -20,7 +20,7 @@ use crate::tensor::{with_float_type, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::prelude::*;
-use kvsqueeze_kernels::policy::{policy_append, policy_step, Rule, FREE};
+use kvsqueeze_kernels::policy::{policy_append, policy_install, policy_step, treekv_block_scan, treekv_block_scores, Rule, FREE};
 pub use kvsqueeze_reference::policy::{Layout, Policy};
 
 /// The common interface of the compressed caches (one layer).
@@ -96,6 +96,10 @@ pub struct PolicyCache {
     mass: Option<DeviceTensor>,
     /// Tokens streamed so far (all sequences step together).
     seen: usize,
+    /// Entries held per (sequence, KV head).
+    filled: usize,
+    /// Evictions so far (TreeKV's pointer).
+    evictions: usize,
 }
 
 fn rule(p: Policy) -> Rule {
@@ -157,6 +161,8 @@ impl PolicyCache {
             free: zeros(&[batch, hkv], DType::U32),
             mass: None,
             seen: 0,
+            filled: 0,
+            evictions: 0,
         })
     }
 
@@ -181,6 +187,81 @@ impl PolicyCache {
         self.v.to_host_f64(&self.client)
     }
 
+    /// TreeKV's block-level prefill on the device (spec §2.4; reference `treekv::prefill_blocks`) into an empty
+    /// TreeKV cache: the prompt `k, v: [B, Hkv, L, D]` (every sequence `L` tokens; pre-RoPE when the cache has
+    /// RoPE) is cut into blocks of `block` tokens from the start; the last (possibly partial) block is the
+    /// observation window, whose queries `q_obs: [B, w, Hq, D]` (`w = L − block·⌊(L−1)/block⌋`) score every other
+    /// block by the mean over its tokens of the window-summed, group-averaged attention (RoPE at true positions when
+    /// the cache has RoPE); the cyclic pair scan keeps `⌊c/block⌋ − 1` of them with these static scores, then the
+    /// window. Kept tokens enter in position order with `S = C = 0`; decode continues with [`CompressedKvCache::step`].
+    /// Returns the block scores `[B, Hkv, nb − 1]` f32 (`None` when every block fits and all `L` tokens are kept).
+    /// Cost: decode attention of the `w` window rows over `L`, a parallel block score, and a sequential scan per
+    /// head of `O(nb·c/block)` steps.
+    pub fn prefill_treekv(&mut self, q_obs: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, block: usize) -> Result<Option<DeviceTensor>, Error> {
+        let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, .. } = self.cfg;
+        let Policy::TreeKv { select_left } = policy else {
+            return Err(Error::Config("prefill_treekv needs a TreeKV cache"));
+        };
+        if self.seen > 0 {
+            return Err(Error::Config("prefill needs an empty cache"));
+        }
+        let l = k.shape.get(2).copied().unwrap_or(0);
+        if l == 0 {
+            return Err(Error::ZeroLength { batch: 0 });
+        }
+        self.check("k", k, vec![batch, hkv, l, d])?;
+        self.check("v", v, vec![batch, hkv, l, d])?;
+        let cap = layout.capacity();
+        if block == 0 || cap / block == 0 {
+            return Err(Error::Config("the block must be at least 1 and at most the budget"));
+        }
+        if l >= 1 << 31 {
+            return Err(Error::Config("prompt too long for u32 positions"));
+        }
+        let nb = l.div_ceil(block);
+        let w = l - block * (nb - 1);
+        self.check("q_obs", q_obs, vec![batch, w, hq, d])?;
+        let keep = cap / block;
+        let c = self.client.clone();
+        let n_kept = if nb <= keep { l } else { (keep - 1) * block + w };
+        let mut acfg = DecodeConfig::new().with_mass(true);
+        if let Some(base) = self.cfg.rope {
+            let q_pos = u32_tensor(&c, &(0..batch * w).map(|i| (l - w + i % w) as u32).collect::<Vec<_>>(), &[batch, w]);
+            let k_pos = u32_tensor(&c, &(0..batch * l).map(|i| (i % l) as u32).collect::<Vec<_>>(), &[batch, l]);
+            acfg = acfg.with_rope(crate::rope::RopeConfig { base, q_pos, k_pos });
+        }
+        let nb1 = nb - 1;
+        let kept = DeviceTensor::filled(&c, &[batch, hkv, cap], DType::U32, 0);
+        let list = DeviceTensor::filled(&c, &[batch, hkv, keep], DType::U32, 0);
+        let scores = if nb <= keep {
+            None
+        } else {
+            let out = decode_attention(&c, q_obs, k, k, &vec![l as u32; batch], &acfg)?;
+            let mass = out.mass.expect("mass requested");
+            Some((DeviceTensor::filled(&c, &[batch, hkv, nb1.max(1)], DType::F32, 0), mass))
+        };
+        let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
+        // SAFETY: `mass` is `[B, Hkv, w, L]`, scores `[B, Hkv, nb−1]`, kept `[B, Hkv, c]` with `n_kept ≤ c`
+        // entries written, rows of `k, v` below `L`, slots below `n_kept ≤ c`.
+        unsafe {
+            let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
+            if let Some((sc, mass)) = &scores {
+                treekv_block_scores::launch_unchecked(&c, CubeCount::Static(nb1.div_ceil(THREADS) as u32, hkv as u32, batch as u32), CubeDim::new_1d(THREADS as u32), b(mass), b(sc), hkv, w, l, block, nb1, THREADS);
+                treekv_block_scan::launch_unchecked(&c, grid.clone(), CubeDim::new_1d(1), b(sc), b(&list), b(&kept), hkv, l, block, nb1, keep, cap, select_left);
+            } else {
+                let all: Vec<u32> = (0..batch * hkv).flat_map(|_| (0..cap).map(|j| if j < l { j as u32 } else { FREE })).collect();
+                let all = u32_tensor(&c, &all, &[batch, hkv, cap]);
+                with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(&c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&all), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.pos), b(&self.free), n_kept, l, cap, hkv, cap + 1, d));
+            }
+            if scores.is_some() {
+                with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(&c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&kept), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.pos), b(&self.free), n_kept, l, cap, hkv, cap + 1, d));
+            }
+        }
+        self.filled = n_kept;
+        self.seen = l;
+        Ok(scores.map(|(sc, _)| sc))
+    }
+
     fn check(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
         if t.shape != shape {
             return Err(Error::ShapeMismatch { tensor: name, expected: shape, got: t.shape.clone() });
@@ -203,11 +284,11 @@ impl CompressedKvCache for PolicyCache {
         self.check("v", v, vec![batch, hkv, d])?;
         let cap = layout.capacity();
         let cap1 = cap + 1;
-        if policy == Policy::Full && self.seen >= cap {
-            return Err(Error::LengthBeyondCapacity { batch: 0, len: self.seen + 1, capacity: cap });
+        if policy == Policy::Full && self.filled >= cap {
+            return Err(Error::LengthBeyondCapacity { batch: 0, len: self.filled + 1, capacity: cap });
         }
         let c = &self.client;
-        let before = self.seen.min(cap);
+        let before = self.filled;
         let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
         // SAFETY: every buffer is sized by `new` from the validated configuration.
         unsafe {
@@ -225,8 +306,7 @@ impl CompressedKvCache for PolicyCache {
         let out = decode_attention(c, q, &self.k, &self.v, &vec![after as u32; batch], &acfg)?;
         let mass = out.mass.expect("mass requested");
         // TreeKV's pointer for this step's eviction: evictions so far, modulo the tree region.
-        let evictions = (self.seen + 1).saturating_sub(cap + 1);
-        let ptr = if layout.middle > 0 { evictions % layout.middle } else { 0 };
+        let ptr = if layout.middle > 0 { self.evictions % layout.middle } else { 0 };
         // SAFETY: as above; `mass` is decode attention's `[B, Hkv, 1, c+1]` output.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
@@ -235,13 +315,17 @@ impl CompressedKvCache for PolicyCache {
         if policy != Policy::Full && after > cap {
             self.cur = 1 - self.cur; // this step evicted: the shifted order is in the other buffer
         }
+        if policy != Policy::Full && after > cap {
+            self.evictions += 1;
+        }
+        self.filled = after.min(cap);
         self.mass = Some(mass);
         self.seen += 1;
         Ok(out.o)
     }
 
     fn len(&self) -> usize {
-        self.seen.min(self.cfg.layout.capacity())
+        self.filled
     }
 
     fn capacity(&self) -> usize {

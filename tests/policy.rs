@@ -209,3 +209,102 @@ fn soak_100k_steps_no_drift_no_growth() {
     eprintln!("soak: resident memory {:.1} MB after 10k steps, {:.1} MB after 100k", after_short as f64 / 1e6, after_long as f64 / 1e6);
     assert!(after_long <= after_short + (16 << 20), "memory grew by {} bytes over 90k more steps", after_long.saturating_sub(after_short));
 }
+
+/// TreeKV's block prefill on the device against the reference: block scores (f64 attention of the window
+/// queries) within tolerance, the kept set exactly what the cyclic scan keeps on the device's scores, and then
+/// decode steps that agree with the reference state machine started from the same kept entries.
+#[test]
+fn treekv_block_prefill_matches_reference() {
+    use kvsqueeze::reference::policy::Entry;
+    use kvsqueeze::reference::treekv::static_scan;
+    let cl = client();
+    let cases = [(200usize, 8usize, false, false), (129, 16, true, false), (333, 7, false, true), (40, 8, false, false)];
+    for (ci, &(l, block, select_left, rope)) in cases.iter().enumerate() {
+        let (b, hkv, g, d) = (2, 2, 4, 16);
+        let hq = hkv * g;
+        let layout = Layout { sinks: 4, middle: 44, recent: 16 };
+        let cap = layout.capacity();
+        let policy = Policy::TreeKv { select_left };
+        let mut cfg = PolicyCacheConfig::new(policy, layout, b, hq, hkv, d, DType::F32);
+        if rope {
+            cfg = cfg.with_rope(10_000.0);
+        }
+        let mut dev = PolicyCache::new(cl, cfg).unwrap();
+        let nb = l.div_ceil(block);
+        let w = l - block * (nb - 1);
+        let mut rng = Rng(900 + ci as u64);
+        let k = round_to(&rng.vec(b * hkv * l * d, 1.5), DType::F32);
+        let v = round_to(&rng.vec(b * hkv * l * d, 1.0), DType::F32);
+        let q = round_to(&rng.vec(b * w * hq * d, 1.5), DType::F32);
+        let scores = dev.prefill_treekv(&upload(cl, &q, &[b, w, hq, d], DType::F32), &upload(cl, &k, &[b, hkv, l, d], DType::F32), &upload(cl, &v, &[b, hkv, l, d], DType::F32), block).unwrap();
+        let scores = scores.map(|s| s.to_host_f64(cl).unwrap());
+        let kept = dev.kept_positions().unwrap();
+        let keep = cap / block;
+        let r = Rope { base: 10_000.0 };
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut refs: Vec<RefCache<f64>> = Vec::new();
+        for bi in 0..b {
+            for h in 0..hkv {
+                let head = bi * hkv + h;
+                let mut keys: Vec<f64> = k[head * l * d..][..l * d].to_vec();
+                let mut qs: Vec<f64> = (0..w).flat_map(|i| q[((bi * w + i) * hq + h * g) * d..][..g * d].to_vec()).collect();
+                if rope {
+                    for (j, kr) in keys.chunks_mut(d).enumerate() {
+                        r.apply(kr, j);
+                    }
+                    for (i, qr) in qs.chunks_mut(g * d).enumerate() {
+                        for qg in qr.chunks_mut(d) {
+                            r.apply(qg, l - w + i);
+                        }
+                    }
+                }
+                let want: Vec<usize> = if nb <= keep {
+                    assert!(scores.is_none());
+                    (0..l).collect()
+                } else {
+                    let att = attention(&qs, &keys, &keys, Dims { lq: w, l, hq: g, hkv: 1, d }, l - w, scale);
+                    let s: Vec<f64> = (0..l).map(|j| (0..w).map(|i| att.group_mean[i * l + j]).sum()).collect();
+                    let gold: Vec<f64> = (0..nb - 1).map(|blk| s[blk * block..(blk + 1) * block].iter().sum::<f64>() / block as f64).collect();
+                    let got = &scores.as_ref().unwrap()[head * (nb - 1)..][..nb - 1];
+                    let mag = gold.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+                    let (err, _) = compare(got, &gold);
+                    assert!(err <= 64.0 * f32::EPSILON as f64 * mag.max(1e-30) * (w as f64), "case {ci} head {head}: block scores off by {err:.3e} (max {mag:.3e})");
+                    let mut blocks = if keep > 1 { static_scan(got, keep - 1, select_left) } else { Vec::new() };
+                    blocks.push(nb - 1);
+                    blocks.into_iter().flat_map(|blk| blk * block..((blk + 1) * block).min(l)).collect()
+                };
+                assert_eq!(kept[bi][h], want, "case {ci} head {head}: kept set after prefill");
+                let rcfg = PolicyConfig { policy, layout, rope: rope.then_some(r), positions: Positions::CacheRank, scale };
+                let mut rc = RefCache::new(rcfg, d);
+                for &p in &want {
+                    rc.push_entry(Entry::new(p, k[(head * l + p) * d..][..d].to_vec(), v[(head * l + p) * d..][..d].to_vec()));
+                }
+                refs.push(rc);
+            }
+        }
+        // Decode after the prefill: outputs and kept sets follow the reference from the same entries.
+        for t in 0..40 {
+            let qd = round_to(&rng.vec(b * hq * d, 1.5), DType::F32);
+            let kd = round_to(&rng.vec(b * hkv * d, 1.5), DType::F32);
+            let vd = round_to(&rng.vec(b * hkv * d, 1.0), DType::F32);
+            let o = dev.step(&upload(cl, &qd, &[b, 1, hq, d], DType::F32), &upload(cl, &kd, &[b, hkv, d], DType::F32), &upload(cl, &vd, &[b, hkv, d], DType::F32)).unwrap().to_host_f64(cl).unwrap();
+            let kept = dev.kept_positions().unwrap();
+            for (head, rc) in refs.iter_mut().enumerate() {
+                let (bi, h) = (head / hkv, head % hkv);
+                let want = rc.step(&qd[(bi * hq + h * g) * d..][..g * d], &kd[head * d..][..d], &vd[head * d..][..d]).o;
+                let (err, _) = compare(&o[(bi * hq + h * g) * d..][..g * d], &want);
+                assert!(err < 1e-4, "case {ci} step {t} head {head}: output error {err:.3e}");
+                assert_eq!(kept[bi][h], rc.kept_positions(), "case {ci} step {t} head {head}: kept set");
+            }
+        }
+    }
+    // Typed errors: not TreeKV, wrong window, non-empty cache.
+    let mk = |p| PolicyCache::new(cl, PolicyCacheConfig::new(p, Layout { sinks: 2, middle: 10, recent: 4 }, 1, 2, 1, 8, DType::F32)).unwrap();
+    let x = |shape: &[usize]| upload(cl, &vec![0.5; shape.iter().product()], shape, DType::F32);
+    let (kk, qq) = (x(&[1, 1, 20, 8]), x(&[1, 4, 2, 8]));
+    assert!(matches!(mk(Policy::H2o).prefill_treekv(&qq, &kk, &kk, 8), Err(kvsqueeze::Error::Config(_))));
+    assert!(matches!(mk(Policy::TreeKv { select_left: false }).prefill_treekv(&x(&[1, 3, 2, 8]), &kk, &kk, 8), Err(kvsqueeze::Error::ShapeMismatch { tensor: "q_obs", .. })));
+    let mut c = mk(Policy::TreeKv { select_left: false });
+    c.prefill_treekv(&qq, &kk, &kk, 8).unwrap();
+    assert!(matches!(c.prefill_treekv(&qq, &kk, &kk, 8), Err(kvsqueeze::Error::Config(_))));
+}
