@@ -20,7 +20,8 @@ use crate::tensor::{with_float_type, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::prelude::*;
-use kvsqueeze_kernels::policy::{policy_append, policy_install, policy_step, treekv_block_scan, treekv_block_scores, Rule, FREE};
+use kvsqueeze_kernels::policy::{policy_append, policy_install, policy_step, snapkv_scores, snapkv_topk, treekv_block_scan, treekv_block_scores, Rule, FREE};
+pub use kvsqueeze_reference::baselines::Pool;
 pub use kvsqueeze_reference::policy::{Layout, Policy};
 
 /// The common interface of the compressed caches (one layer).
@@ -224,42 +225,111 @@ impl PolicyCache {
         let keep = cap / block;
         let c = self.client.clone();
         let n_kept = if nb <= keep { l } else { (keep - 1) * block + w };
+        let nb1 = nb - 1;
+        let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
+        let (kept, scores) = if nb <= keep {
+            let all: Vec<u32> = (0..batch * hkv).flat_map(|_| (0..cap).map(|j| if j < l { j as u32 } else { FREE })).collect();
+            (u32_tensor(&c, &all, &[batch, hkv, cap]), None)
+        } else {
+            let mass = self.window_mass(q_obs, k, w, l)?;
+            let kept = DeviceTensor::filled(&c, &[batch, hkv, cap], DType::U32, 0);
+            let list = DeviceTensor::filled(&c, &[batch, hkv, keep], DType::U32, 0);
+            let sc = DeviceTensor::filled(&c, &[batch, hkv, nb1], DType::F32, 0);
+            // SAFETY: `mass` is `[B, Hkv, w, L]`, scores `[B, Hkv, nb−1]`, kept `[B, Hkv, c]` with `n_kept ≤ c`.
+            unsafe {
+                let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
+                treekv_block_scores::launch_unchecked(&c, CubeCount::Static(nb1.div_ceil(THREADS) as u32, hkv as u32, batch as u32), CubeDim::new_1d(THREADS as u32), b(&mass), b(&sc), hkv, w, l, block, nb1, THREADS);
+                treekv_block_scan::launch_unchecked(&c, grid.clone(), CubeDim::new_1d(1), b(&sc), b(&list), b(&kept), hkv, l, block, nb1, keep, cap, select_left);
+            }
+            (kept, Some(sc))
+        };
+        self.install(k, v, &kept, n_kept, l);
+        Ok(scores)
+    }
+
+    /// SnapKV-style prefill on the device (spec §5.3; reference `baselines::snapkv_select`) into an empty
+    /// evicting cache (StreamingLLM, H2O, TOVA, TreeKV, WeightedKV): the window queries `q_win: [B, w, Hq, D]` (the
+    /// last `w` prompt tokens) score the `L − w` earlier tokens (window-summed, group-averaged attention, RoPE at
+    /// true positions when the cache has RoPE), pooled over `kernel` (odd) neighbours; the `c − w` best (ties: the
+    /// earlier) and the window are kept, in position order, with `S = C = 0`. A prompt of at most `c` tokens is
+    /// kept whole. Returns the pooled scores `[B, Hkv, L − w]` (`None` when everything is kept). Cost: decode
+    /// attention of the `w` rows over `L`, a parallel pooling, a 32-pass radix select per head.
+    pub fn prefill_snapkv(&mut self, q_win: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, kernel: usize, pool: Pool) -> Result<Option<DeviceTensor>, Error> {
+        let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, .. } = self.cfg;
+        if policy == Policy::Full {
+            return Err(Error::Config("SnapKV prefill needs an evicting policy"));
+        }
+        if self.seen > 0 {
+            return Err(Error::Config("prefill needs an empty cache"));
+        }
+        let l = k.shape.get(2).copied().unwrap_or(0);
+        if l == 0 {
+            return Err(Error::ZeroLength { batch: 0 });
+        }
+        self.check("k", k, vec![batch, hkv, l, d])?;
+        self.check("v", v, vec![batch, hkv, l, d])?;
+        let w = q_win.shape.get(1).copied().unwrap_or(0);
+        self.check("q_win", q_win, vec![batch, w, hq, d])?;
+        let cap = layout.capacity();
+        if w == 0 || w > l || w > cap {
+            return Err(Error::Config("the observation window must hold 1..=min(L, budget) tokens"));
+        }
+        if kernel == 0 || kernel % 2 == 0 {
+            return Err(Error::Config("the pooling kernel must be odd"));
+        }
+        if l >= 1 << 31 {
+            return Err(Error::Config("prompt too long for u32 positions"));
+        }
+        let c = self.client.clone();
+        let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
+        let (n_kept, kept, pooled) = if l <= cap {
+            let all: Vec<u32> = (0..batch * hkv).flat_map(|_| (0..cap).map(|j| if j < l { j as u32 } else { FREE })).collect();
+            (l, u32_tensor(&c, &all, &[batch, hkv, cap]), None)
+        } else {
+            let n = l - w;
+            let mass = self.window_mass(q_win, k, w, l)?;
+            let pooled = DeviceTensor::filled(&c, &[batch, hkv, n], DType::F32, 0);
+            let kept = DeviceTensor::filled(&c, &[batch, hkv, cap], DType::U32, 0);
+            // SAFETY: `mass` is `[B, Hkv, w, L]`, `pooled` `[B, Hkv, L − w]`, `kept` `[B, Hkv, c]`, `c − w < L − w`.
+            unsafe {
+                let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
+                snapkv_scores::launch_unchecked(&c, CubeCount::Static(n.div_ceil(THREADS) as u32, hkv as u32, batch as u32), CubeDim::new_1d(THREADS as u32), b(&mass), b(&pooled), hkv, w, l, n, kernel, pool == Pool::Max, THREADS);
+                snapkv_topk::launch_unchecked(&c, grid.clone(), CubeDim::new_1d(THREADS as u32), b(&pooled), b(&kept), hkv, l, n, cap - w, cap, THREADS);
+            }
+            (cap, kept, Some(pooled))
+        };
+        self.install(k, v, &kept, n_kept, l);
+        Ok(pooled)
+    }
+
+    /// Decode attention's group-mean probabilities `[B, Hkv, w, L]` of the last `w` prompt queries over the prompt
+    /// (causal, RoPE at true positions when the cache has RoPE).
+    fn window_mass(&self, q: &DeviceTensor, k: &DeviceTensor, w: usize, l: usize) -> Result<DeviceTensor, Error> {
+        let c = &self.client;
+        let batch = self.cfg.batch;
         let mut acfg = DecodeConfig::new().with_mass(true);
         if let Some(base) = self.cfg.rope {
-            let q_pos = u32_tensor(&c, &(0..batch * w).map(|i| (l - w + i % w) as u32).collect::<Vec<_>>(), &[batch, w]);
-            let k_pos = u32_tensor(&c, &(0..batch * l).map(|i| (i % l) as u32).collect::<Vec<_>>(), &[batch, l]);
+            let q_pos = u32_tensor(c, &(0..batch * w).map(|i| (l - w + i % w) as u32).collect::<Vec<_>>(), &[batch, w]);
+            let k_pos = u32_tensor(c, &(0..batch * l).map(|i| (i % l) as u32).collect::<Vec<_>>(), &[batch, l]);
             acfg = acfg.with_rope(crate::rope::RopeConfig { base, q_pos, k_pos });
         }
-        let nb1 = nb - 1;
-        let kept = DeviceTensor::filled(&c, &[batch, hkv, cap], DType::U32, 0);
-        let list = DeviceTensor::filled(&c, &[batch, hkv, keep], DType::U32, 0);
-        let scores = if nb <= keep {
-            None
-        } else {
-            let out = decode_attention(&c, q_obs, k, k, &vec![l as u32; batch], &acfg)?;
-            let mass = out.mass.expect("mass requested");
-            Some((DeviceTensor::filled(&c, &[batch, hkv, nb1.max(1)], DType::F32, 0), mass))
-        };
-        let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
-        // SAFETY: `mass` is `[B, Hkv, w, L]`, scores `[B, Hkv, nb−1]`, kept `[B, Hkv, c]` with `n_kept ≤ c`
-        // entries written, rows of `k, v` below `L`, slots below `n_kept ≤ c`.
+        let out = decode_attention(c, q, k, k, &vec![l as u32; batch], &acfg)?;
+        Ok(out.mass.expect("mass requested"))
+    }
+
+    /// Installs the first `n` kept positions of `kept: [B, Hkv, c]` (rows of `k, v: [B, Hkv, L, D]`) into the
+    /// empty cache.
+    fn install(&mut self, k: &DeviceTensor, v: &DeviceTensor, kept: &DeviceTensor, n: usize, l: usize) {
+        let PolicyCacheConfig { layout, batch, hkv, d, .. } = self.cfg;
+        let cap = layout.capacity();
+        let c = &self.client;
+        // SAFETY: `kept` holds `n ≤ c` positions below `L` per head; slots below `n`.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
-            if let Some((sc, mass)) = &scores {
-                treekv_block_scores::launch_unchecked(&c, CubeCount::Static(nb1.div_ceil(THREADS) as u32, hkv as u32, batch as u32), CubeDim::new_1d(THREADS as u32), b(mass), b(sc), hkv, w, l, block, nb1, THREADS);
-                treekv_block_scan::launch_unchecked(&c, grid.clone(), CubeDim::new_1d(1), b(sc), b(&list), b(&kept), hkv, l, block, nb1, keep, cap, select_left);
-            } else {
-                let all: Vec<u32> = (0..batch * hkv).flat_map(|_| (0..cap).map(|j| if j < l { j as u32 } else { FREE })).collect();
-                let all = u32_tensor(&c, &all, &[batch, hkv, cap]);
-                with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(&c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&all), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.pos), b(&self.free), n_kept, l, cap, hkv, cap + 1, d));
-            }
-            if scores.is_some() {
-                with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(&c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&kept), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.pos), b(&self.free), n_kept, l, cap, hkv, cap + 1, d));
-            }
+            with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, batch as u32, 1), CubeDim::new_1d(d as u32), b(k), b(v), b(kept), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.pos), b(&self.free), n, l, cap, hkv, cap + 1, d));
         }
-        self.filled = n_kept;
+        self.filled = n;
         self.seen = l;
-        Ok(scores.map(|(sc, _)| sc))
     }
 
     fn check(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {

@@ -308,3 +308,122 @@ fn treekv_block_prefill_matches_reference() {
     c.prefill_treekv(&qq, &kk, &kk, 8).unwrap();
     assert!(matches!(c.prefill_treekv(&qq, &kk, &kk, 8), Err(kvsqueeze::Error::Config(_))));
 }
+
+/// SnapKV prefill on the device against the reference: pooled scores (avg and max pooling) within tolerance,
+/// the kept set exactly the `c − w` best of the device's scores (ties: the earlier token; one case has every key
+/// equal so ties decide) plus the window, then decode steps of the policy that agree with the reference started
+/// from the same entries.
+#[test]
+fn snapkv_prefill_matches_reference() {
+    use kvsqueeze::policy::Pool;
+    use kvsqueeze::reference::policy::Entry;
+    let cl = client();
+    // (L, w, kernel, pool, policy, equal keys, rope)
+    let cases = [
+        (300usize, 16usize, 7usize, Pool::Avg, Policy::H2o, false, false),
+        (129, 8, 5, Pool::Max, Policy::Tova, false, true),
+        (500, 32, 1, Pool::Avg, Policy::WeightedKv, false, false),
+        (200, 4, 3, Pool::Avg, Policy::StreamingLlm, true, false),
+        (50, 8, 7, Pool::Avg, Policy::H2o, false, false),
+    ];
+    for (ci, &(l, w, kernel, pool, policy, equal, rope)) in cases.iter().enumerate() {
+        let (b, hkv, g, d) = (2, 2, 4, 16);
+        let hq = hkv * g;
+        let layout = Layout { sinks: 4, middle: 44, recent: 16 };
+        let cap = layout.capacity();
+        let mut cfg = PolicyCacheConfig::new(policy, layout, b, hq, hkv, d, DType::F32);
+        if rope {
+            cfg = cfg.with_rope(10_000.0);
+        }
+        let mut dev = PolicyCache::new(cl, cfg).unwrap();
+        let mut rng = Rng(700 + ci as u64);
+        let mut k = round_to(&rng.vec(b * hkv * l * d, 1.5), DType::F32);
+        if equal {
+            let row = k[..d].to_vec();
+            for r in k.chunks_mut(d) {
+                r.copy_from_slice(&row);
+            }
+        }
+        let v = round_to(&rng.vec(b * hkv * l * d, 1.0), DType::F32);
+        let q = round_to(&rng.vec(b * w * hq * d, 1.5), DType::F32);
+        let pooled = dev.prefill_snapkv(&upload(cl, &q, &[b, w, hq, d], DType::F32), &upload(cl, &k, &[b, hkv, l, d], DType::F32), &upload(cl, &v, &[b, hkv, l, d], DType::F32), kernel, pool).unwrap();
+        let pooled = pooled.map(|p| p.to_host_f64(cl).unwrap());
+        let kept = dev.kept_positions().unwrap();
+        let r = Rope { base: 10_000.0 };
+        let scale = 1.0 / (d as f64).sqrt();
+        let n = l.saturating_sub(w);
+        let mut refs: Vec<RefCache<f64>> = Vec::new();
+        for bi in 0..b {
+            for h in 0..hkv {
+                let head = bi * hkv + h;
+                let want: Vec<usize> = if l <= cap {
+                    assert!(pooled.is_none());
+                    (0..l).collect()
+                } else {
+                    let mut keys: Vec<f64> = k[head * l * d..][..l * d].to_vec();
+                    let mut qs: Vec<f64> = (0..w).flat_map(|i| q[((bi * w + i) * hq + h * g) * d..][..g * d].to_vec()).collect();
+                    if rope {
+                        for (j, kr) in keys.chunks_mut(d).enumerate() {
+                            r.apply(kr, j);
+                        }
+                        for (i, qr) in qs.chunks_mut(g * d).enumerate() {
+                            for qg in qr.chunks_mut(d) {
+                                r.apply(qg, l - w + i);
+                            }
+                        }
+                    }
+                    let att = attention(&qs, &keys, &keys, Dims { lq: w, l, hq: g, hkv: 1, d }, l - w, scale);
+                    let s: Vec<f64> = (0..n).map(|j| (0..w).map(|i| att.group_mean[i * l + j]).sum()).collect();
+                    let half = kernel / 2;
+                    let gold: Vec<f64> = (0..n)
+                        .map(|j| {
+                            let win = &s[j.saturating_sub(half)..(j + half + 1).min(n)];
+                            match pool {
+                                Pool::Avg => win.iter().sum::<f64>() / kernel as f64,
+                                Pool::Max => win.iter().cloned().fold(f64::MIN, f64::max),
+                            }
+                        })
+                        .collect();
+                    let got = &pooled.as_ref().unwrap()[head * n..][..n];
+                    let mag = gold.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+                    let (err, _) = compare(got, &gold);
+                    assert!(err <= 64.0 * f32::EPSILON as f64 * mag.max(1e-30) * (w * kernel) as f64, "case {ci} head {head}: pooled scores off by {err:.3e} (max {mag:.3e})");
+                    // The reference's rule (stable descending sort, the earlier token first on ties) on the device's scores.
+                    let mut order: Vec<usize> = (0..n).collect();
+                    order.sort_by(|&a, &c| got[c].partial_cmp(&got[a]).unwrap());
+                    let mut sel = order[..cap - w].to_vec();
+                    sel.sort_unstable();
+                    sel.extend(n..l);
+                    sel
+                };
+                assert_eq!(kept[bi][h], want, "case {ci} head {head}: kept set after prefill");
+                let rcfg = PolicyConfig { policy, layout, rope: rope.then_some(r), positions: Positions::CacheRank, scale };
+                let mut rc = RefCache::new(rcfg, d);
+                for &p in &want {
+                    rc.push_entry(Entry::new(p, k[(head * l + p) * d..][..d].to_vec(), v[(head * l + p) * d..][..d].to_vec()));
+                }
+                refs.push(rc);
+            }
+        }
+        for t in 0..40 {
+            let qd = round_to(&rng.vec(b * hq * d, 1.5), DType::F32);
+            let kd = round_to(&rng.vec(b * hkv * d, 1.5), DType::F32);
+            let vd = round_to(&rng.vec(b * hkv * d, 1.0), DType::F32);
+            let o = dev.step(&upload(cl, &qd, &[b, 1, hq, d], DType::F32), &upload(cl, &kd, &[b, hkv, d], DType::F32), &upload(cl, &vd, &[b, hkv, d], DType::F32)).unwrap().to_host_f64(cl).unwrap();
+            let kept = dev.kept_positions().unwrap();
+            for (head, rc) in refs.iter_mut().enumerate() {
+                let (bi, h) = (head / hkv, head % hkv);
+                let want = rc.step(&qd[(bi * hq + h * g) * d..][..g * d], &kd[head * d..][..d], &vd[head * d..][..d]).o;
+                let (err, _) = compare(&o[(bi * hq + h * g) * d..][..g * d], &want);
+                assert!(err < 1e-4, "case {ci} step {t} head {head}: output error {err:.3e}");
+                assert_eq!(kept[bi][h], rc.kept_positions(), "case {ci} step {t} head {head}: kept set");
+            }
+        }
+    }
+    let mk = |p| PolicyCache::new(cl, PolicyCacheConfig::new(p, Layout { sinks: 2, middle: 10, recent: 4 }, 1, 2, 1, 8, DType::F32)).unwrap();
+    let x = |shape: &[usize]| upload(cl, &vec![0.5; shape.iter().product()], shape, DType::F32);
+    let (kk, qq) = (x(&[1, 1, 40, 8]), x(&[1, 4, 2, 8]));
+    assert!(matches!(mk(Policy::Full).prefill_snapkv(&qq, &kk, &kk, 3, Pool::Avg), Err(kvsqueeze::Error::Config(_))));
+    assert!(matches!(mk(Policy::H2o).prefill_snapkv(&qq, &kk, &kk, 4, Pool::Avg), Err(kvsqueeze::Error::Config(_))), "even kernel");
+    assert!(matches!(mk(Policy::H2o).prefill_snapkv(&x(&[1, 17, 2, 8]), &kk, &kk, 3, Pool::Avg), Err(kvsqueeze::Error::Config(_))), "window > budget");
+}
