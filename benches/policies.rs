@@ -42,7 +42,7 @@ fn main() {
         let dense = time(&mut || decode_attention_into(&client, &q, &kd, &vd, &lens, &cfg, &mut out).unwrap());
         drop((kd, vd));
         for &budget in &budgets {
-            for policy in [Policy::TreeKv { select_left: false }, Policy::WeightedKv, Policy::StreamingLlm] {
+            for policy in [Policy::TreeKv { select_left: false }, Policy::WeightedKv, Policy::StreamingLlm, Policy::H2o, Policy::Tova] {
                 let layout = Layout { sinks: 4, middle: budget / 2 - 4, recent: budget / 2 };
                 let mut cache = PolicyCache::new(&client, PolicyCacheConfig::new(policy, layout, b, HQ, HKV, D, dtype)).unwrap();
                 let (k1, v1) = (random(&client, &[b, HKV, D], dtype, 4, 1.5), random(&client, &[b, HKV, D], dtype, 5, 1.0));
@@ -62,6 +62,8 @@ fn main() {
                 let name = match policy {
                     Policy::TreeKv { .. } => "treekv",
                     Policy::WeightedKv => "weightedkv",
+                    Policy::H2o => "h2o",
+                    Policy::Tova => "tova",
                     _ => "streaming-llm",
                 };
                 println!(
