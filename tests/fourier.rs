@@ -240,3 +240,11 @@ fn fourier_errors() {
     assert!(matches!(dev.attend(&q, f32::NAN, FourierPath::Direct), Err(Error::Config(_))));
     assert!(matches!(dev.attend(&upload(cl, &[0.5; 8], &[1, 1, 1, d], DType::F32), 1.0, FourierPath::Direct), Err(Error::ShapeMismatch { .. })));
 }
+
+/// Regression (found by a fresh proptest seed in CI): with N = 1 the raw reconstruction is exactly constant, but
+/// the mean of 125 equal f32 values is not, and a guard on `dev_d` relative to the mean let `dev_u/dev_d` blow up.
+/// The guard is now on the reconstruction's range, in the kernel and the reference alike.
+#[test]
+fn flat_reconstruction_keeps_scale_one() {
+    run(&Case { d: 8, hkv: 1, g: 8, l_init: 2, l_local: 1, n: 1, prompts: vec![128], steps: 3, extra: 42, crit_pct: 0, dtype: DType::F16, seed: 3580259819133131016 });
+}

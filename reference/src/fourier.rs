@@ -105,18 +105,21 @@ pub struct Spectrum<T> {
     pub avg_d: Vec<T>,
     /// Per column: max deviation of the raw reconstruction.
     pub dev_d: Vec<T>,
+    /// Per column: whether the raw reconstruction is constant to rounding, i.e. its range
+    /// `max x̂ − min x̂ ≤ 16·ε·max(|max x̂|, |min x̂|)` (`N = 1`, a one-token middle).
+    pub flat_d: Vec<bool>,
 }
 
 impl<T: Real> Spectrum<T> {
-    /// `scale = dev_u/dev_d`, or 1 where the raw reconstruction is constant to rounding
-    /// (`dev_d ≤ 16·ε·|avg_d|`, e.g. `N = 1` or a one-token middle): there `dev_u/dev_d` is a ratio of rounding
-    /// noise and would amplify it without bound, while scale 1 reconstructs the column as its mean.
+    /// `scale = dev_u/dev_d`, or 1 where the raw reconstruction is constant to rounding ([`Self::flat_d`], e.g.
+    /// `N = 1` or a one-token middle): there `dev_u/dev_d` is a ratio of rounding noise (the mean of `L_mid`
+    /// equal values is itself inexact) and would amplify it without bound, while scale 1 reconstructs the column
+    /// as its mean. The test is on the range, not on `dev_d`, because `dev_d` carries the mean's rounding.
     pub fn scale(&self) -> Vec<T> {
-        let tiny = T::epsilon() * T::of(16.0);
         (0..self.dev_u.len())
             .map(|j| {
                 let (u, d) = (self.dev_u[j], self.dev_d[j]);
-                if d <= tiny * self.avg_d[j].abs() || d == T::zero() {
+                if self.flat_d[j] || d <= T::zero() {
                     T::one()
                 } else {
                     u / d
@@ -187,12 +190,20 @@ pub fn transform<T: Real>(mid: &[Vec<T>], cols: Vec<usize>, n: usize, window: us
         }
     }
     let (avg_u, dev_u) = stats(mid);
-    let mut s = Spectrum { cols, coef, avg_u, dev_u, avg_d: vec![T::zero(); c], dev_d: vec![T::zero(); c] };
+    let mut s = Spectrum { cols, coef, avg_u, dev_u, avg_d: vec![T::zero(); c], dev_d: vec![T::zero(); c], flat_d: vec![true; c] };
     if c > 0 {
         let raw: Vec<Vec<T>> = (0..mid.len()).map(|t| s.raw(t, n, window)).collect();
         let (avg_d, dev_d) = stats(&raw);
         s.avg_d = avg_d;
         s.dev_d = dev_d;
+        let tiny = T::epsilon() * T::of(16.0);
+        s.flat_d = (0..c)
+            .map(|j| {
+                let hi = raw.iter().fold(T::neg_infinity(), |a, r| a.max(r[j]));
+                let lo = raw.iter().fold(T::infinity(), |a, r| a.min(r[j]));
+                hi - lo <= tiny * hi.abs().max(lo.abs())
+            })
+            .collect();
     }
     s
 }

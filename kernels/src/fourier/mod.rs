@@ -192,9 +192,10 @@ pub fn fourier_stats_finalize(part: &[f32], ab: &mut [f32], blocks: usize, cols:
         let avg_d = sd * inv;
         let dev_u = max(hu - avg_u, avg_u - lu);
         let dev_d = max(hd - avg_d, avg_d - ld);
-        // The reference's guard: a raw reconstruction constant to rounding keeps scale 1.
+        // The reference's guard: a raw reconstruction constant to rounding (its range, not its deviation from
+        // the inexact mean) keeps scale 1.
         let mut a = 1.0f32.runtime();
-        if dev_d > 16.0 * f32::EPSILON * f32::abs(avg_d) && dev_d > 0.0 {
+        if hd - ld > 16.0 * f32::EPSILON * max(f32::abs(hd), f32::abs(ld)) && dev_d > 0.0 {
             a = dev_u / dev_d;
         }
         ab[ab_base + c] = a;
