@@ -9,8 +9,8 @@
 //! `order` is double-buffered: an evicting step reads one buffer and writes the shifted order into the other
 //! (the host flips them), so the shift needs no barrier.
 //!
-//! [`policy_append`] writes the new token into the free slot; after decode attention has written the per-slot
-//! mass, [`policy_step`] accumulates `S += mass`, `C += 1` on every valid slot and, when `len > cap`, removes one
+//! [`policy_append()`] writes the new token into the free slot; after decode attention has written the per-slot
+//! mass, [`policy_step()`] accumulates `S += mass`, `C += 1` on every valid slot and, when `len > cap`, removes one
 //! rank of the region `[sinks, len − recent)` by the policy's rule (ties: the leftmost rank), merging values for
 //! WeightedKV. The rules are those of `kvsqueeze-reference` (`policy.rs`, `treekv.rs`, `weightedkv.rs`,
 //! `baselines.rs`).
@@ -20,7 +20,7 @@ use cubecl::prelude::*;
 /// Marks the free slot in `rank`.
 pub const FREE: u32 = u32::MAX;
 
-/// Which rule [`policy_step`] applies (comptime: one kernel variant per policy).
+/// Which rule [`policy_step()`] applies (comptime: one kernel variant per policy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Rule {
     /// Keep everything (no eviction; the step only accumulates).

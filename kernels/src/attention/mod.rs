@@ -14,8 +14,8 @@
 //! ## Math (`s = scale·⟨q, k⟩`, accumulated in f32 whatever the storage dtype)
 //! Per tile of `TILE` keys: `m' = max(m, max_tile s)`, `α = exp(m − m')`, `acc = α·acc + Σ exp(s_j − m')·v_j`,
 //! `l = α·l + Σ exp(s_j − m')`. With one split the cube normalises itself (`o = acc/l`, `lse = m + ln l`,
-//! `mass_j = mean_g exp(s_gj − m_g)/l_g`); with several, [`decode_combine`] merges
-//! the partials and [`mass_finalize`] turns the stored scores into probabilities.
+//! `mass_j = mean_g exp(s_gj − m_g)/l_g`); with several, [`decode_combine()`] merges
+//! the partials and [`mass_finalize()`] turns the stored scores into probabilities.
 //!
 //! ## Threads
 //! Scores: thread `t` owns key `tile + t` and reads its row with `N`-wide loads (L1 serves the neighbouring
@@ -30,7 +30,7 @@ use cubecl::prelude::*;
 /// score weighs exactly 0; a row whose every slot is masked keeps `m = NEG`, `l = 0`.
 pub const NEG: f32 = f32::MIN;
 
-/// Comptime shape of one [`decode_split`] variant (everything else is a runtime scalar).
+/// Comptime shape of one [`decode_split()`] variant (everything else is a runtime scalar).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SplitConfig {
     /// Head dimension `D` (a multiple of `vec`).
@@ -440,7 +440,7 @@ pub fn decode_split<E: Float, N: Size>(
 }
 
 /// Phase 2: merges the splits of one query row. Grid `(Hkv·G·Lq, B)`, `D` threads (one per output dim).
-/// Writes `o`, `lse`, and the row's global `(m, l)` into `row_ml` for [`mass_finalize`].
+/// Writes `o`, `lse`, and the row's global `(m, l)` into `row_ml` for [`mass_finalize()`].
 #[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_combine<E: Float>(

@@ -24,11 +24,11 @@ use cubecl::prelude::*;
 pub const NONE: u32 = u32::MAX;
 /// Rotation steps between exact re-seeds of an angle recurrence.
 pub const RESEED: usize = 32;
-/// Frequencies staged through shared memory per chunk in [`fourier_split`] and [`fourier_combine`].
+/// Frequencies staged through shared memory per chunk in [`fourier_split()`] and [`fourier_combine()`].
 pub const FCHUNK: usize = 64;
 /// Column slices of the spectral projection (more cubes in flight; the split kernel sums the slices).
 pub const PCHUNKS: usize = 4;
-/// Marks a critical dim in the dim map of [`fourier_reconstruct`] (the low bits are its critical index).
+/// Marks a critical dim in the dim map of [`fourier_reconstruct()`] (the low bits are its critical index).
 pub const CRIT: u32 = 1 << 31;
 
 /// `(cos, sin)(2π·((n·t) mod T)/T)`.
@@ -248,7 +248,7 @@ pub fn fourier_gather<E: Float>(src: &[E], src_row: &[u32], col_off: &[u32], dst
 /// copied from `crit: [B, T, Cn]`, compressed dims `a·x̂ + b`). Grid `(⌈max L_mid/tile⌉, Hkv·D, B)`, thread =
 /// token; `dmap[h·D + d]` is the compressed column index, or [`CRIT`]` | ` the critical column index. The cube's
 /// column coefficients are rotated by the tile's start angle into shared memory, chunk by chunk, so each token
-/// needs only the fixed tile basis of [`fourier_basis_table`].
+/// needs only the fixed tile basis of [`fourier_basis_table()`].
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments, unused_assignments)]
 pub fn fourier_reconstruct<E: Float>(
@@ -339,7 +339,7 @@ pub fn fourier_basis_table(tab: &mut [f32], n_freq: usize, window: u32, #[compti
 /// Spectral path, query projection (spec §1.5): for KV head `h` and its `G` query heads,
 /// `pc[b, hq, n'] = Σ_{c ∈ head h} q[b, hq, d_c]·a_c·coef[b, c, n']` for `n' < 2N` and
 /// `qb[b, hq] = Σ_c q[b, hq, d_c]·b_c`, as [`PCHUNKS`] partial sums over slices of the head's columns
-/// (`pc: [PCHUNKS, B, Hq, 2N]`, `qb: [PCHUNKS, B, Hq]`, summed by [`fourier_split`]). Grid
+/// (`pc: [PCHUNKS, B, Hq, 2N]`, `qb: [PCHUNKS, B, Hq]`, summed by [`fourier_split()`]). Grid
 /// `(⌈2N/tile⌉, Hkv, PCHUNKS·B)`, thread = coefficient row `n'`; the coefficient reads are shared by the group.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -401,7 +401,7 @@ pub fn fourier_project<E: Float>(
     }
 }
 
-/// Comptime shape of [`fourier_split`] / [`fourier_combine`].
+/// Comptime shape of [`fourier_split()`] / [`fourier_combine()`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlashConfig {
     /// Head dim `D`.
@@ -428,7 +428,7 @@ pub struct FlashConfig {
 /// Middle scores: direct, `s = scale·⟨q, k̃_t⟩` from `mk: [B, Hkv, T_cap, D]` f32; spectral,
 /// `s = scale·((1/N)·Σ_n pc[n] cos(ωnt) + pc[N + n] sin(ωnt) + qb + Σ_{critical} q_d·K[t, d])`.
 /// Middle values: direct, `Σ p·ṽ_t`; spectral, only the critical dims here (the compressed ones are
-/// resolved from `sp_part` in [`fourier_combine`]).
+/// resolved from `sp_part` in [`fourier_combine()`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments, unused_assignments)]
 pub fn fourier_split<E: Float>(
@@ -849,7 +849,7 @@ fn split_weight(m: f32, m_max: f32) -> f32 {
     w
 }
 
-/// Most splits [`head_weights`] handles (the host keeps `S_x + S_m` at or below it).
+/// Most splits `head_weights` handles (the host keeps `S_x + S_m` at or below it).
 pub const MAX_SPLITS: usize = 1024;
 
 /// For one query head (partials at `ml_part[((pbase + s)·G + gi)·2]`): stores `w[s] = exp(m_s − M)` for every
@@ -991,7 +991,7 @@ pub fn fourier_resolve_values(
 
 /// FlashFourierAttention phase 2. Grid `(Hkv, B·G)`, `tile` threads (one query head per cube): merges the `S_x + S_m` partials of each
 /// group member (weights `exp(m_s − M)`), adds the spectral middle's compressed value dims from
-/// [`fourier_resolve_values`] (spectral only) and writes `o[b, hq, :] = acc/l` in the storage dtype.
+/// [`fourier_resolve_values()`] (spectral only) and writes `o[b, hq, :] = acc/l` in the storage dtype.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn fourier_combine<E: Float>(o_part: &[f32], ml_part: &[f32], vext: &[f32], o: &mut [E], hkv: usize, sx: usize, sm: usize, #[comptime] cfg: FlashConfig) {
