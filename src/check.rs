@@ -34,8 +34,8 @@ pub struct CheckResult {
     pub note: String,
 }
 
-/// `x` rounded to `dtype` and uploaded.
-pub(crate) fn upload(client: &Client, x: &[f64], shape: &[usize], dtype: DType) -> (DeviceTensor, Vec<f64>) {
+/// `x` rounded to `dtype` and uploaded; also returns the rounded values (what the device holds).
+pub fn upload(client: &Client, x: &[f64], shape: &[usize], dtype: DType) -> (DeviceTensor, Vec<f64>) {
     fn go<T: HostElement>(c: &Client, x: &[f64], shape: &[usize]) -> (DeviceTensor, Vec<f64>) {
         let h: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
         let back = h.iter().map(|v| v.to_f64()).collect();

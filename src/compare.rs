@@ -144,6 +144,25 @@ fn upload(client: &Client, x: &[f64], shape: &[usize], dtype: DType) -> DeviceTe
     crate::check::upload(client, x, shape, dtype).0
 }
 
+impl Stream {
+    /// Step `t`'s `(q [Hq·D], k [Hkv·D], v [Hkv·D])`.
+    fn token(&self, t: usize) -> (&[f64], &[f64], &[f64]) {
+        let (qn, kn) = (self.hq * self.d, self.hkv * self.d);
+        (&self.q[t * qn..][..qn], &self.k[t * kn..][..kn], &self.v[t * kn..][..kn])
+    }
+    /// Step `t` on the device: `q: [1, 1, Hq, D]`, `k, v: [1, Hkv, D]`.
+    fn upload_token(&self, client: &Client, t: usize, dtype: DType) -> (DeviceTensor, DeviceTensor, DeviceTensor) {
+        let (q, k, v) = self.token(t);
+        let (hq, hkv, d) = (self.hq, self.hkv, self.d);
+        (upload(client, q, &[1, 1, hq, d], dtype), upload(client, k, &[1, hkv, d], dtype), upload(client, v, &[1, hkv, d], dtype))
+    }
+}
+
+/// `‖o − dense_o[t]‖²`.
+fn sq_err(o: &[f64], dense_o: &[f64], t: usize) -> f64 {
+    o.iter().zip(&dense_o[t * o.len()..][..o.len()]).map(|(a, b)| (a - b) * (a - b)).sum()
+}
+
 fn rel_l2(num: f64, den: f64) -> f64 {
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
@@ -190,15 +209,17 @@ pub fn compare(client: &Client, s: &Stream, opts: &CompareOptions, progress: &mu
                 let rcfg = PolicyConfig { policy: p, layout, rope: None, positions: Positions::CacheRank, scale };
                 let mut gold = LayerPolicy::<f64>::new(rcfg, hq, hkv, d);
                 for t in 0..steps {
-                    let (q, k, v) = (&s.q[t * hq * d..][..hq * d], &s.k[t * hkv * d..][..hkv * d], &s.v[t * hkv * d..][..hkv * d]);
-                    let (qd, kd, vd) = (upload(client, q, &[1, 1, hq, d], opts.dtype), upload(client, k, &[1, hkv, d], opts.dtype), upload(client, v, &[1, hkv, d], opts.dtype));
+                    let (q, k, v) = s.token(t);
+                    let (qd, kd, vd) = s.upload_token(client, t, opts.dtype);
                     let t0 = Instant::now();
                     let o = cache.step(&qd, &kd, &vd)?.to_host_f64(client)?;
                     if t >= warm {
                         secs += t0.elapsed().as_secs_f64();
                     }
                     gold.step(q, k, v);
-                    num += if t < warm { 0.0 } else { 1.0 } * o.iter().zip(&dense_o[t * hq * d..][..hq * d]).map(|(a, b)| (a - b) * (a - b)).sum::<f64>();
+                    if t >= warm {
+                        num += sq_err(&o, &dense_o, t);
+                    }
                     if let Some(si) = samples.iter().position(|&x| x == t) {
                         let kept = cache.kept_positions()?;
                         for h in 0..hkv {
@@ -233,13 +254,12 @@ pub fn compare(client: &Client, s: &Stream, opts: &CompareOptions, progress: &mu
                 let (kp, vp) = (upload(client, &s.k[..warm * hkv * d], &[warm, hkv, d], opts.dtype), upload(client, &s.v[..warm * hkv * d], &[warm, hkv, d], opts.dtype));
                 cache.prefill(0, &kp, &vp)?;
                 for t in warm..steps {
-                    let (q, k, v) = (&s.q[t * hq * d..][..hq * d], &s.k[t * hkv * d..][..hkv * d], &s.v[t * hkv * d..][..hkv * d]);
-                    let (qd, kd, vd) = (upload(client, q, &[1, 1, hq, d], opts.dtype), upload(client, k, &[1, hkv, d], opts.dtype), upload(client, v, &[1, hkv, d], opts.dtype));
+                    let (qd, kd, vd) = s.upload_token(client, t, opts.dtype);
                     let t0 = Instant::now();
                     cache.append(&kd, &vd)?;
                     let o = cache.attend(&qd, scale as f32, FourierPath::Spectral)?.to_host_f64(client)?;
                     secs += t0.elapsed().as_secs_f64();
-                    num += o.iter().zip(&dense_o[t * hq * d..][..hq * d]).map(|(a, b)| (a - b) * (a - b)).sum::<f64>();
+                    num += sq_err(&o, &dense_o, t);
                     done += 1;
                     progress(done, total, &label);
                 }

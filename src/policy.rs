@@ -203,21 +203,10 @@ impl PolicyCache {
         let Policy::TreeKv { select_left } = policy else {
             return Err(Error::Config("prefill_treekv needs a TreeKV cache"));
         };
-        if self.seen > 0 {
-            return Err(Error::Config("prefill needs an empty cache"));
-        }
-        let l = k.shape.get(2).copied().unwrap_or(0);
-        if l == 0 {
-            return Err(Error::ZeroLength { batch: 0 });
-        }
-        self.check("k", k, vec![batch, hkv, l, d])?;
-        self.check("v", v, vec![batch, hkv, l, d])?;
+        let l = self.check_prompt(k, v)?;
         let cap = layout.capacity();
         if block == 0 || cap / block == 0 {
             return Err(Error::Config("the block must be at least 1 and at most the budget"));
-        }
-        if l >= 1 << 31 {
-            return Err(Error::Config("prompt too long for u32 positions"));
         }
         let nb = l.div_ceil(block);
         let w = l - block * (nb - 1);
@@ -228,8 +217,7 @@ impl PolicyCache {
         let nb1 = nb - 1;
         let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
         let (kept, scores) = if nb <= keep {
-            let all: Vec<u32> = (0..batch * hkv).flat_map(|_| (0..cap).map(|j| if j < l { j as u32 } else { FREE })).collect();
-            (u32_tensor(&c, &all, &[batch, hkv, cap]), None)
+            (self.keep_all(l), None)
         } else {
             let mass = self.window_mass(q_obs, k, w, l)?;
             let kept = DeviceTensor::filled(&c, &[batch, hkv, cap], DType::U32, 0);
@@ -259,15 +247,7 @@ impl PolicyCache {
         if policy == Policy::Full {
             return Err(Error::Config("SnapKV prefill needs an evicting policy"));
         }
-        if self.seen > 0 {
-            return Err(Error::Config("prefill needs an empty cache"));
-        }
-        let l = k.shape.get(2).copied().unwrap_or(0);
-        if l == 0 {
-            return Err(Error::ZeroLength { batch: 0 });
-        }
-        self.check("k", k, vec![batch, hkv, l, d])?;
-        self.check("v", v, vec![batch, hkv, l, d])?;
+        let l = self.check_prompt(k, v)?;
         let w = q_win.shape.get(1).copied().unwrap_or(0);
         self.check("q_win", q_win, vec![batch, w, hq, d])?;
         let cap = layout.capacity();
@@ -277,14 +257,10 @@ impl PolicyCache {
         if kernel == 0 || kernel % 2 == 0 {
             return Err(Error::Config("the pooling kernel must be odd"));
         }
-        if l >= 1 << 31 {
-            return Err(Error::Config("prompt too long for u32 positions"));
-        }
         let c = self.client.clone();
         let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
         let (n_kept, kept, pooled) = if l <= cap {
-            let all: Vec<u32> = (0..batch * hkv).flat_map(|_| (0..cap).map(|j| if j < l { j as u32 } else { FREE })).collect();
-            (l, u32_tensor(&c, &all, &[batch, hkv, cap]), None)
+            (l, self.keep_all(l), None)
         } else {
             let n = l - w;
             let mass = self.window_mass(q_win, k, w, l)?;
@@ -300,6 +276,32 @@ impl PolicyCache {
         };
         self.install(k, v, &kept, n_kept, l);
         Ok(pooled)
+    }
+
+    /// Validates a prompt for a prefill into this (empty) cache: `k, v: [B, Hkv, L, D]`; returns `L`.
+    fn check_prompt(&self, k: &DeviceTensor, v: &DeviceTensor) -> Result<usize, Error> {
+        let PolicyCacheConfig { batch, hkv, d, .. } = self.cfg;
+        if self.seen > 0 {
+            return Err(Error::Config("prefill needs an empty cache"));
+        }
+        let l = k.shape.get(2).copied().unwrap_or(0);
+        if l == 0 {
+            return Err(Error::ZeroLength { batch: 0 });
+        }
+        self.check("k", k, vec![batch, hkv, l, d])?;
+        self.check("v", v, vec![batch, hkv, l, d])?;
+        if l >= 1 << 31 {
+            return Err(Error::Config("prompt too long for u32 positions"));
+        }
+        Ok(l)
+    }
+
+    /// The kept list `[B, Hkv, c]` of a prompt of `l ≤ c` tokens: every position, then [`FREE`].
+    fn keep_all(&self, l: usize) -> DeviceTensor {
+        let PolicyCacheConfig { layout, batch, hkv, .. } = self.cfg;
+        let cap = layout.capacity();
+        let all: Vec<u32> = (0..batch * hkv).flat_map(|_| (0..cap).map(|j| if j < l { j as u32 } else { FREE })).collect();
+        u32_tensor(&self.client, &all, &[batch, hkv, cap])
     }
 
     /// Decode attention's group-mean probabilities `[B, Hkv, w, L]` of the last `w` prompt queries over the prompt

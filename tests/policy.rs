@@ -210,12 +210,60 @@ fn soak_100k_steps_no_drift_no_growth() {
     assert!(after_long <= after_short + (16 << 20), "memory grew by {} bytes over 90k more steps", after_long.saturating_sub(after_short));
 }
 
+/// Head `(bi, h)`'s window queries `[w, G, D]` (the last `w` tokens' query rows of its group, from
+/// `q: [B, w, Hq, D]`) and keys `[L, D]` (from `k: [B, Hkv, L, D]`), rotated at their true positions if `rope`.
+fn window_head(q: &[f64], k: &[f64], (bi, h): (usize, usize), (w, l, hq, hkv, g, d): (usize, usize, usize, usize, usize, usize), rope: Option<Rope>) -> (Vec<f64>, Vec<f64>) {
+    let head = bi * hkv + h;
+    let mut keys: Vec<f64> = k[head * l * d..][..l * d].to_vec();
+    let mut qs: Vec<f64> = (0..w).flat_map(|i| q[((bi * w + i) * hq + h * g) * d..][..g * d].to_vec()).collect();
+    if let Some(r) = rope {
+        for (j, kr) in keys.chunks_mut(d).enumerate() {
+            r.apply(kr, j);
+        }
+        for (i, qr) in qs.chunks_mut(g * d).enumerate() {
+            for qg in qr.chunks_mut(d) {
+                r.apply(qg, l - w + i);
+            }
+        }
+    }
+    (qs, keys)
+}
+
+/// A reference cache holding head `head`'s tokens `kept` of `k, v: [B, Hkv, L, D]` as fresh entries.
+fn ref_from_kept(cfg: PolicyConfig, kept: &[usize], k: &[f64], v: &[f64], head: usize, l: usize, d: usize) -> RefCache<f64> {
+    let mut rc = RefCache::new(cfg, d);
+    for &p in kept {
+        rc.push_entry(kvsqueeze::reference::policy::Entry::new(p, k[(head * l + p) * d..][..d].to_vec(), v[(head * l + p) * d..][..d].to_vec()));
+    }
+    rc
+}
+
+/// 40 decode steps after a prefill: the device's outputs and kept sets follow the reference caches `refs` (one
+/// per head, started from the same kept entries).
+fn decode_after_prefill(dev: &mut PolicyCache, refs: &mut [RefCache<f64>], rng: &mut common::Rng, (b, hkv, g, d): (usize, usize, usize, usize), ci: usize) {
+    let cl = client();
+    let hq = hkv * g;
+    for t in 0..40 {
+        let qd = round_to(&rng.vec(b * hq * d, 1.5), DType::F32);
+        let kd = round_to(&rng.vec(b * hkv * d, 1.5), DType::F32);
+        let vd = round_to(&rng.vec(b * hkv * d, 1.0), DType::F32);
+        let o = dev.step(&upload(cl, &qd, &[b, 1, hq, d], DType::F32), &upload(cl, &kd, &[b, hkv, d], DType::F32), &upload(cl, &vd, &[b, hkv, d], DType::F32)).unwrap().to_host_f64(cl).unwrap();
+        let kept = dev.kept_positions().unwrap();
+        for (head, rc) in refs.iter_mut().enumerate() {
+            let (bi, h) = (head / hkv, head % hkv);
+            let want = rc.step(&qd[(bi * hq + h * g) * d..][..g * d], &kd[head * d..][..d], &vd[head * d..][..d]).o;
+            let (err, _) = compare(&o[(bi * hq + h * g) * d..][..g * d], &want);
+            assert!(err < 1e-4, "case {ci} step {t} head {head}: output error {err:.3e}");
+            assert_eq!(kept[bi][h], rc.kept_positions(), "case {ci} step {t} head {head}: kept set");
+        }
+    }
+}
+
 /// TreeKV's block prefill on the device against the reference: block scores (f64 attention of the window
 /// queries) within tolerance, the kept set exactly what the cyclic scan keeps on the device's scores, and then
 /// decode steps that agree with the reference state machine started from the same kept entries.
 #[test]
 fn treekv_block_prefill_matches_reference() {
-    use kvsqueeze::reference::policy::Entry;
     use kvsqueeze::reference::treekv::static_scan;
     let cl = client();
     let cases = [(200usize, 8usize, false, false), (129, 16, true, false), (333, 7, false, true), (40, 8, false, false)];
@@ -246,18 +294,7 @@ fn treekv_block_prefill_matches_reference() {
         for bi in 0..b {
             for h in 0..hkv {
                 let head = bi * hkv + h;
-                let mut keys: Vec<f64> = k[head * l * d..][..l * d].to_vec();
-                let mut qs: Vec<f64> = (0..w).flat_map(|i| q[((bi * w + i) * hq + h * g) * d..][..g * d].to_vec()).collect();
-                if rope {
-                    for (j, kr) in keys.chunks_mut(d).enumerate() {
-                        r.apply(kr, j);
-                    }
-                    for (i, qr) in qs.chunks_mut(g * d).enumerate() {
-                        for qg in qr.chunks_mut(d) {
-                            r.apply(qg, l - w + i);
-                        }
-                    }
-                }
+                let (qs, keys) = window_head(&q, &k, (bi, h), (w, l, hq, hkv, g, d), rope.then_some(r));
                 let want: Vec<usize> = if nb <= keep {
                     assert!(scores.is_none());
                     (0..l).collect()
@@ -275,28 +312,11 @@ fn treekv_block_prefill_matches_reference() {
                 };
                 assert_eq!(kept[bi][h], want, "case {ci} head {head}: kept set after prefill");
                 let rcfg = PolicyConfig { policy, layout, rope: rope.then_some(r), positions: Positions::CacheRank, scale };
-                let mut rc = RefCache::new(rcfg, d);
-                for &p in &want {
-                    rc.push_entry(Entry::new(p, k[(head * l + p) * d..][..d].to_vec(), v[(head * l + p) * d..][..d].to_vec()));
-                }
-                refs.push(rc);
+                refs.push(ref_from_kept(rcfg, &want, &k, &v, head, l, d));
             }
         }
         // Decode after the prefill: outputs and kept sets follow the reference from the same entries.
-        for t in 0..40 {
-            let qd = round_to(&rng.vec(b * hq * d, 1.5), DType::F32);
-            let kd = round_to(&rng.vec(b * hkv * d, 1.5), DType::F32);
-            let vd = round_to(&rng.vec(b * hkv * d, 1.0), DType::F32);
-            let o = dev.step(&upload(cl, &qd, &[b, 1, hq, d], DType::F32), &upload(cl, &kd, &[b, hkv, d], DType::F32), &upload(cl, &vd, &[b, hkv, d], DType::F32)).unwrap().to_host_f64(cl).unwrap();
-            let kept = dev.kept_positions().unwrap();
-            for (head, rc) in refs.iter_mut().enumerate() {
-                let (bi, h) = (head / hkv, head % hkv);
-                let want = rc.step(&qd[(bi * hq + h * g) * d..][..g * d], &kd[head * d..][..d], &vd[head * d..][..d]).o;
-                let (err, _) = compare(&o[(bi * hq + h * g) * d..][..g * d], &want);
-                assert!(err < 1e-4, "case {ci} step {t} head {head}: output error {err:.3e}");
-                assert_eq!(kept[bi][h], rc.kept_positions(), "case {ci} step {t} head {head}: kept set");
-            }
-        }
+        decode_after_prefill(&mut dev, &mut refs, &mut rng, (b, hkv, g, d), ci);
     }
     // Typed errors: not TreeKV, wrong window, non-empty cache.
     let mk = |p| PolicyCache::new(cl, PolicyCacheConfig::new(p, Layout { sinks: 2, middle: 10, recent: 4 }, 1, 2, 1, 8, DType::F32)).unwrap();
@@ -316,7 +336,6 @@ fn treekv_block_prefill_matches_reference() {
 #[test]
 fn snapkv_prefill_matches_reference() {
     use kvsqueeze::policy::Pool;
-    use kvsqueeze::reference::policy::Entry;
     let cl = client();
     // (L, w, kernel, pool, policy, equal keys, rope)
     let cases = [
@@ -360,18 +379,7 @@ fn snapkv_prefill_matches_reference() {
                     assert!(pooled.is_none());
                     (0..l).collect()
                 } else {
-                    let mut keys: Vec<f64> = k[head * l * d..][..l * d].to_vec();
-                    let mut qs: Vec<f64> = (0..w).flat_map(|i| q[((bi * w + i) * hq + h * g) * d..][..g * d].to_vec()).collect();
-                    if rope {
-                        for (j, kr) in keys.chunks_mut(d).enumerate() {
-                            r.apply(kr, j);
-                        }
-                        for (i, qr) in qs.chunks_mut(g * d).enumerate() {
-                            for qg in qr.chunks_mut(d) {
-                                r.apply(qg, l - w + i);
-                            }
-                        }
-                    }
+                    let (qs, keys) = window_head(&q, &k, (bi, h), (w, l, hq, hkv, g, d), rope.then_some(r));
                     let att = attention(&qs, &keys, &keys, Dims { lq: w, l, hq: g, hkv: 1, d }, l - w, scale);
                     let s: Vec<f64> = (0..n).map(|j| (0..w).map(|i| att.group_mean[i * l + j]).sum()).collect();
                     let half = kernel / 2;
@@ -398,27 +406,10 @@ fn snapkv_prefill_matches_reference() {
                 };
                 assert_eq!(kept[bi][h], want, "case {ci} head {head}: kept set after prefill");
                 let rcfg = PolicyConfig { policy, layout, rope: rope.then_some(r), positions: Positions::CacheRank, scale };
-                let mut rc = RefCache::new(rcfg, d);
-                for &p in &want {
-                    rc.push_entry(Entry::new(p, k[(head * l + p) * d..][..d].to_vec(), v[(head * l + p) * d..][..d].to_vec()));
-                }
-                refs.push(rc);
+                refs.push(ref_from_kept(rcfg, &want, &k, &v, head, l, d));
             }
         }
-        for t in 0..40 {
-            let qd = round_to(&rng.vec(b * hq * d, 1.5), DType::F32);
-            let kd = round_to(&rng.vec(b * hkv * d, 1.5), DType::F32);
-            let vd = round_to(&rng.vec(b * hkv * d, 1.0), DType::F32);
-            let o = dev.step(&upload(cl, &qd, &[b, 1, hq, d], DType::F32), &upload(cl, &kd, &[b, hkv, d], DType::F32), &upload(cl, &vd, &[b, hkv, d], DType::F32)).unwrap().to_host_f64(cl).unwrap();
-            let kept = dev.kept_positions().unwrap();
-            for (head, rc) in refs.iter_mut().enumerate() {
-                let (bi, h) = (head / hkv, head % hkv);
-                let want = rc.step(&qd[(bi * hq + h * g) * d..][..g * d], &kd[head * d..][..d], &vd[head * d..][..d]).o;
-                let (err, _) = compare(&o[(bi * hq + h * g) * d..][..g * d], &want);
-                assert!(err < 1e-4, "case {ci} step {t} head {head}: output error {err:.3e}");
-                assert_eq!(kept[bi][h], rc.kept_positions(), "case {ci} step {t} head {head}: kept set");
-            }
-        }
+        decode_after_prefill(&mut dev, &mut refs, &mut rng, (b, hkv, g, d), ci);
     }
     let mk = |p| PolicyCache::new(cl, PolicyCacheConfig::new(p, Layout { sinks: 2, middle: 10, recent: 4 }, 1, 2, 1, 8, DType::F32)).unwrap();
     let x = |shape: &[usize]| upload(cl, &vec![0.5; shape.iter().product()], shape, DType::F32);

@@ -25,6 +25,8 @@ pub fn skip(what: &str, why: &str) {
     eprintln!("SKIP {what}: {why}");
 }
 
+#[allow(unused_imports)]
+pub use kvsqueeze::check::eps;
 pub use kvsqueeze::reference::testing::Rng;
 
 /// Rounds every value to `dtype` (the inputs the kernel and every reference then share).
@@ -39,31 +41,15 @@ pub fn round_to(x: &[f64], dtype: DType) -> Vec<f64> {
         .collect()
 }
 
-/// Uploads f64 values as `dtype`, in a buffer of `buffer_len ≥ data.len()` elements (the rest `pad`).
+/// Uploads f64 values as `dtype` (rounding to nearest).
 pub fn upload(c: &Client, data: &[f64], shape: &[usize], dtype: DType) -> DeviceTensor {
-    match dtype {
-        DType::F32 => DeviceTensor::from_host(c, &data.iter().map(|&v| v as f32).collect::<Vec<_>>(), shape),
-        DType::F16 => DeviceTensor::from_host(c, &data.iter().map(|&v| half::f16::from_f64(v)).collect::<Vec<_>>(), shape),
-        DType::BF16 => DeviceTensor::from_host(c, &data.iter().map(|&v| half::bf16::from_f64(v)).collect::<Vec<_>>(), shape),
-        DType::U32 => DeviceTensor::from_host(c, &data.iter().map(|&v| v as u32).collect::<Vec<_>>(), shape),
-    }
-    .expect("shape matches data")
+    kvsqueeze::check::upload(c, data, shape, dtype).0
 }
 
 /// A contiguous output buffer whose every byte is 0xFF — NaN in f32, f16 and bf16 — so an element the
 /// kernel forgets to write shows up.
 pub fn poisoned(c: &Client, shape: &[usize], dtype: DType) -> DeviceTensor {
     DeviceTensor::filled(c, shape, dtype, 0xFF)
-}
-
-/// Machine epsilon of a dtype.
-pub fn eps(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => f32::EPSILON as f64,
-        DType::F16 => 9.765625e-4,
-        DType::BF16 => 7.8125e-3,
-        DType::U32 => 0.0,
-    }
 }
 
 /// Max |a − b| over finite pairs, and whether the NaN/Inf pattern of `a` equals that of `b`.

@@ -39,6 +39,24 @@ fn basis(n: u32, t: u32, window: u32) -> (f32, f32) {
     (f32::cos(a), f32::sin(a))
 }
 
+/// A cosine/sine coefficient pair `(c, s)` of one frequency re-expressed for a time origin shifted by the angle
+/// `a` (`ca = cos a`, `sa = sin a`): `c·cos(θ + a) + s·sin(θ + a) = c'·cos θ + s'·sin θ` with
+/// `c' = c·ca + s·sa`, `s' = s·ca − c·sa`.
+#[cube]
+fn shift_origin(c: f32, s: f32, ca: f32, sa: f32) -> (f32, f32) {
+    (c * ca + s * sa, s * ca - c * sa)
+}
+
+/// Slot of exact token `j` (init tokens first, then the local ring, which starts `skip` slots later).
+#[cube]
+fn exact_slot(j: usize, l_init: usize, skip: usize) -> usize {
+    let mut slot = j;
+    if j >= l_init {
+        slot = j + skip;
+    }
+    slot
+}
+
 /// Prefill transform. Grid `(⌈N/tile⌉, C)`, `tile` threads: one frequency per thread, one column per cube row;
 /// the cube's threads read the same token value (a broadcast) and advance their own angle by rotation.
 /// Column `c` of token `t` is `x[x_base + col_off[c] + t·t_stride]`; writes `coef[coef_base + c·2N + …]`.
@@ -296,10 +314,9 @@ pub fn fourier_reconstruct<E: Float>(
                     let mut vs = 0.0f32.runtime();
                     if n0 + idx < n_freq {
                         let (ca, sa) = basis((n0 + idx) as u32, base as u32, window);
-                        let cc = coef[cbase + n0 + idx];
-                        let cs = coef[cbase + n_freq + n0 + idx];
-                        vc = cc * ca + cs * sa;
-                        vs = cs * ca - cc * sa;
+                        let (rc, rs) = shift_origin(coef[cbase + n0 + idx], coef[cbase + n_freq + n0 + idx], ca, sa);
+                        vc = rc;
+                        vs = rs;
                     }
                     cf[idx] = vc;
                     cf[FCHUNK + idx] = vs;
@@ -549,8 +566,9 @@ pub fn fourier_split<E: Float>(
                     psv += pc[row + n_freq + n];
                 }
                 let (ca, sa) = basis(n as u32, start as u32, window);
-                pf_s[gi * two_n + n] = pcv * ca + psv * sa;
-                pf_s[gi * two_n + n_freq + n] = psv * ca - pcv * sa;
+                let (rc, rs) = shift_origin(pcv, psv, ca, sa);
+                pf_s[gi * two_n + n] = rc;
+                pf_s[gi * two_n + n_freq + n] = rs;
             }
         }
         sync_cube();
@@ -633,10 +651,7 @@ pub fn fourier_split<E: Float>(
                     }
                 }
             } else {
-                let mut slot = j;
-                if j >= l_init {
-                    slot = j + skip;
-                }
+                let slot = exact_slot(j, l_init, skip);
                 for dd in 0..d {
                     let kv = f32::cast_from(ek[(ekbase + slot) * d + dd]);
                     #[unroll]
@@ -682,10 +697,9 @@ pub fn fourier_split<E: Float>(
                     let (ce, se) = (tab[n * tile + tile - 1], tab[(n_freq + n) * tile + tile - 1]);
                     let cs = ce * c1 - se * s1;
                     let sn = se * c1 + ce * s1;
-                    let pcv = pf_s[gi * two_n + n];
-                    let psv = pf_s[gi * two_n + n_freq + n];
-                    pf_s[gi * two_n + n] = pcv * cs + psv * sn;
-                    pf_s[gi * two_n + n_freq + n] = psv * cs - pcv * sn;
+                    let (rc, rs) = shift_origin(pf_s[gi * two_n + n], pf_s[gi * two_n + n_freq + n], cs, sn);
+                    pf_s[gi * two_n + n] = rc;
+                    pf_s[gi * two_n + n_freq + n] = rs;
                 }
             }
             // Critical value dims: thread = critical column of this head.
@@ -778,12 +792,7 @@ pub fn fourier_split<E: Float>(
                         if middle {
                             vv = mv[(mbase + base + k) * d + dd];
                         } else {
-                            let jj = base + k;
-                            let mut slot = jj;
-                            if jj >= l_init {
-                                slot = jj + skip;
-                            }
-                            vv = f32::cast_from(ev[(ekbase + slot) * d + dd]);
+                            vv = f32::cast_from(ev[(ekbase + exact_slot(base + k, l_init, skip)) * d + dd]);
                         }
                         #[unroll]
                         for gi in 0..g {
