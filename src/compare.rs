@@ -204,7 +204,7 @@ pub fn compare(client: &Client, s: &Stream, opts: &CompareOptions, progress: &mu
         let (mut kl_sum, mut kl_n) = (0.0, 0usize);
         let row = match policy {
             Some(p) => {
-                let layout = if p == Policy::Full { Layout { sinks: 0, middle: steps, recent: 0 } } else { Layout { sinks: 4.min(budget / 4), middle: budget - 4.min(budget / 4) - budget / 2, recent: budget / 2 } };
+                let layout = if p == Policy::Full { Layout { sinks: 0, middle: steps, recent: 0 } } else { crate::policy::budget_layout(budget) };
                 let mut cache = PolicyCache::new(client, PolicyCacheConfig::new(p, layout, 1, hq, hkv, d, opts.dtype))?;
                 let rcfg = PolicyConfig { policy: p, layout, rope: None, positions: Positions::CacheRank, scale };
                 let mut gold = LayerPolicy::<f64>::new(rcfg, hq, hkv, d);

@@ -14,6 +14,8 @@ pub mod attention;
 pub mod check;
 pub mod compare;
 mod error;
+#[cfg(feature = "eval")]
+pub mod eval;
 pub mod fourier;
 pub mod policy;
 pub mod replay;

@@ -28,6 +28,11 @@ const USAGE: &str = "usage: kvsqueeze <command> [--backend cuda|wgpu|cpu|auto] [
             [--sinks S (4)] [--recent R (budget/2)] [--rope BASE]
             IN: q [steps, Hq, D], k and v [steps, Hkv, D] (f32/f16/bf16); OUT: o [steps, Hq, D] f32,
             kept [steps, Hkv, budget] i32 (original positions in cache order, -1 padded)
+  eval      a real LLM (SmolLM2-135M, candle on the CPU) with every layer's attention through each cache, on real
+            text; needs `--features eval` [--gguf PATH] [--text NAME=PATH ...] [--prefix 2048] [--scored 512]
+            [--windows 4] [--budgets 1/4,1/16 (fractions of the prefix or counts)] [--policies P1,P2 (all)]
+            [--dtype f32] [--attn-every 16] [--json OUT.json] [--svg OUT.svg]
+            texts default to data/texts/prideprejudice.txt and sensesensibility.txt
   devices   compiled backends and the device found
   demo      the reference-only demo (no device)";
 
@@ -126,6 +131,7 @@ fn main() {
         "check" => cmd_check(rest),
         "bench" => cmd_bench(rest),
         "replay" => cmd_replay(rest),
+        "eval" => cmd_eval(rest),
         "devices" => {
             kvsqueeze::runtime::print_devices();
             Ok(())
@@ -306,6 +312,84 @@ fn cmd_bench(args: &[String]) -> Result<(), Fail> {
         fc.attend(&qf, 0.088, FourierPath::Spectral).expect("validated");
     });
     row(&format!("FlashFourier spectral, N {n}, 80% compressed"), spectral, fc.physical_bytes());
+    Ok(())
+}
+
+#[cfg(not(feature = "eval"))]
+fn cmd_eval(_args: &[String]) -> Result<(), Fail> {
+    Err(Fail::Refused("this binary was built without the `eval` feature: `cargo run --release --features eval -- eval`".into()))
+}
+
+#[cfg(feature = "eval")]
+fn cmd_eval(args: &[String]) -> Result<(), Fail> {
+    use kvsqueeze::eval::{evaluate_text, find_gguf, model::Model, svg, table, to_json, tokenizer::Tokenizer, Budget, EvalOptions};
+    // `--text` may repeat: collect those first.
+    let mut texts: Vec<(String, std::path::PathBuf)> = Vec::new();
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--text" {
+            let v = it.next().ok_or_else(|| Fail::Usage("--text needs NAME=PATH".into()))?;
+            let (name, path) = v.split_once('=').ok_or_else(|| Fail::Usage(format!("--text wants NAME=PATH, got `{v}`")))?;
+            texts.push((name.to_string(), path.into()));
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    let flags = parse_flags(&rest, &[])?;
+    check_known(&flags, &["gguf", "prefix", "scored", "windows", "budgets", "policies", "dtype", "attn-every", "json", "svg"])?;
+    let mut opts = EvalOptions::default();
+    opts.prefix = num(&flags, "prefix", opts.prefix)?;
+    opts.scored = num(&flags, "scored", opts.scored)?;
+    opts.windows = num(&flags, "windows", opts.windows)?;
+    opts.attn_every = num(&flags, "attn-every", opts.attn_every)?;
+    if let Some(v) = flags.get("budgets") {
+        opts.budgets = v.split(',').map(|b| Budget::parse(b.trim()).ok_or_else(|| Fail::Usage(format!("--budgets wants fractions or counts like 1/4,256, got `{b}`")))).collect::<Result<_, _>>()?;
+    }
+    if let Some(v) = flags.get("policies") {
+        opts.policies = v.split(',').map(|p| p.trim().to_string()).collect();
+    }
+    for p in &opts.policies {
+        if !matches!(p.as_str(), "full" | "full-rank" | "fourier") && kvsqueeze::replay::parse_policy(p).is_none() {
+            return Err(Fail::Usage(format!("unknown policy `{p}` (full, streaming-llm, h2o, tova, treekv, treekv-select-left, weightedkv, fourier)")));
+        }
+    }
+    if let Some(d) = flags.get("dtype") {
+        opts.dtype = parse_dtype(d)?;
+    }
+    if texts.is_empty() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/texts");
+        for name in ["prideprejudice", "sensesensibility"] {
+            let local = std::path::Path::new("data/texts").join(format!("{name}.txt"));
+            texts.push((name.to_string(), if local.is_file() { local } else { root.join(format!("{name}.txt")) }));
+        }
+    }
+    let gguf = find_gguf(flags.get("gguf").map(std::path::Path::new)).map_err(Fail::Refused)?;
+    let contents: Vec<(String, String)> = texts.iter().map(|(n, p)| std::fs::read_to_string(p).map(|t| (n.clone(), t)).map_err(|e| Fail::Refused(format!("{}: {e}", p.display())))).collect::<Result<_, _>>()?;
+    let c = client(&flags)?;
+    let t0 = Instant::now();
+    let (model, content) = Model::load(&gguf).map_err(Fail::Refused)?;
+    let tok = Tokenizer::from_gguf(&content).map_err(Fail::Refused)?;
+    eprintln!("model: {} ({} layers, {}/{} heads, D {}), loaded in {:.1} s", gguf.display(), model.cfg.layers, model.cfg.heads, model.cfg.kv_heads, model.cfg.head_dim, t0.elapsed().as_secs_f64());
+    let mut rows = Vec::new();
+    for (name, text) in &contents {
+        let ids = tok.encode(text).map_err(Fail::Refused)?;
+        eprintln!("{name}: {} tokens", ids.len());
+        rows.extend(evaluate_text(&c, &model, name, &ids, &opts, &mut |line| eprintln!("{line}")).map_err(Fail::Refused)?);
+    }
+    println!("settings: prefix {}, scored {}, windows {}, dtype {:?}, device {}", opts.prefix, opts.scored, opts.windows, opts.dtype, kvsqueeze::attention::device_name(&c));
+    print!("{}", table(&rows));
+    let write = |path: &str, body: String| -> Result<(), Fail> {
+        let tmp = format!("{path}.partial");
+        std::fs::write(&tmp, body).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| Fail::Refused(format!("{path}: {e}")))
+    };
+    if let Some(p) = flags.get("json") {
+        let doc = serde_json::json!({"settings": {"prefix": opts.prefix, "scored": opts.scored, "windows": opts.windows, "dtype": format!("{:?}", opts.dtype), "device": kvsqueeze::attention::device_name(&c), "gguf": gguf.display().to_string()}, "rows": to_json(&rows)});
+        write(p, serde_json::to_string_pretty(&doc).expect("json"))?;
+    }
+    if let Some(p) = flags.get("svg") {
+        write(p, svg(&rows))?;
+    }
     Ok(())
 }
 

@@ -42,6 +42,13 @@ pub trait CompressedKvCache {
     fn kept_positions(&self) -> Result<Vec<Vec<Vec<usize>>>, Error>;
 }
 
+/// The layout the CLI's `compare` and `eval` give an evicting policy at budget `c`: 4 sinks (at most `c/4`),
+/// the most recent `c/2`, the rest the policy's region.
+pub fn budget_layout(c: usize) -> Layout {
+    let sinks = 4.min(c / 4);
+    Layout { sinks, middle: c - sinks - c / 2, recent: c / 2 }
+}
+
 /// Shape and policy of a [`PolicyCache`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
