@@ -165,6 +165,10 @@ fn smoke_every_policy() {
             // c + 1 physical slots (the staging slot of a step) plus per-slot state (order ×2, rank, S, C, pos).
             let kv = (r.budget + 1) * slot_bytes;
             assert!(r.physical_bytes >= kv && r.physical_bytes <= kv + (r.budget + 1) * 30 * 3 * 6 * 4 + 30 * 3 * 4, "{}: {} B", r.policy, r.physical_bytes);
+        } else {
+            // Sized to the same bytes as the policies at its budget, plus its stats and basis table.
+            let same = rows.iter().find(|x| x.policy == "treekv" && x.budget == r.budget).unwrap();
+            assert!(r.physical_bytes as f64 <= 1.15 * same.physical_bytes as f64, "fourier {} B vs {} B", r.physical_bytes, same.physical_bytes);
         }
     }
 }
