@@ -31,7 +31,7 @@ const USAGE: &str = "usage: kvsqueeze <command> [--backend cuda|wgpu|cpu|auto] [
   eval      a real LLM (SmolLM2-135M, candle on the CPU) with every layer's attention through each cache, on real
             text; needs `--features eval` [--gguf PATH] [--text NAME=PATH ...] [--prefix 2048] [--scored 512]
             [--windows 4] [--budgets 1/4,1/16 (fractions of the prefix or counts)] [--policies P1,P2 (all)]
-            [--dtype f32] [--attn-every 16] [--json OUT.json] [--svg OUT.svg]
+            [--prefill select|stream (select)] [--dtype f32] [--attn-every 16] [--json OUT.json] [--svg OUT.svg]
             texts default to data/texts/prideprejudice.txt and sensesensibility.txt
   devices   compiled backends and the device found
   demo      the reference-only demo (no device)";
@@ -322,7 +322,7 @@ fn cmd_eval(_args: &[String]) -> Result<(), Fail> {
 
 #[cfg(feature = "eval")]
 fn cmd_eval(args: &[String]) -> Result<(), Fail> {
-    use kvsqueeze::eval::{evaluate_text, find_gguf, model::Model, svg, table, to_json, tokenizer::Tokenizer, Budget, EvalOptions};
+    use kvsqueeze::eval::{evaluate_text, find_gguf, model::Model, svg, table, to_json, tokenizer::Tokenizer, Budget, EvalOptions, Prefill};
     // `--text` may repeat: collect those first.
     let mut texts: Vec<(String, std::path::PathBuf)> = Vec::new();
     let mut rest = Vec::new();
@@ -337,7 +337,7 @@ fn cmd_eval(args: &[String]) -> Result<(), Fail> {
         }
     }
     let flags = parse_flags(&rest, &[])?;
-    check_known(&flags, &["gguf", "prefix", "scored", "windows", "budgets", "policies", "dtype", "attn-every", "json", "svg"])?;
+    check_known(&flags, &["gguf", "prefix", "scored", "windows", "budgets", "policies", "dtype", "attn-every", "prefill", "json", "svg"])?;
     let mut opts = EvalOptions::default();
     opts.prefix = num(&flags, "prefix", opts.prefix)?;
     opts.scored = num(&flags, "scored", opts.scored)?;
@@ -357,6 +357,11 @@ fn cmd_eval(args: &[String]) -> Result<(), Fail> {
     if let Some(d) = flags.get("dtype") {
         opts.dtype = parse_dtype(d)?;
     }
+    opts.prefill = match flags.get("prefill").map(String::as_str) {
+        None | Some("select") => Prefill::Select,
+        Some("stream") => Prefill::Stream,
+        Some(o) => return Err(Fail::Usage(format!("--prefill `{o}`: use select or stream"))),
+    };
     if texts.is_empty() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/texts");
         for name in ["prideprejudice", "sensesensibility"] {
@@ -377,14 +382,14 @@ fn cmd_eval(args: &[String]) -> Result<(), Fail> {
         eprintln!("{name}: {} tokens", ids.len());
         rows.extend(evaluate_text(&c, &model, name, &ids, &opts, &mut |line| eprintln!("{line}")).map_err(Fail::Refused)?);
     }
-    println!("settings: prefix {}, scored {}, windows {}, dtype {:?}, device {}", opts.prefix, opts.scored, opts.windows, opts.dtype, kvsqueeze::attention::device_name(&c));
+    println!("settings: prefix {}, scored {}, windows {}, prefill {:?}, dtype {:?}, device {}", opts.prefix, opts.scored, opts.windows, opts.prefill, opts.dtype, kvsqueeze::attention::device_name(&c));
     print!("{}", table(&rows));
     let write = |path: &str, body: String| -> Result<(), Fail> {
         let tmp = format!("{path}.partial");
         std::fs::write(&tmp, body).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| Fail::Refused(format!("{path}: {e}")))
     };
     if let Some(p) = flags.get("json") {
-        let doc = serde_json::json!({"settings": {"prefix": opts.prefix, "scored": opts.scored, "windows": opts.windows, "dtype": format!("{:?}", opts.dtype), "device": kvsqueeze::attention::device_name(&c), "gguf": gguf.display().to_string()}, "rows": to_json(&rows)});
+        let doc = serde_json::json!({"settings": {"prefix": opts.prefix, "scored": opts.scored, "windows": opts.windows, "prefill": format!("{:?}", opts.prefill), "dtype": format!("{:?}", opts.dtype), "device": kvsqueeze::attention::device_name(&c), "gguf": gguf.display().to_string()}, "rows": to_json(&rows)});
         write(p, serde_json::to_string_pretty(&doc).expect("json"))?;
     }
     if let Some(p) = flags.get("svg") {

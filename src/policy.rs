@@ -108,6 +108,9 @@ pub struct PolicyCache {
     filled: usize,
     /// Evictions so far (TreeKV's pointer).
     evictions: usize,
+    /// Units of the policy step's cube (one cube per head; its loops over the `c + 1` slots are latency-bound, so
+    /// as many units as the device allows, up to the next power of two of `c + 1`).
+    step_threads: usize,
 }
 
 fn rule(p: Policy) -> Rule {
@@ -126,6 +129,17 @@ fn u32_tensor(client: &Client, data: &[u32], shape: &[usize]) -> DeviceTensor {
 }
 
 const THREADS: usize = 128;
+
+/// The policy step's cube size: a power of two from 32 up, at most 1024 and the device's limit, and no larger than
+/// the next power of two of `cap1` slots.
+fn step_threads(client: &Client, cap1: usize) -> usize {
+    let max = (client.properties().hardware.max_units_per_cube as usize).min(1024);
+    let mut t = 32;
+    while t * 2 <= max && t < cap1.next_power_of_two() {
+        t *= 2;
+    }
+    t
+}
 
 impl PolicyCache {
     /// An empty cache. Errors on a layout the policy cannot run with, a GQA ratio that is not integral, an
@@ -171,6 +185,7 @@ impl PolicyCache {
             seen: 0,
             filled: 0,
             evictions: 0,
+            step_threads: step_threads(client, cap1),
         })
     }
 
@@ -240,6 +255,31 @@ impl PolicyCache {
         };
         self.install(k, v, &kept, n_kept, l);
         Ok(scores)
+    }
+
+    /// StreamingLLM's prompt rule on the device into an empty StreamingLLM or Full cache: the prompt `k, v: [B, Hkv,
+    /// L, D]` (pre-RoPE when the cache has RoPE) keeps its first `sinks` and last `c − sinks` tokens (all of it when
+    /// `L ≤ c`), in position order with `S = C = 0` — the entries StreamingLLM would hold after streaming the prompt.
+    /// A Full cache refuses a prompt longer than its capacity. Cost: one gather.
+    pub fn prefill_recent(&mut self, k: &DeviceTensor, v: &DeviceTensor) -> Result<(), Error> {
+        let PolicyCacheConfig { policy, layout, batch, hkv, .. } = self.cfg;
+        if !matches!(policy, Policy::StreamingLlm | Policy::Full) {
+            return Err(Error::Config("prefill_recent needs a StreamingLLM or Full cache"));
+        }
+        let l = self.check_prompt(k, v)?;
+        let cap = layout.capacity();
+        if l <= cap {
+            let kept = self.keep_all(l);
+            self.install(k, v, &kept, l, l);
+            return Ok(());
+        }
+        if policy == Policy::Full {
+            return Err(Error::LengthBeyondCapacity { batch: 0, len: l, capacity: cap });
+        }
+        let one: Vec<u32> = (0..layout.sinks).chain(l - (cap - layout.sinks)..l).map(|j| j as u32).collect();
+        let kept = u32_tensor(&self.client, &one.repeat(batch * hkv), &[batch, hkv, cap]);
+        self.install(k, v, &kept, cap, l);
+        Ok(())
     }
 
     /// SnapKV-style prefill on the device (spec §5.3; reference `baselines::snapkv_select`) into an empty
@@ -389,7 +429,7 @@ impl CompressedKvCache for PolicyCache {
         // SAFETY: as above; `mass` is decode attention's `[B, Hkv, 1, c+1]` output.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
-            with_float_type!(self.cfg.dtype, E => policy_step::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(THREADS as u32), b(&mass), b(&self.v), b(&self.order[self.cur]), b(&self.order[1 - self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), after as u32, ptr as u32, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), THREADS))
+            with_float_type!(self.cfg.dtype, E => policy_step::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(self.step_threads as u32), b(&mass), b(&self.v), b(&self.order[self.cur]), b(&self.order[1 - self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), after as u32, ptr as u32, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), self.step_threads))
         }
         if policy != Policy::Full && after > cap {
             self.cur = 1 - self.cur; // this step evicted: the shifted order is in the other buffer

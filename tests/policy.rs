@@ -418,3 +418,113 @@ fn snapkv_prefill_matches_reference() {
     assert!(matches!(mk(Policy::H2o).prefill_snapkv(&qq, &kk, &kk, 4, Pool::Avg), Err(kvsqueeze::Error::Config(_))), "even kernel");
     assert!(matches!(mk(Policy::H2o).prefill_snapkv(&x(&[1, 17, 2, 8]), &kk, &kk, 3, Pool::Avg), Err(kvsqueeze::Error::Config(_))), "window > budget");
 }
+
+/// StreamingLLM's prompt rule on the device (`prefill_recent`): the kept set equals the reference's after streaming
+/// the whole prompt step by step, then 40 decode steps follow the reference; a prompt that fits is kept whole (also
+/// for Full), a Full cache refuses a longer one, other policies are refused.
+#[test]
+fn streaming_prefill_matches_reference() {
+    let cl = client();
+    for (ci, &(l, rope)) in [(300usize, true), (64, false), (50, false), (1, true)]
+        .iter()
+        .enumerate()
+    {
+        let (b, hkv, g, d) = (2, 2, 4, 16);
+        let hq = hkv * g;
+        let layout = Layout {
+            sinks: 4,
+            middle: 44,
+            recent: 16,
+        };
+        let mut cfg =
+            PolicyCacheConfig::new(Policy::StreamingLlm, layout, b, hq, hkv, d, DType::F32);
+        if rope {
+            cfg = cfg.with_rope(10_000.0);
+        }
+        let mut dev = PolicyCache::new(cl, cfg).unwrap();
+        let mut rng = Rng(900 + ci as u64);
+        let k = round_to(&rng.vec(b * hkv * l * d, 1.5), DType::F32);
+        let v = round_to(&rng.vec(b * hkv * l * d, 1.0), DType::F32);
+        dev.prefill_recent(
+            &upload(cl, &k, &[b, hkv, l, d], DType::F32),
+            &upload(cl, &v, &[b, hkv, l, d], DType::F32),
+        )
+        .unwrap();
+        let kept = dev.kept_positions().unwrap();
+        let r = Rope { base: 10_000.0 };
+        let rcfg = PolicyConfig {
+            policy: Policy::StreamingLlm,
+            layout,
+            rope: rope.then_some(r),
+            positions: Positions::CacheRank,
+            scale: 1.0 / (d as f64).sqrt(),
+        };
+        let mut refs = Vec::new();
+        for bi in 0..b {
+            for h in 0..hkv {
+                let head = bi * hkv + h;
+                // The reference streams the prompt (queries do not matter to StreamingLLM's choice).
+                let mut streamed = RefCache::new(rcfg, d);
+                for t in 0..l {
+                    let row = |x: &[f64]| x[(head * l + t) * d..][..d].to_vec();
+                    streamed.step(&rng.vec(g * d, 1.0), &row(&k), &row(&v));
+                }
+                let want = streamed.kept_positions();
+                assert_eq!(kept[bi][h], want, "case {ci} head {head}: kept set");
+                refs.push(ref_from_kept(rcfg, &want, &k, &v, head, l, d));
+            }
+        }
+        decode_after_prefill(&mut dev, &mut refs, &mut rng, (b, hkv, g, d), ci);
+    }
+    let mk = |p, cap: usize| {
+        PolicyCache::new(
+            cl,
+            PolicyCacheConfig::new(
+                p,
+                Layout {
+                    sinks: 2,
+                    middle: cap - 6,
+                    recent: 4,
+                },
+                1,
+                2,
+                1,
+                8,
+                DType::F32,
+            ),
+        )
+        .unwrap()
+    };
+    let x = |shape: &[usize]| upload(cl, &vec![0.5; shape.iter().product()], shape, DType::F32);
+    let kk = x(&[1, 1, 40, 8]);
+    let mut full = PolicyCache::new(
+        cl,
+        PolicyCacheConfig::new(
+            Policy::Full,
+            Layout {
+                sinks: 0,
+                middle: 40,
+                recent: 0,
+            },
+            1,
+            2,
+            1,
+            8,
+            DType::F32,
+        ),
+    )
+    .unwrap();
+    full.prefill_recent(&kk, &kk).unwrap();
+    assert_eq!(
+        full.kept_positions().unwrap()[0][0],
+        (0..40).collect::<Vec<_>>()
+    );
+    assert!(matches!(
+        mk(Policy::Full, 16).prefill_recent(&kk, &kk),
+        Err(kvsqueeze::Error::LengthBeyondCapacity { .. })
+    ));
+    assert!(matches!(
+        mk(Policy::H2o, 16).prefill_recent(&kk, &kk),
+        Err(kvsqueeze::Error::Config(_))
+    ));
+}
