@@ -119,7 +119,7 @@ impl Budget {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prefill {
     /// One selection over the whole prompt on the device: StreamingLLM keeps sinks + recent, TreeKV its block-level
-    /// prefill (blocks of `min(32, c/4)`), H2O/TOVA/WeightedKV SnapKV (window `min(32, c)`, max-pool 7, the
+    /// prefill (blocks of `min(32, c/4)`), H2O/TOVA/WeightedKV SnapKV (window `min(32, c/2)` so the budget keeps selected tokens too, max-pool 7, the
     /// FourierAttention comparison's settings); Full keeps everything; FourierAttention prefills its middle.
     Select,
     /// Every prompt token through the cache's own decode step (the policy's rule on the prompt, scores from the
@@ -634,7 +634,7 @@ fn ingest(
                     caches[l].prefill_treekv(&q, &k, &v, block).map_err(e)?;
                 }
                 _ => {
-                    let w = 32.min(cap).min(p);
+                    let w = 32.min(cap / 2).max(1).min(p);
                     let q = upload(
                         client,
                         &last_queries(run, s, pre, l, p, w),
