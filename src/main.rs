@@ -32,6 +32,7 @@ const USAGE: &str = "usage: kvsqueeze <command> [--backend cuda|wgpu|cpu|auto] [
             text; needs `--features eval` [--gguf PATH] [--text NAME=PATH ...] [--prefix 2048] [--scored 512]
             [--windows 4] [--budgets 1/4,1/16 (fractions of the prefix or counts)] [--policies P1,P2 (all)]
             [--prefill select|stream (select)] [--dtype f32] [--attn-every 16] [--json OUT.json] [--svg OUT.svg]
+            --replot IN.json --svg OUT.svg: the plot of a saved run
             texts default to data/texts/prideprejudice.txt and sensesensibility.txt
   devices   compiled backends and the device found
   demo      the reference-only demo (no device)";
@@ -337,7 +338,16 @@ fn cmd_eval(args: &[String]) -> Result<(), Fail> {
         }
     }
     let flags = parse_flags(&rest, &[])?;
-    check_known(&flags, &["gguf", "prefix", "scored", "windows", "budgets", "policies", "dtype", "attn-every", "prefill", "json", "svg"])?;
+    check_known(&flags, &["gguf", "prefix", "scored", "windows", "budgets", "policies", "dtype", "attn-every", "prefill", "json", "svg", "replot"])?;
+    if let Some(inp) = flags.get("replot") {
+        // Re-plot a saved run: `--replot IN.json --svg OUT.svg` (no model, no device).
+        let out = flags.get("svg").ok_or_else(|| Fail::Usage("--replot needs --svg OUT.svg".into()))?;
+        let text = std::fs::read_to_string(inp).map_err(|e| Fail::Refused(format!("{inp}: {e}")))?;
+        let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| Fail::Refused(format!("{inp}: {e}")))?;
+        let rows = kvsqueeze::eval::rows_from_json(&doc["rows"]).ok_or_else(|| Fail::Refused(format!("{inp}: not a `kvsqueeze eval --json` file")))?;
+        let tmp = format!("{out}.partial");
+        return std::fs::write(&tmp, svg(&rows)).and_then(|_| std::fs::rename(&tmp, out)).map_err(|e| Fail::Refused(format!("{out}: {e}")));
+    }
     let mut opts = EvalOptions::default();
     opts.prefix = num(&flags, "prefix", opts.prefix)?;
     opts.scored = num(&flags, "scored", opts.scored)?;

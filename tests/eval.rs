@@ -356,3 +356,15 @@ fn smoke(p: usize, n: usize, prefill: Prefill) {
         }
     }
 }
+
+/// The saved JSON reads back into the same rows, and the plot has a line per policy and text and panel.
+#[test]
+fn json_round_trip_and_plot() {
+    let doc: serde_json::Value = serde_json::from_str(include_str!("../data/eval/2026-12-01-p2048-lavapipe.json")).unwrap();
+    let rows = kvsqueeze::eval::rows_from_json(&doc["rows"]).unwrap();
+    assert_eq!(rows.len(), 26);
+    assert_eq!(kvsqueeze::eval::to_json(&rows), doc["rows"]);
+    let svg = kvsqueeze::eval::svg(&rows);
+    assert_eq!(svg.matches("<polyline").count(), 2 * 2 * 6, "texts × panels × policies");
+    assert!(!svg.contains("NaN") && !svg.contains("inf"));
+}

@@ -1022,6 +1022,34 @@ pub fn to_json(rows: &[EvalRow]) -> serde_json::Value {
     )
 }
 
+/// The rows back from [`to_json`]'s output (to re-plot a saved run); `None` if a field is missing.
+pub fn rows_from_json(v: &serde_json::Value) -> Option<Vec<EvalRow>> {
+    v.as_array()?
+        .iter()
+        .map(|r| {
+            let f = |k: &str| r.get(k).and_then(|x| x.as_f64());
+            let u = |k: &str| r.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
+            let st = |k: &str| r.get(k).and_then(|x| x.as_str()).map(String::from);
+            Some(EvalRow {
+                text: st("text")?,
+                policy: st("policy")?,
+                budget_label: st("budget")?,
+                budget: u("entries")?,
+                max_len: u("max_len")?,
+                physical_bytes: u("physical_bytes")?,
+                bytes_ratio: f("bytes_ratio")?,
+                ppl: f("ppl")?,
+                ppl_ratio: f("ppl_ratio")?,
+                kl: f("kl")?,
+                top1: f("top1")?,
+                attn_err: r.get("attn_err_per_layer")?.as_array()?.iter().map(|x| x.as_f64()).collect::<Option<_>>()?,
+                attn_err_mean: f("attn_err_mean")?,
+                cache_ms: f("cache_ms_per_token")?,
+            })
+        })
+        .collect()
+}
+
 /// A plot (SVG): per text, perplexity over Full's and KL against the budget (log scale), a line per policy.
 pub fn svg(rows: &[EvalRow]) -> String {
     let mut texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
@@ -1036,7 +1064,7 @@ pub fn svg(rows: &[EvalRow]) -> String {
     let colors = [
         "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     ];
-    let (pw, ph, m) = (420.0, 260.0, 50.0);
+    let (pw, ph, m) = (420.0, 260.0, 80.0);
     let mut out = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n", 2.0 * (pw + m) + 160.0, texts.len() as f64 * (ph + m) + 20.0);
     let budgets: Vec<f64> = rows
         .iter()
@@ -1063,29 +1091,18 @@ pub fn svg(rows: &[EvalRow]) -> String {
                 .iter()
                 .filter(|r| r.text == *text && !r.policy.starts_with("full"))
                 .collect();
-            let vals: Vec<f64> = sel.iter().map(|r| get(r)).collect();
-            let lo = if pi == 0 {
-                vals.iter().cloned().fold(1.0, f64::min)
-            } else {
-                0.0
-            };
-            let hi = vals.iter().cloned().fold(lo + 1e-9, f64::max) * 1.05
-                + if pi == 0 { 0.0 } else { 1e-6 };
+            // Log scale on both axes: a collapsed cache (orders of magnitude) and the close ones stay readable.
+            let lg = |v: f64| v.max(1e-4).log10();
+            let vals: Vec<f64> = sel.iter().map(|r| lg(get(r))).collect();
+            let lo = vals.iter().cloned().fold(if pi == 0 { 0.0 } else { f64::MAX }, f64::min) - 0.02;
+            let hi = vals.iter().cloned().fold(lo + 0.05, f64::max) + 0.02;
             let px = |b: f64| x0 + (b.max(1.0).log2() - lx0) / (lx1 - lx0) * pw;
-            let py = |v: f64| y0 + ph - (v - lo) / (hi - lo) * ph;
+            let py = |v: f64| y0 + ph - (lg(v) - lo) / (hi - lo) * ph;
             out += &format!("<rect x=\"{x0}\" y=\"{y0}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#444\"/>\n");
-            out += &format!(
-                "<text x=\"{}\" y=\"{}\">{text}: {metric}</text>\n",
-                x0,
-                y0 - 5.0
-            );
+            out += &format!("<text x=\"{}\" y=\"{}\">{text}: {metric} (log scale)</text>\n", x0, y0 - 5.0);
             for k in 0..=4 {
-                let v = lo + (hi - lo) * k as f64 / 4.0;
-                out += &format!(
-                    "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.3}</text>\n",
-                    x0 - 3.0,
-                    py(v) + 4.0
-                );
+                let v = 10f64.powf(lo + (hi - lo) * k as f64 / 4.0);
+                out += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.3}</text>\n", x0 - 3.0, py(v) + 4.0);
             }
             let mut bs: Vec<usize> = sel.iter().map(|r| r.budget).collect();
             bs.sort();
