@@ -8,11 +8,10 @@
 //!
 //! Protocol, per text: `windows` non-overlapping windows of `prefix + scored + 1` tokens, run as one batch (the
 //! caches are batched over sequences). The prefix goes through the model once with dense attention (candle), and
-//! every layer's Q, K (before and after RoPE) and V are captured. Each cache then takes the prefix **token by
-//! token through its own decode step** (the policy's rule applied to the prompt, scores accumulated from the
-//! prompt's queries; FourierAttention instead prefills its middle at once, as in the paper), and the `scored`
-//! tokens are decoded one at a time through the cache: the logits at inputs `prefix..prefix+scored` predict the
-//! next token. Every cache runs in lockstep with the Full cache, so per step:
+//! every layer's Q, K (before and after RoPE) and V are captured. Each cache then takes the prefix as
+//! [`Prefill`] says (by default one selection on the device; or token by token through its own decode step), and
+//! the `scored` tokens are decoded one at a time through the cache, which evicts or merges by its rule: the logits
+//! at inputs `prefix..prefix+scored` predict the next token. Every cache runs in lockstep with the Full cache, so per step:
 //! - NLL of the true next token (perplexity), `KL(full ‖ cache)` of the next-token distributions and top-1
 //!   agreement with Full;
 //! - every `attn_every` steps, per layer, the attention output's relative error `‖o − o*‖ / ‖o*‖` against dense
