@@ -164,6 +164,9 @@ fn fourier_on_real_activations_matches_reference() {
     }
 }
 
+/// Every compressing cache the eval knows.
+const EVERY_POLICY: [&str; 7] = ["streaming-llm", "h2o", "tova", "treekv", "treekv-select-left", "weightedkv", "fourier"];
+
 fn ids(n: usize) -> Vec<u32> {
     let (_, tok) = model();
     let ids = tok.encode(&text()[..(n * 8).min(600_000)]).unwrap();
@@ -225,16 +228,7 @@ fn budget_covering_the_stream_is_full() {
     let (m, _) = model();
     let (p, n) = (64, 16);
     let toks = ids(2 * (p + n + 1));
-    let all = [
-        "full-rank",
-        "streaming-llm",
-        "h2o",
-        "tova",
-        "treekv",
-        "treekv-select-left",
-        "weightedkv",
-        "fourier",
-    ];
+    let all: Vec<&str> = ["full-rank"].iter().chain(&EVERY_POLICY).copied().collect();
     for prefill in [Prefill::Select, Prefill::Stream] {
         let o = EvalOptions {
             prefill,
@@ -294,15 +288,7 @@ fn smoke_every_policy_streamed_prefill() {
 fn smoke(p: usize, n: usize, prefill: Prefill) {
     let (m, _) = model();
     let toks = ids(2 * (p + n + 1));
-    let all = [
-        "streaming-llm",
-        "h2o",
-        "tova",
-        "treekv",
-        "treekv-select-left",
-        "weightedkv",
-        "fourier",
-    ];
+    let all = EVERY_POLICY;
     let o = EvalOptions {
         attn_every: 16,
         prefill,

@@ -610,48 +610,30 @@ fn ingest(
                 &[s.b, s.hkv, p, s.d],
                 dtype,
             );
+            // The observation window's queries (TreeKV: the last block; SnapKV: the window), before the cache borrow.
             let cap = run.budget;
+            let block = (cap / 4).clamp(1, 32);
+            let w = match policy {
+                Policy::Full | Policy::StreamingLlm => 0,
+                Policy::TreeKv { .. } => p - block * ((p - 1) / block),
+                _ => 32.min(cap / 2).max(1).min(p),
+            };
+            let q = (w > 0).then(|| upload(client, &last_queries(run, s, pre, l, p, w), &[s.b, w, s.hq, s.d], dtype));
             let Layers::Policy(caches) = &mut run.caches else {
                 unreachable!("policy runs hold policy caches")
             };
-            match policy {
-                Policy::Full | Policy::StreamingLlm => {
-                    caches[l].prefill_recent(&k, &v).map_err(e)?
+            let cache = &mut caches[l];
+            match (policy, q) {
+                (Policy::Full | Policy::StreamingLlm, _) => cache.prefill_recent(&k, &v).map_err(e)?,
+                (Policy::TreeKv { .. }, Some(q)) => {
+                    cache.prefill_treekv(&q, &k, &v, block).map_err(e)?;
                 }
-                Policy::TreeKv { .. } => {
-                    let block = (cap / 4).clamp(1, 32);
-                    let w = p - block * ((p - 1) / block);
-                    let q = upload(
-                        client,
-                        &last_queries(run, s, pre, l, p, w),
-                        &[s.b, w, s.hq, s.d],
-                        dtype,
-                    );
-                    let Layers::Policy(caches) = &mut run.caches else {
-                        unreachable!()
-                    };
-                    caches[l].prefill_treekv(&q, &k, &v, block).map_err(e)?;
+                (_, Some(q)) => {
+                    cache.prefill_snapkv(&q, &k, &v, 7, crate::policy::Pool::Max).map_err(e)?;
                 }
-                _ => {
-                    let w = 32.min(cap / 2).max(1).min(p);
-                    let q = upload(
-                        client,
-                        &last_queries(run, s, pre, l, p, w),
-                        &[s.b, w, s.hq, s.d],
-                        dtype,
-                    );
-                    let Layers::Policy(caches) = &mut run.caches else {
-                        unreachable!()
-                    };
-                    caches[l]
-                        .prefill_snapkv(&q, &k, &v, 7, crate::policy::Pool::Max)
-                        .map_err(e)?;
-                }
+                (_, None) => unreachable!("every selecting policy has a window"),
             }
-            let Layers::Policy(caches) = &run.caches else {
-                unreachable!()
-            };
-            run.max_len = run.max_len.max(caches[l].len());
+            run.max_len = run.max_len.max(cache.len());
             continue;
         }
         if let Layers::Fourier(caches) = &mut run.caches {
