@@ -30,10 +30,10 @@ fn inputs(client: &cubecl::client::Client, b: usize, l: usize, dtype: DType) -> 
     let kv = (0..copies)
         .map(|c| {
             let shape = [b, HKV, l, D];
-            (random(client, &shape, dtype, 2 * c as u32 + 1, 1.5), random(client, &shape, dtype, 2 * c as u32 + 2, 1.0))
+            (random(client, &shape, dtype, 2 * c as u32 + 1, 1.5).expect("a bench-sized buffer"), random(client, &shape, dtype, 2 * c as u32 + 2, 1.0).expect("a bench-sized buffer"))
         })
         .collect();
-    Inputs { q: random(client, &[b, 1, HQ, D], dtype, 99, 1.5), kv, lens: vec![l as u32; b] }
+    Inputs { q: random(client, &[b, 1, HQ, D], dtype, 99, 1.5).expect("a bench-sized buffer"), kv, lens: vec![l as u32; b] }
 }
 
 /// Seconds per call: median over 5 batches of `reps` back-to-back calls, synchronised at the end of a batch.

@@ -64,11 +64,11 @@ fn main() {
         let l = if full { 3000 } else { 400 };
         let cfg = FourierLayerConfig::new(1, HQ, dtype, l_init, l_local, n, l + 64, dims.clone());
         let mut cache = FourierLayerCache::new(&client, cfg).unwrap();
-        cache.prefill(0, &random(&client, &[l, HKV, D], dtype, 11, 1.5), &random(&client, &[l, HKV, D], dtype, 12, 1.0)).unwrap();
+        cache.prefill(0, &random(&client, &[l, HKV, D], dtype, 11, 1.5).expect("a bench-sized buffer"), &random(&client, &[l, HKV, D], dtype, 12, 1.0).expect("a bench-sized buffer")).unwrap();
         for s in 0..8u32 {
-            cache.append(&random(&client, &[1, HKV, D], dtype, 20 + s, 1.5), &random(&client, &[1, HKV, D], dtype, 40 + s, 1.0)).unwrap();
+            cache.append(&random(&client, &[1, HKV, D], dtype, 20 + s, 1.5).expect("a bench-sized buffer"), &random(&client, &[1, HKV, D], dtype, 40 + s, 1.0).expect("a bench-sized buffer")).unwrap();
         }
-        let q = random(&client, &[1, 1, HQ, D], dtype, 13, 1.5);
+        let q = random(&client, &[1, 1, HQ, D], dtype, 13, 1.5).expect("a bench-sized buffer");
         let a = cache.attend(&q, scale, FourierPath::Direct).unwrap().to_host_f64(&client).unwrap();
         let b = cache.attend(&q, scale, FourierPath::Spectral).unwrap().to_host_f64(&client).unwrap();
         let mag = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
@@ -93,7 +93,7 @@ fn main() {
         let cfg = FourierLayerConfig::new(b, HQ, dtype, l_init, l_local, n, window, dims.clone());
         let mut cache = FourierLayerCache::new(&client, cfg).unwrap();
         cache.synthetic_formed(l, 7).unwrap();
-        let q = random(&client, &[b, 1, HQ, D], dtype, 3, 1.5);
+        let q = random(&client, &[b, 1, HQ, D], dtype, 3, 1.5).expect("a bench-sized buffer");
         let bytes = cache.physical_bytes();
         let dense_bytes = 2 * b * HKV * l * D * dtype.size();
         let reps = (2e-2 / (bytes as f64 / ceiling)).clamp(5.0, 100.0) as usize;
@@ -109,7 +109,7 @@ fn main() {
             None
         };
         drop(cache);
-        let (kd, vd) = (random(&client, &[b, HKV, l, D], dtype, 4, 1.5), random(&client, &[b, HKV, l, D], dtype, 5, 1.0));
+        let (kd, vd) = (random(&client, &[b, HKV, l, D], dtype, 4, 1.5).expect("a bench-sized buffer"), random(&client, &[b, HKV, l, D], dtype, 5, 1.0).expect("a bench-sized buffer"));
         let lens = vec![l as u32; b];
         let dcfg = DecodeConfig::new();
         let mut out = decode_attention(&client, &q, &kd, &vd, &lens, &dcfg).unwrap();
@@ -134,7 +134,7 @@ fn main() {
     // Prefill of one sequence: copy of init/local, critical columns, transform and stats of K and V.
     let l = if full { 32768 } else { 2048 };
     let cfg = FourierLayerConfig::new(1, HQ, dtype, l_init, l_local, n, l, dims.clone());
-    let (k, v) = (random(&client, &[l, HKV, D], dtype, 8, 1.5), random(&client, &[l, HKV, D], dtype, 9, 1.0));
+    let (k, v) = (random(&client, &[l, HKV, D], dtype, 8, 1.5).expect("a bench-sized buffer"), random(&client, &[l, HKV, D], dtype, 9, 1.0).expect("a bench-sized buffer"));
     let mut once = || {
         let mut cache = FourierLayerCache::new(&client, cfg.clone()).unwrap();
         cache.prefill(0, &k, &v).unwrap();

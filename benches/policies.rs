@@ -24,7 +24,7 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|");
     for &b in &batches {
         // Dense decode attention over the full cache, the baseline of this row.
-        let (q, kd, vd) = (random(&client, &[b, 1, HQ, D], dtype, 1, 1.5), random(&client, &[b, HKV, dense_len, D], dtype, 2, 1.5), random(&client, &[b, HKV, dense_len, D], dtype, 3, 1.0));
+        let (q, kd, vd) = (random(&client, &[b, 1, HQ, D], dtype, 1, 1.5).expect("a bench-sized buffer"), random(&client, &[b, HKV, dense_len, D], dtype, 2, 1.5).expect("a bench-sized buffer"), random(&client, &[b, HKV, dense_len, D], dtype, 3, 1.0).expect("a bench-sized buffer"));
         let lens = vec![dense_len as u32; b];
         let cfg = DecodeConfig::new();
         let mut out = decode_attention(&client, &q, &kd, &vd, &lens, &cfg).unwrap();
@@ -45,7 +45,7 @@ fn main() {
             for policy in [Policy::TreeKv { select_left: false }, Policy::WeightedKv, Policy::StreamingLlm, Policy::H2o, Policy::Tova] {
                 let layout = Layout { sinks: 4, middle: budget / 2 - 4, recent: budget / 2 };
                 let mut cache = PolicyCache::new(&client, PolicyCacheConfig::new(policy, layout, b, HQ, HKV, D, dtype)).unwrap();
-                let (k1, v1) = (random(&client, &[b, HKV, D], dtype, 4, 1.5), random(&client, &[b, HKV, D], dtype, 5, 1.0));
+                let (k1, v1) = (random(&client, &[b, HKV, D], dtype, 4, 1.5).expect("a bench-sized buffer"), random(&client, &[b, HKV, D], dtype, 5, 1.0).expect("a bench-sized buffer"));
                 // Fill to steady state (every later step evicts).
                 for _ in 0..budget + 1 {
                     cache.step(&q, &k1, &v1).unwrap();
@@ -54,7 +54,7 @@ fn main() {
                     cache.step(&q, &k1, &v1).unwrap();
                 });
                 // The attention part alone: decode attention with mass over the same c + 1 slots.
-                let (ka, va) = (random(&client, &[b, HKV, budget + 1, D], dtype, 6, 1.5), random(&client, &[b, HKV, budget + 1, D], dtype, 7, 1.0));
+                let (ka, va) = (random(&client, &[b, HKV, budget + 1, D], dtype, 6, 1.5).expect("a bench-sized buffer"), random(&client, &[b, HKV, budget + 1, D], dtype, 7, 1.0).expect("a bench-sized buffer"));
                 let acfg = DecodeConfig::new().with_mass(true);
                 let alens = vec![budget as u32 + 1; b];
                 let mut aout = decode_attention(&client, &q, &ka, &va, &alens, &acfg).unwrap();

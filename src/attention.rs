@@ -2,7 +2,8 @@
 //!
 //! [`decode_attention`] validates everything, then launches (crate-private, "assumes validated")
 //! `launch_unchecked`. Shapes:
-//! - `q`: `[B, Lq, Hq, D]`, contiguous; query row `i` of sequence `b` sits at position `lens[b] − Lq + i` and
+//! - `q`: `[B, Lq, Hq, D]`, any strides with a unit innermost stride and any element offset (a view of a fused
+//!   QKV projection is fine); query row `i` of sequence `b` sits at position `lens[b] − Lq + i` and
 //!   attends keys `0..=lens[b] − Lq + i` (causal offset; `Lq = 1` is plain decode);
 //! - `k`, `v`: `[B, Hkv, L_cap, D]`, any strides with a unit innermost stride (views of a larger cache buffer
 //!   are fine), same dtype as `q`; `lens: [B]` with `Lq ≤ lens[b] ≤ L_cap`;
@@ -11,12 +12,17 @@
 //!   slot averaged over the `G = Hq/Hkv` query heads of its group; slots at or past `lens[b]` and in a row's
 //!   causal future are exactly 0.
 //!
+//! Views: every tensor's element offset is honoured (outputs are contiguous from their offset, RoPE positions
+//! likewise); a view that reaches past its buffer, or whose strides overflow, is refused with a typed
+//! [`Error::Layout`]. A failed allocation or launch is an `Err` of this call ([`Error::Device`]).
+//!
 //! Storage dtypes f32 / f16 / bf16; all arithmetic accumulates in f32. Head dims: any positive multiple of 8 up
 //! to 256 (64, 96 and 128 are the tested ones). The split count, tile and rows per cube are chosen from the
 //! problem and the device ([`Plan`], returned with the outputs so that benches can print what ran).
 
+use crate::finite::check_finite;
 use crate::rope::{angle_table, RopeConfig};
-use crate::tensor::{contiguous_strides, with_float_type, DType, DeviceTensor};
+use crate::tensor::{check_written, with_float_type, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::features::{Plane, TypeUsage};
@@ -38,6 +44,9 @@ pub struct DecodeConfig {
     pub splits: Option<usize>,
     /// Rotate the pre-RoPE query and keys inside the kernel (see [`crate::rope`]).
     pub rope: Option<RopeConfig>,
+    /// Refuse non-finite `q`, or `k`/`v` in a valid slot, with [`Error::NonFinite`] before launching
+    /// ([`crate::finite`]; costs a scan of K/V and a device round trip).
+    pub check_finite: bool,
 }
 
 impl DecodeConfig {
@@ -68,6 +77,11 @@ impl DecodeConfig {
     /// Applies RoPE inside the kernel.
     pub fn with_rope(mut self, rope: RopeConfig) -> Self {
         self.rope = Some(rope);
+        self
+    }
+    /// Checks the inputs for NaN/±∞ first ([`crate::finite`]).
+    pub fn with_check_finite(mut self, on: bool) -> Self {
+        self.check_finite = on;
         self
     }
 }
@@ -148,12 +162,16 @@ pub fn dtype_supported(client: &Client, dtype: DType) -> bool {
 
 /// Checks every input (see the module docs for the contract); nothing is launched.
 pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32]) -> Result<Problem, Error> {
+    // Layout first: a tensor whose strides do not match its rank is refused before any stride is read.
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        t.check_in_buffer(name)?;
+    }
     if q.shape.len() != 4 {
-        return Err(Error::ShapeMismatch { tensor: "q", expected: vec![0; 4], got: q.shape.clone() });
+        return Err(Error::ShapeMismatch { tensor: "q", expected: vec![lens.len(), 1, k.shape.get(1).copied().unwrap_or(1), k.shape.last().copied().unwrap_or(64)], got: q.shape.clone() });
     }
     let (b, lq, hq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     if k.shape.len() != 4 {
-        return Err(Error::ShapeMismatch { tensor: "k", expected: vec![b, 0, 0, d], got: k.shape.clone() });
+        return Err(Error::ShapeMismatch { tensor: "k", expected: vec![b, hq, lens.iter().copied().max().unwrap_or(1) as usize, d], got: k.shape.clone() });
     }
     let (hkv, lcap) = (k.shape[1], k.shape[2]);
     if k.shape[0] != b || k.shape[3] != d {
@@ -166,7 +184,7 @@ pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &
         return Err(Error::ShapeMismatch { tensor: "lens", expected: vec![b], got: vec![lens.len()] });
     }
     if b == 0 || lq == 0 {
-        return Err(Error::ShapeMismatch { tensor: "q", expected: vec![1, 1, hq, d], got: q.shape.clone() });
+        return Err(Error::ShapeMismatch { tensor: "q", expected: vec![b.max(1), lq.max(1), hq, d], got: q.shape.clone() });
     }
     if hkv == 0 || hq == 0 || hq % hkv != 0 {
         return Err(Error::GqaRatio { hq, hkv });
@@ -174,19 +192,14 @@ pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &
     if d == 0 || d % 8 != 0 || d > 256 {
         return Err(Error::UnsupportedHeadDim { d });
     }
-    for (name, t) in [("k", k), ("v", v)] {
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
         if t.dtype != q.dtype {
             return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: q.dtype });
         }
         if t.strides[3] != 1 {
             return Err(Error::Layout { tensor: name, reason: "the head dim must have unit stride" });
         }
-        t.check_in_buffer(name)?;
     }
-    if !q.is_contiguous() {
-        return Err(Error::Layout { tensor: "q", reason: "must be contiguous [B, Lq, Hq, D]" });
-    }
-    q.check_in_buffer("q")?;
     for (batch, &len) in lens.iter().enumerate() {
         let len = len as usize;
         if len == 0 || len < lq {
@@ -290,22 +303,20 @@ fn plan(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &De
 /// module docs.
 pub fn decode_attention(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig) -> Result<DecodeOutput, Error> {
     let p = validate(client, q, k, v, lens)?;
-    let empty = |shape: &[usize], dtype: DType| {
-        let n: usize = shape.iter().product();
-        DeviceTensor { handle: client.empty(n.max(1) * dtype.size()), buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype }
-    };
+    let empty = |shape: &[usize], dtype: DType| DeviceTensor::empty(client, shape, dtype);
     let mut out = DecodeOutput::new(
-        empty(&[p.b, p.lq, p.hq, p.d], p.dtype),
-        cfg.lse.then(|| empty(&[p.b, p.lq, p.hq], DType::F32)),
-        cfg.mass.then(|| empty(&[p.b, p.hkv, p.lq, p.lcap], DType::F32)),
+        empty(&[p.b, p.lq, p.hq, p.d], p.dtype)?,
+        cfg.lse.then(|| empty(&[p.b, p.lq, p.hq], DType::F32)).transpose()?,
+        cfg.mass.then(|| empty(&[p.b, p.hkv, p.lq, p.lcap], DType::F32)).transpose()?,
     );
     run(client, &p, q, k, v, lens, cfg, &mut out)?;
     Ok(out)
 }
 
 /// Like [`decode_attention`], writing into caller-owned outputs (an engine's preallocated buffers): `out.o`
-/// must be a contiguous `[B, Lq, Hq, D]` tensor of the query's dtype, `out.lse` / `out.mass` contiguous f32
-/// tensors of their shapes, present exactly when `cfg` requests them. `out.plan` is set to what ran. On error
+/// must be a `[B, Lq, Hq, D]` tensor of the query's dtype, `out.lse` / `out.mass` f32 tensors of their shapes,
+/// each contiguous from its own element offset (views of a larger buffer are written in place, nothing around
+/// them), present exactly when `cfg` requests them. `out.plan` is set to what ran. On error
 /// nothing is launched and the outputs are untouched.
 pub fn decode_attention_into(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &mut DecodeOutput) -> Result<(), Error> {
     let p = validate(client, q, k, v, lens)?;
@@ -346,14 +357,22 @@ fn run(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &Dev
     check_out(out.lse.as_ref(), "lse", cfg.lse, vec![p.b, p.lq, p.hq], DType::F32)?;
     check_out(out.mass.as_ref(), "mass", cfg.mass, vec![p.b, p.hkv, p.lq, p.lcap], DType::F32)?;
     let plan = plan(client, p, q, k, v, cfg)?;
-    launch_unchecked(client, p, &plan, q, k, v, lens, cfg, out);
+    if cfg.check_finite {
+        check_finite(client, "q", q, None)?;
+        check_finite(client, "k", k, Some(lens))?;
+        check_finite(client, "v", v, Some(lens))?;
+    }
+    launch_unchecked(client, p, &plan, q, k, v, lens, cfg, out)?;
     out.plan = plan;
-    Ok(())
+    let mut written = vec![&out.o];
+    written.extend(out.lse.iter().chain(out.mass.iter()));
+    check_written(client, &written)
 }
 
-/// Launches with validated inputs (assumes [`validate`] and [`plan`] accepted them).
+/// Launches with validated inputs (assumes [`validate`] and [`plan`] accepted them); errs only when the
+/// scratch does not fit the device (checked before anything is launched).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn launch_unchecked(client: &Client, p: &Problem, plan: &Plan, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &DecodeOutput) {
+pub(crate) fn launch_unchecked(client: &Client, p: &Problem, plan: &Plan, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &DecodeOutput) -> Result<(), Error> {
     with_float_type!(p.dtype, E => launch_typed::<E>(client, p, plan, q, k, v, lens, cfg, out))
 }
 
@@ -363,15 +382,12 @@ fn buf(t: &DeviceTensor) -> BufferArg {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Plan, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &DecodeOutput) {
+fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Plan, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &DecodeOutput) -> Result<(), Error> {
     let g = p.hq / p.hkv;
     let r_total = g * p.lq;
     // Scratch: every element a kernel reads is written by an earlier kernel first, so no initialisation.
-    let f32t = |shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        DeviceTensor { handle: client.empty(n.max(1) * 4), buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype: DType::F32 }
-    };
-    let dummy = f32t(&[1]);
+    let f32t = |shape: &[usize]| DeviceTensor::empty(client, shape, DType::F32);
+    let dummy = f32t(&[1])?;
     let lens_t = DeviceTensor {
         handle: client.create_from_slice(bytemuck::cast_slice(lens)),
         buffer_len: lens.len(),
@@ -381,31 +397,34 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
         dtype: DType::F32,
     };
     let (o, lse, mass) = (&out.o, out.lse.clone(), out.mass.clone());
-    let scores = cfg.mass.then(|| f32t(&[p.b, p.hkv, r_total, p.lcap]));
+    let scores = cfg.mass.then(|| f32t(&[p.b, p.hkv, r_total, p.lcap])).transpose()?;
     let single = plan.launches == 1;
     let (o_part, ml_part, row_ml) = if single {
         (dummy.clone(), dummy.clone(), dummy.clone())
     } else {
-        (
-            f32t(&[p.b, p.hkv, r_total, plan.n_splits, p.d]),
-            f32t(&[p.b, p.hkv, r_total, plan.n_splits, 2]),
-            f32t(&[p.b, p.hkv, r_total, 2]),
-        )
+        (f32t(&[p.b, p.hkv, r_total, plan.n_splits, p.d])?, f32t(&[p.b, p.hkv, r_total, plan.n_splits, 2])?, f32t(&[p.b, p.hkv, r_total, 2])?)
     };
     // The final lse must exist for the combine even when not requested.
-    let lse_buf = lse.clone().unwrap_or_else(|| if single { dummy.clone() } else { f32t(&[p.b, p.lq, p.hq]) });
+    let lse_buf = match lse.clone() {
+        Some(t) => t,
+        None if single => dummy.clone(),
+        None => f32t(&[p.b, p.lq, p.hq])?,
+    };
     let vw = plan.vec;
     let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: cfg.mass, plane: plan.plane, unroll: plan.unroll, stage_k: plan.stage_k, rope: cfg.rope.is_some() };
     let scale = cfg.scale.unwrap_or(1.0 / (p.d as f32).sqrt());
     let (rope_tab, q_pos, k_pos, (kp_sb, kp_sh)) = match &cfg.rope {
         Some(r) => {
             let tab = angle_table(r.base, p.d);
-            let t = DeviceTensor::from_host(client, &tab, &[tab.len()]).expect("table shape");
+            let t = DeviceTensor::from_host(client, &tab, &[tab.len()])?;
             let strides = if r.k_pos.shape.len() == 3 { (p.hkv * p.lcap, p.lcap) } else { (p.lcap, 0) };
             (t, r.q_pos.clone(), r.k_pos.clone(), strides)
         }
         None => (dummy.clone(), dummy.clone(), dummy.clone(), (0, 0)),
     };
+    // Element offsets of the views the kernels index (the dummies' are 0).
+    let lse_off = if lse.is_some() { lse_buf.offset } else { 0 };
+    let mass_off = mass.as_ref().map_or(0, |t| t.offset);
     let count = CubeCount::Static(plan.n_splits as u32, p.hkv as u32, (p.b * plan.n_row_blocks) as u32);
     // SAFETY: every index the kernel forms is inside a validated view or an allocation sized above.
     unsafe {
@@ -428,8 +447,17 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
             buf(&rope_tab),
             buf(&q_pos),
             buf(&k_pos),
+            q_pos.offset,
+            k_pos.offset,
             kp_sb,
             kp_sh,
+            q.offset,
+            q.strides[0],
+            q.strides[1],
+            q.strides[2],
+            o.offset,
+            lse_off,
+            mass_off,
             k.offset / vw,
             k.strides[0] / vw,
             k.strides[1] / vw,
@@ -459,6 +487,8 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
                 buf(o),
                 buf(&lse_buf),
                 buf(&row_ml),
+                o.offset,
+                lse_off,
                 p.hkv,
                 g,
                 p.lq,
@@ -475,6 +505,7 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
                     buf(&row_ml),
                     buf(&lens_t),
                     buf(mass),
+                    mass.offset,
                     p.hkv,
                     g,
                     p.lq,
@@ -484,4 +515,5 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
             }
         }
     }
+    Ok(())
 }

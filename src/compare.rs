@@ -176,7 +176,9 @@ pub fn compare(client: &Client, s: &Stream, opts: &CompareOptions, progress: &mu
         }
     }
     let warm = steps * 3 / 4;
-    let samples: Vec<usize> = (1..=16).map(|i| warm + i * (steps - warm) / 16 - 1).collect();
+    // Up to 16 distinct decode steps in `warm..steps` (fewer when the decode part is shorter).
+    let mut samples: Vec<usize> = (1..=16).map(|i| warm + (i * (steps - warm)).div_ceil(16).max(1) - 1).collect();
+    samples.dedup();
     let (dense_o, dense_p) = dense(s, &samples);
     let den: f64 = dense_o[warm * hq * d..].iter().map(|x| x * x).sum();
     let full_bytes = 2 * hkv * steps * d * opts.dtype.size();

@@ -69,8 +69,24 @@ pub enum Error {
     Config(&'static str),
     /// The device cannot run this op at all (cube size or shared memory too small).
     DeviceLimit(String),
-    /// The device reported an error (compile, launch or read failure).
+    /// The device reported an error (an allocation it refused, a compile, launch or read failure).
     Device(String),
+    /// A file could not be read or written.
+    Io {
+        /// The path.
+        path: String,
+        /// What the system said.
+        reason: String,
+    },
+    /// An input file (a trace) is malformed.
+    BadInput(String),
+    /// A tensor holds NaN or ±∞ where the op was asked to check ([`crate::finite`]).
+    NonFinite {
+        /// Which tensor.
+        tensor: &'static str,
+        /// The first non-finite element (row-major over the tensor's shape).
+        index: Vec<usize>,
+    },
 }
 
 impl fmt::Display for Error {
@@ -93,6 +109,9 @@ impl fmt::Display for Error {
             Error::Config(why) => write!(f, "bad configuration: {why}"),
             Error::DeviceLimit(why) => write!(f, "device limit: {why}"),
             Error::Device(why) => write!(f, "device error: {why}"),
+            Error::Io { path, reason } => write!(f, "{path}: {reason}"),
+            Error::BadInput(why) => write!(f, "bad input: {why}"),
+            Error::NonFinite { tensor, index } => write!(f, "`{tensor}` holds a NaN or infinity at {index:?}"),
         }
     }
 }

@@ -261,13 +261,21 @@ pub struct FourierLayerConfig {
     pub window: usize,
     /// The dim lists (carry `Hkv` and `D`).
     pub dims: FourierDims,
+    /// Refuse a prefill, append or attend whose inputs hold NaN/±∞ ([`Error::NonFinite`], the cache unchanged;
+    /// [`crate::finite`]). Off by default.
+    pub check_finite: bool,
 }
 
 impl FourierLayerConfig {
     /// A configuration.
     #[allow(clippy::too_many_arguments)]
     pub fn new(batch: usize, hq: usize, dtype: DType, l_init: usize, l_local: usize, n_freq: usize, window: usize, dims: FourierDims) -> Self {
-        FourierLayerConfig { batch, hq, dtype, l_init, l_local, n_freq, window, dims }
+        FourierLayerConfig { batch, hq, dtype, l_init, l_local, n_freq, window, dims, check_finite: false }
+    }
+    /// Turns the non-finite check of every input on or off.
+    pub fn with_check_finite(mut self, on: bool) -> Self {
+        self.check_finite = on;
+        self
     }
     /// Tokens held exactly before the middle forms: `l_init + 2N + l_local`.
     pub fn trigger(&self) -> usize {
@@ -370,6 +378,9 @@ impl FourierLayerCache {
             return Err(Error::Config("the local window must hold at least one token"));
         }
         check_window(cfg.n_freq, cfg.window)?;
+        if cfg.l_init.checked_add(2 * cfg.n_freq).and_then(|x| x.checked_add(cfg.l_local)).and_then(|x| x.checked_add(1)).is_none() {
+            return Err(Error::Config("l_init + 2N + l_local overflows"));
+        }
         if !crate::attention::dtype_supported(client, cfg.dtype) || cfg.dtype == DType::U32 {
             return Err(Error::DtypeUnsupported { dtype: cfg.dtype, device: crate::attention::device_name(client) });
         }
@@ -386,9 +397,13 @@ impl FourierLayerCache {
         let (kt, vt) = (cfg.dims.columns(&cfg.dims.k_crit), cfg.dims.columns(&cfg.dims.v_crit));
         let (ckn, cvn, ckc, cvc) = (kt.n_dim.len(), vt.n_dim.len(), kt.c_dim.len(), vt.c_dim.len());
         let e = cfg.dtype.size();
-        let largest = [cfg.batch * hkv * x_cap * d, cfg.batch * cfg.window * ckn.max(cvn), cfg.batch * 2 * cfg.n_freq * ckc.max(cvc), cfg.batch * hkv * cfg.window * d];
-        if largest.iter().any(|&n| n >= 1 << 32) {
-            return Err(Error::DeviceLimit("buffers of 2^32 elements or more (the cache indexes with u32 offsets)".into()));
+        // Every buffer's size, checked for overflow and against the device before anything is allocated.
+        let shapes = [[cfg.batch, hkv, x_cap, d], [cfg.batch, cfg.window, ckn.max(cvn), 1], [cfg.batch, 2, cfg.n_freq, ckc.max(cvc)], [cfg.batch, hkv, cfg.window, d]];
+        for shape in &shapes {
+            let (n, _) = crate::tensor::checked_size(client, "fourier cache buffer", shape, DType::F32)?;
+            if n >= 1 << 32 {
+                return Err(Error::DeviceLimit("buffers of 2^32 elements or more (the cache indexes with u32 offsets)".into()));
+            }
         }
         let n2 = 2 * cfg.n_freq;
         let dmap = |t: &Columns| -> Vec<u32> {
@@ -499,6 +514,16 @@ impl FourierLayerCache {
         self.tab.vn_x = upload_u32(c, &xo(&self.tab.v.n_head, &self.tab.v.n_dim));
     }
 
+    /// The non-finite check of the inputs when the config asks for it.
+    fn check_values(&self, inputs: &[(&'static str, &DeviceTensor)]) -> Result<(), Error> {
+        if self.cfg.check_finite {
+            for &(name, t) in inputs {
+                crate::finite::check_finite(&self.client, name, t, None)?;
+            }
+        }
+        Ok(())
+    }
+
     fn check_tensor(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
         if t.shape != shape {
             return Err(Error::ShapeMismatch { tensor: name, expected: shape, got: t.shape.clone() });
@@ -571,6 +596,7 @@ impl FourierLayerCache {
         }
         self.check_tensor("k", k, vec![l, hkv, d])?;
         self.check_tensor("v", v, vec![l, hkv, d])?;
+        self.check_values(&[("k", k), ("v", v)])?;
         let form = l > self.cfg.trigger();
         let lmid = if form { l - li - ll } else { 0 };
         if lmid > self.cfg.window {
@@ -617,6 +643,7 @@ impl FourierLayerCache {
         let (li, ll, tcap) = (self.cfg.l_init, self.cfg.l_local, self.cfg.window);
         self.check_tensor("k", k, vec![bsz, hkv, d])?;
         self.check_tensor("v", v, vec![bsz, hkv, d])?;
+        self.check_values(&[("k", k), ("v", v)])?;
         for (b, s) in self.seqs.iter().enumerate() {
             let mid_after = if s.formed { s.mid_len + 1 } else if s.count + 1 > self.cfg.trigger() { s.count + 1 - li - ll } else { 0 };
             if mid_after > tcap {
@@ -743,16 +770,21 @@ impl FourierLayerCache {
         let (ckn, cvn, ckc, cvc) = (self.tab.k.n_dim.len(), self.tab.v.n_dim.len(), self.tab.k.c_dim.len(), self.tab.v.c_dim.len());
         let n2 = 2 * self.cfg.n_freq;
         let c = &self.client;
-        let rnd = |n: usize, dtype: DType, s: u32, amp: f32| crate::util::random(c, &[n.max(1)], dtype, seed.wrapping_mul(16).wrapping_add(s), amp).handle;
-        self.x_cap = li + ll;
-        self.ek = rnd(bsz * hkv * self.x_cap * d, dt, 1, 1.5);
-        self.ev = rnd(bsz * hkv * self.x_cap * d, dt, 2, 1.0);
-        self.ck = rnd(bsz * t * ckn, dt, 3, 1.5);
-        self.cv = rnd(bsz * t * cvn, dt, 4, 1.0);
-        self.coef_k = rnd(bsz * ckc * n2, DType::F32, 5, 1.0);
-        self.coef_v = rnd(bsz * cvc * n2, DType::F32, 6, 1.0);
-        self.ab_k = rnd(bsz * 2 * ckc, DType::F32, 7, 0.01);
-        self.ab_v = rnd(bsz * 2 * cvc, DType::F32, 8, 0.01);
+        let rnd = |n: usize, dtype: DType, s: u32, amp: f32| crate::util::random(c, &[n.max(1)], dtype, seed.wrapping_mul(16).wrapping_add(s), amp).map(|t| t.handle);
+        // Everything is allocated before anything is replaced, so a refusal leaves the cache as it was.
+        let x_cap = li + ll;
+        let fresh = [
+            rnd(bsz * hkv * x_cap * d, dt, 1, 1.5)?,
+            rnd(bsz * hkv * x_cap * d, dt, 2, 1.0)?,
+            rnd(bsz * t * ckn, dt, 3, 1.5)?,
+            rnd(bsz * t * cvn, dt, 4, 1.0)?,
+            rnd(bsz * ckc * n2, DType::F32, 5, 1.0)?,
+            rnd(bsz * cvc * n2, DType::F32, 6, 1.0)?,
+            rnd(bsz * 2 * ckc, DType::F32, 7, 0.01)?,
+            rnd(bsz * 2 * cvc, DType::F32, 8, 0.01)?,
+        ];
+        self.x_cap = x_cap;
+        [self.ek, self.ev, self.ck, self.cv, self.coef_k, self.coef_v, self.ab_k, self.ab_v] = fresh;
         let mid = len - li - ll;
         self.seqs = vec![Seq { count: len, formed: true, mid_len: mid, skip: 0, ring: 0 }; bsz];
         self.set_x_tables();
@@ -763,7 +795,7 @@ impl FourierLayerCache {
     /// `softmax(scale·q·K̃ᵀ)·Ṽ` over every token the cache represents.
     pub fn attend(&self, q: &DeviceTensor, scale: f32, path: FourierPath) -> Result<DeviceTensor, Error> {
         let (bsz, hq, hkv, d) = (self.cfg.batch, self.cfg.hq, self.cfg.dims.hkv, self.cfg.dims.d);
-        self.check_tensor("q", q, vec![bsz, 1, hq, d])?;
+        self.check_query(q)?;
         if !scale.is_finite() {
             return Err(Error::Config("the softmax scale must be finite"));
         }
@@ -864,7 +896,19 @@ impl FourierLayerCache {
                     arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&vext, vext_len), arg(&out.handle, out.buffer_len), hkv, sx, sm, fcfg);
             })
         }
+        crate::tensor::check_written(c, &[&out])?;
         Ok(out)
+    }
+
+    /// The query of [`FourierLayerCache::attend`]: `[B, 1, Hq, D]`, contiguous from its buffer's start (the decode
+    /// kernels index it from there: a view with an offset is refused), finite when the config checks.
+    fn check_query(&self, q: &DeviceTensor) -> Result<(), Error> {
+        let (bsz, hq, d) = (self.cfg.batch, self.cfg.hq, self.cfg.dims.d);
+        self.check_tensor("q", q, vec![bsz, 1, hq, d])?;
+        if q.offset != 0 {
+            return Err(Error::Layout { tensor: "q", reason: "must start at its buffer's start (offset 0)" });
+        }
+        self.check_values(&[("q", q)])
     }
 }
 
@@ -874,10 +918,9 @@ impl FourierLayerCache {
 impl crate::policy::CompressedKvCache for FourierLayerCache {
     fn step(&mut self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<DeviceTensor, Error> {
         // Validate the query before the append so that a bad query leaves the cache unchanged.
-        let (bsz, hq, d) = (self.cfg.batch, self.cfg.hq, self.cfg.dims.d);
-        self.check_tensor("q", q, vec![bsz, 1, hq, d])?;
+        self.check_query(q)?;
         self.append(k, v)?;
-        self.attend(q, 1.0 / (d as f32).sqrt(), FourierPath::Spectral)
+        self.attend(q, 1.0 / (self.cfg.dims.d as f32).sqrt(), FourierPath::Spectral)
     }
     fn len(&self) -> usize {
         self.seqs.iter().map(|s| s.count).max().unwrap_or(0)

@@ -14,9 +14,11 @@ pub mod attention;
 pub mod check;
 pub mod compare;
 mod error;
+pub mod finite;
 #[cfg(feature = "eval")]
 pub mod eval;
 pub mod fourier;
+pub mod output;
 pub mod policy;
 pub mod replay;
 pub mod rope;

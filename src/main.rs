@@ -248,6 +248,9 @@ fn cmd_check(args: &[String]) -> Result<(), Fail> {
     Ok(())
 }
 
+/// How far above the measured copy ceiling a bench figure may be before it is refused as impossible.
+const CEILING_MARGIN: f64 = 1.25;
+
 fn cmd_bench(args: &[String]) -> Result<(), Fail> {
     use kvsqueeze::attention::{decode_attention, decode_attention_into, DecodeConfig};
     use kvsqueeze::fourier::{FourierDims, FourierLayerCache, FourierLayerConfig, FourierPath};
@@ -265,54 +268,57 @@ fn cmd_bench(args: &[String]) -> Result<(), Fail> {
     let dtype = [DType::BF16, DType::F16, DType::F32].into_iter().find(|&t| kvsqueeze::attention::dtype_supported(&c, t)).expect("f32 is always supported");
     let ceiling = copy_bandwidth(&c, if gpu { 1 << 30 } else { 32 << 20 }, 5).map_err(|e| Fail::Refused(e.to_string()))?;
     println!("B {b}, L {l}, Hq {hq} / Hkv {hkv}, D {d}, {dtype:?}; copy ceiling {:.1} GB/s (read + write)", ceiling / 1e9);
-    let time = |f: &mut dyn FnMut()| -> f64 {
-        f();
-        sync(&c).expect("device");
+    let fail = |e: kvsqueeze::Error| Fail::Refused(e.to_string());
+    // Every timed call is checked (an `Err` stops the bench), and the device is synced before the clock is read.
+    let time = |f: &mut dyn FnMut() -> Result<(), kvsqueeze::Error>| -> Result<f64, Fail> {
+        f().map_err(fail)?;
+        sync(&c).map_err(fail)?;
         let reps = if gpu { 20 } else { 3 };
         let t = Instant::now();
         for _ in 0..reps {
-            f();
+            f().map_err(fail)?;
         }
-        sync(&c).expect("device");
-        t.elapsed().as_secs_f64() / reps as f64
+        sync(&c).map_err(fail)?;
+        Ok(t.elapsed().as_secs_f64() / reps as f64)
     };
-    let fail = |e: kvsqueeze::Error| Fail::Refused(e.to_string());
     println!("| op | µs | MB read | GB/s | % ceiling | vs dense |");
     println!("|---|---|---|---|---|---|");
-    let q = random(&c, &[b, 1, hq, d], dtype, 1, 1.5);
-    let (k, v) = (random(&c, &[b, hkv, l, d], dtype, 2, 1.5), random(&c, &[b, hkv, l, d], dtype, 3, 1.0));
+    let q = random(&c, &[b, 1, hq, d], dtype, 1, 1.5).map_err(fail)?;
+    let (k, v) = (random(&c, &[b, hkv, l, d], dtype, 2, 1.5).map_err(fail)?, random(&c, &[b, hkv, l, d], dtype, 3, 1.0).map_err(fail)?);
     let lens = vec![l as u32; b];
     let cfg = DecodeConfig::new();
     let mut out = decode_attention(&c, &q, &k, &v, &lens, &cfg).map_err(fail)?;
-    let dense = time(&mut || decode_attention_into(&c, &q, &k, &v, &lens, &cfg, &mut out).expect("validated"));
+    let dense = time(&mut || decode_attention_into(&c, &q, &k, &v, &lens, &cfg, &mut out))?;
     drop((k, v));
-    let row = |name: &str, secs: f64, bytes: usize| {
+    // A figure far above the copy ceiling means the work did not happen (a failed launch or allocation): refused.
+    // Read-mostly kernels may pass a read+write copy by some 10%, hence the margin.
+    let row = |name: &str, secs: f64, bytes: usize| -> Result<(), Fail> {
         let bw = bytes as f64 / secs;
+        if bw > CEILING_MARGIN * ceiling {
+            return Err(Fail::Refused(format!("{name}: {:.1} GB/s is above {CEILING_MARGIN}× the measured copy ceiling ({:.1} GB/s); the measurement is not trustworthy", bw / 1e9, ceiling / 1e9)));
+        }
         println!("| {name} | {:.1} | {:.1} | {:.1} | {:.0}% | {:.2}× |", secs * 1e6, bytes as f64 / 1e6, bw / 1e9, 100.0 * bw / ceiling, dense / secs);
+        Ok(())
     };
-    row(&format!("dense decode attention, L {l}"), dense, 2 * b * hkv * l * d * dtype.size());
+    row(&format!("dense decode attention, L {l}"), dense, 2 * b * hkv * l * d * dtype.size())?;
     let budget = (l / 16).max(64);
     let layout = Layout { sinks: 4, middle: budget / 2 - 4, recent: budget / 2 };
     let mut cache = PolicyCache::new(&c, PolicyCacheConfig::new(Policy::TreeKv { select_left: false }, layout, b, hq, hkv, d, dtype)).map_err(fail)?;
-    let (k1, v1) = (random(&c, &[b, hkv, d], dtype, 4, 1.5), random(&c, &[b, hkv, d], dtype, 5, 1.0));
+    let (k1, v1) = (random(&c, &[b, hkv, d], dtype, 4, 1.5).map_err(fail)?, random(&c, &[b, hkv, d], dtype, 5, 1.0).map_err(fail)?);
     for _ in 0..budget + 1 {
         cache.step(&q, &k1, &v1).map_err(fail)?;
     }
-    let step = time(&mut || {
-        cache.step(&q, &k1, &v1).expect("validated");
-    });
-    row(&format!("TreeKV step, budget {budget} (L/16)"), step, cache.physical_bytes());
+    let step = time(&mut || cache.step(&q, &k1, &v1).map(drop))?;
+    row(&format!("TreeKV step, budget {budget} (L/16)"), step, cache.physical_bytes())?;
     let fdtype = if dtype == DType::BF16 { DType::F16 } else { dtype };
     let crit: Vec<usize> = (0..d).filter(|j| j % 5 == 0).collect();
     let dims = FourierDims::uniform(hkv, d, &crit, &crit).map_err(fail)?;
     let (n, li, ll) = if gpu { (512, 4, 1020) } else { (64, 4, 252) };
     let mut fc = FourierLayerCache::new(&c, FourierLayerConfig::new(b, hq, fdtype, li, ll, n, l, dims)).map_err(fail)?;
     fc.synthetic_formed(l, 9).map_err(fail)?;
-    let qf = random(&c, &[b, 1, hq, d], fdtype, 6, 1.5);
-    let spectral = time(&mut || {
-        fc.attend(&qf, 0.088, FourierPath::Spectral).expect("validated");
-    });
-    row(&format!("FlashFourier spectral, N {n}, 80% compressed"), spectral, fc.physical_bytes());
+    let qf = random(&c, &[b, 1, hq, d], fdtype, 6, 1.5).map_err(fail)?;
+    let spectral = time(&mut || fc.attend(&qf, 0.088, FourierPath::Spectral).map(drop))?;
+    row(&format!("FlashFourier spectral, N {n}, 80% compressed"), spectral, fc.physical_bytes())?;
     Ok(())
 }
 
@@ -345,8 +351,7 @@ fn cmd_eval(args: &[String]) -> Result<(), Fail> {
         let text = std::fs::read_to_string(inp).map_err(|e| Fail::Refused(format!("{inp}: {e}")))?;
         let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| Fail::Refused(format!("{inp}: {e}")))?;
         let rows = kvsqueeze::eval::rows_from_json(&doc["rows"]).ok_or_else(|| Fail::Refused(format!("{inp}: not a `kvsqueeze eval --json` file")))?;
-        let tmp = format!("{out}.partial");
-        return std::fs::write(&tmp, svg(&rows)).and_then(|_| std::fs::rename(&tmp, out)).map_err(|e| Fail::Refused(format!("{out}: {e}")));
+        return kvsqueeze::output::AtomicFile::create(std::path::Path::new(out)).and_then(|f| f.write_all_and_commit(svg(&rows).as_bytes())).map_err(|e| Fail::Refused(e.to_string()));
     }
     let mut opts = EvalOptions::default();
     opts.prefix = num(&flags, "prefix", opts.prefix)?;
@@ -380,6 +385,9 @@ fn cmd_eval(args: &[String]) -> Result<(), Fail> {
         }
     }
     let gguf = find_gguf(flags.get("gguf").map(std::path::Path::new)).map_err(Fail::Refused)?;
+    // Output destinations are checked (and created exclusively) before the long run.
+    let create = |flag: &str| flags.get(flag).map(|p| kvsqueeze::output::AtomicFile::create(std::path::Path::new(p))).transpose().map_err(|e| Fail::Refused(e.to_string()));
+    let (json_out, svg_out) = (create("json")?, create("svg")?);
     let contents: Vec<(String, String)> = texts.iter().map(|(n, p)| std::fs::read_to_string(p).map(|t| (n.clone(), t)).map_err(|e| Fail::Refused(format!("{}: {e}", p.display())))).collect::<Result<_, _>>()?;
     let c = client(&flags)?;
     let t0 = Instant::now();
@@ -394,22 +402,17 @@ fn cmd_eval(args: &[String]) -> Result<(), Fail> {
     }
     println!("settings: prefix {}, scored {}, windows {}, prefill {:?}, dtype {:?}, device {}", opts.prefix, opts.scored, opts.windows, opts.prefill, opts.dtype, kvsqueeze::attention::device_name(&c));
     print!("{}", table(&rows));
-    let write = |path: &str, body: String| -> Result<(), Fail> {
-        let tmp = format!("{path}.partial");
-        std::fs::write(&tmp, body).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| Fail::Refused(format!("{path}: {e}")))
-    };
-    if let Some(p) = flags.get("json") {
+    let write = |file: Option<kvsqueeze::output::AtomicFile>, body: String| -> Result<(), Fail> { file.map_or(Ok(()), |f| f.write_all_and_commit(body.as_bytes())).map_err(|e| Fail::Refused(e.to_string())) };
+    if flags.contains_key("json") {
         let doc = serde_json::json!({"settings": {"prefix": opts.prefix, "scored": opts.scored, "windows": opts.windows, "prefill": format!("{:?}", opts.prefill), "dtype": format!("{:?}", opts.dtype), "device": kvsqueeze::attention::device_name(&c), "gguf": gguf.display().to_string()}, "rows": to_json(&rows)});
-        write(p, serde_json::to_string_pretty(&doc).expect("json"))?;
+        write(json_out, serde_json::to_string_pretty(&doc).expect("json"))?;
     }
-    if let Some(p) = flags.get("svg") {
-        write(p, svg(&rows))?;
-    }
+    write(svg_out, svg(&rows))?;
     Ok(())
 }
 
 fn cmd_replay(args: &[String]) -> Result<(), Fail> {
-    use kvsqueeze::replay::{parse_policy, replay, to_safetensors, ReplayOptions};
+    use kvsqueeze::replay::{parse_policy, replay, trace_dims, ReplayOptions, ReplayWriter};
     let flags = parse_flags(args, &[])?;
     check_known(&flags, &["policy", "budget", "trace", "out", "sinks", "recent", "rope"])?;
     let policy = flags.get("policy").ok_or(Fail::Usage("--policy is required".into()))?;
@@ -423,26 +426,25 @@ fn cmd_replay(args: &[String]) -> Result<(), Fail> {
     }
     let sinks = num(&flags, "sinks", 4.min(budget))?;
     let recent = num(&flags, "recent", budget / 2)?;
-    if sinks + recent > budget {
+    if sinks.checked_add(recent).is_none_or(|sr| sr > budget) {
         return Err(Fail::Usage(format!("--sinks {sinks} + --recent {recent} exceed --budget {budget}")));
     }
     let rope = flags.get("rope").map(|v| v.parse::<f64>().map_err(|_| Fail::Usage(format!("--rope wants a number, got `{v}`")))).transpose()?;
     let trace = flags.get("trace").ok_or(Fail::Usage("--trace is required".into()))?;
     let layout = Layout { sinks, middle: budget - sinks - recent, recent };
     let opts = ReplayOptions { policy, layout, rope };
+    let refused = |e: kvsqueeze::Error| Fail::Refused(format!("replay refused: {e}"));
     let bytes = std::fs::read(trace).map_err(|e| Fail::Refused(format!("cannot read the trace {trace}: {e}")))?;
+    let dims = trace_dims(&bytes).map_err(refused)?;
+    // The destination is checked (and the file created exclusively) before the run.
+    let mut writer = flags.get("out").map(|p| ReplayWriter::create(std::path::Path::new(p), dims, budget)).transpose().map_err(refused)?;
     let c = client(&flags)?;
-    let r = replay(&c, &bytes, &opts).map_err(|e| Fail::Refused(format!("replay refused: {e}")))?;
-    let st = to_safetensors(&r, opts.layout.capacity()).map_err(|e| Fail::Refused(e.to_string()))?;
-    let (steps, hq, hkv, d) = r.dims;
+    let mut bar = Progress::new();
+    let mut sink = |t: usize, o: &[f32], kept: &[i32]| writer.as_mut().map_or(Ok(()), |w| w.write_step(t, o, kept));
+    let (steps, hq, hkv, d) = replay(&c, &bytes, &opts, &mut sink, &mut |a, b| bar.update(a, b, "replay")).map_err(refused)?;
     println!("replayed {steps} steps (Hq {hq}, Hkv {hkv}, D {d}) with {:?}, layout {:?}", opts.policy, opts.layout);
-    if let Some(path) = flags.get("out") {
-        // Written to a temporary name and renamed, so a failure never leaves a partial file behind.
-        let tmp = format!("{path}.partial");
-        std::fs::write(&tmp, st).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Fail::Refused(format!("cannot write {path}: {e}"))
-        })?;
+    if let (Some(w), Some(path)) = (writer, flags.get("out")) {
+        w.finish().map_err(refused)?;
         println!("wrote {path}");
     }
     Ok(())

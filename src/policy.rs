@@ -70,12 +70,20 @@ pub struct PolicyCacheConfig {
     /// RoPE base: keys are stored pre-RoPE and rotated inside attention by their cache rank, the query by the
     /// newest rank (StreamingLLM/TreeKV position reassignment); `None`: no rotation.
     pub rope: Option<f64>,
+    /// Refuse a step or prefill whose inputs hold NaN/±∞ ([`Error::NonFinite`], the cache unchanged) instead of
+    /// letting them into the cache and the eviction decisions ([`crate::finite`]). Off by default.
+    pub check_finite: bool,
 }
 
 impl PolicyCacheConfig {
     /// A configuration (no RoPE).
     pub fn new(policy: Policy, layout: Layout, batch: usize, hq: usize, hkv: usize, d: usize, dtype: DType) -> Self {
-        PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype, rope: None }
+        PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype, rope: None, check_finite: false }
+    }
+    /// Turns the non-finite check of every input on or off.
+    pub fn with_check_finite(mut self, on: bool) -> Self {
+        self.check_finite = on;
+        self
     }
     /// Rotates keys by cache rank with this base.
     pub fn with_rope(mut self, base: f64) -> Self {
@@ -124,8 +132,8 @@ fn rule(p: Policy) -> Rule {
     }
 }
 
-fn u32_tensor(client: &Client, data: &[u32], shape: &[usize]) -> DeviceTensor {
-    DeviceTensor::from_host(client, data, shape).expect("shape matches")
+fn u32_tensor(client: &Client, data: &[u32], shape: &[usize]) -> Result<DeviceTensor, Error> {
+    DeviceTensor::from_host(client, data, shape)
 }
 
 const THREADS: usize = 128;
@@ -145,13 +153,19 @@ impl PolicyCache {
     /// An empty cache. Errors on a layout the policy cannot run with, a GQA ratio that is not integral, an
     /// unsupported head dim or dtype.
     pub fn new(client: &Client, cfg: PolicyCacheConfig) -> Result<Self, Error> {
-        let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype, rope } = cfg;
+        let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype, rope, .. } = cfg;
         if rope.is_some_and(|b| !b.is_finite() || b <= 1.0) {
             return Err(Error::Config("RoPE base must be finite and > 1"));
         }
-        let cap = layout.capacity();
+        let Some(cap) = layout.checked_capacity() else {
+            return Err(Error::Config("the layout's sinks + middle + recent overflow"));
+        };
         if cap == 0 {
             return Err(Error::Config("capacity must be at least 1"));
+        }
+        // Slots, ranks and positions are u32 on the device, and FREE (u32::MAX) marks an empty slot.
+        if cap >= (u32::MAX - 1) as usize {
+            return Err(Error::Config("capacity must be below 2^32 − 1 (u32 slots)"));
         }
         if matches!(policy, Policy::TreeKv { .. } | Policy::WeightedKv) && layout.middle == 0 {
             return Err(Error::Config("TreeKV and WeightedKV need a middle region of at least 1"));
@@ -168,25 +182,32 @@ impl PolicyCache {
         let cap1 = cap + 1;
         let heads = batch * hkv;
         let zeros = |shape: &[usize], dtype: DType| DeviceTensor::filled(client, shape, dtype, 0);
-        let rank = u32_tensor(client, &vec![FREE; heads * cap1], &[batch, hkv, cap1]);
-        Ok(PolicyCache {
+        // Every size is checked against the device (and for overflow) before the first allocation, so an
+        // impossible budget is a typed refusal rather than an allocation failure later.
+        let kv_shape = [batch, hkv, cap1, d];
+        crate::tensor::checked_size(client, "k", &kv_shape, dtype)?;
+        let slot_elems = heads.checked_mul(cap1).ok_or(Error::DeviceLimit("slot arrays overflow the address range".into()))?;
+        let rank = u32_tensor(client, &vec![FREE; slot_elems], &[batch, hkv, cap1])?;
+        let cache = PolicyCache {
             client: client.clone(),
             cfg,
-            k: zeros(&[batch, hkv, cap1, d], dtype),
-            v: zeros(&[batch, hkv, cap1, d], dtype),
-            order: [zeros(&[batch, hkv, cap1], DType::U32), zeros(&[batch, hkv, cap1], DType::U32)],
+            k: zeros(&kv_shape, dtype)?,
+            v: zeros(&kv_shape, dtype)?,
+            order: [zeros(&[batch, hkv, cap1], DType::U32)?, zeros(&[batch, hkv, cap1], DType::U32)?],
             cur: 0,
             rank,
-            score: zeros(&[batch, hkv, cap1], DType::F32),
-            count: zeros(&[batch, hkv, cap1], DType::F32),
-            pos: zeros(&[batch, hkv, cap1], DType::U32),
-            free: zeros(&[batch, hkv], DType::U32),
+            score: zeros(&[batch, hkv, cap1], DType::F32)?,
+            count: zeros(&[batch, hkv, cap1], DType::F32)?,
+            pos: zeros(&[batch, hkv, cap1], DType::U32)?,
+            free: zeros(&[batch, hkv], DType::U32)?,
             mass: None,
             seen: 0,
             filled: 0,
             evictions: 0,
             step_threads: step_threads(client, cap1),
-        })
+        };
+        crate::tensor::check_written(client, &[&cache.k, &cache.v, &cache.score])?;
+        Ok(cache)
     }
 
     /// The configuration.
@@ -239,12 +260,12 @@ impl PolicyCache {
         let nb1 = nb - 1;
         let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
         let (kept, scores) = if nb <= keep {
-            (self.keep_all(l), None)
+            (self.keep_all(l)?, None)
         } else {
             let mass = self.window_mass(q_obs, k, w, l)?;
-            let kept = DeviceTensor::filled(&c, &[batch, hkv, cap], DType::U32, 0);
-            let list = DeviceTensor::filled(&c, &[batch, hkv, keep], DType::U32, 0);
-            let sc = DeviceTensor::filled(&c, &[batch, hkv, nb1], DType::F32, 0);
+            let kept = DeviceTensor::filled(&c, &[batch, hkv, cap], DType::U32, 0)?;
+            let list = DeviceTensor::filled(&c, &[batch, hkv, keep], DType::U32, 0)?;
+            let sc = DeviceTensor::filled(&c, &[batch, hkv, nb1], DType::F32, 0)?;
             // SAFETY: `mass` is `[B, Hkv, w, L]`, scores `[B, Hkv, nb−1]`, kept `[B, Hkv, c]` with `n_kept ≤ c`.
             unsafe {
                 let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
@@ -253,7 +274,7 @@ impl PolicyCache {
             }
             (kept, Some(sc))
         };
-        self.install(k, v, &kept, n_kept, l);
+        self.install(k, v, &kept, n_kept, l)?;
         Ok(scores)
     }
 
@@ -269,16 +290,16 @@ impl PolicyCache {
         let l = self.check_prompt(k, v)?;
         let cap = layout.capacity();
         if l <= cap {
-            let kept = self.keep_all(l);
-            self.install(k, v, &kept, l, l);
+            let kept = self.keep_all(l)?;
+            self.install(k, v, &kept, l, l)?;
             return Ok(());
         }
         if policy == Policy::Full {
             return Err(Error::LengthBeyondCapacity { batch: 0, len: l, capacity: cap });
         }
         let one: Vec<u32> = (0..layout.sinks).chain(l - (cap - layout.sinks)..l).map(|j| j as u32).collect();
-        let kept = u32_tensor(&self.client, &one.repeat(batch * hkv), &[batch, hkv, cap]);
-        self.install(k, v, &kept, cap, l);
+        let kept = u32_tensor(&self.client, &one.repeat(batch * hkv), &[batch, hkv, cap])?;
+        self.install(k, v, &kept, cap, l)?;
         Ok(())
     }
 
@@ -307,12 +328,12 @@ impl PolicyCache {
         let c = self.client.clone();
         let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
         let (n_kept, kept, pooled) = if l <= cap {
-            (l, self.keep_all(l), None)
+            (l, self.keep_all(l)?, None)
         } else {
             let n = l - w;
             let mass = self.window_mass(q_win, k, w, l)?;
-            let pooled = DeviceTensor::filled(&c, &[batch, hkv, n], DType::F32, 0);
-            let kept = DeviceTensor::filled(&c, &[batch, hkv, cap], DType::U32, 0);
+            let pooled = DeviceTensor::filled(&c, &[batch, hkv, n], DType::F32, 0)?;
+            let kept = DeviceTensor::filled(&c, &[batch, hkv, cap], DType::U32, 0)?;
             // SAFETY: `mass` is `[B, Hkv, w, L]`, `pooled` `[B, Hkv, L − w]`, `kept` `[B, Hkv, c]`, `c − w < L − w`.
             unsafe {
                 let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
@@ -321,7 +342,7 @@ impl PolicyCache {
             }
             (cap, kept, Some(pooled))
         };
-        self.install(k, v, &kept, n_kept, l);
+        self.install(k, v, &kept, n_kept, l)?;
         Ok(pooled)
     }
 
@@ -340,11 +361,15 @@ impl PolicyCache {
         if l >= 1 << 31 {
             return Err(Error::Config("prompt too long for u32 positions"));
         }
+        if self.cfg.check_finite {
+            crate::finite::check_finite(&self.client, "k", k, None)?;
+            crate::finite::check_finite(&self.client, "v", v, None)?;
+        }
         Ok(l)
     }
 
     /// The kept list `[B, Hkv, c]` of a prompt of `l ≤ c` tokens: every position, then [`FREE`].
-    fn keep_all(&self, l: usize) -> DeviceTensor {
+    fn keep_all(&self, l: usize) -> Result<DeviceTensor, Error> {
         let PolicyCacheConfig { layout, batch, hkv, .. } = self.cfg;
         let cap = layout.capacity();
         let all: Vec<u32> = (0..batch * hkv).flat_map(|_| (0..cap).map(|j| if j < l { j as u32 } else { FREE })).collect();
@@ -358,17 +383,18 @@ impl PolicyCache {
         let batch = self.cfg.batch;
         let mut acfg = DecodeConfig::new().with_mass(true);
         if let Some(base) = self.cfg.rope {
-            let q_pos = u32_tensor(c, &(0..batch * w).map(|i| (l - w + i % w) as u32).collect::<Vec<_>>(), &[batch, w]);
-            let k_pos = u32_tensor(c, &(0..batch * l).map(|i| (i % l) as u32).collect::<Vec<_>>(), &[batch, l]);
+            let q_pos = u32_tensor(c, &(0..batch * w).map(|i| (l - w + i % w) as u32).collect::<Vec<_>>(), &[batch, w])?;
+            let k_pos = u32_tensor(c, &(0..batch * l).map(|i| (i % l) as u32).collect::<Vec<_>>(), &[batch, l])?;
             acfg = acfg.with_rope(crate::rope::RopeConfig { base, q_pos, k_pos });
         }
+        acfg.check_finite = self.cfg.check_finite;
         let out = decode_attention(c, q, k, k, &vec![l as u32; batch], &acfg)?;
-        Ok(out.mass.expect("mass requested"))
+        out.mass.ok_or(Error::Config("decode attention returned no mass"))
     }
 
     /// Installs the first `n` kept positions of `kept: [B, Hkv, c]` (rows of `k, v: [B, Hkv, L, D]`) into the
     /// empty cache.
-    fn install(&mut self, k: &DeviceTensor, v: &DeviceTensor, kept: &DeviceTensor, n: usize, l: usize) {
+    fn install(&mut self, k: &DeviceTensor, v: &DeviceTensor, kept: &DeviceTensor, n: usize, l: usize) -> Result<(), Error> {
         let PolicyCacheConfig { layout, batch, hkv, d, .. } = self.cfg;
         let cap = layout.capacity();
         let c = &self.client;
@@ -377,8 +403,10 @@ impl PolicyCache {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
             with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, batch as u32, 1), CubeDim::new_1d(d as u32), b(k), b(v), b(kept), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.pos), b(&self.free), n, l, cap, hkv, cap + 1, d));
         }
+        crate::tensor::check_written(c, &[&self.k, &self.v, &self.order[self.cur]])?;
         self.filled = n;
         self.seen = l;
+        Ok(())
     }
 
     fn check(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
@@ -388,8 +416,11 @@ impl PolicyCache {
         if t.dtype != self.cfg.dtype {
             return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: self.cfg.dtype });
         }
-        if !t.is_contiguous() || t.offset != 0 || t.buffer_len < shape.iter().product() {
-            return Err(Error::Layout { tensor: name, reason: "must be contiguous from the buffer start" });
+        t.check_in_buffer(name)?;
+        // The policy kernels index their inputs from the buffer start: a view with an offset is refused, not
+        // misread.
+        if !t.is_contiguous() || t.offset != 0 {
+            return Err(Error::Layout { tensor: name, reason: "must be contiguous from the buffer start (offset 0)" });
         }
         Ok(())
     }
@@ -406,6 +437,14 @@ impl CompressedKvCache for PolicyCache {
         if policy == Policy::Full && self.filled >= cap {
             return Err(Error::LengthBeyondCapacity { batch: 0, len: self.filled + 1, capacity: cap });
         }
+        if self.seen >= u32::MAX as usize {
+            return Err(Error::Config("the stream's positions reached the u32 limit"));
+        }
+        if self.cfg.check_finite {
+            for (name, t) in [("q", q), ("k", k), ("v", v)] {
+                crate::finite::check_finite(&self.client, name, t, None)?;
+            }
+        }
         let c = &self.client;
         let before = self.filled;
         let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
@@ -419,11 +458,11 @@ impl CompressedKvCache for PolicyCache {
         if let Some(base) = self.cfg.rope {
             // Cache-rank positions: the slot → rank array is exactly `[B, Hkv, c+1]` positions; the query sits at
             // the newest rank, `len` before the append.
-            let q_pos = u32_tensor(c, &vec![before as u32; batch], &[batch, 1]);
+            let q_pos = u32_tensor(c, &vec![before as u32; batch], &[batch, 1])?;
             acfg = acfg.with_rope(crate::rope::RopeConfig { base, q_pos, k_pos: self.rank.clone() });
         }
         let out = decode_attention(c, q, &self.k, &self.v, &vec![after as u32; batch], &acfg)?;
-        let mass = out.mass.expect("mass requested");
+        let mass = out.mass.ok_or(Error::Config("decode attention returned no mass"))?;
         // TreeKV's pointer for this step's eviction: evictions so far, modulo the tree region.
         let ptr = if layout.middle > 0 { self.evictions % layout.middle } else { 0 };
         // SAFETY: as above; `mass` is decode attention's `[B, Hkv, 1, c+1]` output.
@@ -431,10 +470,9 @@ impl CompressedKvCache for PolicyCache {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
             with_float_type!(self.cfg.dtype, E => policy_step::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(self.step_threads as u32), b(&mass), b(&self.v), b(&self.order[self.cur]), b(&self.order[1 - self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), after as u32, ptr as u32, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), self.step_threads))
         }
+        crate::tensor::check_written(c, &[&self.order[1 - self.cur], &self.score])?;
         if policy != Policy::Full && after > cap {
             self.cur = 1 - self.cur; // this step evicted: the shifted order is in the other buffer
-        }
-        if policy != Policy::Full && after > cap {
             self.evictions += 1;
         }
         self.filled = after.min(cap);

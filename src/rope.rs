@@ -17,7 +17,7 @@ pub const ANGLE_ERROR_RAD: f64 = 2.5e-6;
 pub struct RopeConfig {
     /// The base `β` (Llama-3: 500 000), possibly NTK-scaled.
     pub base: f64,
-    /// `[B, Lq]` u32: each query token's position.
+    /// `[B, Lq]` u32: each query token's position (contiguous from its element offset, which is honoured).
     pub q_pos: DeviceTensor,
     /// `[B, L_cap]` u32: each cache slot's position, shared by the KV heads; or `[B, Hkv, L_cap]`: per KV head
     /// (caches that evict per head, positions = cache rank).
@@ -54,8 +54,9 @@ pub(crate) fn validate(rope: &RopeConfig, b: usize, lq: usize, hkv: usize, lcap:
         if t.dtype != DType::U32 {
             return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: DType::U32 });
         }
-        if !t.is_contiguous() || t.offset + shape.iter().product::<usize>() > t.buffer_len {
-            return Err(Error::Layout { tensor: name, reason: "positions must be contiguous and inside their buffer" });
+        t.check_in_buffer(name)?;
+        if !t.is_contiguous() {
+            return Err(Error::Layout { tensor: name, reason: "positions must be contiguous (from any element offset)" });
         }
     }
     Ok(if per_head { (hkv * lcap, lcap) } else { (lcap, 0) })

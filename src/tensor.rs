@@ -118,6 +118,27 @@ pub struct DeviceTensor {
     pub dtype: DType,
 }
 
+/// Elements and bytes of a fresh contiguous buffer of `shape`, checked: no overflow, and at most what the
+/// device allocates in one buffer (`max_page_size`). At least 4 bytes (some backends refuse empty buffers).
+pub(crate) fn checked_size(client: &Client, name: &'static str, shape: &[usize], dtype: DType) -> Result<(usize, usize), Error> {
+    let n = shape.iter().try_fold(1usize, |a, &s| a.checked_mul(s));
+    let bytes = n.and_then(|n| n.checked_mul(dtype.size()));
+    let (Some(n), Some(bytes)) = (n, bytes) else {
+        return Err(Error::DeviceLimit(format!("`{name}` of shape {shape:?} overflows the address range")));
+    };
+    let max = client.properties().memory.max_page_size;
+    if bytes as u64 > max {
+        return Err(Error::DeviceLimit(format!("`{name}` needs {bytes} B in one buffer; the device allocates at most {max} B")));
+    }
+    Ok((n, bytes.max(4)))
+}
+
+/// Makes a failure of the launches that wrote `outputs` (an allocation the device refused, a kernel it could
+/// not compile or bind) an `Err` of the call that launched them. No barrier: a lookup on the device's queue.
+pub(crate) fn check_written(client: &Client, outputs: &[&DeviceTensor]) -> Result<(), Error> {
+    client.check(outputs.iter().map(|t| &t.handle)).map_err(|e| Error::Device(format!("{e}")))
+}
+
 /// Row-major contiguous strides of `shape`.
 pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];
@@ -130,7 +151,7 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 impl DeviceTensor {
     /// Uploads `data` (row-major, `shape`).
     pub fn from_host<T: HostElement>(client: &Client, data: &[T], shape: &[usize]) -> Result<Self, Error> {
-        let n: usize = shape.iter().product();
+        let (n, _) = checked_size(client, "host data", shape, T::DTYPE)?;
         if n != data.len() {
             return Err(Error::ShapeMismatch { tensor: "host data", expected: shape.to_vec(), got: vec![data.len()] });
         }
@@ -138,11 +159,19 @@ impl DeviceTensor {
         Ok(DeviceTensor { handle, buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype: T::DTYPE })
     }
 
-    /// A fresh contiguous tensor, every byte set to `fill` (so tests can detect unwritten elements).
-    pub fn filled(client: &Client, shape: &[usize], dtype: DType, fill: u8) -> Self {
-        let n: usize = shape.iter().product();
-        let handle = client.create_from_slice(&vec![fill; (n * dtype.size()).max(4)]);
-        DeviceTensor { handle, buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype }
+    /// A fresh contiguous tensor, every byte set to `fill` (so tests can detect unwritten elements). Refuses
+    /// (typed, before allocating) a size that overflows or that the device cannot hold in one buffer.
+    pub fn filled(client: &Client, shape: &[usize], dtype: DType, fill: u8) -> Result<Self, Error> {
+        let (n, bytes) = checked_size(client, "filled", shape, dtype)?;
+        let handle = client.create_from_slice(&vec![fill; bytes]);
+        Ok(DeviceTensor { handle, buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype })
+    }
+
+    /// A fresh contiguous tensor with unspecified contents (outputs and scratch that a kernel writes before
+    /// anything reads them). Refuses, as [`DeviceTensor::filled`], what the device cannot hold.
+    pub fn empty(client: &Client, shape: &[usize], dtype: DType) -> Result<Self, Error> {
+        let (n, bytes) = checked_size(client, "empty", shape, dtype)?;
+        Ok(DeviceTensor { handle: client.empty(bytes), buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype })
     }
 
     /// A view with another shape/strides/offset over the same buffer (validated by the op that uses it).
@@ -150,7 +179,8 @@ impl DeviceTensor {
         DeviceTensor { shape: shape.to_vec(), strides: strides.to_vec(), offset, ..self.clone() }
     }
 
-    /// Checks that the view is well formed and lies inside its buffer (every op's layout check).
+    /// Checks that the view is well formed and lies inside its buffer (every op's layout check). All index
+    /// arithmetic is checked: a stride or offset whose span overflows is refused, never wrapped.
     pub fn check_in_buffer(&self, name: &'static str) -> Result<(), Error> {
         if self.shape.len() != self.strides.len() {
             return Err(Error::Layout { tensor: name, reason: "strides and shape differ in rank" });
@@ -158,11 +188,12 @@ impl DeviceTensor {
         if self.shape.iter().any(|&s| s == 0) {
             return Ok(());
         }
-        let last = self.offset + self.shape.iter().zip(&self.strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
-        if last >= self.buffer_len {
-            return Err(Error::Layout { tensor: name, reason: "view reaches past the end of its buffer" });
+        let span = self.shape.iter().zip(&self.strides).try_fold(self.offset, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x)));
+        match span {
+            Some(last) if last < self.buffer_len => Ok(()),
+            Some(_) => Err(Error::Layout { tensor: name, reason: "view reaches past the end of its buffer" }),
+            None => Err(Error::Layout { tensor: name, reason: "view's offset and strides overflow the index range" }),
         }
-        Ok(())
     }
 
     /// Whether the tensor is row-major contiguous from its offset.

@@ -1,7 +1,7 @@
 //! Device helpers for benches, tests and the CLI: random fills without a host upload, and the measured copy
 //! bandwidth that benches report as their ceiling.
 
-use crate::tensor::{contiguous_strides, with_float_type, DType, DeviceTensor};
+use crate::tensor::{with_float_type, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::ir::AddressType;
@@ -9,19 +9,23 @@ use cubecl::prelude::*;
 use kvsqueeze_kernels::util::{copy, fill_hash};
 use std::time::Instant;
 
-/// A contiguous tensor of `shape` filled on the device with values uniform in `[-amp, amp)` (never 0).
-pub fn random(client: &Client, shape: &[usize], dtype: DType, seed: u32, amp: f32) -> DeviceTensor {
-    let n: usize = shape.iter().product();
-    let t = DeviceTensor { handle: client.empty(n.max(1) * dtype.size()), buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype };
+/// A contiguous tensor of `shape` filled on the device with values uniform in `[-amp, amp)` (never 0). Refuses
+/// a size the device cannot hold (checked before allocating) and an integer dtype.
+pub fn random(client: &Client, shape: &[usize], dtype: DType, seed: u32, amp: f32) -> Result<DeviceTensor, Error> {
+    if dtype == DType::U32 {
+        return Err(Error::Config("random() fills float tensors only"));
+    }
+    let t = DeviceTensor::empty(client, shape, dtype)?;
+    let n = t.buffer_len;
     let (count, dim) = grid(n);
     let at = AddressType::from_len(n);
     // SAFETY: the kernel writes exactly the `n` elements of the buffer it is given.
     unsafe {
         let arg = BufferArg::from_raw_parts(t.handle.clone(), n);
-        assert!(dtype != DType::U32, "random() fills float tensors only");
         with_float_type!(dtype, E => fill_hash::launch_unchecked::<E>(client, count, dim, at, arg, n, seed, amp))
     }
-    t
+    crate::tensor::check_written(client, &[&t])?;
+    Ok(t)
 }
 
 fn grid(n: usize) -> (CubeCount, CubeDim) {
@@ -38,7 +42,7 @@ pub fn sync(client: &Client) -> Result<(), Error> {
 /// median of `reps` timed copies after one warm-up.
 pub fn copy_bandwidth(client: &Client, bytes: usize, reps: usize) -> Result<f64, Error> {
     let n = bytes / 16; // vectors of 4 f32
-    let src = random(client, &[n * 4], DType::F32, 7, 1.0);
+    let src = random(client, &[n * 4], DType::F32, 7, 1.0)?;
     let dst = client.empty(n * 16);
     let run = || {
         let (count, dim) = grid(n);

@@ -141,11 +141,66 @@ fn reference<T: kvsqueeze::reference::Real>(c: &Case, x: &Inputs) -> (Vec<f64>, 
     (o, lse, mass)
 }
 
-/// Runs the kernel on poisoned outputs; K/V as strided views into a larger NaN-padded buffer if asked.
+/// Element offset of the case's views (1..=13, from the seed; odd ones misalign every vector width).
+fn view_offset(c: &Case) -> usize {
+    1 + (c.seed % 13) as usize
+}
+
+/// A poisoned output: contiguous, or (strided cases) a view at an offset inside a larger poisoned buffer.
+fn out_view(c: &Case, shape: &[usize], dtype: DType) -> DeviceTensor {
+    let cl = client();
+    if !c.strided {
+        return poisoned(cl, shape, dtype);
+    }
+    let n: usize = shape.iter().product();
+    let off = view_offset(c);
+    let big = poisoned(cl, &[n + off + 7], dtype);
+    big.view(shape, &kvsqueeze::tensor::contiguous_strides(shape), off)
+}
+
+/// Every element of `t`'s buffer outside the view `t` is still the 0xFF poison (NaN): nothing around a view
+/// is written.
+fn assert_untouched_around(t: &DeviceTensor, case: &Case) {
+    let whole = t.view(&[t.buffer_len], &[1], 0).to_host_f64(client()).unwrap();
+    let n: usize = t.shape.iter().product();
+    for (i, v) in whole.iter().enumerate() {
+        if i < t.offset || i >= t.offset + n {
+            assert!(v.is_nan(), "element {i} outside the view (offset {}, {n} elements) was written: {v}\n  case: {case}", t.offset);
+        }
+    }
+}
+
+/// Uploads positions behind a prefix of junk positions when the case is strided (a view at an offset).
+fn positions(c: &Case, pos: &[u32], shape: &[usize]) -> DeviceTensor {
+    let cl = client();
+    if !c.strided {
+        return DeviceTensor::from_host(cl, pos, shape).unwrap();
+    }
+    let off = view_offset(c);
+    let mut data = vec![u32::MAX / 3; off];
+    data.extend_from_slice(pos);
+    DeviceTensor::from_host(cl, &data, &[data.len()]).unwrap().view(shape, &kvsqueeze::tensor::contiguous_strides(shape), off)
+}
+
+/// Runs the kernel on poisoned outputs. Strided cases: K/V as strided views into a larger NaN-padded buffer, `q`
+/// as the query part of a fused `[B, Lq, Hq + 2·Hkv, D]` QKV buffer at an offset, outputs and positions as views
+/// at an offset.
 fn run_kernel(c: &Case, x: &Inputs) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, Plan), Error> {
     let cl = client();
     let b = c.lens.len();
-    let q = upload(cl, &x.q, &[b, c.lq, c.hq, c.d], c.dtype);
+    let q = if c.strided {
+        let (w, off) = (c.hq + 2 * c.hkv, view_offset(c));
+        let mut big = vec![f64::NAN; off + b * c.lq * w * c.d];
+        for bi in 0..b {
+            for i in 0..c.lq {
+                let src = &x.q[((bi * c.lq + i) * c.hq) * c.d..][..c.hq * c.d];
+                big[off + (bi * c.lq + i) * w * c.d..][..c.hq * c.d].copy_from_slice(src);
+            }
+        }
+        upload(cl, &big, &[big.len()], c.dtype).view(&[b, c.lq, c.hq, c.d], &[c.lq * w * c.d, w * c.d, c.d, 1], off)
+    } else {
+        upload(cl, &x.q, &[b, c.lq, c.hq, c.d], c.dtype)
+    };
     let kv = |src: &[f64]| -> DeviceTensor {
         if !c.strided {
             return upload(cl, src, &[b, c.hkv, c.lcap, c.d], c.dtype);
@@ -170,17 +225,20 @@ fn run_kernel(c: &Case, x: &Inputs) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, Pla
         cfg = cfg.with_splits(s);
     }
     if let Some((base, _)) = c.rope {
-        let q_pos = DeviceTensor::from_host(cl, &x.q_pos, &[b, c.lq]).unwrap();
-        let k_pos = DeviceTensor::from_host(cl, &x.k_pos, &[b, c.lcap]).unwrap();
+        let q_pos = positions(c, &x.q_pos, &[b, c.lq]);
+        let k_pos = positions(c, &x.k_pos, &[b, c.lcap]);
         cfg = cfg.with_rope(RopeConfig { base, q_pos, k_pos });
     }
     let mut out = DecodeOutput::new(
-        poisoned(cl, &[b, c.lq, c.hq, c.d], c.dtype),
-        c.lse.then(|| poisoned(cl, &[b, c.lq, c.hq], DType::F32)),
-        c.mass.then(|| poisoned(cl, &[b, c.hkv, c.lq, c.lcap], DType::F32)),
+        out_view(c, &[b, c.lq, c.hq, c.d], c.dtype),
+        c.lse.then(|| out_view(c, &[b, c.lq, c.hq], DType::F32)),
+        c.mass.then(|| out_view(c, &[b, c.hkv, c.lq, c.lcap], DType::F32)),
     );
     let lens = lens32(c);
     decode_attention_into(cl, &q, &k, &v, &lens, &cfg, &mut out)?;
+    for t in std::iter::once(&out.o).chain(out.lse.iter()).chain(out.mass.iter()) {
+        assert_untouched_around(t, c);
+    }
     let read = |t: &Option<DeviceTensor>| t.as_ref().map(|t| t.to_host_f64(cl).unwrap()).unwrap_or_default();
     Ok((out.o.to_host_f64(cl).unwrap(), read(&out.lse), read(&out.mass), out.plan))
 }

@@ -38,9 +38,13 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// `sinks + middle + recent`.
+    /// `sinks + middle + recent` (saturating; see [`Layout::checked_capacity`]).
     pub fn capacity(&self) -> usize {
-        self.sinks + self.middle + self.recent
+        self.sinks.saturating_add(self.middle).saturating_add(self.recent)
+    }
+    /// `sinks + middle + recent`, or `None` when the sum overflows.
+    pub fn checked_capacity(&self) -> Option<usize> {
+        self.sinks.checked_add(self.middle)?.checked_add(self.recent)
     }
 }
 

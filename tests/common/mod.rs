@@ -49,7 +49,7 @@ pub fn upload(c: &Client, data: &[f64], shape: &[usize], dtype: DType) -> Device
 /// A contiguous output buffer whose every byte is 0xFF — NaN in f32, f16 and bf16 — so an element the
 /// kernel forgets to write shows up.
 pub fn poisoned(c: &Client, shape: &[usize], dtype: DType) -> DeviceTensor {
-    DeviceTensor::filled(c, shape, dtype, 0xFF)
+    DeviceTensor::filled(c, shape, dtype, 0xFF).expect("a test-sized buffer")
 }
 
 /// Max |a − b| over finite pairs, and whether the NaN/Inf pattern of `a` equals that of `b`.

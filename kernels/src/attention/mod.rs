@@ -1,9 +1,11 @@
 //! Split-KV decode attention (flash-decoding) with GQA, optional per-slot attention mass.
 //!
 //! ## Indexing (all tensors row-major; strides of `k`/`v` are runtime scalars, in elements)
-//! - `q`: `[B, Lq, Hq, D]` contiguous, storage dtype `E`; `o`: the same shape and dtype.
-//! - `k`, `v`: element `(b, h, j, d)` at `b·sb + h·sh + j·sl + d` (any strides that are multiples of the vector
-//!   width `N`, so views of a larger cache buffer work); `lens: [B]` (u32) per-sequence lengths.
+//! - `q`: `[B, Lq, Hq, D]`, storage dtype `E`, element `(b, i, h, d)` at `q_off + b·q_sb + i·q_sl + h·q_sh + d`
+//!   (a view of a fused QKV buffer); `o`: the same shape and dtype, contiguous from `o_off`.
+//! - `k`, `v`: element `(b, h, j, d)` at `off + b·sb + h·sh + j·sl + d` (any strides and offset that are
+//!   multiples of the vector width `N`, so views of a larger cache buffer work); `lens: [B]` (u32) per-sequence
+//!   lengths. Every other tensor is contiguous from its own element offset (`*_off`).
 //! - A cube handles one `(split, kv head, batch·row-block)`: the keys `[split·chunk, min((split+1)·chunk, len))`
 //!   against up to `ROWS` query rows of one GQA group, `row = i·G + g` (query token `i`, group member `g`), so K
 //!   and V are read once per group. Row `i` sits at position `len − Lq + i` and sees keys `j ≤ len − Lq + i`.
@@ -125,8 +127,17 @@ pub fn decode_split<E: Float, N: Size>(
     rope_tab: &[f32],
     q_pos: &[u32],
     k_pos: &[u32],
+    qp_off: usize,
+    kp_off: usize,
     kp_sb: usize,
     kp_sh: usize,
+    q_off: usize,
+    q_sb: usize,
+    q_sl: usize,
+    q_sh: usize,
+    o_off: usize,
+    lse_off: usize,
+    mass_off: usize,
     k_off: usize,
     k_sb: usize,
     k_sh: usize,
@@ -188,12 +199,12 @@ pub fn decode_split<E: Float, N: Size>(
             if r < nrows {
                 let row = row0 + r;
                 let h = kvh * g + row % g;
-                let base = ((b * lq + row / g) * hq + h) * d;
+                let base = q_off + b * q_sb + (row / g) * q_sl + h * q_sh;
                 let dim = (idx % dv_n) * vec + e;
                 x = f32::cast_from(q[base + dim]);
                 if comptime![cfg.rope] {
                     // Rotate-half: y[i] = x[i]·c − x[i+h]·s, y[i+h] = x[i+h]·c + x[i]·s.
-                    let pos = q_pos[b * lq + row / g];
+                    let pos = q_pos[qp_off + b * lq + row / g];
                     if dim < half {
                         let (c, sn) = rope_cos_sin(rope_tab, dim, pos);
                         x = x * c - f32::cast_from(q[base + dim + half]) * sn;
@@ -253,7 +264,7 @@ pub fn decode_split<E: Float, N: Size>(
         if j < end {
             if comptime![cfg.rope] {
                 // Pairs (i, i + D/2) are rotated together: vector `dvi` of the first half with `dvi + DV/2`.
-                let pos = k_pos[b * kp_sb + kvh * kp_sh + j];
+                let pos = k_pos[kp_off + b * kp_sb + kvh * kp_sh + j];
                 let hv = comptime![cfg.d / cfg.vec / 2];
                 #[unroll(cfg.unroll)]
                 for dvi in 0..hv {
@@ -397,14 +408,14 @@ pub fn decode_split<E: Float, N: Size>(
             if r < nrows {
                 let row = row0 + r;
                 let h = kvh * g + row % g;
-                o[((b * lq + row / g) * hq + h) * d + idx % d] = E::cast_from(acc_s[idx] / l_s[r]);
+                o[o_off + ((b * lq + row / g) * hq + h) * d + idx % d] = E::cast_from(acc_s[idx] / l_s[r]);
             }
             idx += tile;
         }
         if t < nrows {
             let row = row0 + t;
             let h = kvh * g + row % g;
-            lse[(b * lq + row / g) * hq + h] = m_s[t] + f32::ln(l_s[t]);
+            lse[lse_off + (b * lq + row / g) * hq + h] = m_s[t] + f32::ln(l_s[t]);
         }
         if comptime![cfg.mass] {
             // Each thread revisits the keys it scored itself (same thread: no fence needed).
@@ -418,7 +429,7 @@ pub fn decode_split<E: Float, N: Size>(
                             total += f32::exp(scores[(sbase + r) * lcap + jj] - m_s[r]) / l_s[r];
                         }
                     }
-                    mass[((b * hkv + kvh) * lq + i) * lcap + jj] = total / f32::cast_from(g);
+                    mass[mass_off + ((b * hkv + kvh) * lq + i) * lcap + jj] = total / f32::cast_from(g);
                 }
                 jj += tile;
             }
@@ -449,6 +460,8 @@ pub fn decode_combine<E: Float>(
     o: &mut [E],
     lse: &mut [f32],
     row_ml: &mut [f32],
+    o_off: usize,
+    lse_off: usize,
     hkv: usize,
     g: usize,
     lq: usize,
@@ -478,9 +491,9 @@ pub fn decode_combine<E: Float>(
     }
     let h = kvh * g + row % g;
     let out = (b * lq + row / g) * hkv * g + h;
-    o[out * d + dd] = E::cast_from(acc / l);
+    o[o_off + out * d + dd] = E::cast_from(acc / l);
     if dd == 0 {
-        lse[out] = m + f32::ln(l);
+        lse[lse_off + out] = m + f32::ln(l);
         row_ml[base * 2] = m;
         row_ml[base * 2 + 1] = l;
     }
@@ -496,6 +509,7 @@ pub fn mass_finalize(
     row_ml: &[f32],
     lens: &[u32],
     mass: &mut [f32],
+    mass_off: usize,
     hkv: usize,
     g: usize,
     lq: usize,
@@ -517,6 +531,6 @@ pub fn mass_finalize(
                 total += f32::exp(scores[r * lcap + j] - row_ml[r * 2]) / row_ml[r * 2 + 1];
             }
         }
-        mass[((b * hkv + kvh) * lq + i) * lcap + j] = total / f32::cast_from(g);
+        mass[mass_off + ((b * hkv + kvh) * lq + i) * lcap + j] = total / f32::cast_from(g);
     }
 }
