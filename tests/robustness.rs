@@ -45,7 +45,8 @@ fn layout_probes_are_typed_errors() {
     let mk = |layout, batch| PolicyCache::new(cl, PolicyCacheConfig::new(Policy::H2o, layout, batch, 4, 1, 8, DType::F32));
     assert!(matches!(mk(Layout { sinks: usize::MAX, middle: 1, recent: 1 }, 1), Err(Error::Config(_))));
     assert!(matches!(mk(Layout { sinks: 4, middle: 1_000_000_000, recent: 4 }, 1), Err(Error::DeviceLimit(_))));
-    assert!(matches!(mk(Layout { sinks: 4, middle: 1 << 40, recent: 4 }, 1 << 30), Err(Error::DeviceLimit(_))));
+    assert!(matches!(mk(Layout { sinks: 4, middle: 1 << 40, recent: 4 }, 1), Err(Error::Config(_))), "u32 slots");
+    assert!(matches!(mk(Layout { sinks: 4, middle: 1 << 31, recent: 4 }, 1 << 30), Err(Error::DeviceLimit(_))));
     // Buffers too large for the device or the address range.
     assert!(matches!(DeviceTensor::empty(cl, &[1 << 20, 1 << 20, 1 << 20], DType::F32), Err(Error::DeviceLimit(_))));
     assert!(matches!(DeviceTensor::empty(cl, &[usize::MAX, 2], DType::F32), Err(Error::DeviceLimit(_))));
@@ -261,12 +262,14 @@ enum ViewKind {
 
 fn view_kind() -> impl Strategy<Value = ViewKind> {
     prop_oneof![
-        4 => Just(ViewKind::Contiguous),
+        3 => Just(ViewKind::Contiguous),
         2 => Just(ViewKind::Padded),
         3 => (1usize..40).prop_map(ViewKind::Offset),
-        1 => Just(ViewKind::BadRank),
-        1 => Just(ViewKind::PastEnd),
     ]
+}
+
+fn broken_kind() -> impl Strategy<Value = ViewKind> {
+    prop_oneof![Just(ViewKind::BadRank), Just(ViewKind::PastEnd)]
 }
 
 /// Places row-major `x` of `shape` into a device buffer as the kind of view asked for (NaN outside the view).
@@ -323,8 +326,17 @@ struct AttnCase {
 }
 
 fn attn_case() -> impl Strategy<Value = AttnCase> {
-    (1usize..3, 1usize..3, 1usize..3, prop::sample::select(vec![1usize, 2, 4, 3]), prop::sample::select(vec![8usize, 16, 12]), 1usize..140, prop::collection::vec(0usize..150, 3), [view_kind(), view_kind(), view_kind()], any::<bool>(), any::<u64>())
-        .prop_map(|(b, lq, hkv, g, d, lcap, lens, views, mass, seed)| AttnCase { b, lq, hkv, g, d, lcap, lens: lens[..b].to_vec(), views, mass, seed })
+    // Mostly valid problems (lengths in range, well-formed views), with one broken view, an out-of-range length
+    // or an unsupported head dim now and then.
+    let broken = prop::option::weighted(0.2, (0usize..3, broken_kind()));
+    (1usize..3, 1usize..3, 1usize..3, prop::sample::select(vec![1usize, 2, 4, 3]), prop::sample::select(vec![8usize, 16, 8, 16, 12]), 1usize..140, prop::collection::vec(any::<u32>(), 3), [view_kind(), view_kind(), view_kind()], broken, any::<bool>(), any::<u64>())
+        .prop_map(|(b, lq, hkv, g, d, lcap, raw, mut views, broken, mass, seed)| {
+            let lens = raw[..b].iter().map(|&r| if r % 10 == 0 { (r / 10) as usize % 150 } else { lq + r as usize % (lcap.saturating_sub(lq) + 1) }).collect();
+            if let Some((i, kind)) = broken {
+                views[i] = kind;
+            }
+            AttnCase { b, lq, hkv, g, d, lcap, lens, views, mass, seed }
+        })
 }
 
 /// One decode-attention call on fuzzed input: either a typed refusal that the input deserves, or the reference's
