@@ -187,6 +187,7 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (i, &(b, l, mass, secs, bytes, plan)) in rows.iter().enumerate() {
         let bw = bytes as f64 / secs;
+        kvsqueeze::util::check_plausible(&format!("B{b} L{l}"), bw, ceiling).expect("a plausible figure");
         let overhead = if mass { format!("{:+.1}%", (secs / rows[i - 1].3 - 1.0) * 100.0) } else { "—".into() };
         let (sdpa_us, ratio) = match sdpa.as_ref().and_then(|t| t.get(&format!("B{b}_L{l}"))) {
             Some(m) => {

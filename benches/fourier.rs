@@ -116,6 +116,7 @@ fn main() {
         let dense = time(&client, reps, &mut || decode_attention_into(&client, &q, &kd, &vd, &lens, &dcfg, &mut out).unwrap());
         let sd = sdpa(b, l);
         let bw = bytes as f64 / spectral;
+        kvsqueeze::util::check_plausible(&format!("spectral B{b} L{l}"), bw, ceiling).expect("a plausible figure");
         println!(
             "| {b} | {l} | {:.1} ({:.1}) | {:.1} | {:.0} ({:.0}%) | {} | {:.1} | {} | {:.2} | {} | {} |",
             bytes as f64 / 1e6,

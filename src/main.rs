@@ -248,9 +248,6 @@ fn cmd_check(args: &[String]) -> Result<(), Fail> {
     Ok(())
 }
 
-/// How far above the measured copy ceiling a bench figure may be before it is refused as impossible.
-const CEILING_MARGIN: f64 = 1.25;
-
 fn cmd_bench(args: &[String]) -> Result<(), Fail> {
     use kvsqueeze::attention::{decode_attention, decode_attention_into, DecodeConfig};
     use kvsqueeze::fourier::{FourierDims, FourierLayerCache, FourierLayerConfig, FourierPath};
@@ -291,12 +288,9 @@ fn cmd_bench(args: &[String]) -> Result<(), Fail> {
     let dense = time(&mut || decode_attention_into(&c, &q, &k, &v, &lens, &cfg, &mut out))?;
     drop((k, v));
     // A figure far above the copy ceiling means the work did not happen (a failed launch or allocation): refused.
-    // Read-mostly kernels may pass a read+write copy by some 10%, hence the margin.
     let row = |name: &str, secs: f64, bytes: usize| -> Result<(), Fail> {
         let bw = bytes as f64 / secs;
-        if bw > CEILING_MARGIN * ceiling {
-            return Err(Fail::Refused(format!("{name}: {:.1} GB/s is above {CEILING_MARGIN}× the measured copy ceiling ({:.1} GB/s); the measurement is not trustworthy", bw / 1e9, ceiling / 1e9)));
-        }
+        kvsqueeze::util::check_plausible(name, bw, ceiling).map_err(fail)?;
         println!("| {name} | {:.1} | {:.1} | {:.1} | {:.0}% | {:.2}× |", secs * 1e6, bytes as f64 / 1e6, bw / 1e9, 100.0 * bw / ceiling, dense / secs);
         Ok(())
     };

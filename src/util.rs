@@ -63,3 +63,20 @@ pub fn copy_bandwidth(client: &Client, bytes: usize, reps: usize) -> Result<f64,
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(2.0 * (n * 16) as f64 / times[times.len() / 2])
 }
+
+/// How far above the measured copy ceiling a bench figure may be before it is refused: read-mostly kernels pass a
+/// read + write copy by some 10% (cuDNN's decode on an H100: 3.0–3.1 TB/s against a 2.83 TB/s copy), so a figure
+/// beyond 1.25× means the timed work did not happen (a failed allocation or launch).
+pub const CEILING_MARGIN: f64 = 1.25;
+
+/// Refuses a bandwidth figure (bytes per second) above [`CEILING_MARGIN`] × the measured copy `ceiling`.
+pub fn check_plausible(what: &str, bytes_per_sec: f64, ceiling: f64) -> Result<(), Error> {
+    if !(bytes_per_sec.is_finite() && bytes_per_sec <= CEILING_MARGIN * ceiling) {
+        return Err(Error::Device(format!(
+            "{what}: {:.1} GB/s is above {CEILING_MARGIN}× the measured copy ceiling ({:.1} GB/s); the measurement is not trustworthy",
+            bytes_per_sec / 1e9,
+            ceiling / 1e9
+        )));
+    }
+    Ok(())
+}
