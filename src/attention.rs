@@ -186,12 +186,7 @@ pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &
     if b == 0 || lq == 0 {
         return Err(Error::ShapeMismatch { tensor: "q", expected: vec![b.max(1), lq.max(1), hq, d], got: q.shape.clone() });
     }
-    if hkv == 0 || hq == 0 || hq % hkv != 0 {
-        return Err(Error::GqaRatio { hq, hkv });
-    }
-    if d == 0 || d % 8 != 0 || d > 256 {
-        return Err(Error::UnsupportedHeadDim { d });
-    }
+    let p = problem_of(client, b, lq, hq, hkv, d, lcap, q.dtype)?;
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         if t.dtype != q.dtype {
             return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: q.dtype });
@@ -209,15 +204,30 @@ pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &
             return Err(Error::LengthBeyondCapacity { batch, len, capacity: lcap });
         }
     }
-    if !dtype_supported(client, q.dtype) {
-        return Err(Error::DtypeUnsupported { dtype: q.dtype, device: device_name(client) });
+    let max_len = lens.iter().map(|&l| l as usize).max().unwrap_or(0);
+    Ok(Problem { max_len, ..p })
+}
+
+/// The checks that depend on the sizes and dtype only; the problem at full length (`max_len = L_cap`).
+#[allow(clippy::too_many_arguments)]
+fn problem_of(client: &Client, b: usize, lq: usize, hq: usize, hkv: usize, d: usize, lcap: usize, dtype: DType) -> Result<Problem, Error> {
+    if b == 0 || lq == 0 {
+        return Err(Error::ShapeMismatch { tensor: "q", expected: vec![b.max(1), lq.max(1), hq, d], got: vec![b, lq, hq, d] });
+    }
+    if hkv == 0 || hq == 0 || hq % hkv != 0 {
+        return Err(Error::GqaRatio { hq, hkv });
+    }
+    if d == 0 || d % 8 != 0 || d > 256 {
+        return Err(Error::UnsupportedHeadDim { d });
+    }
+    if !dtype_supported(client, dtype) {
+        return Err(Error::DtypeUnsupported { dtype, device: device_name(client) });
     }
     let hw = &client.properties().hardware;
     if (hw.max_units_per_cube as usize) < TILE {
         return Err(Error::DeviceLimit(format!("needs {TILE} units per cube, the device has {}", hw.max_units_per_cube)));
     }
-    let max_len = lens.iter().map(|&l| l as usize).max().unwrap_or(0);
-    Ok(Problem { b, lq, hq, hkv, d, lcap, max_len, dtype: q.dtype })
+    Ok(Problem { b, lq, hq, hkv, d, lcap, max_len: lcap, dtype })
 }
 
 /// The device's name as tests and benches print it.
@@ -226,13 +236,12 @@ pub fn device_name(client: &Client) -> String {
 }
 
 /// Widest vector (≤ 16 bytes) dividing D (D/2 with RoPE), every K/V stride and offset.
-fn vector_width(p: &Problem, k: &DeviceTensor, v: &DeviceTensor, rope: bool) -> usize {
+fn vector_width(p: &Problem, kv: &KvLayout, rope: bool) -> usize {
     let max = 16 / p.dtype.size();
     let mut w = max;
     let dim = if rope { p.d / 2 } else { p.d };
     while w > 1 {
-        let ok = |t: &DeviceTensor| t.offset % w == 0 && t.strides[..3].iter().all(|s| s % w == 0);
-        if dim % w == 0 && ok(k) && ok(v) {
+        if dim % w == 0 && kv.align % w == 0 {
             break;
         }
         w /= 2;
@@ -240,7 +249,28 @@ fn vector_width(p: &Problem, k: &DeviceTensor, v: &DeviceTensor, rope: bool) -> 
     w
 }
 
-fn plan(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, cfg: &DecodeConfig) -> Result<Plan, Error> {
+/// What the plan needs of the inputs' layout: the largest buffer any input lives in (index width) and the
+/// greatest common divisor of the K/V offsets and outer strides (vector width; 0 when they are all 0).
+pub(crate) struct KvLayout {
+    largest: usize,
+    align: usize,
+}
+
+impl KvLayout {
+    fn of(q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Self {
+        fn gcd(a: usize, b: usize) -> usize {
+            if b == 0 {
+                a
+            } else {
+                gcd(b, a % b)
+            }
+        }
+        let align = [k, v].iter().flat_map(|t| std::iter::once(t.offset).chain(t.strides[..3].iter().copied())).fold(0, gcd);
+        KvLayout { largest: q.buffer_len.max(k.buffer_len).max(v.buffer_len), align }
+    }
+}
+
+fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig) -> Result<Plan, Error> {
     let hw = &client.properties().hardware;
     let r_total = p.hq / p.hkv * p.lq;
     let mut rows = r_total.next_power_of_two().min(16);
@@ -279,9 +309,7 @@ fn plan(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &De
     let launches = if single { 1 } else { 2 + cfg.mass as usize };
     // The largest element count any kernel indexes: the inputs' buffers, the scores scratch, the partials.
     let largest = [
-        q.buffer_len,
-        k.buffer_len,
-        v.buffer_len,
+        kv.largest,
         p.b * p.hkv * r_total * p.lcap,
         p.b * p.hkv * r_total * n_splits * p.d,
     ]
@@ -293,7 +321,7 @@ fn plan(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &De
         return Err(Error::DeviceLimit(format!("{largest} elements need {address} indexing, which this device lacks")));
     }
     let unroll = forced || client.features().plane.contains(Plane::Ops);
-    let vec = vector_width(p, k, v, cfg.rope.is_some());
+    let vec = vector_width(p, kv, cfg.rope.is_some());
     let staged = TILE * (p.d / vec + 1) * vec * p.dtype.size();
     let stage_k = unroll && smem(rows) + staged <= hw.max_shared_memory_size;
     Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: TILE, plane, unroll, stage_k, launches, address })
@@ -323,9 +351,8 @@ pub fn decode_attention_into(client: &Client, q: &DeviceTensor, k: &DeviceTensor
     run(client, &p, q, k, v, lens, cfg, out)
 }
 
-/// The checks that depend on the config and the outputs, then the launch (inputs already validated into `p`).
-#[allow(clippy::too_many_arguments)]
-fn run(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &mut DecodeOutput) -> Result<(), Error> {
+/// The config's scalar checks (scale; RoPE positions against the problem).
+fn check_config(p: &Problem, cfg: &DecodeConfig) -> Result<(), Error> {
     if let Some(s) = cfg.scale {
         if !s.is_finite() {
             return Err(Error::Config("scale must be finite"));
@@ -334,12 +361,19 @@ fn run(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &Dev
     if let Some(rope) = &cfg.rope {
         crate::rope::validate(rope, p.b, p.lq, p.hkv, p.lcap)?;
     }
+    Ok(())
+}
+
+/// Checks caller-owned outputs against the problem: present exactly when requested, their shapes and dtypes,
+/// contiguous from their offset, inside their buffers.
+fn check_outputs(p: &Problem, lse: bool, mass: bool, out: &DecodeOutput) -> Result<(), Error> {
     let check_out = |t: Option<&DeviceTensor>, name: &'static str, want: bool, shape: Vec<usize>, dtype: DType| -> Result<(), Error> {
         match (t, want) {
             (None, false) => Ok(()),
             (Some(_), false) => Err(Error::Config("an output was given that the config does not request")),
             (None, true) => Err(Error::Config("the config requests an output that was not given")),
             (Some(t), true) => {
+                t.check_in_buffer(name)?;
                 if t.shape != shape {
                     return Err(Error::ShapeMismatch { tensor: name, expected: shape, got: t.shape.clone() });
                 }
@@ -349,31 +383,235 @@ fn run(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &Dev
                 if !t.is_contiguous() {
                     return Err(Error::Layout { tensor: name, reason: "outputs must be contiguous" });
                 }
-                t.check_in_buffer(name)
+                Ok(())
             }
         }
     };
     check_out(Some(&out.o), "o", true, vec![p.b, p.lq, p.hq, p.d], p.dtype)?;
-    check_out(out.lse.as_ref(), "lse", cfg.lse, vec![p.b, p.lq, p.hq], DType::F32)?;
-    check_out(out.mass.as_ref(), "mass", cfg.mass, vec![p.b, p.hkv, p.lq, p.lcap], DType::F32)?;
-    let plan = plan(client, p, q, k, v, cfg)?;
+    check_out(out.lse.as_ref(), "lse", lse, vec![p.b, p.lq, p.hq], DType::F32)?;
+    check_out(out.mass.as_ref(), "mass", mass, vec![p.b, p.hkv, p.lq, p.lcap], DType::F32)
+}
+
+/// The checks that depend on the config and the outputs, then the launch (inputs already validated into `p`).
+#[allow(clippy::too_many_arguments)]
+fn run(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &mut DecodeOutput) -> Result<(), Error> {
+    check_config(p, cfg)?;
+    check_outputs(p, cfg.lse, cfg.mass, out)?;
+    let plan = plan(client, p, &KvLayout::of(q, k, v), cfg)?;
     if cfg.check_finite {
         check_finite(client, "q", q, None)?;
         check_finite(client, "k", k, Some(lens))?;
         check_finite(client, "v", v, Some(lens))?;
     }
-    launch_unchecked(client, p, &plan, q, k, v, lens, cfg, out)?;
+    let scratch = Scratch::new(client, p, &plan, cfg.mass, cfg.lse, cfg.rope.as_ref().map(|r| r.base))?;
+    let lens_t = DeviceTensor::from_host(client, lens, &[lens.len()])?;
+    let rope = cfg.rope.as_ref().map(|r| (&r.q_pos, &r.k_pos));
+    launch_unchecked(client, p, &plan, &scratch, q, k, v, &lens_t, rope, cfg.scale, out);
     out.plan = plan;
     let mut written = vec![&out.o];
     written.extend(out.lse.iter().chain(out.mass.iter()));
     check_written(client, &written)
 }
 
-/// Launches with validated inputs (assumes [`validate`] and [`plan`] accepted them); errs only when the
-/// scratch does not fit the device (checked before anything is launched).
+/// The shape of a [`DecodePlan`]: `q: [batch, lq, hq, d]` against `k, v: [batch, hkv, l_cap, d]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct DecodeShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Query tokens per sequence.
+    pub lq: usize,
+    /// Query heads.
+    pub hq: usize,
+    /// KV heads.
+    pub hkv: usize,
+    /// Head dim.
+    pub d: usize,
+    /// K/V capacity per sequence (dim 2 of K/V); lengths may be anything up to it.
+    pub l_cap: usize,
+    /// Storage dtype of q, K, V and o.
+    pub dtype: DType,
+    /// RoPE inside the kernel with this base (positions come with each run); `None`: no rotation.
+    pub rope_base: Option<f64>,
+}
+
+impl DecodeShape {
+    /// A shape without RoPE.
+    pub fn new(batch: usize, lq: usize, hq: usize, hkv: usize, d: usize, l_cap: usize, dtype: DType) -> Self {
+        DecodeShape { batch, lq, hq, hkv, d, l_cap, dtype, rope_base: None }
+    }
+    /// Rotates q and K inside the kernel with this base.
+    pub fn with_rope(mut self, base: f64) -> Self {
+        self.rope_base = Some(base);
+        self
+    }
+}
+
+/// Decode attention planned once and run many times (FlashInfer's plan/run split): [`DecodePlan::new`] validates
+/// the shape, chooses the launch ([`Plan`]), allocates the outputs and every scratch buffer and uploads the RoPE
+/// table; [`DecodePlan::run`] is a shape check plus launches — no allocation, no host→device upload, no
+/// read-back — so an engine can call (or capture) it on every step. Lengths live on the device
+/// (`lens: [B]` u32), so the plan covers any lengths up to `l_cap`: the split count is chosen for `l_cap`, and
+/// splits past a sequence's length do no work. A length outside `[lq, l_cap]` (an inactive slot) gives a
+/// zero output row and zero mass; the kernels never read past `l_cap`.
+pub struct DecodePlan {
+    client: Client,
+    p: Problem,
+    plan: Plan,
+    shape: DecodeShape,
+    scale: Option<f32>,
+    mass: bool,
+    lse: bool,
+    scratch: Scratch,
+    out: DecodeOutput,
+}
+
+impl DecodePlan {
+    /// Plans `shape` with `cfg`'s scale, outputs (lse, mass) and splits; `cfg.rope` must be `None` (the base is
+    /// `shape.rope_base`, the positions come with each run) and `cfg.check_finite` off (a check reads back).
+    pub fn new(client: &Client, shape: DecodeShape, cfg: &DecodeConfig) -> Result<Self, Error> {
+        if cfg.rope.is_some() || cfg.check_finite {
+            return Err(Error::Config("a plan takes its RoPE base from the shape and cannot check values (no read-back)"));
+        }
+        let DecodeShape { batch: b, lq, hq, hkv, d, l_cap, dtype, rope_base } = shape;
+        if rope_base.is_some_and(|x| !x.is_finite() || x <= 1.0) {
+            return Err(Error::Config("RoPE base must be finite and > 1"));
+        }
+        if l_cap == 0 || l_cap >= u32::MAX as usize {
+            return Err(Error::Config("l_cap must be at least 1 and fit u32 lengths"));
+        }
+        let p = problem_of(client, b, lq, hq, hkv, d, l_cap, dtype)?;
+        // Contiguous K/V of this shape: its buffer's length bounds the index width, and every vector width fits.
+        let (_, kv_bytes) = crate::tensor::checked_size(client, "k", &[b, hkv, l_cap, d], dtype)?;
+        let layout = KvLayout { largest: (kv_bytes / dtype.size()).max(b * lq * hq * d), align: 0 };
+        let plan_cfg = DecodeConfig { rope: None, ..cfg.clone() };
+        let mut plan = plan(client, &p, &layout, &plan_cfg)?;
+        // RoPE rotates D/2-wide halves: the vector width must divide D/2.
+        if rope_base.is_some() {
+            while plan.vec > 1 && (d / 2) % plan.vec != 0 {
+                plan.vec /= 2;
+            }
+        }
+        check_config(&p, &plan_cfg)?;
+        let scratch = Scratch::new(client, &p, &plan, cfg.mass, cfg.lse, rope_base)?;
+        let out = DecodeOutput {
+            o: DeviceTensor::empty(client, &[b, lq, hq, d], dtype)?,
+            lse: cfg.lse.then(|| DeviceTensor::empty(client, &[b, lq, hq], DType::F32)).transpose()?,
+            mass: cfg.mass.then(|| DeviceTensor::empty(client, &[b, hkv, lq, l_cap], DType::F32)).transpose()?,
+            plan,
+        };
+        check_written(client, &[&out.o])?;
+        Ok(DecodePlan { client: client.clone(), p, plan, shape, scale: cfg.scale, mass: cfg.mass, lse: cfg.lse, scratch, out })
+    }
+
+    /// The shape planned.
+    pub fn shape(&self) -> &DecodeShape {
+        &self.shape
+    }
+
+    /// The plan's outputs (written by [`DecodePlan::run`]; valid until the next run).
+    pub fn output(&self) -> &DecodeOutput {
+        &self.out
+    }
+
+    /// Runs the plan: `q: [B, Lq, Hq, D]` (any strides with a unit innermost one, any offset), `k, v: [B, Hkv,
+    /// L_cap, D]` (unit innermost stride; other strides and offset multiples of the planned vector width), `lens:
+    /// [B]` u32 on the device, and with RoPE `positions = (q_pos: [B, Lq], k_pos: [B, L_cap] or [B, Hkv, L_cap])`
+    /// u32. Checks shapes, dtypes and layouts (host metadata only), then launches; returns the outputs.
+    pub fn run(&mut self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &DeviceTensor, positions: Option<(&DeviceTensor, &DeviceTensor)>) -> Result<&DecodeOutput, Error> {
+        let p = &self.p;
+        let want_q = [p.b, p.lq, p.hq, p.d];
+        let want_kv = [p.b, p.hkv, p.lcap, p.d];
+        for (name, t, shape) in [("q", q, &want_q), ("k", k, &want_kv), ("v", v, &want_kv)] {
+            t.check_in_buffer(name)?;
+            if t.shape != shape {
+                return Err(Error::ShapeMismatch { tensor: name, expected: shape.to_vec(), got: t.shape.clone() });
+            }
+            if t.dtype != p.dtype {
+                return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: p.dtype });
+            }
+            if t.strides[3] != 1 {
+                return Err(Error::Layout { tensor: name, reason: "the head dim must have unit stride" });
+            }
+            if AddressType::from_len(t.buffer_len) > self.plan.address {
+                return Err(Error::Layout { tensor: name, reason: "buffer larger than the plan's index width" });
+            }
+        }
+        let w = self.plan.vec;
+        for (name, t) in [("k", k), ("v", v)] {
+            if t.offset % w != 0 || t.strides[..3].iter().any(|s| s % w != 0) {
+                return Err(Error::Layout { tensor: name, reason: "offset and strides must be multiples of the plan's vector width" });
+            }
+        }
+        lens.check_in_buffer("lens")?;
+        if lens.shape != [p.b] || lens.dtype != DType::U32 {
+            return Err(Error::ShapeMismatch { tensor: "lens", expected: vec![p.b], got: lens.shape.clone() });
+        }
+        match (positions, self.shape.rope_base) {
+            (None, None) => {}
+            (Some((q_pos, k_pos)), Some(base)) => {
+                crate::rope::validate(&RopeConfig { base, q_pos: q_pos.clone(), k_pos: k_pos.clone() }, p.b, p.lq, p.hkv, p.lcap)?;
+            }
+            _ => return Err(Error::Config("RoPE positions are given exactly when the plan has a RoPE base")),
+        }
+        launch_unchecked(&self.client, p, &self.plan, &self.scratch, q, k, v, lens, positions, self.scale, &self.out);
+        Ok(&self.out)
+    }
+
+    /// Whether the plan writes the mass / the lse.
+    pub fn outputs(&self) -> (bool, bool) {
+        (self.mass, self.lse)
+    }
+}
+
+/// Scratch of one planned launch: split partials, the scores for the mass, an internal lse, the RoPE table,
+/// and a one-element stand-in for the buffers a variant does not use. Every element a kernel reads is written by
+/// an earlier kernel of the same launch sequence, so nothing is initialised.
+pub(crate) struct Scratch {
+    dummy: DeviceTensor,
+    scores: Option<DeviceTensor>,
+    o_part: DeviceTensor,
+    ml_part: DeviceTensor,
+    row_ml: DeviceTensor,
+    /// The combine's lse when the caller did not ask for one.
+    lse: Option<DeviceTensor>,
+    rope_tab: DeviceTensor,
+}
+
+impl Scratch {
+    fn new(client: &Client, p: &Problem, plan: &Plan, mass: bool, lse: bool, rope_base: Option<f64>) -> Result<Self, Error> {
+        let r_total = p.hq / p.hkv * p.lq;
+        let f32t = |shape: &[usize]| DeviceTensor::empty(client, shape, DType::F32);
+        let dummy = f32t(&[1])?;
+        let single = plan.launches == 1;
+        let (o_part, ml_part, row_ml) = if single {
+            (dummy.clone(), dummy.clone(), dummy.clone())
+        } else {
+            (f32t(&[p.b, p.hkv, r_total, plan.n_splits, p.d])?, f32t(&[p.b, p.hkv, r_total, plan.n_splits, 2])?, f32t(&[p.b, p.hkv, r_total, 2])?)
+        };
+        let rope_tab = match rope_base {
+            Some(base) => {
+                let tab = angle_table(base, p.d);
+                DeviceTensor::from_host(client, &tab, &[tab.len()])?
+            }
+            None => dummy.clone(),
+        };
+        Ok(Scratch {
+            scores: mass.then(|| f32t(&[p.b, p.hkv, r_total, p.lcap])).transpose()?,
+            lse: (!lse && !single).then(|| f32t(&[p.b, p.lq, p.hq])).transpose()?,
+            dummy,
+            o_part,
+            ml_part,
+            row_ml,
+            rope_tab,
+        })
+    }
+}
+
+/// Launches with validated inputs (assumes [`validate`], [`plan`] and the output checks accepted them).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn launch_unchecked(client: &Client, p: &Problem, plan: &Plan, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &DecodeOutput) -> Result<(), Error> {
-    with_float_type!(p.dtype, E => launch_typed::<E>(client, p, plan, q, k, v, lens, cfg, out))
+pub(crate) fn launch_unchecked(client: &Client, p: &Problem, plan: &Plan, sc: &Scratch, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &DeviceTensor, rope: Option<(&DeviceTensor, &DeviceTensor)>, scale: Option<f32>, out: &DecodeOutput) {
+    with_float_type!(p.dtype, E => launch_typed::<E>(client, p, plan, sc, q, k, v, lens, rope, scale, out))
 }
 
 fn buf(t: &DeviceTensor) -> BufferArg {
@@ -382,45 +620,26 @@ fn buf(t: &DeviceTensor) -> BufferArg {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Plan, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &DecodeOutput) -> Result<(), Error> {
+fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Plan, sc: &Scratch, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens_t: &DeviceTensor, rope: Option<(&DeviceTensor, &DeviceTensor)>, scale: Option<f32>, out: &DecodeOutput) {
     let g = p.hq / p.hkv;
     let r_total = g * p.lq;
-    // Scratch: every element a kernel reads is written by an earlier kernel first, so no initialisation.
-    let f32t = |shape: &[usize]| DeviceTensor::empty(client, shape, DType::F32);
-    let dummy = f32t(&[1])?;
-    let lens_t = DeviceTensor {
-        handle: client.create_from_slice(bytemuck::cast_slice(lens)),
-        buffer_len: lens.len(),
-        shape: vec![lens.len()],
-        strides: vec![1],
-        offset: 0,
-        dtype: DType::F32,
-    };
+    let dummy = &sc.dummy;
     let (o, lse, mass) = (&out.o, out.lse.clone(), out.mass.clone());
-    let scores = cfg.mass.then(|| f32t(&[p.b, p.hkv, r_total, p.lcap])).transpose()?;
+    let scores = sc.scores.as_ref();
     let single = plan.launches == 1;
-    let (o_part, ml_part, row_ml) = if single {
-        (dummy.clone(), dummy.clone(), dummy.clone())
-    } else {
-        (f32t(&[p.b, p.hkv, r_total, plan.n_splits, p.d])?, f32t(&[p.b, p.hkv, r_total, plan.n_splits, 2])?, f32t(&[p.b, p.hkv, r_total, 2])?)
-    };
+    let (o_part, ml_part, row_ml) = (&sc.o_part, &sc.ml_part, &sc.row_ml);
     // The final lse must exist for the combine even when not requested.
-    let lse_buf = match lse.clone() {
-        Some(t) => t,
-        None if single => dummy.clone(),
-        None => f32t(&[p.b, p.lq, p.hq])?,
-    };
+    let lse_buf = lse.as_ref().or(sc.lse.as_ref()).unwrap_or(dummy);
     let vw = plan.vec;
-    let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: cfg.mass, plane: plan.plane, unroll: plan.unroll, stage_k: plan.stage_k, rope: cfg.rope.is_some() };
-    let scale = cfg.scale.unwrap_or(1.0 / (p.d as f32).sqrt());
-    let (rope_tab, q_pos, k_pos, (kp_sb, kp_sh)) = match &cfg.rope {
-        Some(r) => {
-            let tab = angle_table(r.base, p.d);
-            let t = DeviceTensor::from_host(client, &tab, &[tab.len()])?;
-            let strides = if r.k_pos.shape.len() == 3 { (p.hkv * p.lcap, p.lcap) } else { (p.lcap, 0) };
-            (t, r.q_pos.clone(), r.k_pos.clone(), strides)
+    let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: mass.is_some(), plane: plan.plane, unroll: plan.unroll, stage_k: plan.stage_k, rope: rope.is_some() };
+    let scale = scale.unwrap_or(1.0 / (p.d as f32).sqrt());
+    let rope_tab = &sc.rope_tab;
+    let (q_pos, k_pos, (kp_sb, kp_sh)) = match rope {
+        Some((qp, kp)) => {
+            let strides = if kp.shape.len() == 3 { (p.hkv * p.lcap, p.lcap) } else { (p.lcap, 0) };
+            (qp, kp, strides)
         }
-        None => (dummy.clone(), dummy.clone(), dummy.clone(), (0, 0)),
+        None => (dummy, dummy, (0, 0)),
     };
     // Element offsets of the views the kernels index (the dummies' are 0).
     let lse_off = if lse.is_some() { lse_buf.offset } else { 0 };
@@ -437,16 +656,16 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
             buf(q),
             buf(k),
             buf(v),
-            buf(&lens_t),
-            if single { buf(o) } else { buf(&dummy) },
-            buf(&lse_buf),
-            buf(mass.as_ref().filter(|_| single).unwrap_or(&dummy)),
-            buf(scores.as_ref().unwrap_or(&dummy)),
-            buf(&o_part),
-            buf(&ml_part),
-            buf(&rope_tab),
-            buf(&q_pos),
-            buf(&k_pos),
+            buf(lens_t),
+            if single { buf(o) } else { buf(dummy) },
+            buf(lse_buf),
+            buf(mass.as_ref().filter(|_| single).unwrap_or(dummy)),
+            buf(scores.unwrap_or(dummy)),
+            buf(o_part),
+            buf(ml_part),
+            buf(rope_tab),
+            buf(q_pos),
+            buf(k_pos),
             q_pos.offset,
             k_pos.offset,
             kp_sb,
@@ -482,11 +701,11 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
                 CubeCount::Static((p.hkv * r_total) as u32, p.b as u32, 1),
                 CubeDim::new_1d(p.d as u32),
                 plan.address,
-                buf(&o_part),
-                buf(&ml_part),
+                buf(o_part),
+                buf(ml_part),
                 buf(o),
-                buf(&lse_buf),
-                buf(&row_ml),
+                buf(lse_buf),
+                buf(row_ml),
                 o.offset,
                 lse_off,
                 p.hkv,
@@ -495,15 +714,15 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
                 plan.n_splits,
                 p.d,
             );
-            if let (Some(mass), Some(scores)) = (&mass, &scores) {
+            if let (Some(mass), Some(scores)) = (&mass, scores) {
                 mass_finalize::launch_unchecked(
                     client,
                     CubeCount::Static(p.lcap.div_ceil(plan.tile) as u32, (p.hkv * p.lq) as u32, p.b as u32),
                     CubeDim::new_1d(plan.tile as u32),
                     plan.address,
                     buf(scores),
-                    buf(&row_ml),
-                    buf(&lens_t),
+                    buf(row_ml),
+                    buf(lens_t),
                     buf(mass),
                     mass.offset,
                     p.hkv,
@@ -515,5 +734,4 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
             }
         }
     }
-    Ok(())
 }

@@ -60,6 +60,29 @@ pub struct SplitConfig {
     pub rope: bool,
 }
 
+/// A sequence's length as the kernels use it: `lens[b]` when it is in `[lq, lcap]`, else 0 (an inactive slot of a
+/// cache, or a length the host could not check because it lives on the device): nothing is read past the
+/// view, and an empty row is written as zeros.
+#[cube]
+pub(crate) fn live_len(raw: u32, lq: usize, lcap: usize) -> usize {
+    let len = raw as usize;
+    let mut out = len;
+    if len < lq || len > lcap {
+        out = 0;
+    }
+    out
+}
+
+/// `a / l`, or 0 for an empty row (`l = 0`: no key was visible).
+#[cube]
+pub(crate) fn safe_div(a: f32, l: f32) -> f32 {
+    let mut out = 0.0f32.runtime();
+    if l > 0.0 {
+        out = a / l;
+    }
+    out
+}
+
 /// Per-row maximum over the `tile` threads of a cube of one value per thread and row; every thread gets the
 /// results in `m`. One barrier for all rows: `red` holds `rows·tile` floats (`rows·tile/PLANE_DIM` are used
 /// with plane reductions). The caller syncs before `red` is written again.
@@ -173,8 +196,8 @@ pub fn decode_split<E: Float, N: Size>(
     let r_total = g * lq;
     let row0 = rb * rows;
     let nrows = min(rows, r_total - row0);
-    let len = lens[b] as usize;
-    let offset = len - lq;
+    let len = live_len(lens[b], lq, lcap);
+    let offset = len - min(len, lq);
     let start = split * chunk;
     let end = min(start + chunk, len);
 
@@ -408,7 +431,7 @@ pub fn decode_split<E: Float, N: Size>(
             if r < nrows {
                 let row = row0 + r;
                 let h = kvh * g + row % g;
-                o[o_off + ((b * lq + row / g) * hq + h) * d + idx % d] = E::cast_from(acc_s[idx] / l_s[r]);
+                o[o_off + ((b * lq + row / g) * hq + h) * d + idx % d] = E::cast_from(safe_div(acc_s[idx], l_s[r]));
             }
             idx += tile;
         }
@@ -491,7 +514,7 @@ pub fn decode_combine<E: Float>(
     }
     let h = kvh * g + row % g;
     let out = (b * lq + row / g) * hkv * g + h;
-    o[o_off + out * d + dd] = E::cast_from(acc / l);
+    o[o_off + out * d + dd] = E::cast_from(safe_div(acc, l));
     if dd == 0 {
         lse[lse_off + out] = m + f32::ln(l);
         row_ml[base * 2] = m;
@@ -521,11 +544,11 @@ pub fn mass_finalize(
     let i = CUBE_POS_Y as usize % lq;
     let b = CUBE_POS_Z as usize;
     if j < lcap {
-        let len = lens[b] as usize;
+        let len = live_len(lens[b], lq, lcap);
         let r_total = g * lq;
         let base = (b * hkv + kvh) * r_total;
         let mut total = 0.0f32.runtime();
-        if j < len && j <= len - lq + i {
+        if j < len && j + lq <= len + i {
             for gg in 0..g {
                 let r = base + i * g + gg;
                 total += f32::exp(scores[r * lcap + j] - row_ml[r * 2]) / row_ml[r * 2 + 1];
