@@ -15,12 +15,12 @@
 //! newest rank — the StreamingLLM/TreeKV position reassignment. In-kernel RoPE is costly (+321% at B=8, L=32k
 //! on an H200: one sin/cos pair per key and dim pair).
 
-use crate::attention::{decode_attention, DecodeConfig};
+use crate::attention::{decode_attention, DecodeConfig, DecodePlan, DecodeShape};
 use crate::tensor::{with_float_type, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::prelude::*;
-use kvsqueeze_kernels::policy::{policy_append, policy_install, policy_step, snapkv_scores, snapkv_topk, treekv_block_scan, treekv_block_scores, Rule, FREE};
+use kvsqueeze_kernels::policy::{policy_append, policy_install, policy_retire, policy_step, snapkv_scores, snapkv_topk, treekv_block_scan, treekv_block_scores, Rule, FREE, SEQ_FLAGS, SEQ_WORDS};
 pub use kvsqueeze_reference::baselines::Pool;
 pub use kvsqueeze_reference::policy::{Layout, Policy};
 
@@ -99,26 +99,80 @@ pub struct PolicyCache {
     /// `[B, Hkv, c+1, D]`.
     k: DeviceTensor,
     v: DeviceTensor,
-    /// `[B, Hkv, c+1]` each; `order` is double-buffered (`order[cur]` is current).
-    order: [DeviceTensor; 2],
-    cur: usize,
+    /// `[2, B, Hkv, c+1]`: rank → slot, double-buffered per sequence (the parity is in `seq`).
+    order: DeviceTensor,
+    /// `[B, Hkv, c+1]` each.
     rank: DeviceTensor,
     score: DeviceTensor,
     count: DeviceTensor,
     pos: DeviceTensor,
     /// `[B, Hkv]`: the slot the next token goes to.
     free: DeviceTensor,
-    /// The last step's mass `[B, Hkv, 1, c+1]`.
-    mass: Option<DeviceTensor>,
-    /// Tokens streamed so far (all sequences step together).
-    seen: usize,
-    /// Entries held per (sequence, KV head).
-    filled: usize,
-    /// Evictions so far (TreeKV's pointer).
-    evictions: usize,
+    /// `[2, B, 4]` u32: per-sequence `(len, seen, evictions, flags)`, double-buffered by step (`cur`).
+    seq: DeviceTensor,
+    cur: usize,
+    /// `[2, B]` u32: this step's attention lengths and query ranks (written by the append).
+    att: DeviceTensor,
+    /// Views of `att`: lengths `[B]`, query positions `[B, 1]`.
+    att_lens: DeviceTensor,
+    att_qpos: DeviceTensor,
+    /// Decode attention over the `c + 1` slots, planned once (mass on; RoPE by rank when configured).
+    plan: DecodePlan,
+    /// Host mirror of each sequence's state (`None`: retired), advanced by the same rule as the device's: it answers
+    /// `len`, validates admissions and the Full policy's capacity, with no read-back.
+    host: Vec<Option<SeqState>>,
+    /// Whether a step ran since the last admission (launch failures are checked once per kernel variant).
+    stepped: bool,
     /// Units of the policy step's cube (one cube per head; its loops over the `c + 1` slots are latency-bound, so
     /// as many units as the device allows, up to the next power of two of `c + 1`).
     step_threads: usize,
+}
+
+/// One sequence's bookkeeping (the host mirror of `seq`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SeqState {
+    /// Entries held per KV head.
+    len: usize,
+    /// Tokens streamed (the next original position).
+    seen: usize,
+}
+
+/// How [`PolicyCache::admit`] fills a sequence's slot.
+#[derive(Clone, Copy, Debug)]
+pub enum Admission<'a> {
+    /// Empty: the sequence streams from its first token.
+    Empty,
+    /// StreamingLLM's prompt rule ([`PolicyCache::prefill_recent`]): `k, v: [1, Hkv, L, D]`.
+    Recent {
+        /// Prompt keys (pre-RoPE when the cache has RoPE).
+        k: &'a DeviceTensor,
+        /// Prompt values.
+        v: &'a DeviceTensor,
+    },
+    /// SnapKV's selection ([`PolicyCache::prefill_snapkv`]): window queries `q_win: [1, w, Hq, D]`.
+    SnapKv {
+        /// The last `w` prompt queries.
+        q_win: &'a DeviceTensor,
+        /// Prompt keys.
+        k: &'a DeviceTensor,
+        /// Prompt values.
+        v: &'a DeviceTensor,
+        /// Pooling kernel (odd).
+        kernel: usize,
+        /// Pooling kind.
+        pool: Pool,
+    },
+    /// TreeKV's block selection ([`PolicyCache::prefill_treekv`]): `q_obs: [1, w, Hq, D]`.
+    TreeKv {
+        /// The observation window's queries.
+        q_obs: &'a DeviceTensor,
+        /// Prompt keys.
+        k: &'a DeviceTensor,
+        /// Prompt values.
+        v: &'a DeviceTensor,
+        /// Block size.
+        block: usize,
+    },
 }
 
 fn rule(p: Policy) -> Rule {
@@ -150,8 +204,11 @@ fn step_threads(client: &Client, cap1: usize) -> usize {
 }
 
 impl PolicyCache {
-    /// An empty cache. Errors on a layout the policy cannot run with, a GQA ratio that is not integral, an
-    /// unsupported head dim or dtype.
+    /// An empty cache: every sequence active with no token (each streams from its first token; [`PolicyCache::admit`]
+    /// and [`PolicyCache::retire`] change that per sequence). Errors on a layout the policy cannot run with, a GQA
+    /// ratio that is not integral, an unsupported head dim or dtype, or buffers the device cannot hold. Allocates
+    /// every buffer a step uses and plans its decode attention, so that [`CompressedKvCache::step`] allocates and
+    /// uploads nothing.
     pub fn new(client: &Client, cfg: PolicyCacheConfig) -> Result<Self, Error> {
         let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype, rope, .. } = cfg;
         if rope.is_some_and(|b| !b.is_finite() || b <= 1.0) {
@@ -180,33 +237,42 @@ impl PolicyCache {
             return Err(Error::DtypeUnsupported { dtype, device: crate::attention::device_name(client) });
         }
         let cap1 = cap + 1;
-        let heads = batch * hkv;
-        let zeros = |shape: &[usize], dtype: DType| DeviceTensor::filled(client, shape, dtype, 0);
         // Every size is checked against the device (and for overflow) before the first allocation, so an
         // impossible budget is a typed refusal rather than an allocation failure later.
         let kv_shape = [batch, hkv, cap1, d];
         crate::tensor::checked_size(client, "k", &kv_shape, dtype)?;
-        let slot_elems = heads.checked_mul(cap1).ok_or(Error::DeviceLimit("slot arrays overflow the address range".into()))?;
-        let rank = u32_tensor(client, &vec![FREE; slot_elems], &[batch, hkv, cap1])?;
+        crate::tensor::checked_size(client, "order", &[2, batch, hkv, cap1], DType::U32)?;
+        let zeros = |shape: &[usize], dtype: DType| DeviceTensor::filled(client, shape, dtype, 0);
+        let mut shape = DecodeShape::new(batch, 1, hq, hkv, d, cap1, dtype);
+        if let Some(base) = rope {
+            shape = shape.with_rope(base);
+        }
+        let plan = DecodePlan::new(client, shape, &DecodeConfig::new().with_mass(true))?;
+        let att = zeros(&[2 * batch], DType::U32)?;
+        // Every sequence active and empty: flags = 1 in both halves of `seq`.
+        let seq0: Vec<u32> = (0..2 * batch).flat_map(|_| [0, 0, 0, 1]).collect();
         let cache = PolicyCache {
             client: client.clone(),
             cfg,
             k: zeros(&kv_shape, dtype)?,
             v: zeros(&kv_shape, dtype)?,
-            order: [zeros(&[batch, hkv, cap1], DType::U32)?, zeros(&[batch, hkv, cap1], DType::U32)?],
-            cur: 0,
-            rank,
+            order: zeros(&[2, batch, hkv, cap1], DType::U32)?,
+            rank: DeviceTensor::from_host(client, &vec![FREE; batch * hkv * cap1], &[batch, hkv, cap1])?,
             score: zeros(&[batch, hkv, cap1], DType::F32)?,
             count: zeros(&[batch, hkv, cap1], DType::F32)?,
             pos: zeros(&[batch, hkv, cap1], DType::U32)?,
             free: zeros(&[batch, hkv], DType::U32)?,
-            mass: None,
-            seen: 0,
-            filled: 0,
-            evictions: 0,
+            seq: DeviceTensor::from_host(client, &seq0, &[2, batch, SEQ_WORDS])?,
+            cur: 0,
+            att_lens: att.view(&[batch], &[1], 0),
+            att_qpos: att.view(&[batch, 1], &[1, 1], batch),
+            att,
+            plan,
+            host: vec![Some(SeqState::default()); batch],
+            stepped: false,
             step_threads: step_threads(client, cap1),
         };
-        crate::tensor::check_written(client, &[&cache.k, &cache.v, &cache.score])?;
+        crate::tensor::check_written(client, &[&cache.k, &cache.v, &cache.score, &cache.seq])?;
         Ok(cache)
     }
 
@@ -215,20 +281,77 @@ impl PolicyCache {
         &self.cfg
     }
 
-    /// The last step's per-slot mass `[B, Hkv, 1, c+1]`, in slot order.
+    /// The last step's per-slot mass `[B, Hkv, 1, c+1]`, in slot order (overwritten by the next step).
     pub fn last_mass(&self) -> Option<&DeviceTensor> {
-        self.mass.as_ref()
+        self.stepped.then(|| self.plan.output().mass.as_ref()).flatten()
     }
 
-    /// Reads back `(order, rank, score, count, pos)` (each `[B, Hkv, c+1]`), for tests and tools.
+    /// Entries sequence `b` holds per KV head, or `None` when it is retired (or `b` is beyond the batch).
+    pub fn seq_len(&self, b: usize) -> Option<usize> {
+        self.host.get(b).copied().flatten().map(|s| s.len)
+    }
+
+    /// Reads back `(order, rank, score, count, pos)` (each `[B, Hkv, c+1]`; `order` is each sequence's current
+    /// half), for tests and tools.
     pub fn slots(&self) -> Result<[Vec<f64>; 5], Error> {
         let c = &self.client;
-        Ok([self.order[self.cur].to_host_f64(c)?, self.rank.to_host_f64(c)?, self.score.to_host_f64(c)?, self.count.to_host_f64(c)?, self.pos.to_host_f64(c)?])
+        Ok([self.current_order()?, self.rank.to_host_f64(c)?, self.score.to_host_f64(c)?, self.count.to_host_f64(c)?, self.pos.to_host_f64(c)?])
+    }
+
+    /// Each sequence's current rank → slot order `[B, Hkv, c+1]` (reads back `order` and `seq`).
+    fn current_order(&self) -> Result<Vec<f64>, Error> {
+        let PolicyCacheConfig { batch, hkv, layout, .. } = self.cfg;
+        let cap1 = layout.capacity() + 1;
+        let (order, seq) = (self.order.to_host_f64(&self.client)?, self.seq.to_host_f64(&self.client)?);
+        let per = batch * hkv * cap1;
+        Ok((0..per)
+            .map(|i| {
+                let b = i / (hkv * cap1);
+                let parity = (seq[(self.cur * batch + b) * SEQ_WORDS + SEQ_FLAGS] as u32 >> 1) & 1;
+                order[parity as usize * per + i]
+            })
+            .collect())
     }
 
     /// Reads back the values `[B, Hkv, c+1, D]` (slot order).
     pub fn values(&self) -> Result<Vec<f64>, Error> {
         self.v.to_host_f64(&self.client)
+    }
+
+    /// Admits a new sequence into slot `b` — retired, or never stepped — while every other sequence keeps its
+    /// state (continuous batching): empty, or prefilled from a one-sequence prompt by any prefill mode (inputs
+    /// with batch 1; see [`Admission`]). Refused (typed, nothing launched) when `b` is beyond the batch or holds
+    /// a live sequence; an invalid prompt leaves the slot as it was.
+    pub fn admit(&mut self, b: usize, how: Admission<'_>) -> Result<(), Error> {
+        match self.host.get(b) {
+            None => return Err(Error::Config("sequence index beyond the batch")),
+            Some(Some(s)) if s.seen > 0 => return Err(Error::Config("the slot holds a live sequence: retire it first")),
+            _ => {}
+        }
+        match how {
+            Admission::Empty => {
+                let kept = self.keep_all(0, 1)?;
+                self.install(&self.k.clone(), &self.v.clone(), &kept, 0, 0, b, 1)
+            }
+            Admission::Recent { k, v } => self.prefill_recent_at(b, 1, k, v),
+            Admission::SnapKv { q_win, k, v, kernel, pool } => self.prefill_snapkv_at(b, 1, q_win, k, v, kernel, pool).map(drop),
+            Admission::TreeKv { q_obs, k, v, block } => self.prefill_treekv_at(b, 1, q_obs, k, v, block).map(drop),
+        }
+    }
+
+    /// Retires sequence `b`: it stops stepping (its rows of a step's output are zeros) and its slot can admit a new
+    /// sequence. One small launch, no read-back.
+    pub fn retire(&mut self, b: usize) -> Result<(), Error> {
+        if b >= self.cfg.batch {
+            return Err(Error::Config("sequence index beyond the batch"));
+        }
+        let base = self.cur * self.cfg.batch * SEQ_WORDS;
+        // SAFETY: `b < B` indexes one row of `seq`'s current half.
+        unsafe {
+            policy_retire::launch_unchecked(&self.client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), BufferArg::from_raw_parts(self.seq.handle.clone(), self.seq.buffer_len), b, base);
+        }
+        self.host[b] = None;
+        Ok(())
     }
 
     /// TreeKV's block-level prefill on the device (spec §2.4; reference `treekv::prefill_blocks`) into an empty
@@ -240,67 +363,20 @@ impl PolicyCache {
     /// window. Kept tokens enter in position order with `S = C = 0`; decode continues with [`CompressedKvCache::step`].
     /// Returns the block scores `[B, Hkv, nb − 1]` f32 (`None` when every block fits and all `L` tokens are kept).
     /// Cost: decode attention of the `w` window rows over `L`, a parallel block score, and a sequential scan per
-    /// head of `O(nb·c/block)` steps.
+    /// head of `O(nb·c/block)` steps. One sequence: [`PolicyCache::admit`] with [`Admission::TreeKv`].
     pub fn prefill_treekv(&mut self, q_obs: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, block: usize) -> Result<Option<DeviceTensor>, Error> {
-        let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, .. } = self.cfg;
-        let Policy::TreeKv { select_left } = policy else {
-            return Err(Error::Config("prefill_treekv needs a TreeKV cache"));
-        };
-        let l = self.check_prompt(k, v)?;
-        let cap = layout.capacity();
-        if block == 0 || cap / block == 0 {
-            return Err(Error::Config("the block must be at least 1 and at most the budget"));
-        }
-        let nb = l.div_ceil(block);
-        let w = l - block * (nb - 1);
-        self.check("q_obs", q_obs, vec![batch, w, hq, d])?;
-        let keep = cap / block;
-        let c = self.client.clone();
-        let n_kept = if nb <= keep { l } else { (keep - 1) * block + w };
-        let nb1 = nb - 1;
-        let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
-        let (kept, scores) = if nb <= keep {
-            (self.keep_all(l)?, None)
-        } else {
-            let mass = self.window_mass(q_obs, k, w, l)?;
-            let kept = DeviceTensor::filled(&c, &[batch, hkv, cap], DType::U32, 0)?;
-            let list = DeviceTensor::filled(&c, &[batch, hkv, keep], DType::U32, 0)?;
-            let sc = DeviceTensor::filled(&c, &[batch, hkv, nb1], DType::F32, 0)?;
-            // SAFETY: `mass` is `[B, Hkv, w, L]`, scores `[B, Hkv, nb−1]`, kept `[B, Hkv, c]` with `n_kept ≤ c`.
-            unsafe {
-                let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
-                treekv_block_scores::launch_unchecked(&c, CubeCount::Static(nb1.div_ceil(THREADS) as u32, hkv as u32, batch as u32), CubeDim::new_1d(THREADS as u32), b(&mass), b(&sc), hkv, w, l, block, nb1, THREADS);
-                treekv_block_scan::launch_unchecked(&c, grid.clone(), CubeDim::new_1d(1), b(&sc), b(&list), b(&kept), hkv, l, block, nb1, keep, cap, select_left);
-            }
-            (kept, Some(sc))
-        };
-        self.install(k, v, &kept, n_kept, l)?;
-        Ok(scores)
+        self.check_all_empty()?;
+        self.prefill_treekv_at(0, self.cfg.batch, q_obs, k, v, block)
     }
 
     /// StreamingLLM's prompt rule on the device into an empty StreamingLLM or Full cache: the prompt `k, v: [B, Hkv,
     /// L, D]` (pre-RoPE when the cache has RoPE) keeps its first `sinks` and last `c − sinks` tokens (all of it when
     /// `L ≤ c`), in position order with `S = C = 0` — the entries StreamingLLM would hold after streaming the prompt.
-    /// A Full cache refuses a prompt longer than its capacity. Cost: one gather.
+    /// A Full cache refuses a prompt longer than its capacity. Cost: one gather. One sequence:
+    /// [`PolicyCache::admit`] with [`Admission::Recent`].
     pub fn prefill_recent(&mut self, k: &DeviceTensor, v: &DeviceTensor) -> Result<(), Error> {
-        let PolicyCacheConfig { policy, layout, batch, hkv, .. } = self.cfg;
-        if !matches!(policy, Policy::StreamingLlm | Policy::Full) {
-            return Err(Error::Config("prefill_recent needs a StreamingLLM or Full cache"));
-        }
-        let l = self.check_prompt(k, v)?;
-        let cap = layout.capacity();
-        if l <= cap {
-            let kept = self.keep_all(l)?;
-            self.install(k, v, &kept, l, l)?;
-            return Ok(());
-        }
-        if policy == Policy::Full {
-            return Err(Error::LengthBeyondCapacity { batch: 0, len: l, capacity: cap });
-        }
-        let one: Vec<u32> = (0..layout.sinks).chain(l - (cap - layout.sinks)..l).map(|j| j as u32).collect();
-        let kept = u32_tensor(&self.client, &one.repeat(batch * hkv), &[batch, hkv, cap])?;
-        self.install(k, v, &kept, cap, l)?;
-        Ok(())
+        self.check_all_empty()?;
+        self.prefill_recent_at(0, self.cfg.batch, k, v)
     }
 
     /// SnapKV-style prefill on the device (spec §5.3; reference `baselines::snapkv_select`) into an empty
@@ -309,15 +385,88 @@ impl PolicyCache {
     /// true positions when the cache has RoPE), pooled over `kernel` (odd) neighbours; the `c − w` best (ties: the
     /// earlier) and the window are kept, in position order, with `S = C = 0`. A prompt of at most `c` tokens is
     /// kept whole. Returns the pooled scores `[B, Hkv, L − w]` (`None` when everything is kept). Cost: decode
-    /// attention of the `w` rows over `L`, a parallel pooling, a 32-pass radix select per head.
+    /// attention of the `w` rows over `L`, a parallel pooling, a 32-pass radix select per head. One sequence:
+    /// [`PolicyCache::admit`] with [`Admission::SnapKv`].
     pub fn prefill_snapkv(&mut self, q_win: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, kernel: usize, pool: Pool) -> Result<Option<DeviceTensor>, Error> {
-        let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, .. } = self.cfg;
+        self.check_all_empty()?;
+        self.prefill_snapkv_at(0, self.cfg.batch, q_win, k, v, kernel, pool)
+    }
+
+    /// The batch prefills need every sequence active and empty (a fresh cache).
+    fn check_all_empty(&self) -> Result<(), Error> {
+        if self.host.iter().any(|s| *s != Some(SeqState::default())) {
+            return Err(Error::Config("prefill needs an empty cache (admit a single sequence with `admit`)"));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_treekv_at(&mut self, b0: usize, nb: usize, q_obs: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, block: usize) -> Result<Option<DeviceTensor>, Error> {
+        let PolicyCacheConfig { policy, layout, hq, hkv, d, .. } = self.cfg;
+        let Policy::TreeKv { select_left } = policy else {
+            return Err(Error::Config("prefill_treekv needs a TreeKV cache"));
+        };
+        let l = self.check_prompt(nb, k, v)?;
+        let cap = layout.capacity();
+        if block == 0 || cap / block == 0 {
+            return Err(Error::Config("the block must be at least 1 and at most the budget"));
+        }
+        let n_blocks = l.div_ceil(block);
+        let w = l - block * (n_blocks - 1);
+        self.check("q_obs", q_obs, vec![nb, w, hq, d])?;
+        self.check_values(&[("q_obs", q_obs)])?;
+        let keep = cap / block;
+        let c = self.client.clone();
+        let n_kept = if n_blocks <= keep { l } else { (keep - 1) * block + w };
+        let nb1 = n_blocks - 1;
+        let grid = CubeCount::Static(hkv as u32, nb as u32, 1);
+        let (kept, scores) = if n_blocks <= keep {
+            (self.keep_all(l, nb)?, None)
+        } else {
+            let mass = self.window_mass(nb, q_obs, k, w, l)?;
+            let kept = DeviceTensor::filled(&c, &[nb, hkv, cap], DType::U32, 0)?;
+            let list = DeviceTensor::filled(&c, &[nb, hkv, keep], DType::U32, 0)?;
+            let sc = DeviceTensor::filled(&c, &[nb, hkv, nb1], DType::F32, 0)?;
+            // SAFETY: `mass` is `[nb, Hkv, w, L]`, scores `[nb, Hkv, n_blocks−1]`, kept `[nb, Hkv, c]` with `n_kept ≤ c`.
+            unsafe {
+                let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
+                treekv_block_scores::launch_unchecked(&c, CubeCount::Static(nb1.div_ceil(THREADS) as u32, hkv as u32, nb as u32), CubeDim::new_1d(THREADS as u32), b(&mass), b(&sc), hkv, w, l, block, nb1, THREADS);
+                treekv_block_scan::launch_unchecked(&c, grid.clone(), CubeDim::new_1d(1), b(&sc), b(&list), b(&kept), hkv, l, block, nb1, keep, cap, select_left);
+            }
+            (kept, Some(sc))
+        };
+        self.install(k, v, &kept, n_kept, l, b0, nb)?;
+        Ok(scores)
+    }
+
+    fn prefill_recent_at(&mut self, b0: usize, nb: usize, k: &DeviceTensor, v: &DeviceTensor) -> Result<(), Error> {
+        let PolicyCacheConfig { policy, layout, hkv, .. } = self.cfg;
+        if !matches!(policy, Policy::StreamingLlm | Policy::Full) {
+            return Err(Error::Config("prefill_recent needs a StreamingLLM or Full cache"));
+        }
+        let l = self.check_prompt(nb, k, v)?;
+        let cap = layout.capacity();
+        if l <= cap {
+            let kept = self.keep_all(l, nb)?;
+            return self.install(k, v, &kept, l, l, b0, nb);
+        }
+        if policy == Policy::Full {
+            return Err(Error::LengthBeyondCapacity { batch: b0, len: l, capacity: cap });
+        }
+        let one: Vec<u32> = (0..layout.sinks).chain(l - (cap - layout.sinks)..l).map(|j| j as u32).collect();
+        let kept = u32_tensor(&self.client, &one.repeat(nb * hkv), &[nb, hkv, cap])?;
+        self.install(k, v, &kept, cap, l, b0, nb)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_snapkv_at(&mut self, b0: usize, nb: usize, q_win: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, kernel: usize, pool: Pool) -> Result<Option<DeviceTensor>, Error> {
+        let PolicyCacheConfig { policy, layout, hq, hkv, d, .. } = self.cfg;
         if policy == Policy::Full {
             return Err(Error::Config("SnapKV prefill needs an evicting policy"));
         }
-        let l = self.check_prompt(k, v)?;
+        let l = self.check_prompt(nb, k, v)?;
         let w = q_win.shape.get(1).copied().unwrap_or(0);
-        self.check("q_win", q_win, vec![batch, w, hq, d])?;
+        self.check("q_win", q_win, vec![nb, w, hq, d])?;
         let cap = layout.capacity();
         if w == 0 || w > l || w > cap {
             return Err(Error::Config("the observation window must hold 1..=min(L, budget) tokens"));
@@ -325,98 +474,104 @@ impl PolicyCache {
         if kernel == 0 || kernel % 2 == 0 {
             return Err(Error::Config("the pooling kernel must be odd"));
         }
+        self.check_values(&[("q_win", q_win)])?;
         let c = self.client.clone();
-        let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
+        let grid = CubeCount::Static(hkv as u32, nb as u32, 1);
         let (n_kept, kept, pooled) = if l <= cap {
-            (l, self.keep_all(l)?, None)
+            (l, self.keep_all(l, nb)?, None)
         } else {
             let n = l - w;
-            let mass = self.window_mass(q_win, k, w, l)?;
-            let pooled = DeviceTensor::filled(&c, &[batch, hkv, n], DType::F32, 0)?;
-            let kept = DeviceTensor::filled(&c, &[batch, hkv, cap], DType::U32, 0)?;
-            // SAFETY: `mass` is `[B, Hkv, w, L]`, `pooled` `[B, Hkv, L − w]`, `kept` `[B, Hkv, c]`, `c − w < L − w`.
+            let mass = self.window_mass(nb, q_win, k, w, l)?;
+            let pooled = DeviceTensor::filled(&c, &[nb, hkv, n], DType::F32, 0)?;
+            let kept = DeviceTensor::filled(&c, &[nb, hkv, cap], DType::U32, 0)?;
+            // SAFETY: `mass` is `[nb, Hkv, w, L]`, `pooled` `[nb, Hkv, L − w]`, `kept` `[nb, Hkv, c]`, `c − w < L − w`.
             unsafe {
                 let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
-                snapkv_scores::launch_unchecked(&c, CubeCount::Static(n.div_ceil(THREADS) as u32, hkv as u32, batch as u32), CubeDim::new_1d(THREADS as u32), b(&mass), b(&pooled), hkv, w, l, n, kernel, pool == Pool::Max, THREADS);
+                snapkv_scores::launch_unchecked(&c, CubeCount::Static(n.div_ceil(THREADS) as u32, hkv as u32, nb as u32), CubeDim::new_1d(THREADS as u32), b(&mass), b(&pooled), hkv, w, l, n, kernel, pool == Pool::Max, THREADS);
                 snapkv_topk::launch_unchecked(&c, grid.clone(), CubeDim::new_1d(THREADS as u32), b(&pooled), b(&kept), hkv, l, n, cap - w, cap, THREADS);
             }
             (cap, kept, Some(pooled))
         };
-        self.install(k, v, &kept, n_kept, l)?;
+        self.install(k, v, &kept, n_kept, l, b0, nb)?;
         Ok(pooled)
     }
 
-    /// Validates a prompt for a prefill into this (empty) cache: `k, v: [B, Hkv, L, D]`; returns `L`.
-    fn check_prompt(&self, k: &DeviceTensor, v: &DeviceTensor) -> Result<usize, Error> {
-        let PolicyCacheConfig { batch, hkv, d, .. } = self.cfg;
-        if self.seen > 0 {
-            return Err(Error::Config("prefill needs an empty cache"));
-        }
+    /// Validates a prompt of `nb` sequences, `k, v: [nb, Hkv, L, D]`; returns `L`.
+    fn check_prompt(&self, nb: usize, k: &DeviceTensor, v: &DeviceTensor) -> Result<usize, Error> {
+        let PolicyCacheConfig { hkv, d, .. } = self.cfg;
         let l = k.shape.get(2).copied().unwrap_or(0);
         if l == 0 {
             return Err(Error::ZeroLength { batch: 0 });
         }
-        self.check("k", k, vec![batch, hkv, l, d])?;
-        self.check("v", v, vec![batch, hkv, l, d])?;
+        self.check("k", k, vec![nb, hkv, l, d])?;
+        self.check("v", v, vec![nb, hkv, l, d])?;
         if l >= 1 << 31 {
             return Err(Error::Config("prompt too long for u32 positions"));
         }
-        if self.cfg.check_finite {
-            crate::finite::check_finite(&self.client, "k", k, None)?;
-            crate::finite::check_finite(&self.client, "v", v, None)?;
-        }
+        self.check_values(&[("k", k), ("v", v)])?;
         Ok(l)
     }
 
-    /// The kept list `[B, Hkv, c]` of a prompt of `l ≤ c` tokens: every position, then [`FREE`].
-    fn keep_all(&self, l: usize) -> Result<DeviceTensor, Error> {
-        let PolicyCacheConfig { layout, batch, hkv, .. } = self.cfg;
-        let cap = layout.capacity();
-        let all: Vec<u32> = (0..batch * hkv).flat_map(|_| (0..cap).map(|j| if j < l { j as u32 } else { FREE })).collect();
-        u32_tensor(&self.client, &all, &[batch, hkv, cap])
+    /// The non-finite check of the inputs when the config asks for it.
+    fn check_values(&self, inputs: &[(&'static str, &DeviceTensor)]) -> Result<(), Error> {
+        if self.cfg.check_finite {
+            for &(name, t) in inputs {
+                crate::finite::check_finite(&self.client, name, t, None)?;
+            }
+        }
+        Ok(())
     }
 
-    /// Decode attention's group-mean probabilities `[B, Hkv, w, L]` of the last `w` prompt queries over the prompt
+    /// The kept list `[nb, Hkv, c]` of a prompt of `l ≤ c` tokens: every position, then [`FREE`].
+    fn keep_all(&self, l: usize, nb: usize) -> Result<DeviceTensor, Error> {
+        let PolicyCacheConfig { layout, hkv, .. } = self.cfg;
+        let cap = layout.capacity();
+        let all: Vec<u32> = (0..nb * hkv).flat_map(|_| (0..cap).map(|j| if j < l { j as u32 } else { FREE })).collect();
+        u32_tensor(&self.client, &all, &[nb, hkv, cap])
+    }
+
+    /// Decode attention's group-mean probabilities `[nb, Hkv, w, L]` of the last `w` prompt queries over the prompt
     /// (causal, RoPE at true positions when the cache has RoPE).
-    fn window_mass(&self, q: &DeviceTensor, k: &DeviceTensor, w: usize, l: usize) -> Result<DeviceTensor, Error> {
+    fn window_mass(&self, nb: usize, q: &DeviceTensor, k: &DeviceTensor, w: usize, l: usize) -> Result<DeviceTensor, Error> {
         let c = &self.client;
-        let batch = self.cfg.batch;
         let mut acfg = DecodeConfig::new().with_mass(true);
         if let Some(base) = self.cfg.rope {
-            let q_pos = u32_tensor(c, &(0..batch * w).map(|i| (l - w + i % w) as u32).collect::<Vec<_>>(), &[batch, w])?;
-            let k_pos = u32_tensor(c, &(0..batch * l).map(|i| (i % l) as u32).collect::<Vec<_>>(), &[batch, l])?;
+            let q_pos = u32_tensor(c, &(0..nb * w).map(|i| (l - w + i % w) as u32).collect::<Vec<_>>(), &[nb, w])?;
+            let k_pos = u32_tensor(c, &(0..nb * l).map(|i| (i % l) as u32).collect::<Vec<_>>(), &[nb, l])?;
             acfg = acfg.with_rope(crate::rope::RopeConfig { base, q_pos, k_pos });
         }
-        acfg.check_finite = self.cfg.check_finite;
-        let out = decode_attention(c, q, k, k, &vec![l as u32; batch], &acfg)?;
+        let out = decode_attention(c, q, k, k, &vec![l as u32; nb], &acfg)?;
         out.mass.ok_or(Error::Config("decode attention returned no mass"))
     }
 
-    /// Installs the first `n` kept positions of `kept: [B, Hkv, c]` (rows of `k, v: [B, Hkv, L, D]`) into the
-    /// empty cache.
-    fn install(&mut self, k: &DeviceTensor, v: &DeviceTensor, kept: &DeviceTensor, n: usize, l: usize) -> Result<(), Error> {
-        let PolicyCacheConfig { layout, batch, hkv, d, .. } = self.cfg;
+    /// Installs the first `n` kept positions of `kept: [nb, Hkv, c]` (rows of `k, v: [nb, Hkv, L, D]`) into
+    /// sequences `b0 .. b0 + nb`, which become active with `n` entries, `L` tokens seen.
+    #[allow(clippy::too_many_arguments)]
+    fn install(&mut self, k: &DeviceTensor, v: &DeviceTensor, kept: &DeviceTensor, n: usize, l: usize, b0: usize, nb: usize) -> Result<(), Error> {
+        let PolicyCacheConfig { layout, hkv, d, batch, .. } = self.cfg;
         let cap = layout.capacity();
         let c = &self.client;
-        // SAFETY: `kept` holds `n ≤ c` positions below `L` per head; slots below `n`.
+        let base = self.cur * batch * SEQ_WORDS;
+        // SAFETY: `kept` holds `n ≤ c` positions below `L` per head; slots below `n`; `b0 + nb ≤ B`.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
-            with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, batch as u32, 1), CubeDim::new_1d(d as u32), b(k), b(v), b(kept), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.pos), b(&self.free), n, l, cap, hkv, cap + 1, d));
+            with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, nb as u32, 1), CubeDim::new_1d(d as u32), b(k), b(v), b(kept), b(&self.k), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&self.seq), n, l, cap, hkv, cap + 1, d, b0, base));
         }
-        crate::tensor::check_written(c, &[&self.k, &self.v, &self.order[self.cur]])?;
-        self.filled = n;
-        self.seen = l;
+        crate::tensor::check_written(c, &[&self.k, &self.v, &self.order, &self.seq])?;
+        for s in &mut self.host[b0..b0 + nb] {
+            *s = Some(SeqState { len: n, seen: l });
+        }
         Ok(())
     }
 
     fn check(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
+        t.check_in_buffer(name)?;
         if t.shape != shape {
             return Err(Error::ShapeMismatch { tensor: name, expected: shape, got: t.shape.clone() });
         }
         if t.dtype != self.cfg.dtype {
             return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: self.cfg.dtype });
         }
-        t.check_in_buffer(name)?;
         // The policy kernels index their inputs from the buffer start: a view with an offset is refused, not
         // misread.
         if !t.is_contiguous() || t.offset != 0 {
@@ -427,6 +582,10 @@ impl PolicyCache {
 }
 
 impl CompressedKvCache for PolicyCache {
+    /// One decode step of every active sequence (retired ones are skipped; their output rows are zeros). A shape
+    /// check plus launches — append, decode attention (planned at `new`), policy step — with no allocation, no
+    /// upload and no read-back; lengths, positions and counters advance on the device. The output is the cache's
+    /// own buffer, overwritten by the next step.
     fn step(&mut self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<DeviceTensor, Error> {
         let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, .. } = self.cfg;
         self.check("q", q, vec![batch, 1, hq, d])?;
@@ -434,55 +593,52 @@ impl CompressedKvCache for PolicyCache {
         self.check("v", v, vec![batch, hkv, d])?;
         let cap = layout.capacity();
         let cap1 = cap + 1;
-        if policy == Policy::Full && self.filled >= cap {
-            return Err(Error::LengthBeyondCapacity { batch: 0, len: self.filled + 1, capacity: cap });
-        }
-        if self.seen >= u32::MAX as usize {
-            return Err(Error::Config("the stream's positions reached the u32 limit"));
-        }
-        if self.cfg.check_finite {
-            for (name, t) in [("q", q), ("k", k), ("v", v)] {
-                crate::finite::check_finite(&self.client, name, t, None)?;
+        for (b, s) in self.host.iter().enumerate() {
+            if let Some(s) = s {
+                if policy == Policy::Full && s.len >= cap {
+                    return Err(Error::LengthBeyondCapacity { batch: b, len: s.len + 1, capacity: cap });
+                }
+                if s.seen >= u32::MAX as usize {
+                    return Err(Error::Config("a sequence's positions reached the u32 limit"));
+                }
             }
         }
+        self.check_values(&[("q", q), ("k", k), ("v", v)])?;
         let c = &self.client;
-        let before = self.filled;
         let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
-        // SAFETY: every buffer is sized by `new` from the validated configuration.
+        let (cur_base, next_base) = (self.cur * batch * SEQ_WORDS, (1 - self.cur) * batch * SEQ_WORDS);
+        // SAFETY: every buffer is sized by `new` from the validated configuration; the inputs were checked above.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
-            with_float_type!(self.cfg.dtype, E => policy_append::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order[self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), before as u32, self.seen as u32, hkv, cap1, d))
+            with_float_type!(self.cfg.dtype, E => policy_append::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&self.seq), b(&self.att), cur_base, batch, hkv, cap1, d))
         }
-        let after = before + 1;
-        let mut acfg = DecodeConfig::new().with_mass(true);
-        if let Some(base) = self.cfg.rope {
-            // Cache-rank positions: the slot → rank array is exactly `[B, Hkv, c+1]` positions; the query sits at
-            // the newest rank, `len` before the append.
-            let q_pos = u32_tensor(c, &vec![before as u32; batch], &[batch, 1])?;
-            acfg = acfg.with_rope(crate::rope::RopeConfig { base, q_pos, k_pos: self.rank.clone() });
-        }
-        let out = decode_attention(c, q, &self.k, &self.v, &vec![after as u32; batch], &acfg)?;
-        let mass = out.mass.ok_or(Error::Config("decode attention returned no mass"))?;
-        // TreeKV's pointer for this step's eviction: evictions so far, modulo the tree region.
-        let ptr = if layout.middle > 0 { self.evictions % layout.middle } else { 0 };
-        // SAFETY: as above; `mass` is decode attention's `[B, Hkv, 1, c+1]` output.
+        // Cache-rank positions: the slot → rank array is exactly `[B, Hkv, c+1]` positions; the query sits at the
+        // newest rank (`att`'s second row, written by the append).
+        let positions = self.cfg.rope.map(|_| (&self.att_qpos, &self.rank));
+        let out = self.plan.run(q, &self.k, &self.v, &self.att_lens, positions)?;
+        let (o, mass) = (out.o.clone(), out.mass.clone().ok_or(Error::Config("the plan writes no mass"))?);
+        // SAFETY: as above; `mass` is the plan's `[B, Hkv, 1, c+1]` output.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
-            with_float_type!(self.cfg.dtype, E => policy_step::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(self.step_threads as u32), b(&mass), b(&self.v), b(&self.order[self.cur]), b(&self.order[1 - self.cur]), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), after as u32, ptr as u32, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), self.step_threads))
+            with_float_type!(self.cfg.dtype, E => policy_step::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(self.step_threads as u32), b(&mass), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), b(&self.seq), cur_base, next_base, batch, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), self.step_threads))
         }
-        crate::tensor::check_written(c, &[&self.order[1 - self.cur], &self.score])?;
-        if policy != Policy::Full && after > cap {
-            self.cur = 1 - self.cur; // this step evicted: the shifted order is in the other buffer
-            self.evictions += 1;
+        if !self.stepped {
+            // The first step compiles this cache's kernels: a compile or launch failure surfaces here. Later steps
+            // launch the same variants on the same buffers and are not checked (no host round trip per step).
+            crate::tensor::check_written(c, &[&o, &mass, &self.seq])?;
+            self.stepped = true;
         }
-        self.filled = after.min(cap);
-        self.mass = Some(mass);
-        self.seen += 1;
-        Ok(out.o)
+        self.cur = 1 - self.cur;
+        for s in self.host.iter_mut().flatten() {
+            s.len = if policy != Policy::Full && s.len + 1 > cap { cap } else { s.len + 1 };
+            s.seen += 1;
+        }
+        Ok(o)
     }
 
+    /// The most entries any active sequence holds per KV head ([`PolicyCache::seq_len`] per sequence).
     fn len(&self) -> usize {
-        self.filled
+        self.host.iter().flatten().map(|s| s.len).max().unwrap_or(0)
     }
 
     fn capacity(&self) -> usize {
@@ -490,20 +646,21 @@ impl CompressedKvCache for PolicyCache {
     }
 
     fn physical_bytes(&self) -> usize {
-        [&self.k, &self.v, &self.order[0], &self.order[1], &self.rank, &self.score, &self.count, &self.pos, &self.free]
-            .iter()
-            .map(|t| t.buffer_len * t.dtype.size())
-            .sum()
+        [&self.k, &self.v, &self.order, &self.rank, &self.score, &self.count, &self.pos, &self.free, &self.seq, &self.att].iter().map(|t| t.buffer_len * t.dtype.size()).sum()
     }
 
+    /// Per sequence and KV head, the original positions kept in cache order (a retired sequence: empty). Reads
+    /// back `order`, `seq` and `pos`.
     fn kept_positions(&self) -> Result<Vec<Vec<Vec<usize>>>, Error> {
         let PolicyCacheConfig { batch, hkv, layout, .. } = self.cfg;
         let cap1 = layout.capacity() + 1;
-        let [order, _, _, _, pos] = self.slots()?;
-        let len = self.len();
+        let order = self.current_order()?;
+        let pos = self.pos.to_host_f64(&self.client)?;
         Ok((0..batch)
-            .map(|b| (0..hkv).map(|h| (0..len).map(|q| pos[(b * hkv + h) * cap1 + order[(b * hkv + h) * cap1 + q] as usize] as usize).collect()).collect())
+            .map(|b| {
+                let len = self.seq_len(b).unwrap_or(0);
+                (0..hkv).map(|h| (0..len).map(|q| pos[(b * hkv + h) * cap1 + order[(b * hkv + h) * cap1 + q] as usize] as usize).collect()).collect()
+            })
             .collect())
     }
 }
-

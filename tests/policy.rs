@@ -53,7 +53,9 @@ fn run(s: &Stream) {
     let mut refs: Vec<RefCache<f32>> = (0..b * hkv).map(|_| RefCache::new(rcfg, d)).collect();
     let mut rng = Rng(s.seed);
     let pool: Vec<Vec<f64>> = (0..3).map(|_| round_to(&rng.vec(d, 1.5), s.dtype)).collect();
-    let expected_bytes = 2 * b * hkv * cap1 * d * s.dtype.size() + 6 * b * hkv * cap1 * 4 + b * hkv * 4;
+    // K/V, order (two halves), rank, S, C, positions, the free slots, the per-sequence state (two halves of 4 u32)
+    // and the step's attention lengths and query ranks (2 u32).
+    let expected_bytes = 2 * b * hkv * cap1 * d * s.dtype.size() + 6 * b * hkv * cap1 * 4 + b * hkv * 4 + 2 * b * 4 * 4 + 2 * b * 4;
     assert_eq!(dev.physical_bytes(), expected_bytes, "physical bytes");
     for t in 0..s.steps {
         let q = round_to(&rng.vec(b * hq * d, 1.5), s.dtype);

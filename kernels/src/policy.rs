@@ -6,8 +6,16 @@
 //! evicting rank `r` shifts `order[r+1..len]` down by one (4 bytes per slot, against the `2·D·elem` bytes per
 //! slot attention reads) and frees one slot, which the next token fills.
 //!
-//! `order` is double-buffered: an evicting step reads one buffer and writes the shifted order into the other
-//! (the host flips them), so the shift needs no barrier.
+//! `order` is double-buffered per sequence: `order: [2, B, Hkv, cap+1]`, and an evicting step reads the half its
+//! sequence's parity names and writes the shifted order into the other, so the shift needs no barrier.
+//!
+//! Per-sequence state lives on the device (continuous batching, no per-step upload): `seq: [2, B, 4]` u32 holds,
+//! per sequence, `(len, seen, evictions, flags)` — entries held, tokens streamed (the next original position),
+//! evictions so far (TreeKV's pointer), and flags (bit 0 active, bit 1 order parity). It is double-buffered by
+//! step: a step reads the half at `cur` and [`policy_step()`] writes the next state into the other (the host
+//! alternates `cur`, which is a choice of launch scalar, not an upload). [`policy_append()`] also writes
+//! `att: [2, B]` — each sequence's attention length (`len + 1`, or 0 when inactive) and its query's cache rank
+//! (`len`) — which decode attention reads as its lengths and RoPE query positions.
 //!
 //! [`policy_append()`] writes the new token into the free slot; after decode attention has written the per-slot
 //! mass, [`policy_step()`] accumulates `S += mass`, `C += 1` on every valid slot and, when `len > cap`, removes one
@@ -41,9 +49,20 @@ pub enum Rule {
     WeightedKv,
 }
 
-/// Writes token `step` into the free slot of every (b, h). Grid `(Hkv, B)`, `D` threads. `len` is the number
-/// of valid slots before the append (all sequences step together, so lengths are launch scalars, not
-/// uploads); the free slot is `free[b·Hkv + h]`.
+/// Seq-state fields (see the module docs).
+pub const SEQ_LEN: usize = 0;
+/// Tokens streamed.
+pub const SEQ_SEEN: usize = 1;
+/// Evictions so far.
+pub const SEQ_EVICTIONS: usize = 2;
+/// Bit 0 active, bit 1 order parity.
+pub const SEQ_FLAGS: usize = 3;
+/// Words per sequence in `seq`.
+pub const SEQ_WORDS: usize = 4;
+
+/// Writes each active sequence's new token into its free slot. Grid `(Hkv, B)`, `D` threads. Reads the
+/// per-sequence state at `seq[cur_base + b·4 ..]`; the token's original position is `seen`, its rank `len`; the
+/// free slot is `free[b·Hkv + h]`. Writes `att` (attention length and query rank) for every sequence.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_append<E: Float>(
@@ -57,8 +76,10 @@ pub fn policy_append<E: Float>(
     count: &mut [f32],
     pos: &mut [u32],
     free: &[u32],
-    len: u32,
-    step: u32,
+    seq: &[u32],
+    att: &mut [u32],
+    cur_base: usize,
+    nb: usize,
     hkv: usize,
     cap1: usize,
     d: usize,
@@ -67,19 +88,33 @@ pub fn policy_append<E: Float>(
     let b = CUBE_POS_Y as usize;
     let dd = UNIT_POS as usize;
     let head = b * hkv + h;
-    let slot = free[head] as usize;
-    let row = (head * cap1 + slot) * d;
-    if dd < d {
-        k[row + dd] = k_new[head * d + dd];
-        v[row + dd] = v_new[head * d + dd];
+    let st = cur_base + b * SEQ_WORDS;
+    let flags = seq[st + SEQ_FLAGS];
+    let len = seq[st + SEQ_LEN];
+    if (flags & 1u32) == 1u32 {
+        let slot = free[head] as usize;
+        let row = (head * cap1 + slot) * d;
+        if dd < d {
+            k[row + dd] = k_new[head * d + dd];
+            v[row + dd] = v_new[head * d + dd];
+        }
+        if dd == 0 {
+            let half = ((flags >> 1u32) & 1u32) as usize * nb * hkv * cap1;
+            let l = len as usize;
+            order[half + head * cap1 + l] = slot as u32;
+            rank[head * cap1 + slot] = len;
+            score[head * cap1 + slot] = 0.0;
+            count[head * cap1 + slot] = 0.0;
+            pos[head * cap1 + slot] = seq[st + SEQ_SEEN];
+        }
     }
-    if dd == 0 {
-        let l = len as usize;
-        order[head * cap1 + l] = slot as u32;
-        rank[head * cap1 + slot] = len;
-        score[head * cap1 + slot] = 0.0;
-        count[head * cap1 + slot] = 0.0;
-        pos[head * cap1 + slot] = step;
+    if h == 0 && dd == 0 {
+        let mut n = 0u32.runtime();
+        if (flags & 1u32) == 1u32 {
+            n = len + 1;
+        }
+        att[b] = n;
+        att[nb + b] = len;
     }
 }
 
@@ -111,23 +146,26 @@ fn argmin_leftmost(v: f32, q: u32, vals: &mut Shared<[f32]>, idxs: &mut Shared<[
     winner
 }
 
-/// Accumulates the step's mass and evicts (or merges) one rank when over budget. Grid `(Hkv, B)`,
-/// `threads` units. `mass: [B, Hkv, cap+1]` (decode attention's output for one query token), `len`: valid
-/// slots after the append; `ptr`: TreeKV's pointer for this eviction (launch scalars). Writes the slot the next token will
-/// use into `free`, and, when it evicts, the new rank → slot order into `order_next` (else that is untouched).
+/// Accumulates the step's mass and evicts (or merges) one rank when over budget, for every active sequence.
+/// Grid `(Hkv, B)`, `threads` units. `mass: [B, Hkv, cap+1]` (decode attention's output for one query token).
+/// Reads the sequence's state at `seq[cur_base + b·4 ..]` (valid slots after the append: `len + 1`; TreeKV's
+/// pointer: `evictions mod middle`) and writes the next state at `seq[next_base + b·4 ..]` (cube `h = 0`; an
+/// inactive sequence's state is carried over). Writes the slot the next token will use into `free`, and, when it
+/// evicts, the new rank → slot order into the other half of `order` (the parity flips).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_step<E: Float>(
     mass: &[f32],
     v: &mut [E],
-    order: &[u32],
-    order_next: &mut [u32],
+    order: &mut [u32],
     rank: &mut [u32],
     score: &mut [f32],
     count: &mut [f32],
     free: &mut [u32],
-    len: u32,
-    ptr: u32,
+    seq: &mut [u32],
+    cur_base: usize,
+    next_base: usize,
+    nb: usize,
     hkv: usize,
     cap1: usize,
     d: usize,
@@ -142,7 +180,24 @@ pub fn policy_step<E: Float>(
     let t = UNIT_POS as usize;
     let head = b * hkv + h;
     let base = head * cap1;
-    let l = len as usize;
+    let st = cur_base + b * SEQ_WORDS;
+    let flags = seq[st + SEQ_FLAGS];
+    let active = (flags & 1u32) == 1u32;
+    let held = seq[st + SEQ_LEN] as usize;
+    let evictions = seq[st + SEQ_EVICTIONS];
+    let parity = (flags >> 1u32) & 1u32;
+    let cur_half = parity as usize * nb * hkv * cap1;
+    let next_half = (1 - parity as usize) * nb * hkv * cap1;
+    // Valid slots after the append; an inactive sequence has none (every loop below is empty for it, and the
+    // barriers are reached by the whole cube either way: the condition is uniform per cube).
+    let mut l = 0usize.runtime();
+    if active {
+        l = held + 1;
+    }
+    let mut ptr = 0u32.runtime();
+    if middle > 0 {
+        ptr = evictions % (middle as u32);
+    }
     let cap = cap1 - 1;
     let mut vals = Shared::<[f32]>::new_slice(threads);
     let mut idxs = Shared::<[u32]>::new_slice(threads);
@@ -158,7 +213,7 @@ pub fn policy_step<E: Float>(
     }
     sync_cube();
 
-    let mut evict = l > cap;
+    let mut evict = active && l > cap;
     if comptime![rule == Rule::Full] {
         evict = false;
     }
@@ -173,8 +228,8 @@ pub fn policy_step<E: Float>(
             if comptime![rule == Rule::TreeKv { select_left: true }] {
                 victim = a as u32;
             } else {
-                let sa = order[base + a] as usize;
-                let sb = order[base + a + 1] as usize;
+                let sa = order[cur_half + base + a] as usize;
+                let sb = order[cur_half + base + a + 1] as usize;
                 let ma = score[base + sa] / count[base + sa];
                 let mb = score[base + sb] / count[base + sb];
                 victim = a as u32;
@@ -192,7 +247,7 @@ pub fn policy_step<E: Float>(
             let mut best_q = u32::MAX.runtime();
             let mut q = lo + t;
             while q < end {
-                let s = order[base + q] as usize;
+                let s = order[cur_half + base + q] as usize;
                 let val = if comptime![rule == Rule::H2o] {
                     score[base + s]
                 } else if comptime![rule == Rule::Tova] {
@@ -209,10 +264,10 @@ pub fn policy_step<E: Float>(
             victim = argmin_leftmost(best, best_q, &mut vals, &mut idxs);
         }
         let r = victim as usize;
-        let vslot = order[base + r] as usize;
+        let vslot = order[cur_half + base + r] as usize;
         if comptime![rule == Rule::WeightedKv] {
             // V[j+1] ← (ā_j·V[j] + ā_{j+1}·V[j+1]) / (ā_j + ā_{j+1}); equal weights if both are 0.
-            let tslot = order[base + r + 1] as usize;
+            let tslot = order[cur_half + base + r + 1] as usize;
             let mut wa = score[base + vslot] / count[base + vslot];
             let mut wb = score[base + tslot] / count[base + tslot];
             if !(wa + wb > 0.0) {
@@ -243,16 +298,35 @@ pub fn policy_step<E: Float>(
             if q >= r {
                 src = q + 1;
             }
-            order_next[base + q] = order[base + src];
+            order[next_half + base + q] = order[cur_half + base + src];
             q += threads;
         }
         if t == 0 {
             rank[base + vslot] = FREE;
             free[head] = vslot as u32;
         }
-    } else {
+    } else if active {
         if t == 0 {
             free[head] = l as u32;
+        }
+    }
+    // The sequence's next state (one writer per sequence).
+    if h == 0 && t == 0 {
+        let nx = next_base + b * SEQ_WORDS;
+        if active {
+            let mut ev = 0u32.runtime();
+            if evict {
+                ev = 1;
+            }
+            seq[nx + SEQ_LEN] = (l - ev as usize) as u32;
+            seq[nx + SEQ_SEEN] = seq[st + SEQ_SEEN] + 1;
+            seq[nx + SEQ_EVICTIONS] = evictions + ev;
+            seq[nx + SEQ_FLAGS] = 1u32 | ((parity ^ ev) << 1u32);
+        } else {
+            seq[nx + SEQ_LEN] = seq[st + SEQ_LEN];
+            seq[nx + SEQ_SEEN] = seq[st + SEQ_SEEN];
+            seq[nx + SEQ_EVICTIONS] = evictions;
+            seq[nx + SEQ_FLAGS] = flags;
         }
     }
 }
@@ -333,9 +407,11 @@ pub fn treekv_block_scan(scores: &[f32], list: &mut [u32], kept: &mut [u32], hkv
     }
 }
 
-/// Installs prefilled tokens into an empty policy cache: for every `(b, h)`, slot `s < n` gets the K/V row of
-/// token `kept[b, h, s]` of `k, v: [B, Hkv, L, D]`, rank `s`, original position `kept[…]`, `S = C = 0`; the next
-/// token goes to slot `n`. Grid `(Hkv, B)`, `D` threads.
+/// Installs a prompt's kept tokens into sequences `b0 .. b0 + nb` of a policy cache (admission; the other
+/// sequences are untouched): for source sequence `b` and head `h`, slot `s < n` gets the K/V row of token
+/// `kept[b, h, s]` of `k, v: [nb, Hkv, L, D]`, rank `s` (order half 0), original position `kept[…]`, `S = C = 0`;
+/// every other slot is freed; the next token goes to slot `n`; the sequence's state at `seq[cur_base + (b0 + b)·4
+/// ..]` becomes `(n, L, 0, active)`. `n = 0` admits an empty sequence. Grid `(Hkv, nb)`, `D` threads.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_install<E: Float>(
@@ -346,32 +422,66 @@ pub fn policy_install<E: Float>(
     v: &mut [E],
     order: &mut [u32],
     rank: &mut [u32],
+    score: &mut [f32],
+    count: &mut [f32],
     pos: &mut [u32],
     free: &mut [u32],
+    seq: &mut [u32],
     n: usize,
     l: usize,
     cap: usize,
     hkv: usize,
     cap1: usize,
     d: usize,
+    b0: usize,
+    cur_base: usize,
 ) {
     let t = UNIT_POS as usize;
     let h = CUBE_POS_X as usize;
     let b = CUBE_POS_Y as usize;
-    let head = b * hkv + h;
+    let src = b * hkv + h;
+    let head = (b0 + b) * hkv + h;
     for s in 0..n {
-        let j = kept[head * cap + s] as usize;
-        k[(head * cap1 + s) * d + t] = src_k[(head * l + j) * d + t];
-        v[(head * cap1 + s) * d + t] = src_v[(head * l + j) * d + t];
+        let j = kept[src * cap + s] as usize;
+        k[(head * cap1 + s) * d + t] = src_k[(src * l + j) * d + t];
+        v[(head * cap1 + s) * d + t] = src_v[(src * l + j) * d + t];
         if t == 0 {
             order[head * cap1 + s] = s as u32;
-            rank[head * cap1 + s] = s as u32;
             pos[head * cap1 + s] = j as u32;
         }
+    }
+    let mut s = t;
+    while s < cap1 {
+        let mut r = FREE.runtime();
+        if s < n {
+            r = s as u32;
+        }
+        rank[head * cap1 + s] = r;
+        score[head * cap1 + s] = 0.0;
+        count[head * cap1 + s] = 0.0;
+        s += d;
     }
     if t == 0 {
         free[head] = n as u32;
     }
+    if h == 0 && t == 0 {
+        let st = cur_base + (b0 + b) * SEQ_WORDS;
+        seq[st + SEQ_LEN] = n as u32;
+        seq[st + SEQ_SEEN] = l as u32;
+        seq[st + SEQ_EVICTIONS] = 0;
+        seq[st + SEQ_FLAGS] = 1;
+    }
+}
+
+/// Retires sequence `b`: its state at `seq[cur_base + b·4 ..]` becomes inactive and empty (its slots are
+/// reclaimed by the next admission). One unit.
+#[cube(launch_unchecked)]
+pub fn policy_retire(seq: &mut [u32], b: usize, cur_base: usize) {
+    let st = cur_base + b * SEQ_WORDS;
+    seq[st + SEQ_LEN] = 0;
+    seq[st + SEQ_SEEN] = 0;
+    seq[st + SEQ_EVICTIONS] = 0;
+    seq[st + SEQ_FLAGS] = 0;
 }
 
 /// SnapKV prefill, phase 1 (spec §5.3; reference `kvsqueeze-reference::baselines::snapkv_select`): for every
