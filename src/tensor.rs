@@ -133,6 +133,21 @@ pub(crate) fn checked_size(client: &Client, name: &'static str, shape: &[usize],
     Ok((n, bytes.max(4)))
 }
 
+/// Device buffers allocated or uploaded through [`DeviceTensor::from_host`], [`DeviceTensor::filled`] and
+/// [`DeviceTensor::empty`] so far, process-wide. Decode attention, [`crate::finite`] and the policy caches
+/// allocate and upload only through these, so a test can prove their hot path allocates and uploads nothing by
+/// reading it before and after many steps. (FourierAttention's cache still allocates scratch and uploads gather
+/// tables directly per step: not counted.)
+pub fn device_allocations() -> usize {
+    ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static ALLOCATIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_allocation() {
+    ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Makes a failure of the launches that wrote `outputs` (an allocation the device refused, a kernel it could
 /// not compile or bind) an `Err` of the call that launched them. No barrier: a lookup on the device's queue.
 pub(crate) fn check_written(client: &Client, outputs: &[&DeviceTensor]) -> Result<(), Error> {
@@ -155,6 +170,7 @@ impl DeviceTensor {
         if n != data.len() {
             return Err(Error::ShapeMismatch { tensor: "host data", expected: shape.to_vec(), got: vec![data.len()] });
         }
+        count_allocation();
         let handle = client.create_from_slice(bytemuck::cast_slice(data));
         Ok(DeviceTensor { handle, buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype: T::DTYPE })
     }
@@ -163,6 +179,7 @@ impl DeviceTensor {
     /// (typed, before allocating) a size that overflows or that the device cannot hold in one buffer.
     pub fn filled(client: &Client, shape: &[usize], dtype: DType, fill: u8) -> Result<Self, Error> {
         let (n, bytes) = checked_size(client, "filled", shape, dtype)?;
+        count_allocation();
         let handle = client.create_from_slice(&vec![fill; bytes]);
         Ok(DeviceTensor { handle, buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype })
     }
@@ -171,6 +188,7 @@ impl DeviceTensor {
     /// anything reads them). Refuses, as [`DeviceTensor::filled`], what the device cannot hold.
     pub fn empty(client: &Client, shape: &[usize], dtype: DType) -> Result<Self, Error> {
         let (n, bytes) = checked_size(client, "empty", shape, dtype)?;
+        count_allocation();
         Ok(DeviceTensor { handle: client.empty(bytes), buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype })
     }
 

@@ -530,3 +530,136 @@ fn streaming_prefill_matches_reference() {
         Err(kvsqueeze::Error::Config(_))
     ));
 }
+
+/// Plan once, step many: after the first step, a policy cache's steps allocate and upload nothing (the crate's
+/// allocation counter does not move over 300 steps, with RoPE and without, at B = 3 with a retired sequence).
+#[test]
+fn steady_state_steps_allocate_and_upload_nothing() {
+    let cl = client();
+    let (b, hkv, g, d) = (3, 2, 4, 16);
+    let hq = hkv * g;
+    for (policy, rope) in [(Policy::TreeKv { select_left: false }, Some(10_000.0)), (Policy::H2o, None), (Policy::WeightedKv, None)] {
+        let mut cfg = PolicyCacheConfig::new(policy, Layout { sinks: 2, middle: 12, recent: 6 }, b, hq, hkv, d, DType::F32);
+        if let Some(base) = rope {
+            cfg = cfg.with_rope(base);
+        }
+        let mut dev = PolicyCache::new(cl, cfg).unwrap();
+        dev.retire(1).unwrap();
+        let mut rng = Rng(5);
+        let (q, k, v) = (upload(cl, &rng.vec(b * hq * d, 1.5), &[b, 1, hq, d], DType::F32), upload(cl, &rng.vec(b * hkv * d, 1.5), &[b, hkv, d], DType::F32), upload(cl, &rng.vec(b * hkv * d, 1.0), &[b, hkv, d], DType::F32));
+        dev.step(&q, &k, &v).unwrap();
+        // Other tests run in parallel threads and allocate: count only while this loop runs, and retry once if
+        // the counter moved because of them (the counter is process-wide).
+        let mut grew = usize::MAX;
+        for _ in 0..3 {
+            let before = kvsqueeze::tensor::device_allocations();
+            for _ in 0..100 {
+                dev.step(&q, &k, &v).unwrap();
+            }
+            grew = grew.min(kvsqueeze::tensor::device_allocations() - before);
+        }
+        kvsqueeze::util::sync(cl).unwrap();
+        assert_eq!(grew, 0, "{policy:?}: steps allocated or uploaded {grew} buffers");
+        assert_eq!(dev.seq_len(1), None);
+        assert_eq!(dev.seq_len(0), Some(20));
+    }
+}
+
+/// Continuous batching: over a churn of admissions (empty, or a prompt prefilled by the policy's prefill) and
+/// retirements, every live sequence's outputs and kept sets equal those of its own single-sequence reference
+/// run, while retired slots output zeros; a prefilled admission keeps the same entries as a one-sequence cache
+/// prefilled with the same prompt.
+#[test]
+fn churn_of_admissions_and_retirements_matches_single_sequence_runs() {
+    use kvsqueeze::policy::{Admission, Pool};
+    let cl = client();
+    let (b, hkv, g, d) = (3usize, 2usize, 2usize, 16usize);
+    let hq = hkv * g;
+    let layout = Layout { sinks: 2, middle: 6, recent: 4 };
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut total_steps = 0;
+    for (pi, (policy, rope)) in [(Policy::H2o, None), (Policy::TreeKv { select_left: false }, Some(10_000.0)), (Policy::WeightedKv, None), (Policy::StreamingLlm, Some(10_000.0)), (Policy::Tova, None)].into_iter().enumerate() {
+        let mut cfg = PolicyCacheConfig::new(policy, layout, b, hq, hkv, d, DType::F32);
+        if let Some(base) = rope {
+            cfg = cfg.with_rope(base);
+        }
+        let rcfg = PolicyConfig { policy, layout, rope: rope.map(|base| Rope { base }), positions: Positions::CacheRank, scale };
+        let mut dev = PolicyCache::new(cl, cfg).unwrap();
+        // Per slot: the reference caches of its live sequence (one per KV head), or None when retired.
+        let mut refs: Vec<Option<Vec<RefCache<f64>>>> = (0..b).map(|_| Some((0..hkv).map(|_| RefCache::new(rcfg, d)).collect())).collect();
+        let mut rng = Rng(900 + pi as u64);
+        let (mut admitted, mut retired) = (0, 0);
+        for t in 0..500 {
+            // Churn: retire a live sequence now and then; admit into a free slot now and then.
+            let r = rng.next_u64() % 100;
+            let slot = (rng.next_u64() % b as u64) as usize;
+            if r < 6 && refs[slot].is_some() {
+                dev.retire(slot).unwrap();
+                refs[slot] = None;
+                retired += 1;
+            } else if r < 18 && refs[slot].is_none() {
+                let l = 4 + (rng.next_u64() % 30) as usize;
+                let k = round_to(&rng.vec(hkv * l * d, 1.5), DType::F32);
+                let v = round_to(&rng.vec(hkv * l * d, 1.0), DType::F32);
+                let (kd, vd) = (upload(cl, &k, &[1, hkv, l, d], DType::F32), upload(cl, &v, &[1, hkv, l, d], DType::F32));
+                let w = 3.min(l);
+                let q = round_to(&rng.vec(w * hq * d, 1.5), DType::F32);
+                let qd = upload(cl, &q, &[1, w, hq, d], DType::F32);
+                // TreeKV's observation window is the last block: 1 + (L − 1) mod 4 tokens for blocks of 4.
+                let wo = 1 + (l - 1) % 4;
+                let q_obs = upload(cl, &round_to(&rng.vec(wo * hq * d, 1.5), DType::F32), &[1, wo, hq, d], DType::F32);
+                let how = match (rng.next_u64() % 3, policy) {
+                    (0, _) => Admission::Empty,
+                    (_, Policy::StreamingLlm) => Admission::Recent { k: &kd, v: &vd },
+                    (_, Policy::TreeKv { .. }) => Admission::TreeKv { q_obs: &q_obs, k: &kd, v: &vd, block: 4 },
+                    _ => Admission::SnapKv { q_win: &qd, k: &kd, v: &vd, kernel: 3, pool: Pool::Avg },
+                };
+                let empty = matches!(how, Admission::Empty);
+                // The same admission into a fresh one-sequence cache: the entries kept must be the same.
+                let mut one = cfg;
+                one.batch = 1;
+                let mut solo = PolicyCache::new(cl, one).unwrap();
+                solo.admit(0, how).unwrap();
+                dev.admit(slot, how).unwrap();
+                let kept = dev.kept_positions().unwrap();
+                assert_eq!(kept[slot], solo.kept_positions().unwrap()[0], "{policy:?} step {t}: admission into slot {slot}");
+                refs[slot] = Some(if empty {
+                    (0..hkv).map(|_| RefCache::new(rcfg, d)).collect()
+                } else {
+                    (0..hkv).map(|h| ref_from_kept(rcfg, &kept[slot][h], &k, &v, h, l, d)).collect()
+                });
+                admitted += 1;
+            }
+            let qd = round_to(&rng.vec(b * hq * d, 1.5), DType::F32);
+            let kd = round_to(&rng.vec(b * hkv * d, 1.5), DType::F32);
+            let vd = round_to(&rng.vec(b * hkv * d, 1.0), DType::F32);
+            let o = dev.step(&upload(cl, &qd, &[b, 1, hq, d], DType::F32), &upload(cl, &kd, &[b, hkv, d], DType::F32), &upload(cl, &vd, &[b, hkv, d], DType::F32)).unwrap().to_host_f64(cl).unwrap();
+            let kept = dev.kept_positions().unwrap();
+            for (bi, r) in refs.iter_mut().enumerate() {
+                let rows = &o[bi * hq * d..][..hq * d];
+                let Some(heads) = r else {
+                    assert!(rows.iter().all(|&x| x == 0.0), "{policy:?} step {t}: retired slot {bi} wrote a non-zero output");
+                    assert!(kept[bi].iter().all(|h| h.is_empty()));
+                    continue;
+                };
+                for (h, rc) in heads.iter_mut().enumerate() {
+                    let head = bi * hkv + h;
+                    let want = rc.step(&qd[(bi * hq + h * g) * d..][..g * d], &kd[head * d..][..d], &vd[head * d..][..d]).o;
+                    let (err, parity) = compare(&rows[h * g * d..][..g * d], &want);
+                    assert!(parity && err < 1e-4, "{policy:?} step {t} slot {bi} head {h}: output error {err:.3e}");
+                    assert_eq!(kept[bi][h], rc.kept_positions(), "{policy:?} step {t} slot {bi} head {h}: kept set");
+                }
+                assert_eq!(dev.seq_len(bi), Some(heads[0].len()), "{policy:?} step {t} slot {bi}: length");
+            }
+            total_steps += 1;
+        }
+        eprintln!("churn {policy:?}: 500 steps, {admitted} admissions, {retired} retirements");
+        assert!(admitted >= 10 && retired >= 10, "{policy:?}: too little churn ({admitted} admissions, {retired} retirements)");
+        // Refusals: admitting into a live slot, indices beyond the batch; the cache is unchanged.
+        let live = (0..b).find(|&s| dev.seq_len(s).is_some_and(|n| n > 0)).expect("a live slot");
+        assert!(matches!(dev.admit(live, Admission::Empty), Err(kvsqueeze::Error::Config(_))));
+        assert!(matches!(dev.admit(b, Admission::Empty), Err(kvsqueeze::Error::Config(_))));
+        assert!(matches!(dev.retire(b), Err(kvsqueeze::Error::Config(_))));
+    }
+    assert_eq!(total_steps, 2500);
+}
