@@ -88,37 +88,7 @@ fn gate(client: &cubecl::client::Client, dtype: DType) {
     }
 }
 
-fn sdpa_table() -> Option<serde_like::Table> {
-    let path = std::env::var("KVSQUEEZE_SDPA_JSON").ok()?;
-    let text = std::fs::read_to_string(&path).ok()?;
-    Some(serde_like::parse(&text))
-}
-
-/// A tiny reader for the flat JSON the SDPA script writes: `{"B8_L4096": {"cudnn": 0.0486, ...}, ...}` (ms).
-mod serde_like {
-    use std::collections::BTreeMap;
-    pub type Table = BTreeMap<String, BTreeMap<String, f64>>;
-    pub fn parse(s: &str) -> Table {
-        let mut t = Table::new();
-        let body = s.trim().trim_start_matches('{').trim_end_matches('}');
-        for entry in body.split('}') {
-            let Some((key, inner)) = entry.split_once(':') else { continue };
-            let key = key.trim_matches(|c: char| c == ',' || c.is_whitespace() || c == '"').to_string();
-            let mut m = BTreeMap::new();
-            for kv in inner.trim().trim_start_matches('{').split(',') {
-                if let Some((k, v)) = kv.split_once(':') {
-                    if let Ok(x) = v.trim().parse::<f64>() {
-                        m.insert(k.trim().trim_matches('"').to_string(), x);
-                    }
-                }
-            }
-            if !key.is_empty() {
-                t.insert(key, m);
-            }
-        }
-        t
-    }
-}
+mod common;
 
 fn main() {
     let client = kvsqueeze::runtime::client().expect("a device");
@@ -134,7 +104,6 @@ fn main() {
     } else {
         vec![(1, 1024), (2, 4096)]
     };
-    let sdpa = sdpa_table();
     let mut criterion = Criterion::default().configure_from_args().sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(if full { 1 } else { 2 }));
     let mut rows = Vec::new();
     for &(b, l) in &shapes {
@@ -189,14 +158,8 @@ fn main() {
         let bw = bytes as f64 / secs;
         kvsqueeze::util::check_plausible(&format!("B{b} L{l}"), bw, ceiling).expect("a plausible figure");
         let overhead = if mass { format!("{:+.1}%", (secs / rows[i - 1].3 - 1.0) * 100.0) } else { "—".into() };
-        let (sdpa_us, ratio) = match sdpa.as_ref().and_then(|t| t.get(&format!("B{b}_L{l}"))) {
-            Some(m) => {
-                let best = m.iter().filter(|(_, &v)| v > 0.0).min_by(|a, b| a.1.total_cmp(b.1));
-                match best {
-                    Some((k, &ms)) => (format!("{:.1} ({k})", ms * 1e3), format!("{:.2}", ms * 1e-3 / secs)),
-                    None => ("n/a".into(), "n/a".into()),
-                }
-            }
+        let (sdpa_us, ratio) = match common::sdpa_best(b, l) {
+            Some((k, s)) => (format!("{:.1} ({k})", s * 1e6), format!("{:.2}", s / secs)),
             None => ("not measured".into(), "—".into()),
         };
         println!(

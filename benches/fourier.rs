@@ -40,11 +40,10 @@ fn time(client: &cubecl::client::Client, reps: usize, f: &mut dyn FnMut()) -> f6
     best[1]
 }
 
+mod common;
+
 fn sdpa(b: usize, l: usize) -> Option<f64> {
-    let text = std::fs::read_to_string(std::env::var("KVSQUEEZE_SDPA_JSON").ok()?).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let entry = v.get(format!("B{b}_L{l}"))?.as_object()?;
-    entry.values().filter_map(|x| x.as_f64()).filter(|&x| x > 0.0).min_by(|a, b| a.total_cmp(b)).map(|ms| ms * 1e-3)
+    common::sdpa_best(b, l).map(|(_, secs)| secs)
 }
 
 fn main() {
