@@ -6,9 +6,19 @@
 //! attends (decode attention over every valid slot, writing the per-slot mass averaged over the GQA group),
 //! accumulates `S += mass`, `C += 1`, and, when `len > c`, removes one entry of the region by the policy's
 //! rule. On the device (kernels in `kvsqueeze_kernels::policy`): `c + 1` physical slots whose K/V rows never
-//! move, a rank → slot `order` array, a slot → rank array, `S`, `C` and the original positions. A step is
-//! two launches plus decode attention's one to three; lengths, the step and TreeKV's pointer are launch
-//! scalars (all sequences step together); nothing is read back.
+//! move, a rank → slot `order` array, a slot → rank array, `S`, `C` and the original positions.
+//!
+//! Plan once, step many: [`PolicyCache::new`] allocates every buffer and plans the step's decode attention
+//! ([`crate::attention::DecodePlan`]); a step is a shape check plus three to five launches (append, decode
+//! attention's one to three, policy step) — no allocation, no upload, no read-back. Each sequence's state
+//! (entries held, tokens seen, evictions — TreeKV's pointer —, active flag, order parity) lives on the device and
+//! the kernels advance it, so sequences are ragged and independent: [`PolicyCache::admit`] fills one slot (empty,
+//! or a prompt by any prefill mode) while the others keep their state, [`PolicyCache::retire`] frees one, and a
+//! step advances the active sequences only (a retired slot's output rows are zeros). A host mirror of the
+//! lengths answers [`PolicyCache::seq_len`] without a read-back.
+//!
+//! Inputs are contiguous tensors from their buffer's start (a view with an offset is refused with
+//! [`Error::Layout`]); a step's output is the cache's own buffer, overwritten by the next step.
 //!
 //! Positions: with [`PolicyCacheConfig::with_rope`], keys are stored pre-RoPE and rotated inside decode
 //! attention by their cache rank (the slot → rank array is passed as per-head positions), the query by the

@@ -422,3 +422,45 @@ fn every_error_variant() {
     let after = out.o.to_host_f64(cl).unwrap();
     assert!(before.iter().all(|v| v.is_nan()) && after.iter().all(|v| v.is_nan()));
 }
+
+/// `DecodePlan`: planned once for a capacity, run with device lengths — ragged, one slot inactive (length 0:
+/// zero output and mass) — and RoPE positions, several times without allocating; equal to the one-shot op on each
+/// live sequence.
+#[test]
+fn plan_runs_match_one_shot_calls() {
+    use kvsqueeze::attention::{DecodePlan, DecodeShape};
+    let cl = client();
+    let (b, hq, hkv, d, lcap) = (3, 8, 2, 64, 300);
+    let mut rng = Rng(4242);
+    let q = upload(cl, &rng.vec(b * hq * d, 1.5), &[b, 1, hq, d], DType::F32);
+    let k = upload(cl, &rng.vec(b * hkv * lcap * d, 1.5), &[b, hkv, lcap, d], DType::F32);
+    let v = upload(cl, &rng.vec(b * hkv * lcap * d, 1.0), &[b, hkv, lcap, d], DType::F32);
+    let lens = [257u32, 0, 9];
+    let lens_d = DeviceTensor::from_host(cl, &lens, &[b]).unwrap();
+    let q_pos = DeviceTensor::from_host(cl, &[256u32, 0, 8], &[b, 1]).unwrap();
+    let k_pos = DeviceTensor::from_host(cl, &(0..b * lcap).map(|i| (i % lcap) as u32).collect::<Vec<_>>(), &[b, lcap]).unwrap();
+    let mut plan = DecodePlan::new(cl, DecodeShape::new(b, 1, hq, hkv, d, lcap, DType::F32).with_rope(10_000.0), &DecodeConfig::new().with_mass(true)).unwrap();
+    let before = kvsqueeze::tensor::device_allocations();
+    for _ in 0..3 {
+        plan.run(&q, &k, &v, &lens_d, Some((&q_pos, &k_pos))).unwrap();
+    }
+    let (o, mass) = (plan.output().o.to_host_f64(cl).unwrap(), plan.output().mass.as_ref().unwrap().to_host_f64(cl).unwrap());
+    assert!(kvsqueeze::tensor::device_allocations() - before <= 2, "runs allocated (other tests may add a few)");
+    assert!(o[hq * d..2 * hq * d].iter().all(|&x| x == 0.0), "an inactive slot's output is zero");
+    assert!(mass[hkv * lcap..2 * hkv * lcap].iter().all(|&x| x == 0.0), "an inactive slot's mass is zero");
+    for bi in [0usize, 2] {
+        let one = |t: &DeviceTensor, shape: &[usize], stride: usize| t.view(shape, &kvsqueeze::tensor::contiguous_strides(shape), bi * stride);
+        let pos = |t: &DeviceTensor, n: usize| t.view(&[1, n], &[n, 1], bi * n);
+        let cfg = DecodeConfig::new().with_mass(true).with_rope(RopeConfig { base: 10_000.0, q_pos: pos(&q_pos, 1), k_pos: pos(&k_pos, lcap) });
+        let want = decode_attention(cl, &one(&q, &[1, 1, hq, d], hq * d), &one(&k, &[1, hkv, lcap, d], hkv * lcap * d), &one(&v, &[1, hkv, lcap, d], hkv * lcap * d), &[lens[bi]], &cfg).unwrap();
+        let (wo, wm) = (want.o.to_host_f64(cl).unwrap(), want.mass.unwrap().to_host_f64(cl).unwrap());
+        let (eo, _) = compare(&o[bi * hq * d..][..hq * d], &wo);
+        let (em, _) = compare(&mass[bi * hkv * lcap..][..hkv * lcap], &wm);
+        assert!(eo < 1e-5 && em < 1e-6, "sequence {bi}: output {eo:.2e}, mass {em:.2e}");
+    }
+    // Refusals: wrong lens dtype/shape, positions without a RoPE base or missing with one.
+    let bad_lens = DeviceTensor::from_host(cl, &[1u32, 2], &[2]).unwrap();
+    assert!(matches!(plan.run(&q, &k, &v, &bad_lens, Some((&q_pos, &k_pos))), Err(Error::ShapeMismatch { tensor: "lens", .. })));
+    assert!(matches!(plan.run(&q, &k, &v, &lens_d, None), Err(Error::Config(_))));
+    assert!(matches!(DecodePlan::new(cl, DecodeShape::new(b, 1, hq, hkv, d, 0, DType::F32), &DecodeConfig::new()), Err(Error::Config(_))));
+}
