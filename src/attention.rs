@@ -482,7 +482,7 @@ impl DecodePlan {
         }
         let p = problem_of(client, b, lq, hq, hkv, d, l_cap, dtype)?;
         // Contiguous K/V of this shape: its buffer's length bounds the index width, and every vector width fits.
-        let (_, kv_bytes) = crate::tensor::checked_size(client, "k", &[b, hkv, l_cap, d], dtype)?;
+        let (_, kv_bytes) = crate::tensor::checked_size(client, "K/V of the plan", &[b, hkv, l_cap, d], dtype)?;
         let layout = KvLayout { largest: (kv_bytes / dtype.size()).max(b * lq * hq * d), align: 0 };
         let plan_cfg = DecodeConfig { rope: None, ..cfg.clone() };
         let mut plan = plan(client, &p, &layout, &plan_cfg)?;

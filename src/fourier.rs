@@ -400,7 +400,7 @@ impl FourierLayerCache {
         // Every buffer's size, checked for overflow and against the device before anything is allocated.
         let shapes = [[cfg.batch, hkv, x_cap, d], [cfg.batch, cfg.window, ckn.max(cvn), 1], [cfg.batch, 2, cfg.n_freq, ckc.max(cvc)], [cfg.batch, hkv, cfg.window, d]];
         for shape in &shapes {
-            let (n, _) = crate::tensor::checked_size(client, "fourier cache buffer", shape, DType::F32)?;
+            let (n, _) = crate::tensor::checked_size(client, "a FourierAttention cache buffer", shape, DType::F32)?;
             if n >= 1 << 32 {
                 return Err(Error::DeviceLimit("buffers of 2^32 elements or more (the cache indexes with u32 offsets)".into()));
             }

@@ -250,8 +250,8 @@ impl PolicyCache {
         // Every size is checked against the device (and for overflow) before the first allocation, so an
         // impossible budget is a typed refusal rather than an allocation failure later.
         let kv_shape = [batch, hkv, cap1, d];
-        crate::tensor::checked_size(client, "k", &kv_shape, dtype)?;
-        crate::tensor::checked_size(client, "order", &[2, batch, hkv, cap1], DType::U32)?;
+        crate::tensor::checked_size(client, "the cache's K/V", &kv_shape, dtype)?;
+        crate::tensor::checked_size(client, "the cache's order", &[2, batch, hkv, cap1], DType::U32)?;
         let zeros = |shape: &[usize], dtype: DType| DeviceTensor::filled(client, shape, dtype, 0);
         let mut shape = DecodeShape::new(batch, 1, hq, hkv, d, cap1, dtype);
         if let Some(base) = rope {

@@ -124,11 +124,11 @@ pub(crate) fn checked_size(client: &Client, name: &'static str, shape: &[usize],
     let n = shape.iter().try_fold(1usize, |a, &s| a.checked_mul(s));
     let bytes = n.and_then(|n| n.checked_mul(dtype.size()));
     let (Some(n), Some(bytes)) = (n, bytes) else {
-        return Err(Error::DeviceLimit(format!("`{name}` of shape {shape:?} overflows the address range")));
+        return Err(Error::DeviceLimit(format!("{name} ({dtype:?} {shape:?}) overflows the address range")));
     };
     let max = client.properties().memory.max_page_size;
     if bytes as u64 > max {
-        return Err(Error::DeviceLimit(format!("`{name}` needs {bytes} B in one buffer; the device allocates at most {max} B")));
+        return Err(Error::DeviceLimit(format!("{name} ({dtype:?} {shape:?}) needs {bytes} B in one buffer; the device allocates at most {max} B")));
     }
     Ok((n, bytes.max(4)))
 }
@@ -166,7 +166,7 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 impl DeviceTensor {
     /// Uploads `data` (row-major, `shape`).
     pub fn from_host<T: HostElement>(client: &Client, data: &[T], shape: &[usize]) -> Result<Self, Error> {
-        let (n, _) = checked_size(client, "host data", shape, T::DTYPE)?;
+        let (n, _) = checked_size(client, "an upload", shape, T::DTYPE)?;
         if n != data.len() {
             return Err(Error::ShapeMismatch { tensor: "host data", expected: shape.to_vec(), got: vec![data.len()] });
         }
@@ -178,7 +178,7 @@ impl DeviceTensor {
     /// A fresh contiguous tensor, every byte set to `fill` (so tests can detect unwritten elements). Refuses
     /// (typed, before allocating) a size that overflows or that the device cannot hold in one buffer.
     pub fn filled(client: &Client, shape: &[usize], dtype: DType, fill: u8) -> Result<Self, Error> {
-        let (n, bytes) = checked_size(client, "filled", shape, dtype)?;
+        let (n, bytes) = checked_size(client, "a buffer", shape, dtype)?;
         count_allocation();
         let handle = client.create_from_slice(&vec![fill; bytes]);
         Ok(DeviceTensor { handle, buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype })
@@ -187,7 +187,7 @@ impl DeviceTensor {
     /// A fresh contiguous tensor with unspecified contents (outputs and scratch that a kernel writes before
     /// anything reads them). Refuses, as [`DeviceTensor::filled`], what the device cannot hold.
     pub fn empty(client: &Client, shape: &[usize], dtype: DType) -> Result<Self, Error> {
-        let (n, bytes) = checked_size(client, "empty", shape, dtype)?;
+        let (n, bytes) = checked_size(client, "a buffer", shape, dtype)?;
         count_allocation();
         Ok(DeviceTensor { handle: client.empty(bytes), buffer_len: n, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0, dtype })
     }
