@@ -73,11 +73,12 @@ pub(crate) fn live_len(raw: u32, lq: usize, lcap: usize) -> usize {
     out
 }
 
-/// `a / l`, or 0 for an empty row (`l = 0`: no key was visible).
+/// `a / l`, or 0 for an empty row (`l = 0`: no key was visible). A NaN `l` (a NaN score) stays NaN, as in the
+/// reference.
 #[cube]
 pub(crate) fn safe_div(a: f32, l: f32) -> f32 {
     let mut out = 0.0f32.runtime();
-    if l > 0.0 {
+    if !(l == 0.0) {
         out = a / l;
     }
     out
