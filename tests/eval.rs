@@ -324,11 +324,13 @@ fn smoke(p: usize, n: usize, prefill: Prefill) {
                 r.max_len,
                 r.budget
             );
-            // c + 1 physical slots (the staging slot of a step) plus per-slot state (order ×2, rank, S, C, pos).
+            // c + 1 physical slots (the staging slot of a step) plus per-slot state (order ×2, rank, S, C, pos),
+            // the free slot per head, and per sequence (one window here) and layer its device state (2 × 4 u32)
+            // and a step's attention length and query rank (2 u32).
             let kv = (r.budget + 1) * slot_bytes;
             assert!(
                 r.physical_bytes >= kv
-                    && r.physical_bytes <= kv + (r.budget + 1) * 30 * 3 * 6 * 4 + 30 * 3 * 4,
+                    && r.physical_bytes <= kv + (r.budget + 1) * 30 * 3 * 6 * 4 + 30 * 3 * 4 + 30 * 10 * 4,
                 "{}: {} B",
                 r.policy,
                 r.physical_bytes
