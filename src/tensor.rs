@@ -134,18 +134,20 @@ pub(crate) fn checked_size(client: &Client, name: &'static str, shape: &[usize],
 }
 
 /// Device buffers allocated or uploaded through [`DeviceTensor::from_host`], [`DeviceTensor::filled`] and
-/// [`DeviceTensor::empty`] so far, process-wide. Decode attention, [`crate::finite`] and the policy caches
+/// [`DeviceTensor::empty`] so far by the calling thread. Decode attention, [`crate::finite`] and the policy caches
 /// allocate and upload only through these, so a test can prove their hot path allocates and uploads nothing by
-/// reading it before and after many steps. (FourierAttention's cache still allocates scratch and uploads gather
-/// tables directly per step: not counted.)
+/// reading it before and after many steps (per thread, so tests running in parallel do not disturb it).
+/// (FourierAttention's cache still allocates scratch and uploads gather tables directly per step: not counted.)
 pub fn device_allocations() -> usize {
-    ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+    ALLOCATIONS.with(|c| c.get())
 }
 
-static ALLOCATIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 fn count_allocation() {
-    ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ALLOCATIONS.with(|c| c.set(c.get() + 1));
 }
 
 /// Makes a failure of the launches that wrote `outputs` (an allocation the device refused, a kernel it could
