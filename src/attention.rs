@@ -166,13 +166,12 @@ pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         t.check_in_buffer(name)?;
     }
-    if q.shape.len() != 4 {
-        return Err(Error::ShapeMismatch { tensor: "q", expected: vec![lens.len(), 1, k.shape.get(1).copied().unwrap_or(1), k.shape.last().copied().unwrap_or(64)], got: q.shape.clone() });
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.shape.len() != 4 {
+            return Err(Error::Rank { tensor: name, expected: 4, got: t.shape.len() });
+        }
     }
     let (b, lq, hq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
-    if k.shape.len() != 4 {
-        return Err(Error::ShapeMismatch { tensor: "k", expected: vec![b, hq, lens.iter().copied().max().unwrap_or(1) as usize, d], got: k.shape.clone() });
-    }
     let (hkv, lcap) = (k.shape[1], k.shape[2]);
     if k.shape[0] != b || k.shape[3] != d {
         return Err(Error::ShapeMismatch { tensor: "k", expected: vec![b, hkv, lcap, d], got: k.shape.clone() });

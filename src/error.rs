@@ -15,6 +15,15 @@ pub enum Error {
         /// The shape it got.
         got: Vec<usize>,
     },
+    /// A tensor has the wrong number of dimensions.
+    Rank {
+        /// Which tensor.
+        tensor: &'static str,
+        /// The dimensions the op expects.
+        expected: usize,
+        /// The dimensions it got.
+        got: usize,
+    },
     /// `Hq` is not a positive multiple of `Hkv`.
     GqaRatio {
         /// Query heads.
@@ -95,6 +104,7 @@ impl fmt::Display for Error {
             Error::ShapeMismatch { tensor, expected, got } => {
                 write!(f, "`{tensor}` has shape {got:?}, expected {expected:?}")
             }
+            Error::Rank { tensor, expected, got } => write!(f, "`{tensor}` has {got} dims, expected {expected}"),
             Error::GqaRatio { hq, hkv } => write!(f, "{hq} query heads are not a multiple of {hkv} KV heads"),
             Error::ZeroLength { batch } => write!(f, "sequence {batch} is empty or shorter than its query"),
             Error::LengthBeyondCapacity { batch, len, capacity } => {

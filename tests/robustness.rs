@@ -40,7 +40,7 @@ fn layout_probes_are_typed_errors() {
     assert!(matches!(decode_attention(cl, &far, &k, &k, &[10], &cfg), Err(Error::Layout { tensor: "q", .. })));
     // A rank-0 q.
     let scalar = q.view(&[], &[], 0);
-    assert!(matches!(decode_attention(cl, &scalar, &k, &k, &[10], &cfg), Err(Error::ShapeMismatch { tensor: "q", .. })));
+    assert_eq!(decode_attention(cl, &scalar, &k, &k, &[10], &cfg).err(), Some(Error::Rank { tensor: "q", expected: 4, got: 0 }));
     // Layouts whose sizes overflow, and a budget the device cannot hold.
     let mk = |layout, batch| PolicyCache::new(cl, PolicyCacheConfig::new(Policy::H2o, layout, batch, 4, 1, 8, DType::F32));
     assert!(matches!(mk(Layout { sinks: usize::MAX, middle: 1, recent: 1 }, 1), Err(Error::Config(_))));
