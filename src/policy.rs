@@ -340,8 +340,10 @@ impl PolicyCache {
         }
         match how {
             Admission::Empty => {
+                // No token is copied: a one-element stand-in for the prompt (never read with n = 0).
                 let kept = self.keep_all(0, 1)?;
-                self.install(&self.k.clone(), &self.v.clone(), &kept, 0, 0, b, 1)
+                let (no_k, no_v) = (DeviceTensor::empty(&self.client, &[1], self.cfg.dtype)?, DeviceTensor::empty(&self.client, &[1], self.cfg.dtype)?);
+                self.install(&no_k, &no_v, &kept, 0, 0, b, 1)
             }
             Admission::Recent { k, v } => self.prefill_recent_at(b, 1, k, v),
             Admission::SnapKv { q_win, k, v, kernel, pool } => self.prefill_snapkv_at(b, 1, q_win, k, v, kernel, pool).map(drop),
