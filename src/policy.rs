@@ -17,8 +17,9 @@
 //! step advances the active sequences only (a retired slot's output rows are zeros). A host mirror of the
 //! lengths answers [`PolicyCache::seq_len`] without a read-back.
 //!
-//! Inputs are contiguous tensors from their buffer's start (a view with an offset is refused with
-//! [`Error::Layout`]); a step's output is the cache's own buffer, overwritten by the next step.
+//! Views: a query (`q`, `q_obs`, `q_win`) may have any strides with a unit innermost one and any element offset
+//! (the query part of a fused QKV buffer); keys and values are contiguous from any element offset; offsets are
+//! kernel scalars, never ignored. A step's output is the cache's own buffer, overwritten by the next step.
 //!
 //! Positions: with [`PolicyCacheConfig::with_rope`], keys are stored pre-RoPE and rotated inside decode
 //! attention by their cache rank (the slot → rank array is passed as per-head positions), the query by the
@@ -425,7 +426,7 @@ impl PolicyCache {
         }
         let n_blocks = l.div_ceil(block);
         let w = l - block * (n_blocks - 1);
-        self.check("q_obs", q_obs, vec![nb, w, hq, d])?;
+        self.check_query("q_obs", q_obs, vec![nb, w, hq, d])?;
         self.check_values(&[("q_obs", q_obs)])?;
         let keep = cap / block;
         let c = self.client.clone();
@@ -478,7 +479,7 @@ impl PolicyCache {
         }
         let l = self.check_prompt(nb, k, v)?;
         let w = q_win.shape.get(1).copied().unwrap_or(0);
-        self.check("q_win", q_win, vec![nb, w, hq, d])?;
+        self.check_query("q_win", q_win, vec![nb, w, hq, d])?;
         let cap = layout.capacity();
         if w == 0 || w > l || w > cap {
             return Err(Error::Config("the observation window must hold 1..=min(L, budget) tokens"));
@@ -567,7 +568,7 @@ impl PolicyCache {
         // SAFETY: `kept` holds `n ≤ c` positions below `L` per head; slots below `n`; `b0 + nb ≤ B`.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
-            with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, nb as u32, 1), CubeDim::new_1d(d as u32), b(k), b(v), b(kept), b(&self.k), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&self.seq), n, l, cap, hkv, cap + 1, d, b0, base));
+            with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, nb as u32, 1), CubeDim::new_1d(d as u32), b(k), b(v), b(kept), b(&self.k), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&self.seq), k.offset, v.offset, n, l, cap, hkv, cap + 1, d, b0, base));
         }
         crate::tensor::check_written(c, &[&self.k, &self.v, &self.order, &self.seq])?;
         for s in &mut self.host[b0..b0 + nb] {
@@ -576,7 +577,19 @@ impl PolicyCache {
         Ok(())
     }
 
+    /// A K/V input of the cache's kernels: `shape`, the cache's dtype, contiguous from any element offset (which the
+    /// kernels honour).
     fn check(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
+        self.check_query(name, t, shape)?;
+        if !t.is_contiguous() {
+            return Err(Error::Layout { tensor: name, reason: "must be contiguous (from any element offset)" });
+        }
+        Ok(())
+    }
+
+    /// A query input (read by decode attention): `shape`, the cache's dtype, any strides with a unit innermost one
+    /// and any element offset (the query part of a fused QKV buffer).
+    fn check_query(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
         t.check_in_buffer(name)?;
         if t.shape != shape {
             return Err(Error::ShapeMismatch { tensor: name, expected: shape, got: t.shape.clone() });
@@ -584,10 +597,8 @@ impl PolicyCache {
         if t.dtype != self.cfg.dtype {
             return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: self.cfg.dtype });
         }
-        // The policy kernels index their inputs from the buffer start: a view with an offset is refused, not
-        // misread.
-        if !t.is_contiguous() || t.offset != 0 {
-            return Err(Error::Layout { tensor: name, reason: "must be contiguous from the buffer start (offset 0)" });
+        if t.strides.last() != Some(&1) {
+            return Err(Error::Layout { tensor: name, reason: "the head dim must have unit stride" });
         }
         Ok(())
     }
@@ -600,7 +611,7 @@ impl CompressedKvCache for PolicyCache {
     /// own buffer, overwritten by the next step.
     fn step(&mut self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<DeviceTensor, Error> {
         let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, .. } = self.cfg;
-        self.check("q", q, vec![batch, 1, hq, d])?;
+        self.check_query("q", q, vec![batch, 1, hq, d])?;
         self.check("k", k, vec![batch, hkv, d])?;
         self.check("v", v, vec![batch, hkv, d])?;
         let cap = layout.capacity();
@@ -622,7 +633,7 @@ impl CompressedKvCache for PolicyCache {
         // SAFETY: every buffer is sized by `new` from the validated configuration; the inputs were checked above.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
-            with_float_type!(self.cfg.dtype, E => policy_append::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&self.seq), b(&self.att), cur_base, batch, hkv, cap1, d))
+            with_float_type!(self.cfg.dtype, E => policy_append::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&self.seq), b(&self.att), k.offset, v.offset, cur_base, batch, hkv, cap1, d))
         }
         // Cache-rank positions: the slot → rank array is exactly `[B, Hkv, c+1]` positions; the query sits at the
         // newest rank (`att`'s second row, written by the append).

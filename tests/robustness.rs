@@ -59,29 +59,67 @@ fn layout_probes_are_typed_errors() {
     assert!(matches!(r, Err(Error::DeviceLimit(_))), "{:?}", r.err());
 }
 
-/// The caches whose kernels index inputs from the buffer start refuse a view with an offset (typed), and leave
-/// the cache as it was; decode attention honours the same view (tests/attention.rs checks the values).
+/// Views are views in the caches too: a policy cache fed its query as the q part of a fused `[B, Hq + 2·Hkv, D]`
+/// QKV buffer at an offset, and K/V (and an admitted prompt) at element offsets, equals — outputs bit for bit, kept
+/// sets — a twin fed contiguous copies. FourierAttention's query kernels index from the buffer start: a query view
+/// with an offset is refused (typed) and the cache is unchanged.
 #[test]
 fn offsets_honoured_or_refused() {
+    use kvsqueeze::policy::{Admission, Pool};
     let cl = client();
-    let (b, hq, hkv, d) = (1, 4, 1, 8);
-    let mut cache = PolicyCache::new(cl, PolicyCacheConfig::new(Policy::H2o, Layout { sinks: 1, middle: 2, recent: 1 }, b, hq, hkv, d, DType::F32)).unwrap();
-    let big = f32t(&[64], 3);
-    let q_off = big.view(&[b, 1, hq, d], &contiguous_strides(&[b, 1, hq, d]), 5);
-    let (k, v) = (f32t(&[b, hkv, d], 4), f32t(&[b, hkv, d], 5));
-    assert!(matches!(cache.step(&q_off, &k, &v), Err(Error::Layout { tensor: "q", .. })));
-    assert_eq!(cache.len(), 0, "a refused step leaves the cache unchanged");
+    let (b, hq, hkv, d) = (2, 4, 2, 8);
+    let layout = Layout { sinks: 1, middle: 4, recent: 2 };
+    let mk = || PolicyCache::new(cl, PolicyCacheConfig::new(Policy::H2o, layout, b, hq, hkv, d, DType::F32).with_rope(10_000.0)).unwrap();
+    let (mut viewed, mut plain) = (mk(), mk());
+    let mut rng = Rng(3);
+    // Slot 1 admits a 20-token prompt by SnapKV, given at an offset.
+    let l = 20;
+    let (pk, pv, pq) = (rng.vec(hkv * l * d, 1.5), rng.vec(hkv * l * d, 1.0), rng.vec(4 * hq * d, 1.5));
+    let at = |x: &[f64], shape: &[usize], off: usize| {
+        let mut big = vec![f64::NAN; off];
+        big.extend_from_slice(x);
+        big.push(f64::NAN);
+        upload(cl, &big, &[big.len()], DType::F32).view(shape, &contiguous_strides(shape), off)
+    };
+    for (cache, off) in [(&mut viewed, 7), (&mut plain, 0)] {
+        cache.retire(1).unwrap();
+        let (k, v, q) = (at(&pk, &[1, hkv, l, d], off), at(&pv, &[1, hkv, l, d], off + 3), at(&pq, &[1, 4, hq, d], off + 1));
+        cache.admit(1, Admission::SnapKv { q_win: &q, k: &k, v: &v, kernel: 3, pool: Pool::Avg }).unwrap();
+    }
+    assert_eq!(viewed.kept_positions().unwrap(), plain.kept_positions().unwrap(), "admission");
+    let w = hq + 2 * hkv;
+    for t in 0..20 {
+        let (q, k, v) = (rng.vec(b * hq * d, 1.5), rng.vec(b * hkv * d, 1.5), rng.vec(b * hkv * d, 1.0));
+        // The fused buffer: per sequence [q heads | k heads | v heads], after 5 leading elements.
+        let mut fused = vec![f64::NAN; 5];
+        for bi in 0..b {
+            fused.extend_from_slice(&q[bi * hq * d..][..hq * d]);
+            fused.extend_from_slice(&k[bi * hkv * d..][..hkv * d]);
+            fused.extend_from_slice(&v[bi * hkv * d..][..hkv * d]);
+        }
+        let fused = upload(cl, &fused, &[fused.len()], DType::F32);
+        let qv = fused.view(&[b, 1, hq, d], &[w * d, w * d, d, 1], 5);
+        let (kv, vv) = (at(&k, &[b, hkv, d], 9), at(&v, &[b, hkv, d], 2));
+        let o1 = viewed.step(&qv, &kv, &vv).unwrap().to_host_f64(cl).unwrap();
+        let o2 = plain.step(&upload(cl, &q, &[b, 1, hq, d], DType::F32), &upload(cl, &k, &[b, hkv, d], DType::F32), &upload(cl, &v, &[b, hkv, d], DType::F32)).unwrap().to_host_f64(cl).unwrap();
+        assert_eq!(o1, o2, "step {t}");
+        assert_eq!(viewed.kept_positions().unwrap(), plain.kept_positions().unwrap(), "step {t}");
+    }
+    // K/V must be contiguous (from any offset): a padded view is refused.
+    let padded = upload(cl, &rng.vec(b * hkv * (d + 1), 1.0), &[b * hkv * (d + 1)], DType::F32).view(&[b, hkv, d], &[hkv * (d + 1), d + 1, 1], 0);
     let q = f32t(&[b, 1, hq, d], 6);
-    assert!(cache.step(&q, &k, &v).is_ok());
+    assert!(matches!(viewed.step(&q, &padded, &padded), Err(Error::Layout { tensor: "k", .. })));
     // FourierAttention's query.
+    let big = f32t(&[64], 3);
+    let q_off = big.view(&[1, 1, hq, d], &contiguous_strides(&[1, 1, hq, d]), 5);
     let dims = FourierDims::uniform(hkv, d, &[0, 1], &[0, 1]).unwrap();
-    let mut fc = FourierLayerCache::new(cl, FourierLayerConfig::new(b, hq, DType::F32, 1, 2, 1, 16, dims)).unwrap();
+    let mut fc = FourierLayerCache::new(cl, FourierLayerConfig::new(1, hq, DType::F32, 1, 2, 1, 16, dims)).unwrap();
     fc.prefill(0, &f32t(&[6, hkv, d], 7), &f32t(&[6, hkv, d], 8)).unwrap();
     assert!(matches!(fc.attend(&q_off, 0.3, FourierPath::Spectral), Err(Error::Layout { tensor: "q", .. })));
     let before = fc.lens();
-    assert!(matches!(fc.step(&q_off, &k, &v), Err(Error::Layout { tensor: "q", .. })));
+    assert!(matches!(fc.step(&q_off, &f32t(&[1, hkv, d], 4), &f32t(&[1, hkv, d], 5)), Err(Error::Layout { tensor: "q", .. })));
     assert_eq!(fc.lens(), before, "a refused step leaves the cache unchanged");
-    assert!(fc.attend(&q, 0.3, FourierPath::Spectral).is_ok());
+    assert!(fc.attend(&f32t(&[1, 1, hq, d], 6), 0.3, FourierPath::Spectral).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------------------------

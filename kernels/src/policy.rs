@@ -62,7 +62,8 @@ pub const SEQ_WORDS: usize = 4;
 
 /// Writes each active sequence's new token into its free slot. Grid `(Hkv, B)`, `D` threads. Reads the
 /// per-sequence state at `seq[cur_base + b·4 ..]`; the token's original position is `seen`, its rank `len`; the
-/// free slot is `free[b·Hkv + h]`. Writes `att` (attention length and query rank) for every sequence.
+/// free slot is `free[b·Hkv + h]`. `k_new, v_new: [B, Hkv, D]` contiguous from element `kn_off` / `vn_off`. Writes
+/// `att` (attention length and query rank) for every sequence.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_append<E: Float>(
@@ -78,6 +79,8 @@ pub fn policy_append<E: Float>(
     free: &[u32],
     seq: &[u32],
     att: &mut [u32],
+    kn_off: usize,
+    vn_off: usize,
     cur_base: usize,
     nb: usize,
     hkv: usize,
@@ -95,8 +98,8 @@ pub fn policy_append<E: Float>(
         let slot = free[head] as usize;
         let row = (head * cap1 + slot) * d;
         if dd < d {
-            k[row + dd] = k_new[head * d + dd];
-            v[row + dd] = v_new[head * d + dd];
+            k[row + dd] = k_new[kn_off + head * d + dd];
+            v[row + dd] = v_new[vn_off + head * d + dd];
         }
         if dd == 0 {
             let half = ((flags >> 1u32) & 1u32) as usize * nb * hkv * cap1;
@@ -409,7 +412,7 @@ pub fn treekv_block_scan(scores: &[f32], list: &mut [u32], kept: &mut [u32], hkv
 
 /// Installs a prompt's kept tokens into sequences `b0 .. b0 + nb` of a policy cache (admission; the other
 /// sequences are untouched): for source sequence `b` and head `h`, slot `s < n` gets the K/V row of token
-/// `kept[b, h, s]` of `k, v: [nb, Hkv, L, D]`, rank `s` (order half 0), original position `kept[…]`, `S = C = 0`;
+/// `kept[b, h, s]` of `k, v: [nb, Hkv, L, D]` (contiguous from elements `sk_off` / `sv_off`), rank `s` (order half 0), original position `kept[…]`, `S = C = 0`;
 /// every other slot is freed; the next token goes to slot `n`; the sequence's state at `seq[cur_base + (b0 + b)·4
 /// ..]` becomes `(n, L, 0, active)`. `n = 0` admits an empty sequence. Grid `(Hkv, nb)`, `D` threads.
 #[cube(launch_unchecked)]
@@ -427,6 +430,8 @@ pub fn policy_install<E: Float>(
     pos: &mut [u32],
     free: &mut [u32],
     seq: &mut [u32],
+    sk_off: usize,
+    sv_off: usize,
     n: usize,
     l: usize,
     cap: usize,
@@ -443,8 +448,8 @@ pub fn policy_install<E: Float>(
     let head = (b0 + b) * hkv + h;
     for s in 0..n {
         let j = kept[src * cap + s] as usize;
-        k[(head * cap1 + s) * d + t] = src_k[(src * l + j) * d + t];
-        v[(head * cap1 + s) * d + t] = src_v[(src * l + j) * d + t];
+        k[(head * cap1 + s) * d + t] = src_k[sk_off + (src * l + j) * d + t];
+        v[(head * cap1 + s) * d + t] = src_v[sv_off + (src * l + j) * d + t];
         if t == 0 {
             order[head * cap1 + s] = s as u32;
             pos[head * cap1 + s] = j as u32;
