@@ -182,9 +182,6 @@ pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &
     if lens.len() != b {
         return Err(Error::ShapeMismatch { tensor: "lens", expected: vec![b], got: vec![lens.len()] });
     }
-    if b == 0 || lq == 0 {
-        return Err(Error::ShapeMismatch { tensor: "q", expected: vec![b.max(1), lq.max(1), hq, d], got: q.shape.clone() });
-    }
     let p = problem_of(client, b, lq, hq, hkv, d, lcap, q.dtype)?;
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         if t.dtype != q.dtype {
@@ -459,8 +456,6 @@ pub struct DecodePlan {
     plan: Plan,
     shape: DecodeShape,
     scale: Option<f32>,
-    mass: bool,
-    lse: bool,
     scratch: Scratch,
     out: DecodeOutput,
 }
@@ -500,7 +495,7 @@ impl DecodePlan {
             plan,
         };
         check_written(client, &[&out.o])?;
-        Ok(DecodePlan { client: client.clone(), p, plan, shape, scale: cfg.scale, mass: cfg.mass, lse: cfg.lse, scratch, out })
+        Ok(DecodePlan { client: client.clone(), p, plan, shape, scale: cfg.scale, scratch, out })
     }
 
     /// The shape planned.
@@ -557,10 +552,6 @@ impl DecodePlan {
         Ok(&self.out)
     }
 
-    /// Whether the plan writes the mass / the lse.
-    pub fn outputs(&self) -> (bool, bool) {
-        (self.mass, self.lse)
-    }
 }
 
 /// Scratch of one planned launch: split partials, the scores for the mass, an internal lse, the RoPE table,

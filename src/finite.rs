@@ -72,3 +72,13 @@ pub fn check_finite(client: &Client, name: &'static str, t: &DeviceTensor, lens:
     }
     Err(Error::NonFinite { tensor: name, index })
 }
+
+/// [`check_finite`] on every `(name, tensor)` when `on` (the caches' `check_finite` setting); nothing otherwise.
+pub(crate) fn check_inputs(client: &Client, on: bool, inputs: &[(&'static str, &DeviceTensor)]) -> Result<(), Error> {
+    if on {
+        for &(name, t) in inputs {
+            check_finite(client, name, t, None)?;
+        }
+    }
+    Ok(())
+}

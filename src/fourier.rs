@@ -514,15 +514,6 @@ impl FourierLayerCache {
         self.tab.vn_x = upload_u32(c, &xo(&self.tab.v.n_head, &self.tab.v.n_dim));
     }
 
-    /// The non-finite check of the inputs when the config asks for it.
-    fn check_values(&self, inputs: &[(&'static str, &DeviceTensor)]) -> Result<(), Error> {
-        if self.cfg.check_finite {
-            for &(name, t) in inputs {
-                crate::finite::check_finite(&self.client, name, t, None)?;
-            }
-        }
-        Ok(())
-    }
 
     fn check_tensor(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
         if t.shape != shape {
@@ -596,7 +587,7 @@ impl FourierLayerCache {
         }
         self.check_tensor("k", k, vec![l, hkv, d])?;
         self.check_tensor("v", v, vec![l, hkv, d])?;
-        self.check_values(&[("k", k), ("v", v)])?;
+        crate::finite::check_inputs(&self.client, self.cfg.check_finite, &[("k", k), ("v", v)])?;
         let form = l > self.cfg.trigger();
         let lmid = if form { l - li - ll } else { 0 };
         if lmid > self.cfg.window {
@@ -643,7 +634,7 @@ impl FourierLayerCache {
         let (li, ll, tcap) = (self.cfg.l_init, self.cfg.l_local, self.cfg.window);
         self.check_tensor("k", k, vec![bsz, hkv, d])?;
         self.check_tensor("v", v, vec![bsz, hkv, d])?;
-        self.check_values(&[("k", k), ("v", v)])?;
+        crate::finite::check_inputs(&self.client, self.cfg.check_finite, &[("k", k), ("v", v)])?;
         for (b, s) in self.seqs.iter().enumerate() {
             let mid_after = if s.formed { s.mid_len + 1 } else if s.count + 1 > self.cfg.trigger() { s.count + 1 - li - ll } else { 0 };
             if mid_after > tcap {
@@ -908,7 +899,7 @@ impl FourierLayerCache {
         if q.offset != 0 {
             return Err(Error::Layout { tensor: "q", reason: "must start at its buffer's start (offset 0)" });
         }
-        self.check_values(&[("q", q)])
+        crate::finite::check_inputs(&self.client, self.cfg.check_finite, &[("q", q)])
     }
 }
 

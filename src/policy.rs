@@ -427,7 +427,7 @@ impl PolicyCache {
         let n_blocks = l.div_ceil(block);
         let w = l - block * (n_blocks - 1);
         self.check_query("q_obs", q_obs, vec![nb, w, hq, d])?;
-        self.check_values(&[("q_obs", q_obs)])?;
+        crate::finite::check_inputs(&self.client, self.cfg.check_finite, &[("q_obs", q_obs)])?;
         let keep = cap / block;
         let c = self.client.clone();
         let n_kept = if n_blocks <= keep { l } else { (keep - 1) * block + w };
@@ -487,7 +487,7 @@ impl PolicyCache {
         if kernel == 0 || kernel % 2 == 0 {
             return Err(Error::Config("the pooling kernel must be odd"));
         }
-        self.check_values(&[("q_win", q_win)])?;
+        crate::finite::check_inputs(&self.client, self.cfg.check_finite, &[("q_win", q_win)])?;
         let c = self.client.clone();
         let grid = CubeCount::Static(hkv as u32, nb as u32, 1);
         let (n_kept, kept, pooled) = if l <= cap {
@@ -521,19 +521,10 @@ impl PolicyCache {
         if l >= 1 << 31 {
             return Err(Error::Config("prompt too long for u32 positions"));
         }
-        self.check_values(&[("k", k), ("v", v)])?;
+        crate::finite::check_inputs(&self.client, self.cfg.check_finite, &[("k", k), ("v", v)])?;
         Ok(l)
     }
 
-    /// The non-finite check of the inputs when the config asks for it.
-    fn check_values(&self, inputs: &[(&'static str, &DeviceTensor)]) -> Result<(), Error> {
-        if self.cfg.check_finite {
-            for &(name, t) in inputs {
-                crate::finite::check_finite(&self.client, name, t, None)?;
-            }
-        }
-        Ok(())
-    }
 
     /// The kept list `[nb, Hkv, c]` of a prompt of `l ≤ c` tokens: every position, then [`FREE`].
     fn keep_all(&self, l: usize, nb: usize) -> Result<DeviceTensor, Error> {
@@ -626,7 +617,7 @@ impl CompressedKvCache for PolicyCache {
                 }
             }
         }
-        self.check_values(&[("q", q), ("k", k), ("v", v)])?;
+        crate::finite::check_inputs(&self.client, self.cfg.check_finite, &[("q", q), ("k", k), ("v", v)])?;
         let c = &self.client;
         let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
         let (cur_base, next_base) = (self.cur * batch * SEQ_WORDS, (1 - self.cur) * batch * SEQ_WORDS);
