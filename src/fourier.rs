@@ -39,8 +39,8 @@ use cubecl::client::Client;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use kvsqueeze_kernels::fourier::{
-    fourier_combine, fourier_gather, fourier_project, fourier_reconstruct, fourier_reduce_spectrum, fourier_resolve_values, PCHUNKS, fourier_split, fourier_stats_finalize, fourier_stats_partial,
-    fourier_basis_table, fourier_transform as transform_kernel, fourier_update, FlashConfig, CRIT, NONE,
+    fourier_append, fourier_basis_table, fourier_combine, fourier_gather, fourier_gather_strided, fourier_project, fourier_reconstruct, fourier_split, fourier_stats_finalize,
+    fourier_stats_partial, fourier_transform as transform_kernel, FlashConfig, CRIT, NONE, PCHUNKS, ST_ACTIVE, ST_COUNT, ST_EXACT, ST_FLAGS, ST_FORMED, ST_MID, ST_RING, ST_ROWS, ST_SKIP,
 };
 
 const TILE: usize = 128;
@@ -56,6 +56,7 @@ fn check_window(n_freq: usize, window: usize) -> Result<(), Error> {
 }
 
 fn upload_u32(client: &Client, v: &[u32]) -> Handle {
+    crate::tensor::count_allocation();
     if v.is_empty() {
         client.create_from_slice(bytemuck::cast_slice(&[NONE]))
     } else {
@@ -64,6 +65,7 @@ fn upload_u32(client: &Client, v: &[u32]) -> Handle {
 }
 
 fn zeros_f32(client: &Client, n: usize) -> Handle {
+    crate::tensor::count_allocation();
     client.create_from_slice(bytemuck::cast_slice(&vec![0.0f32; n.max(1)]))
 }
 
@@ -303,8 +305,12 @@ pub enum FourierPath {
     Spectral,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+/// Host mirror of one sequence's decode state (the device's `state`, advanced by the same rule in
+/// [`FourierLayerCache::append`]): answers lengths and validates steps with no read-back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Seq {
+    /// Live (admitted and not retired). A new cache's slots are live and empty.
+    active: bool,
     /// Tokens represented.
     count: usize,
     formed: bool,
@@ -312,6 +318,39 @@ struct Seq {
     /// Ring slots start at `l_init + skip`; `ring` is the oldest local token's index in the ring.
     skip: usize,
     ring: usize,
+}
+
+impl Seq {
+    /// Its column of the device state (rows `ST_*`).
+    fn words(&self, l_init: usize, l_local: usize) -> [u32; ST_ROWS] {
+        let mut w = [0u32; ST_ROWS];
+        if !self.active {
+            return w;
+        }
+        w[ST_EXACT] = if self.formed { l_init + l_local } else { self.count } as u32;
+        w[ST_SKIP] = self.skip as u32;
+        w[ST_MID] = self.mid_len as u32;
+        w[ST_COUNT] = self.count as u32;
+        w[ST_RING] = self.ring as u32;
+        w[ST_FLAGS] = ST_ACTIVE | if self.formed { ST_FORMED } else { 0 };
+        w
+    }
+
+    /// The state after one appended token (the rule of the append kernel).
+    fn advanced(self, l_init: usize, l_local: usize, trigger: usize) -> Seq {
+        if !self.active {
+            return self;
+        }
+        let count = self.count + 1;
+        if self.formed {
+            Seq { count, mid_len: self.mid_len + 1, ring: (self.ring + 1) % l_local, ..self }
+        } else if count > trigger {
+            let mid_len = count - l_init - l_local;
+            Seq { active: true, count, formed: true, mid_len, skip: mid_len, ring: 0 }
+        } else {
+            Seq { count, ..self }
+        }
+    }
 }
 
 struct Tables {
@@ -332,6 +371,9 @@ struct Tables {
     vc_glob: Handle,
     vn_glob: Handle,
     ident: Handle,
+    /// The append kernel's packed tables: K then V, each `[c_off | c_dim | n_off | n_dim]`.
+    packed: Handle,
+    packed_len: usize,
     /// Offsets of the columns in the exact buffer (`h·X·D + d`), for the current `X`.
     kc_x: Handle,
     kn_x: Handle,
@@ -339,11 +381,31 @@ struct Tables {
     vn_x: Handle,
 }
 
+/// Decode buffers allocated once at [`FourierLayerCache::new`] (sized for the most splits the device gets).
+struct Scratch {
+    /// Splits per segment (exact, middle) at most.
+    seg_max: usize,
+    o_part: Handle,
+    ml_part: Handle,
+    sp_part: Handle,
+    pc: Handle,
+    qb: Handle,
+    /// The transform's partial statistics for a middle formed at a decode step (`2N + 1` tokens).
+    stats: Handle,
+    stats_len: usize,
+    /// `[B, 1, Hq, D]`: the output of every attend (overwritten by the next).
+    out: DeviceTensor,
+}
+
 /// The FourierAttention cache of one layer on the device (see the module docs).
 pub struct FourierLayerCache {
     client: Client,
     cfg: FourierLayerConfig,
+    /// Host mirror of `state`.
     seqs: Vec<Seq>,
+    /// `[2, ST_ROWS, B]` u32, double-buffered by step: the current half is `cur`.
+    state: Handle,
+    cur: usize,
     x_cap: usize,
     ek: Handle,
     ev: Handle,
@@ -354,14 +416,25 @@ pub struct FourierLayerCache {
     ab_k: Handle,
     ab_v: Handle,
     tab: Tables,
+    scratch: Scratch,
     /// The tile basis of `kvsqueeze_kernels::fourier::fourier_basis_table`, `4·N·tile` f32.
     basis: Handle,
     tile: usize,
     plane: bool,
+    /// Which kernel variants ran once (launch failures are checked at the first run of each): bit 0 append,
+    /// bit 1 direct attend, bit 2 spectral attend.
+    checked: std::cell::Cell<u8>,
+}
+
+/// A device buffer of `bytes` (counted by [`crate::tensor::device_allocations`]).
+fn alloc(client: &Client, bytes: usize) -> Handle {
+    crate::tensor::count_allocation();
+    client.empty(bytes.max(4))
 }
 
 impl FourierLayerCache {
-    /// An empty cache; checks the configuration and the device.
+    /// An empty cache (every slot live and empty); checks the configuration and the device. Allocates the
+    /// cache and every buffer a decode step uses.
     pub fn new(client: &Client, cfg: FourierLayerConfig) -> Result<Self, Error> {
         let (hkv, d) = (cfg.dims.hkv, cfg.dims.d);
         if cfg.batch == 0 || hkv == 0 || cfg.hq == 0 || cfg.hq % hkv != 0 {
@@ -389,7 +462,7 @@ impl FourierLayerCache {
         if (hw.max_units_per_cube as usize) < tile {
             return Err(Error::DeviceLimit(format!("needs {tile} units per cube")));
         }
-        let smem = 4 * (2 * g * d + 2 * g * tile + g * 2 * cfg.n_freq);
+        let smem = 4 * (2 * g * d + 2 * g * tile + g * 2 * cfg.n_freq).max(kvsqueeze_kernels::fourier::MAX_SPLITS + 2 * tile + 2 * cfg.n_freq);
         if smem > hw.max_shared_memory_size {
             return Err(Error::DeviceLimit(format!("needs {smem} B of shared memory, the device has {}", hw.max_shared_memory_size)));
         }
@@ -397,15 +470,26 @@ impl FourierLayerCache {
         let (kt, vt) = (cfg.dims.columns(&cfg.dims.k_crit), cfg.dims.columns(&cfg.dims.v_crit));
         let (ckn, cvn, ckc, cvc) = (kt.n_dim.len(), vt.n_dim.len(), kt.c_dim.len(), vt.c_dim.len());
         let e = cfg.dtype.size();
+        let (b, n2, hq) = (cfg.batch, 2 * cfg.n_freq, cfg.hq);
+        let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
+        let seg_max = (8 * sms).div_ceil(b * hkv).clamp(1, kvsqueeze_kernels::fourier::MAX_SPLITS / 2);
+        let stats_len = (n2 + 1).div_ceil(TILE) * ckc.max(cvc) * 6;
         // Every buffer's size, checked for overflow and against the device before anything is allocated.
-        let shapes = [[cfg.batch, hkv, x_cap, d], [cfg.batch, cfg.window, ckn.max(cvn), 1], [cfg.batch, 2, cfg.n_freq, ckc.max(cvc)], [cfg.batch, hkv, cfg.window, d]];
+        let shapes = [
+            vec![b, hkv, x_cap, d],
+            vec![b, cfg.window, ckn.max(cvn)],
+            vec![b, 2, cfg.n_freq, ckc.max(cvc)],
+            vec![b, hkv, cfg.window, d],
+            vec![b, hkv, 2 * seg_max, g, d],
+            vec![b, hkv, seg_max, g, n2],
+            vec![PCHUNKS, b, hq, n2],
+        ];
         for shape in &shapes {
             let (n, _) = crate::tensor::checked_size(client, "a FourierAttention cache buffer", shape, DType::F32)?;
             if n >= 1 << 32 {
                 return Err(Error::DeviceLimit("buffers of 2^32 elements or more (the cache indexes with u32 offsets)".into()));
             }
         }
-        let n2 = 2 * cfg.n_freq;
         let dmap = |t: &Columns| -> Vec<u32> {
             let mut m = vec![0u32; hkv * d];
             for (i, (&h, &dd)) in t.c_head.iter().zip(&t.c_dim).enumerate() {
@@ -417,6 +501,7 @@ impl FourierLayerCache {
             m
         };
         let glob = |heads: &[u32], dims: &[u32]| -> Vec<u32> { heads.iter().zip(dims).map(|(&h, &dd)| h * d as u32 + dd).collect() };
+        let packed: Vec<u32> = [&kt, &vt].iter().flat_map(|t| t.c_off.iter().chain(&t.c_dim).chain(&t.n_off).chain(&t.n_dim).copied()).collect();
         let c = client;
         let tab = Tables {
             kc_off: upload_u32(c, &kt.c_off),
@@ -432,6 +517,8 @@ impl FourierLayerCache {
             vc_glob: upload_u32(c, &glob(&vt.c_head, &vt.c_dim)),
             vn_glob: upload_u32(c, &glob(&vt.n_head, &vt.n_dim)),
             ident: upload_u32(c, &(0..d as u32).collect::<Vec<_>>()),
+            packed_len: packed.len(),
+            packed: upload_u32(c, &packed),
             kc_x: upload_u32(c, &[]),
             kn_x: upload_u32(c, &[]),
             vc_x: upload_u32(c, &[]),
@@ -439,35 +526,51 @@ impl FourierLayerCache {
             k: kt,
             v: vt,
         };
-        let b = cfg.batch;
         let forced = std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1");
         let plane = (forced || client.features().plane.contains(cubecl::features::Plane::Ops))
             && hw.plane_size_min == hw.plane_size_max
             && tile % hw.plane_size_max as usize == 0;
-        let basis = c.empty(4 * cfg.n_freq * tile * 4);
+        let basis = alloc(c, 4 * cfg.n_freq * tile * 4);
         // SAFETY: writes the `4·N·tile` entries of the table.
         unsafe {
             fourier_basis_table::launch_unchecked(c, CubeCount::Static((cfg.n_freq * tile).div_ceil(256) as u32, 1, 1), CubeDim::new_1d(256), arg(&basis, 4 * cfg.n_freq * tile), cfg.n_freq, cfg.window as u32, tile);
         }
+        let out_shape = [b, 1, hq, d];
+        let scratch = Scratch {
+            seg_max,
+            o_part: alloc(c, b * hkv * 2 * seg_max * g * d * 4),
+            ml_part: alloc(c, b * hkv * 2 * seg_max * g * 2 * 4),
+            sp_part: alloc(c, b * hkv * seg_max * g * n2 * 4),
+            pc: alloc(c, PCHUNKS * b * hq * n2 * 4),
+            qb: alloc(c, PCHUNKS * b * hq * 4),
+            stats: alloc(c, stats_len * 4),
+            stats_len,
+            out: DeviceTensor::empty(c, &out_shape, cfg.dtype)?,
+        };
         let mut cache = FourierLayerCache {
             basis,
             tile,
-            ek: c.empty((b * hkv * x_cap * d * e).max(4)),
-            ev: c.empty((b * hkv * x_cap * d * e).max(4)),
-            ck: c.empty((b * cfg.window * ckn * e).max(4)),
-            cv: c.empty((b * cfg.window * cvn * e).max(4)),
+            ek: alloc(c, b * hkv * x_cap * d * e),
+            ev: alloc(c, b * hkv * x_cap * d * e),
+            ck: alloc(c, b * cfg.window * ckn * e),
+            cv: alloc(c, b * cfg.window * cvn * e),
             coef_k: zeros_f32(c, b * ckc * n2),
             coef_v: zeros_f32(c, b * cvc * n2),
             ab_k: zeros_f32(c, b * 2 * ckc),
             ab_v: zeros_f32(c, b * 2 * cvc),
             client: client.clone(),
-            seqs: vec![Seq::default(); b],
+            seqs: vec![Seq { active: true, ..Seq::default() }; b],
+            state: upload_u32(c, &[]),
+            cur: 0,
             x_cap,
             tab,
+            scratch,
             plane,
+            checked: std::cell::Cell::new(0),
             cfg,
         };
         cache.set_x_tables();
+        cache.upload_state();
         Ok(cache)
     }
 
@@ -485,7 +588,7 @@ impl FourierLayerCache {
         &self.cfg
     }
 
-    /// Tokens represented per sequence (init + middle + local).
+    /// Tokens represented per sequence (init + middle + local; 0 for a retired slot).
     pub fn lens(&self) -> Vec<usize> {
         self.seqs.iter().map(|s| s.count).collect()
     }
@@ -495,13 +598,27 @@ impl FourierLayerCache {
         self.seqs.iter().map(|s| s.mid_len).collect()
     }
 
+    /// Whether slot `b` holds a live sequence (`false` once retired, until a prefill admits a new one).
+    pub fn is_active(&self, b: usize) -> bool {
+        self.seqs.get(b).is_some_and(|s| s.active)
+    }
+
     /// Bytes the device holds for the cache now (exact rows, critical columns, coefficients, stats; the small
-    /// index tables excluded). Equals [`FourierLayerConfig::formula_bytes`] once every middle is formed.
+    /// index tables and [`Self::scratch_bytes`] excluded). Equals [`FourierLayerConfig::formula_bytes`] once
+    /// every live middle is formed.
     pub fn physical_bytes(&self) -> usize {
         let (hkv, d, e) = (self.cfg.dims.hkv, self.cfg.dims.d, self.cfg.dtype.size());
         let (t, b, n2) = (&self.tab, self.cfg.batch, 2 * self.cfg.n_freq);
         let (ckn, cvn, ckc, cvc) = (t.k.n_dim.len(), t.v.n_dim.len(), t.k.c_dim.len(), t.v.c_dim.len());
         b * (2 * hkv * self.x_cap * d * e + self.cfg.window * (ckn + cvn) * e + n2 * (ckc + cvc) * 4 + 2 * (ckc + cvc) * 4) + 4 * self.cfg.n_freq * self.tile * 4
+    }
+
+    /// Bytes of the decode buffers allocated at [`Self::new`] (split partials, projections, the output); the
+    /// direct path's reconstruction is a per-call scratch beyond these.
+    pub fn scratch_bytes(&self) -> usize {
+        let (hkv, d, hq, b, n2) = (self.cfg.dims.hkv, self.cfg.dims.d, self.cfg.hq, self.cfg.batch, 2 * self.cfg.n_freq);
+        let (g, s) = (hq / hkv, self.scratch.seg_max);
+        4 * (b * hkv * 2 * s * g * (d + 2) + b * hkv * s * g * n2 + PCHUNKS * b * hq * (n2 + 1) + self.scratch.stats_len) + b * hq * d * self.cfg.dtype.size()
     }
 
     fn set_x_tables(&mut self) {
@@ -514,6 +631,24 @@ impl FourierLayerCache {
         self.tab.vn_x = upload_u32(c, &xo(&self.tab.v.n_head, &self.tab.v.n_dim));
     }
 
+    /// Uploads the host mirror as the device state (both halves; after an admission, a retirement or a re-pack,
+    /// never in a decode step).
+    fn upload_state(&mut self) {
+        let (bsz, li, ll) = (self.cfg.batch, self.cfg.l_init, self.cfg.l_local);
+        let mut half = vec![0u32; ST_ROWS * bsz];
+        for (b, s) in self.seqs.iter().enumerate() {
+            for (r, w) in s.words(li, ll).into_iter().enumerate() {
+                half[r * bsz + b] = w;
+            }
+        }
+        let both: Vec<u32> = half.iter().chain(&half).copied().collect();
+        self.state = upload_u32(&self.client, &both);
+    }
+
+    /// Element offset of the current half of `state`.
+    fn state_base(&self) -> usize {
+        self.cur * ST_ROWS * self.cfg.batch
+    }
 
     fn check_tensor(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
         if t.shape != shape {
@@ -532,7 +667,7 @@ impl FourierLayerCache {
         Ok(())
     }
 
-    /// `dst[dst_row[r] + w] = src[src_row[r] + col[w]]`.
+    /// `dst[dst_row[r] + w] = src[src_row[r] + col[w]]` (row tables uploaded: admissions and re-packs only).
     #[allow(clippy::too_many_arguments)]
     fn gather(&self, src: &Handle, src_len: usize, src_row: &[u32], col: &Handle, width: usize, dst: &Handle, dst_len: usize, dst_row: &[u32]) {
         if src_row.is_empty() || width == 0 {
@@ -548,38 +683,41 @@ impl FourierLayerCache {
     }
 
     /// Transform + stats of one of K/V for sequence `b`: the middle's columns are
-    /// `x[x_base + col[c] + t·t_stride]`, `t < lmid`.
+    /// `x[x_base + col[c] + t·t_stride]`, `t < lmid`; `part` holds `⌈lmid/128⌉·cols·6` f32.
     #[allow(clippy::too_many_arguments)]
-    fn compress(&self, b: usize, x: &Handle, x_len: usize, x_base: usize, t_stride: usize, lmid: usize, col: &Handle, cols: usize, coef: &Handle, ab: &Handle) {
+    fn compress(&self, b: usize, x: &Handle, x_len: usize, x_base: usize, t_stride: usize, lmid: usize, col: &Handle, cols: usize, coef: &Handle, ab: &Handle, part: &Handle) {
         if cols == 0 {
             return;
         }
         let c = &self.client;
         let (n, w) = (self.cfg.n_freq, self.cfg.window as u32);
         let blocks = lmid.div_ceil(TILE);
-        let part = c.empty(blocks * cols * 6 * 4);
         let coef_len = self.cfg.batch * cols * 2 * n;
         let dim = CubeDim::new_1d(TILE as u32);
         // SAFETY: the host validated that the middle's rows lie inside `x`; outputs are sized for `cols`.
         unsafe {
             with_float_type!(self.cfg.dtype, E => {
                 transform_kernel::launch_unchecked::<E>(c, CubeCount::Static(n.div_ceil(TILE) as u32, cols as u32, 1), dim, arg(x, x_len), arg(col, cols), arg(coef, coef_len), x_base, t_stride, lmid, b * cols * 2 * n, n, w, TILE);
-                fourier_stats_partial::launch_unchecked::<E>(c, CubeCount::Static(blocks as u32, cols as u32, 1), dim, arg(x, x_len), arg(col, cols), arg(coef, coef_len), arg(&part, blocks * cols * 6), x_base, t_stride, lmid, cols, b * cols * 2 * n, n, w, TILE);
+                fourier_stats_partial::launch_unchecked::<E>(c, CubeCount::Static(blocks as u32, cols as u32, 1), dim, arg(x, x_len), arg(col, cols), arg(coef, coef_len), arg(part, blocks * cols * 6), x_base, t_stride, lmid, cols, b * cols * 2 * n, n, w, TILE);
             });
-            fourier_stats_finalize::launch_unchecked(c, CubeCount::Static(cols.div_ceil(TILE) as u32, 1, 1), dim, arg(&part, blocks * cols * 6), arg(ab, self.cfg.batch * 2 * cols), blocks, cols, lmid, b * 2 * cols, TILE);
+            fourier_stats_finalize::launch_unchecked(c, CubeCount::Static(cols.div_ceil(TILE) as u32, 1, 1), dim, arg(part, blocks * cols * 6), arg(ab, self.cfg.batch * 2 * cols), blocks, cols, lmid, b * 2 * cols, TILE);
         }
     }
 
-    /// Prefills sequence `b` (which must be empty) with its prompt's post-RoPE keys and values,
-    /// `k, v: [L, Hkv, D]` (token-major). Forms the middle if `L > l_init + 2N + l_local`.
+    /// Admits a sequence into slot `b` — a new cache's empty slot or a retired one — from its prompt's post-RoPE
+    /// keys and values `k, v: [L, Hkv, D]` (token-major, contiguous from any offset), while every other sequence
+    /// keeps its state (continuous batching). Forms the middle if `L > l_init + 2N + l_local`. Refused (typed,
+    /// nothing launched, the cache unchanged) when `b` is beyond the batch, holds a live sequence with tokens,
+    /// or the middle would exceed `T`. Admitting a prompt too short to form a middle into a re-packed cache
+    /// re-grows the exact buffer (one allocation and gather); the step that forms the last middle re-packs it.
     pub fn prefill(&mut self, b: usize, k: &DeviceTensor, v: &DeviceTensor) -> Result<(), Error> {
         let (hkv, d) = (self.cfg.dims.hkv, self.cfg.dims.d);
         let (li, ll) = (self.cfg.l_init, self.cfg.l_local);
-        if b >= self.cfg.batch {
+        let Some(&seq) = self.seqs.get(b) else {
             return Err(Error::Config("sequence index beyond the batch"));
-        }
-        if self.seqs[b].count > 0 {
-            return Err(Error::Config("prefill needs an empty sequence"));
+        };
+        if seq.active && seq.count > 0 {
+            return Err(Error::Config("the slot holds a live sequence: retire it first"));
         }
         let l = k.shape.first().copied().unwrap_or(0);
         if l == 0 {
@@ -593,8 +731,11 @@ impl FourierLayerCache {
         if lmid > self.cfg.window {
             return Err(Error::LengthBeyondCapacity { batch: b, len: lmid, capacity: self.cfg.window });
         }
-        if l > self.x_cap && !form {
-            return Err(Error::Config("the exact buffer was re-packed; prefill every sequence before decoding"));
+        if l > u32::MAX as usize / 2 {
+            return Err(Error::Config("a sequence's length must stay below 2^31"));
+        }
+        if !form && l > self.x_cap {
+            self.resize_exact(self.cfg.trigger() + 1);
         }
         let (x, e_len) = (self.x_cap, self.cfg.batch * hkv * self.x_cap * d);
         let n_exact = if form { li + ll } else { l };
@@ -609,8 +750,7 @@ impl FourierLayerCache {
         let sr_v: Vec<u32> = sr.iter().map(|&o| o - k.offset as u32 + v.offset as u32).collect();
         self.gather(&k.handle, k.buffer_len, &sr, &self.tab.ident, d, &self.ek, e_len, &dr);
         self.gather(&v.handle, v.buffer_len, &sr_v, &self.tab.ident, d, &self.ev, e_len, &dr);
-        let seq = &mut self.seqs[b];
-        seq.count = l;
+        self.seqs[b] = Seq { active: true, count: l, ..Seq::default() };
         if form {
             let (t, tcap) = (&self.tab, self.cfg.window);
             let (ckn, cvn, ckc, cvc) = (t.k.n_dim.len(), t.v.n_dim.len(), t.k.c_dim.len(), t.v.c_dim.len());
@@ -618,123 +758,130 @@ impl FourierLayerCache {
             let dst = |w: usize| -> Vec<u32> { (0..lmid).map(|i| ((b * tcap + i) * w) as u32).collect() };
             self.gather(&k.handle, k.buffer_len, &rows(k.offset), &t.kn_glob, ckn, &self.ck, self.cfg.batch * tcap * ckn, &dst(ckn));
             self.gather(&v.handle, v.buffer_len, &rows(v.offset), &t.vn_glob, cvn, &self.cv, self.cfg.batch * tcap * cvn, &dst(cvn));
-            self.compress(b, &k.handle, k.buffer_len, k.offset + li * hkv * d, hkv * d, lmid, &t.kc_glob, ckc, &self.coef_k, &self.ab_k);
-            self.compress(b, &v.handle, v.buffer_len, v.offset + li * hkv * d, hkv * d, lmid, &t.vc_glob, cvc, &self.coef_v, &self.ab_v);
-            self.seqs[b] = Seq { count: l, formed: true, mid_len: lmid, skip: 0, ring: 0 };
+            let part = alloc(&self.client, lmid.div_ceil(TILE) * ckc.max(cvc) * 6 * 4);
+            self.compress(b, &k.handle, k.buffer_len, k.offset + li * hkv * d, hkv * d, lmid, &t.kc_glob, ckc, &self.coef_k, &self.ab_k, &part);
+            self.compress(b, &v.handle, v.buffer_len, v.offset + li * hkv * d, hkv * d, lmid, &t.vc_glob, cvc, &self.coef_v, &self.ab_v, &part);
+            self.seqs[b] = Seq { active: true, count: l, formed: true, mid_len: lmid, skip: 0, ring: 0 };
         }
         self.repack_if_due();
+        self.upload_state();
         Ok(())
     }
 
-    /// Appends one decode token per sequence, `k, v: [B, Hkv, D]` (post-RoPE): a formed sequence moves its
-    /// oldest local token into the middle (rank-1 coefficient update, critical columns appended) and writes
-    /// the new token into the freed slot; an unformed one keeps it exact and forms its middle when due.
+    /// Retires sequence `b`: it stops stepping (its rows of an attend's output are zeros) and its slot can admit
+    /// a new sequence with [`Self::prefill`]. Nothing is read back; a retired unformed sequence may let the exact
+    /// buffer re-pack.
+    pub fn retire(&mut self, b: usize) -> Result<(), Error> {
+        if b >= self.cfg.batch {
+            return Err(Error::Config("sequence index beyond the batch"));
+        }
+        self.seqs[b] = Seq::default();
+        self.repack_if_due();
+        self.upload_state();
+        Ok(())
+    }
+
+    /// Appends one decode token per live sequence, `k, v: [B, Hkv, D]` (post-RoPE, contiguous from any offset):
+    /// a formed sequence moves its oldest local token into the middle (rank-1 coefficient update, critical
+    /// columns appended) and writes the new token into the freed slot; an unformed one keeps it exact and forms
+    /// its middle when due. One launch, no upload, no allocation, no read-back; a step that forms a middle adds
+    /// the transform's launches for that sequence, and the one that forms the last live middle re-packs.
     pub fn append(&mut self, k: &DeviceTensor, v: &DeviceTensor) -> Result<(), Error> {
         let (bsz, hkv, d) = (self.cfg.batch, self.cfg.dims.hkv, self.cfg.dims.d);
-        let (li, ll, tcap) = (self.cfg.l_init, self.cfg.l_local, self.cfg.window);
+        let (li, ll, tcap, trigger) = (self.cfg.l_init, self.cfg.l_local, self.cfg.window, self.cfg.trigger());
         self.check_tensor("k", k, vec![bsz, hkv, d])?;
         self.check_tensor("v", v, vec![bsz, hkv, d])?;
-        crate::finite::check_inputs(&self.client, self.cfg.check_finite, &[("k", k), ("v", v)])?;
         for (b, s) in self.seqs.iter().enumerate() {
-            let mid_after = if s.formed { s.mid_len + 1 } else if s.count + 1 > self.cfg.trigger() { s.count + 1 - li - ll } else { 0 };
-            if mid_after > tcap {
-                return Err(Error::LengthBeyondCapacity { batch: b, len: mid_after, capacity: tcap });
+            let next = s.advanced(li, ll, trigger);
+            if next.mid_len > tcap {
+                return Err(Error::LengthBeyondCapacity { batch: b, len: next.mid_len, capacity: tcap });
             }
-            if !s.formed && s.count + 1 > self.x_cap {
-                return Err(Error::Config("the exact buffer was re-packed; prefill every sequence before decoding"));
+            if !next.formed && next.count > self.x_cap {
+                return Err(Error::LengthBeyondCapacity { batch: b, len: next.count, capacity: self.x_cap });
+            }
+            if next.count > u32::MAX as usize / 2 {
+                return Err(Error::Config("a sequence's length must stay below 2^31"));
             }
         }
+        crate::finite::check_inputs(&self.client, self.cfg.check_finite, &[("k", k), ("v", v)])?;
         let x = self.x_cap;
         let e_len = bsz * hkv * x * d;
         let (ckn, cvn, ckc, cvc) = (self.tab.k.n_dim.len(), self.tab.v.n_dim.len(), self.tab.k.c_dim.len(), self.tab.v.c_dim.len());
-        let mut row = vec![NONE; bsz];
-        let mut pos = vec![0u32; bsz];
-        let mut slot = vec![0usize; bsz];
-        for (b, s) in self.seqs.iter().enumerate() {
-            if s.formed {
-                slot[b] = li + s.skip + s.ring;
-                row[b] = ((b * hkv * x + slot[b]) * d) as u32;
-                pos[b] = s.mid_len as u32;
-            } else {
-                slot[b] = s.count;
-            }
-        }
         let c = self.client.clone();
         let n = self.cfg.n_freq;
-        if row.iter().any(|&r| r != NONE) {
-            let (rh, ph) = (upload_u32(&c, &row), upload_u32(&c, &pos));
-            let dim = CubeDim::new_1d(TILE as u32);
-            for (buf, col, cols, coef) in [(&self.ek, &self.tab.kc_x, ckc, &self.coef_k), (&self.ev, &self.tab.vc_x, cvc, &self.coef_v)] {
-                if cols == 0 {
-                    continue;
-                }
-                // SAFETY: rows are slots of formed sequences, columns the compressed ones, `pos < T`.
-                unsafe {
-                    with_float_type!(self.cfg.dtype, E => fourier_update::launch_unchecked::<E>(&c, CubeCount::Static(n.div_ceil(TILE) as u32, cols as u32, bsz as u32), dim, arg(buf, e_len), arg(&rh, bsz), arg(col, cols), arg(&ph, bsz), arg(coef, bsz * cols * 2 * n), cols, n, self.cfg.window as u32, TILE))
-                }
-            }
-            let dst = |w: usize| -> Vec<u32> { (0..bsz).map(|b| ((b * tcap + pos[b] as usize) * w) as u32).collect() };
-            self.gather(&self.ek, e_len, &row, &self.tab.kn_x, ckn, &self.ck, bsz * tcap * ckn, &dst(ckn));
-            self.gather(&self.ev, e_len, &row, &self.tab.vn_x, cvn, &self.cv, bsz * tcap * cvn, &dst(cvn));
+        let (cur, next) = (self.state_base(), (1 - self.cur) * ST_ROWS * bsz);
+        // SAFETY: slots and middle rows are bounded by the state the host mirror validated above; the tables
+        // were built from the validated dim lists.
+        unsafe {
+            with_float_type!(self.cfg.dtype, E => fourier_append::launch_unchecked::<E>(&c, CubeCount::Static(hkv as u32, bsz as u32, 1), CubeDim::new_1d(TILE as u32),
+                arg(&k.handle, k.buffer_len), arg(&v.handle, v.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len),
+                arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn), arg(&self.coef_k, bsz * ckc * 2 * n), arg(&self.coef_v, bsz * cvc * 2 * n),
+                arg(&self.tab.packed, self.tab.packed_len), arg(&self.state, 2 * ST_ROWS * bsz),
+                k.offset, v.offset, cur, next, bsz, hkv, x, tcap, li, ll, trigger, ckc, ckn, cvc, cvn, self.cfg.window as u32, d, n, TILE))
         }
-        let (mut sr, mut sv, mut dr) = (Vec::new(), Vec::new(), Vec::new());
-        for (b, &sl) in slot.iter().enumerate() {
-            for h in 0..hkv {
-                sr.push((k.offset + (b * hkv + h) * d) as u32);
-                sv.push((v.offset + (b * hkv + h) * d) as u32);
-                dr.push((((b * hkv + h) * x + sl) * d) as u32);
-            }
+        if self.checked.get() & 1 == 0 {
+            let st = DeviceTensor { handle: self.state.clone(), buffer_len: 2 * ST_ROWS * bsz, shape: vec![2 * ST_ROWS * bsz], strides: vec![1], offset: 0, dtype: DType::U32 };
+            crate::tensor::check_written(&c, &[&st])?;
+            self.checked.set(self.checked.get() | 1);
         }
-        self.gather(&k.handle, k.buffer_len, &sr, &self.tab.ident, d, &self.ek, e_len, &dr);
-        self.gather(&v.handle, v.buffer_len, &sv, &self.tab.ident, d, &self.ev, e_len, &dr);
+        self.cur = 1 - self.cur;
         for b in 0..bsz {
-            let s = self.seqs[b];
-            if s.formed {
-                self.seqs[b].ring = (s.ring + 1) % ll;
-                self.seqs[b].mid_len += 1;
-                self.seqs[b].count += 1;
-                continue;
-            }
-            self.seqs[b].count += 1;
-            let count = s.count + 1;
-            if count > self.cfg.trigger() {
+            let (was, now) = (self.seqs[b], self.seqs[b].advanced(li, ll, trigger));
+            self.seqs[b] = now;
+            if now.formed && !was.formed {
                 // Form the middle from the exact rows [l_init, count − l_local) of this sequence.
-                let lmid = count - li - ll;
-                let t = &self.tab;
                 let base = b * hkv * x * d;
-                let rows: Vec<u32> = (0..lmid).map(|i| (base + (li + i) * d) as u32).collect();
-                let dst = |w: usize| -> Vec<u32> { (0..lmid).map(|i| ((b * tcap + i) * w) as u32).collect() };
-                self.gather(&self.ek, e_len, &rows, &t.kn_x, ckn, &self.ck, bsz * tcap * ckn, &dst(ckn));
-                self.gather(&self.ev, e_len, &rows, &t.vn_x, cvn, &self.cv, bsz * tcap * cvn, &dst(cvn));
-                self.compress(b, &self.ek, e_len, base + li * d, d, lmid, &t.kc_x, ckc, &self.coef_k, &self.ab_k);
-                self.compress(b, &self.ev, e_len, base + li * d, d, lmid, &t.vc_x, cvc, &self.coef_v, &self.ab_v);
-                self.seqs[b] = Seq { count, formed: true, mid_len: lmid, skip: lmid, ring: 0 };
+                let t = &self.tab;
+                for (src, col, cols, dst) in [(&self.ek, &t.kn_x, ckn, &self.ck), (&self.ev, &t.vn_x, cvn, &self.cv)] {
+                    if cols == 0 {
+                        continue;
+                    }
+                    // SAFETY: rows [l_init, l_init + mid) of sequence b's exact rows, into its first `mid` middle rows.
+                    unsafe {
+                        with_float_type!(self.cfg.dtype, E => fourier_gather_strided::launch_unchecked::<E>(&c, CubeCount::Static(cols.div_ceil(TILE) as u32, now.mid_len as u32, 1), CubeDim::new_1d(TILE as u32),
+                            arg(src, e_len), arg(col, cols), arg(dst, bsz * tcap * cols), base + li * d, d, b * tcap * cols, cols, cols, TILE))
+                    }
+                }
+                self.compress(b, &self.ek, e_len, base + li * d, d, now.mid_len, &t.kc_x, ckc, &self.coef_k, &self.ab_k, &self.scratch.stats);
+                self.compress(b, &self.ev, e_len, base + li * d, d, now.mid_len, &t.vc_x, cvc, &self.coef_v, &self.ab_v, &self.scratch.stats);
             }
         }
-        self.repack_if_due();
+        if self.repack_if_due() {
+            self.upload_state();
+        }
         Ok(())
     }
 
-    /// Once every sequence has formed its middle, re-packs the exact rows to `l_init + l_local` per head.
-    fn repack_if_due(&mut self) {
-        let (li, ll) = (self.cfg.l_init, self.cfg.l_local);
-        let x_new = li + ll;
-        if self.x_cap == x_new || !self.seqs.iter().all(|s| s.formed) {
-            return;
+    /// Once every live sequence has formed its middle, re-packs the exact rows to `l_init + l_local` per head.
+    /// Returns whether it did (the device state must then be uploaded).
+    fn repack_if_due(&mut self) -> bool {
+        let x_new = self.cfg.l_init + self.cfg.l_local;
+        if self.x_cap == x_new || !self.seqs.iter().all(|s| s.formed || !s.active) {
+            return false;
         }
+        self.resize_exact(x_new);
+        true
+    }
+
+    /// Moves the exact rows to a buffer of `x_new` rows per (sequence, head): a formed sequence's init and local
+    /// rows to slots `0..l_init + l_local` (its ring then starts right after the init rows), an unformed one's
+    /// rows unchanged. The caller uploads the state.
+    fn resize_exact(&mut self, x_new: usize) {
+        let (li, ll) = (self.cfg.l_init, self.cfg.l_local);
         let (bsz, hkv, d, e) = (self.cfg.batch, self.cfg.dims.hkv, self.cfg.dims.d, self.cfg.dtype.size());
         let (mut sr, mut dr) = (Vec::new(), Vec::new());
-        for (b, s) in self.seqs.iter().enumerate() {
+        for (b, s) in self.seqs.iter().enumerate().filter(|(_, s)| s.active) {
+            let rows = if s.formed { li + ll } else { s.count };
             for h in 0..hkv {
-                for sl in 0..x_new {
-                    let from = if sl < li { sl } else { sl + s.skip };
+                for sl in 0..rows {
+                    let from = if s.formed && sl >= li { sl + s.skip } else { sl };
                     sr.push((((b * hkv + h) * self.x_cap + from) * d) as u32);
                     dr.push((((b * hkv + h) * x_new + sl) * d) as u32);
                 }
             }
         }
         let (old_len, new_len) = (bsz * hkv * self.x_cap * d, bsz * hkv * x_new * d);
-        let (nk, nv) = (self.client.empty((new_len * e).max(4)), self.client.empty((new_len * e).max(4)));
+        let (nk, nv) = (alloc(&self.client, new_len * e), alloc(&self.client, new_len * e));
         self.gather(&self.ek, old_len, &sr, &self.tab.ident, d, &nk, new_len, &dr);
         self.gather(&self.ev, old_len, &sr, &self.tab.ident, d, &nv, new_len, &dr);
         self.ek = nk;
@@ -777,46 +924,45 @@ impl FourierLayerCache {
         self.x_cap = x_cap;
         [self.ek, self.ev, self.ck, self.cv, self.coef_k, self.coef_v, self.ab_k, self.ab_v] = fresh;
         let mid = len - li - ll;
-        self.seqs = vec![Seq { count: len, formed: true, mid_len: mid, skip: 0, ring: 0 }; bsz];
+        self.seqs = vec![Seq { active: true, count: len, formed: true, mid_len: mid, skip: 0, ring: 0 }; bsz];
         self.set_x_tables();
+        self.upload_state();
         Ok(())
     }
 
     /// Decode attention of one query token per sequence, `q: [B, 1, Hq, D]` (post-RoPE) → `o: [B, 1, Hq, D]`,
-    /// `softmax(scale·q·K̃ᵀ)·Ṽ` over every token the cache represents.
+    /// `softmax(scale·q·K̃ᵀ)·Ṽ` over every token the cache represents (a retired slot's rows are zeros). The
+    /// output is the cache's own buffer, overwritten by the next attend. Spectral: 3 launches (projection,
+    /// split, combine), no allocation, no upload; direct: 4, with a per-call reconstruction scratch.
     pub fn attend(&self, q: &DeviceTensor, scale: f32, path: FourierPath) -> Result<DeviceTensor, Error> {
         let (bsz, hq, hkv, d) = (self.cfg.batch, self.cfg.hq, self.cfg.dims.hkv, self.cfg.dims.d);
         self.check_query(q)?;
         if !scale.is_finite() {
             return Err(Error::Config("the softmax scale must be finite"));
         }
-        if let Some(b) = self.seqs.iter().position(|s| s.count == 0) {
+        if let Some(b) = self.seqs.iter().position(|s| s.active && s.count == 0) {
             return Err(Error::ZeroLength { batch: b });
         }
         let c = &self.client;
         let g = hq / hkv;
         let (li, ll, n) = (self.cfg.l_init, self.cfg.l_local, self.cfg.n_freq);
-        let tile = Self::tile(g, d);
-        let exact: Vec<u32> = self.seqs.iter().map(|s| if s.formed { (li + ll) as u32 } else { s.count as u32 }).collect();
-        let mids: Vec<u32> = self.seqs.iter().map(|s| s.mid_len as u32).collect();
-        let mut state = exact.clone();
-        state.extend(self.seqs.iter().map(|s| s.skip as u32));
-        state.extend(&mids);
-        let state = upload_u32(c, &state);
-        let max_x = *exact.iter().max().unwrap_or(&1) as usize;
-        let max_m = *mids.iter().max().unwrap_or(&0) as usize;
-        let sms = c.properties().hardware.num_streaming_multiprocessors.unwrap_or(16) as usize;
-        let base_cubes = bsz * hkv;
+        let tile = self.tile;
+        let live = || self.seqs.iter().filter(|s| s.active);
+        let max_x = live().map(|s| if s.formed { li + ll } else { s.count }).max().unwrap_or(0);
+        let max_m = live().map(|s| s.mid_len).max().unwrap_or(0);
+        let seg_max = self.scratch.seg_max;
         let split = |len: usize| -> (usize, usize) {
             if len == 0 {
                 return (0, tile);
             }
-            let want = (8 * sms).div_ceil(base_cubes).min(len.div_ceil(tile)).clamp(1, kvsqueeze_kernels::fourier::MAX_SPLITS / 2);
+            let want = seg_max.min(len.div_ceil(tile)).max(1);
             let chunk = len.div_ceil(want).div_ceil(tile) * tile;
             (len.div_ceil(chunk), chunk)
         };
-        let (sx, chunk_x) = split(max_x);
+        let (mut sx, chunk_x) = split(max_x);
         let (sm, chunk_m) = split(max_m);
+        // At least one split, so that every query row is written (zeros when nothing is live).
+        sx = sx.max(1);
         let st = sx + sm;
         let spectral = path == FourierPath::Spectral && max_m > 0;
         let (ckn, cvn, ckc, cvc) = (self.tab.k.n_dim.len(), self.tab.v.n_dim.len(), self.tab.k.c_dim.len(), self.tab.v.c_dim.len());
@@ -825,16 +971,17 @@ impl FourierLayerCache {
         let e_len = bsz * hkv * self.x_cap * d;
         let fcfg = FlashConfig { d, g, tile, n_freq: n, spectral, plane: self.plane };
         let dim = CubeDim::new_1d(tile as u32);
-        let one = c.empty(4);
+        let sb = self.state_base();
+        let state_len = 2 * ST_ROWS * bsz;
+        let s = &self.scratch;
         // Middle sources: the reconstruction (direct) or the projections (spectral).
+        let one = &s.qb;
         let (mut mk, mut mv, mut mlen) = (one.clone(), one.clone(), 1);
-        let (mut pc, mut qb) = (one.clone(), one.clone());
         let tm = max_m.max(1);
         if max_m > 0 && !spectral {
             mlen = bsz * hkv * tm * d;
-            mk = c.empty(mlen * 4);
-            mv = c.empty(mlen * 4);
-            let mids_h = upload_u32(c, &mids);
+            mk = alloc(c, mlen * 4);
+            mv = alloc(c, mlen * 4);
             let count = CubeCount::Static(max_m.div_ceil(tile) as u32, (hkv * d) as u32, bsz as u32);
             let tab_len = 4 * n * tile;
             for (crit, ncrit, coef, ab, dmap, cols, out) in [
@@ -843,52 +990,42 @@ impl FourierLayerCache {
             ] {
                 // SAFETY: tokens below each sequence's middle length, columns from the validated dim tables.
                 unsafe {
-                    with_float_type!(self.cfg.dtype, E => fourier_reconstruct::launch_unchecked::<E>(c, count.clone(), dim, arg(crit, bsz * tcap * ncrit), arg(coef, bsz * cols * n2), arg(ab, bsz * 2 * cols), arg(dmap, hkv * d), arg(&mids_h, bsz), arg(&self.basis, tab_len), arg(out, mlen), hkv, d, tcap, ncrit.max(1), tm, cols, n, w, tile))
+                    with_float_type!(self.cfg.dtype, E => fourier_reconstruct::launch_unchecked::<E>(c, count.clone(), dim, arg(crit, bsz * tcap * ncrit), arg(coef, bsz * cols * n2), arg(ab, bsz * 2 * cols), arg(dmap, hkv * d), arg(&self.state, state_len), arg(&self.basis, tab_len), arg(out, mlen), sb + ST_MID * bsz, hkv, d, tcap, ncrit.max(1), tm, cols, n, w, tile))
                 }
             }
         }
         if spectral {
-            pc = c.empty(PCHUNKS * bsz * hq * n2 * 4);
-            qb = c.empty(PCHUNKS * bsz * hq * 4);
             // SAFETY: reads the group's query rows and the head's compressed K columns; writes `[B, Hq, 2N]`, `[B, Hq]`.
             unsafe {
-                with_float_type!(self.cfg.dtype, E => fourier_project::launch_unchecked::<E>(c, CubeCount::Static(n2.div_ceil(TILE) as u32, hkv as u32, (PCHUNKS * bsz) as u32), CubeDim::new_1d(TILE as u32), arg(&q.handle, q.buffer_len), arg(&self.coef_k, bsz * ckc * n2), arg(&self.ab_k, bsz * 2 * ckc), arg(&self.tab.kc_off, hkv + 1), arg(&self.tab.kc_dim, ckc), arg(&pc, PCHUNKS * bsz * hq * n2), arg(&qb, PCHUNKS * bsz * hq), bsz, hkv, ckc, n, g, d, TILE))
+                with_float_type!(self.cfg.dtype, E => fourier_project::launch_unchecked::<E>(c, CubeCount::Static(n2.div_ceil(TILE) as u32, hkv as u32, (PCHUNKS * bsz) as u32), CubeDim::new_1d(TILE as u32), arg(&q.handle, q.buffer_len), arg(&self.coef_k, bsz * ckc * n2), arg(&self.ab_k, bsz * 2 * ckc), arg(&self.tab.kc_off, hkv + 1), arg(&self.tab.kc_dim, ckc), arg(&s.pc, PCHUNKS * bsz * hq * n2), arg(&s.qb, PCHUNKS * bsz * hq), bsz, hkv, ckc, n, g, d, TILE))
             }
         }
         let o_len = bsz * hkv * st * g * d;
         let ml_len = bsz * hkv * st * g * 2;
         let sp_len = if spectral { bsz * hkv * sm * g * n2 } else { 1 };
-        let (o_part, ml_part, sp_part) = (c.empty(o_len * 4), c.empty(ml_len * 4), c.empty(sp_len.max(1) * 4));
-        let spec_len = if spectral { bsz * hq * n2 } else { 1 };
-        let spec = c.empty(spec_len * 4);
-        let vext_len = if spectral { bsz * hq * d } else { 1 };
-        let vext = c.empty(vext_len * 4);
-        let shape = [bsz, 1, hq, d];
-        let out = DeviceTensor { handle: c.empty(bsz * hq * d * self.cfg.dtype.size()), buffer_len: bsz * hq * d, shape: shape.to_vec(), strides: contiguous_strides(&shape), offset: 0, dtype: self.cfg.dtype };
+        let out = &s.out;
         // SAFETY: every index is bounded by the per-sequence lengths in `state` (validated against the buffers'
-        // capacities when tokens were added) and the partials are sized for the grid.
+        // capacities when tokens were added) and the partials (allocated for `2·seg_max` splits) by the grid.
         unsafe {
             with_float_type!(self.cfg.dtype, E => {
                 fourier_split::launch_unchecked::<E>(c, CubeCount::Static(st as u32, hkv as u32, bsz as u32), dim,
-                    arg(&q.handle, q.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&state, 3 * bsz),
+                    arg(&q.handle, q.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&self.state, state_len),
                     arg(&mk, mlen), arg(&mv, mlen), arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn),
                     arg(&self.tab.kn_off, hkv + 1), arg(&self.tab.kn_dim, ckn), arg(&self.tab.vn_off, hkv + 1), arg(&self.tab.vn_dim, cvn),
-                    arg(&pc, PCHUNKS * bsz * hq * n2), arg(&qb, PCHUNKS * bsz * hq), arg(&self.basis, 4 * n * tile),
-                    arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&sp_part, sp_len),
-                    bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
-                if spectral {
-                    fourier_reduce_spectrum::launch_unchecked(c, CubeCount::Static(n2.div_ceil(tile) as u32, hq as u32, bsz as u32), dim,
-                        arg(&ml_part, ml_len), arg(&sp_part, sp_len), arg(&spec, spec_len), hkv, g, sx, sm, n2, tile);
-                    fourier_resolve_values::launch_unchecked(c, CubeCount::Static(d.div_ceil(8) as u32, hq as u32, bsz as u32), CubeDim::new_1d(128),
-                        arg(&ml_part, ml_len), arg(&spec, spec_len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc), arg(&self.tab.dmap_v, hkv * d),
-                        arg(&vext, vext_len), hkv, g, d, cvc, sx, sm, n);
-                }
+                    arg(&s.pc, PCHUNKS * bsz * hq * n2), arg(&s.qb, PCHUNKS * bsz * hq), arg(&self.basis, 4 * n * tile),
+                    arg(&s.o_part, o_len), arg(&s.ml_part, ml_len), arg(&s.sp_part, sp_len),
+                    sb, bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
                 fourier_combine::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, (bsz * g) as u32, 1), dim,
-                    arg(&o_part, o_len), arg(&ml_part, ml_len), arg(&vext, vext_len), arg(&out.handle, out.buffer_len), hkv, sx, sm, fcfg);
+                    arg(&s.o_part, o_len), arg(&s.ml_part, ml_len), arg(&s.sp_part, sp_len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc), arg(&self.tab.dmap_v, hkv * d),
+                    arg(&out.handle, out.buffer_len), hkv, sx, sm, cvc, fcfg);
             })
         }
-        crate::tensor::check_written(c, &[&out])?;
-        Ok(out)
+        let bit = if spectral { 4 } else { 2 };
+        if self.checked.get() & bit == 0 || !spectral {
+            crate::tensor::check_written(c, &[out])?;
+            self.checked.set(self.checked.get() | bit);
+        }
+        Ok(out.clone())
     }
 
     /// The query of [`FourierLayerCache::attend`]: `[B, 1, Hq, D]`, contiguous from its buffer's start (the decode

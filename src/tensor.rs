@@ -133,11 +133,10 @@ pub(crate) fn checked_size(client: &Client, name: &'static str, shape: &[usize],
     Ok((n, bytes.max(4)))
 }
 
-/// Device buffers allocated or uploaded through [`DeviceTensor::from_host`], [`DeviceTensor::filled`] and
-/// [`DeviceTensor::empty`] so far by the calling thread. Decode attention, [`crate::finite`] and the policy caches
-/// allocate and upload only through these, so a test can prove their hot path allocates and uploads nothing by
-/// reading it before and after many steps (per thread, so tests running in parallel do not disturb it).
-/// (FourierAttention's cache still allocates scratch and uploads gather tables directly per step: not counted.)
+/// Device buffers allocated or uploaded so far by the calling thread: through [`DeviceTensor::from_host`],
+/// [`DeviceTensor::filled`], [`DeviceTensor::empty`] and FourierAttention's own helpers. Decode attention,
+/// [`crate::finite`], the policy caches and FourierAttention allocate and upload only through these, so a test can
+/// prove their hot path allocates and uploads nothing by reading it before and after many steps (per thread, so tests running in parallel do not disturb it).
 pub fn device_allocations() -> usize {
     ALLOCATIONS.with(|c| c.get())
 }
@@ -146,7 +145,7 @@ thread_local! {
     static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-fn count_allocation() {
+pub(crate) fn count_allocation() {
     ALLOCATIONS.with(|c| c.set(c.get() + 1));
 }
 

@@ -221,32 +221,218 @@ pub fn fourier_stats_finalize(part: &[f32], ab: &mut [f32], blocks: usize, cols:
     }
 }
 
-/// Decode update of one of K/V, batched over sequences. Grid `(⌈N/tile⌉, C, B)`: for sequence `b` with
-/// `row_off[b] != NONE`, adds the token's column `c` (`x[row_off[b] + col_off[c]]`) at middle index `pos[b]`
-/// to `coef[b·C·2N + c·2N + …]`.
+/// Rows of the per-sequence decode state `[ST_ROWS, B]` u32 (one half of the cache's double buffer): the exact
+/// tokens the decode kernels read (`l_init + l_local` once formed, else every token), the ring's start offset,
+/// the middle length, the tokens represented, the ring's oldest slot, and the flags.
+pub const ST_EXACT: usize = 0;
+/// See [`ST_EXACT`].
+pub const ST_SKIP: usize = 1;
+/// See [`ST_EXACT`].
+pub const ST_MID: usize = 2;
+/// See [`ST_EXACT`].
+pub const ST_COUNT: usize = 3;
+/// See [`ST_EXACT`].
+pub const ST_RING: usize = 4;
+/// See [`ST_EXACT`]: bit 0 [`ST_ACTIVE`], bit 1 [`ST_FORMED`].
+pub const ST_FLAGS: usize = 5;
+/// Rows of one half of the state.
+pub const ST_ROWS: usize = 6;
+/// The sequence is live (a retired or never-admitted slot is skipped by the append and attends to nothing).
+pub const ST_ACTIVE: u32 = 1;
+/// The sequence's middle is formed.
+pub const ST_FORMED: u32 = 2;
+
+/// One decode token per live sequence, the whole cache update in one launch. Grid `(Hkv, B)`, `tile` threads.
+/// A formed sequence moves its oldest local token (slot `l_init + skip + ring`) into the middle — critical
+/// columns to row `mid` of `ck/cv`, compressed columns added to the coefficients at middle index `mid` (the
+/// rank-1 update) — and writes the new token into the freed slot; an unformed one writes it to slot `count`
+/// and, when it then holds more than `trigger` tokens, is marked formed (its middle of `2N + 1` tokens is
+/// transformed by the launches the host issues after this one). Head 0's first thread writes the sequence's
+/// next state into the other half of `state`; every cube reads only the current half.
+///
+/// `cols` packs the column tables of K then V, each `[c_off (Hkv+1) | c_dim (C_c) | n_off (Hkv+1) | n_dim (C_n)]`
+/// (offsets per head into the column lists, in-head dims).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn fourier_update<E: Float>(
-    x: &[E],
-    row_off: &[u32],
-    col_off: &[u32],
-    pos: &[u32],
-    coef: &mut [f32],
-    cols: usize,
-    n_freq: usize,
+pub fn fourier_append<E: Float>(
+    k: &[E],
+    v: &[E],
+    ek: &mut [E],
+    ev: &mut [E],
+    ck: &mut [E],
+    cv: &mut [E],
+    coef_k: &mut [f32],
+    coef_v: &mut [f32],
+    cols: &[u32],
+    state: &mut [u32],
+    k_off: usize,
+    v_off: usize,
+    cur: usize,
+    next: usize,
+    batch: usize,
+    hkv: usize,
+    x_cap: usize,
+    t_cap: usize,
+    l_init: usize,
+    l_local: usize,
+    trigger: usize,
+    ckc: usize,
+    ckn: usize,
+    cvc: usize,
+    cvn: usize,
     window: u32,
+    #[comptime] d: usize,
+    #[comptime] n_freq: usize,
     #[comptime] tile: usize,
 ) {
-    let n = CUBE_POS_X as usize * tile + UNIT_POS as usize;
-    let c = CUBE_POS_Y as usize;
-    let b = CUBE_POS_Z as usize;
-    let row = row_off[b];
-    if n < n_freq && !(row == NONE) {
-        let (cs, sn) = basis(n as u32, pos[b], window);
-        let v = f32::cast_from(x[row as usize + col_off[c] as usize]);
-        let base = (b * cols + c) * 2 * n_freq;
-        coef[base + n] += v * cs;
-        coef[base + n_freq + n] += v * sn;
+    let t = UNIT_POS as usize;
+    let h = CUBE_POS_X as usize;
+    let b = CUBE_POS_Y as usize;
+    let bs = batch;
+    let flags = state[cur + ST_FLAGS * bs + b];
+    let count = state[cur + ST_COUNT * bs + b] as usize;
+    let skip = state[cur + ST_SKIP * bs + b] as usize;
+    let mid = state[cur + ST_MID * bs + b] as usize;
+    let ring = state[cur + ST_RING * bs + b] as usize;
+    let active = (flags & ST_ACTIVE) == ST_ACTIVE;
+    let formed = (flags & ST_FORMED) == ST_FORMED;
+    if h == 0 && t == 0 {
+        let mut n_exact = state[cur + ST_EXACT * bs + b];
+        let mut n_skip = skip;
+        let mut n_mid = mid;
+        let mut n_count = count;
+        let mut n_ring = ring;
+        let mut n_flags = flags;
+        if active {
+            n_count = count + 1;
+            if formed {
+                n_mid = mid + 1;
+                n_ring = (ring + 1) % l_local;
+            } else if count + 1 > trigger {
+                n_flags = flags | ST_FORMED;
+                n_mid = count + 1 - l_init - l_local;
+                n_skip = n_mid;
+                n_ring = 0;
+                n_exact = (l_init + l_local) as u32;
+            } else {
+                n_exact = (count + 1) as u32;
+            }
+        }
+        state[next + ST_EXACT * bs + b] = n_exact;
+        state[next + ST_SKIP * bs + b] = n_skip as u32;
+        state[next + ST_MID * bs + b] = n_mid as u32;
+        state[next + ST_COUNT * bs + b] = n_count as u32;
+        state[next + ST_RING * bs + b] = n_ring as u32;
+        state[next + ST_FLAGS * bs + b] = n_flags;
+    }
+    let two_n = comptime![2 * n_freq];
+    let hk1 = hkv + 1;
+    // Sections of `cols`.
+    let kc_off = 0;
+    let kc_dim = hk1;
+    let kn_off = hk1 + ckc;
+    let kn_dim = 2 * hk1 + ckc;
+    let vbase = 2 * hk1 + ckc + ckn;
+    let vc_off = vbase;
+    let vc_dim = vbase + hk1;
+    let vn_off = vbase + hk1 + cvc;
+    let vn_dim = vbase + 2 * hk1 + cvc;
+    let mut slot = count;
+    if formed {
+        slot = l_init + skip + ring;
+    }
+    let row = ((b * hkv + h) * x_cap + slot) * d;
+    let src = (b * hkv + h) * d;
+    let mut old_k = Shared::<[f32]>::new_slice(d);
+    let mut old_v = Shared::<[f32]>::new_slice(d);
+    let mut cs = Shared::<[f32]>::new_slice(n_freq);
+    let mut sn = Shared::<[f32]>::new_slice(n_freq);
+    if active && formed {
+        for i in 0..comptime![d.div_ceil(tile)] {
+            let idx = i * tile + t;
+            if idx < d {
+                old_k[idx] = f32::cast_from(ek[row + idx]);
+                old_v[idx] = f32::cast_from(ev[row + idx]);
+            }
+        }
+        for i in 0..comptime![n_freq.div_ceil(tile)] {
+            let n = i * tile + t;
+            if n < n_freq {
+                let (c, s) = basis(n as u32, mid as u32, window);
+                cs[n] = c;
+                sn[n] = s;
+            }
+        }
+    }
+    sync_cube();
+    if active {
+        for i in 0..comptime![d.div_ceil(tile)] {
+            let idx = i * tile + t;
+            if idx < d {
+                ek[row + idx] = k[k_off + src + idx];
+                ev[row + idx] = v[v_off + src + idx];
+            }
+        }
+    }
+    if active && formed {
+        // Critical columns of this head: row `mid` of the middle.
+        let k0 = cols[kn_off + h] as usize;
+        let k1 = cols[kn_off + h + 1] as usize;
+        for i in 0..(k1 - k0 + tile - 1) / tile {
+            let j = k0 + i * tile + t;
+            if j < k1 {
+                ck[(b * t_cap + mid) * ckn + j] = E::cast_from(old_k[cols[kn_dim + j] as usize]);
+            }
+        }
+        let v0 = cols[vn_off + h] as usize;
+        let v1 = cols[vn_off + h + 1] as usize;
+        for i in 0..(v1 - v0 + tile - 1) / tile {
+            let j = v0 + i * tile + t;
+            if j < v1 {
+                cv[(b * t_cap + mid) * cvn + j] = E::cast_from(old_v[cols[vn_dim + j] as usize]);
+            }
+        }
+        // Compressed columns: the rank-1 update, one (column, frequency) pair per thread and round.
+        let c0 = cols[kc_off + h] as usize;
+        let c1 = cols[kc_off + h + 1] as usize;
+        let kwork = (c1 - c0) * n_freq;
+        for i in 0..(kwork + tile - 1) / tile {
+            let e = i * tile + t;
+            if e < kwork {
+                let c = c0 + e / n_freq;
+                let n = e % n_freq;
+                let x = old_k[cols[kc_dim + c] as usize];
+                let base = (b * ckc + c) * two_n;
+                coef_k[base + n] += x * cs[n];
+                coef_k[base + n_freq + n] += x * sn[n];
+            }
+        }
+        let w0 = cols[vc_off + h] as usize;
+        let w1 = cols[vc_off + h + 1] as usize;
+        let vwork = (w1 - w0) * n_freq;
+        for i in 0..(vwork + tile - 1) / tile {
+            let e = i * tile + t;
+            if e < vwork {
+                let c = w0 + e / n_freq;
+                let n = e % n_freq;
+                let x = old_v[cols[vc_dim + c] as usize];
+                let base = (b * cvc + c) * two_n;
+                coef_v[base + n] += x * cs[n];
+                coef_v[base + n_freq + n] += x * sn[n];
+            }
+        }
+    }
+}
+
+/// Strided row gather: `dst[dst_base + r·dst_stride + w] = src[src_base + r·src_stride + col_off[w]]` for
+/// `r < rows`, `w < width`. Grid `(⌈width/tile⌉, rows)`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn fourier_gather_strided<E: Float>(src: &[E], col_off: &[u32], dst: &mut [E], src_base: usize, src_stride: usize, dst_base: usize, dst_stride: usize, width: usize, #[comptime] tile: usize) {
+    let w = CUBE_POS_X as usize * tile + UNIT_POS as usize;
+    let r = CUBE_POS_Y as usize;
+    if w < width {
+        dst[dst_base + r * dst_stride + w] = src[src_base + r * src_stride + col_off[w] as usize];
     }
 }
 
@@ -277,6 +463,7 @@ pub fn fourier_reconstruct<E: Float>(
     mid_len: &[u32],
     tab: &[f32],
     out: &mut [f32],
+    mid_base: usize,
     hkv: usize,
     d: usize,
     t_crit: usize,
@@ -292,7 +479,7 @@ pub fn fourier_reconstruct<E: Float>(
     let t = base + i;
     let hd = CUBE_POS_Y as usize;
     let b = CUBE_POS_Z as usize;
-    let len = mid_len[b] as usize;
+    let len = mid_len[mid_base + b] as usize;
     let m = dmap[hd];
     let h = hd / d;
     if m >= CRIT {
@@ -467,6 +654,7 @@ pub fn fourier_split<E: Float>(
     o_part: &mut [f32],
     ml_part: &mut [f32],
     sp_part: &mut [f32],
+    state_base: usize,
     batch: usize,
     hkv: usize,
     l_init: usize,
@@ -496,16 +684,16 @@ pub fn fourier_split<E: Float>(
     let hq = hkv * g;
     let s_total = sx + sm;
     let middle = split >= sx;
-    // state = [exact_len; skip; mid_len], each [B].
+    // state (from `state_base`) = [exact_len; skip; mid_len], each [B] (rows ST_EXACT, ST_SKIP, ST_MID).
     let mut start = split * chunk_x;
-    let mut len = state[b] as usize;
+    let mut len = state[state_base + b] as usize;
     let mut chunk = chunk_x;
     if middle {
         start = (split - sx) * chunk_m;
-        len = state[2 * batch + b] as usize;
+        len = state[state_base + 2 * batch + b] as usize;
         chunk = chunk_m;
     }
-    let skip = state[batch + b] as usize;
+    let skip = state[state_base + batch + b] as usize;
     let end = max(min(start + chunk, len), start);
     let n_tiles = (end - start + tile - 1) / tile;
 
@@ -910,103 +1098,35 @@ fn head_weights(ml_part: &[f32], pbase: usize, g: usize, gi: usize, sx: usize, s
     (a, bm)
 }
 
-/// Spectral path: merges the middle splits' frequency accumulators of each query head, weighted relative to the
-/// head's global maximum: `spec[b, hq, n'] = Σ_{s ≥ S_x} exp(m_s − M)·sp_part[s, g, n']`.
-/// Grid `(⌈2N/tile⌉, Hkv·G, B)`, thread = coefficient row `n'`.
+/// FlashFourierAttention phase 2. Grid `(Hkv, B·G)`, `tile` threads (one query head per cube): merges the
+/// `S_x + S_m` partials of the head (weights `w_s = exp(m_s − M)`, `M` the head's maximum) and writes
+/// `o[b, hq, :] = acc/l` in the storage dtype (zeros for a sequence with no token: a retired slot).
+///
+/// Spectral path: first merges the middle splits' frequency accumulators, `spec[n'] = Σ_{s ≥ S_x} w_s·sp_part[s, n']`
+/// (shared memory), then resolves each compressed value dim `d_c` (column `c` of `coef_v`) from them,
+/// `a_c/N·Σ_n' spec[n']·coef_v[c, n'] + b_c·l_mid` (`l_mid` the middle's share of the softmax mass), and adds it
+/// to the critical and exact part from the partials.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn fourier_reduce_spectrum(ml_part: &[f32], sp_part: &[f32], spec: &mut [f32], hkv: usize, g: usize, sx: usize, sm: usize, two_n: usize, #[comptime] tile: usize) {
-    let nn = CUBE_POS_X as usize * tile + UNIT_POS as usize;
-    let h = CUBE_POS_Y as usize / g;
-    let gi = CUBE_POS_Y as usize % g;
-    let b = CUBE_POS_Z as usize;
-    let pbase = (b * hkv + h) * (sx + sm);
-    let mut w = Shared::<[f32]>::new_slice(MAX_SPLITS);
-    let mut red = Shared::<[f32]>::new_slice(comptime![2 * tile]);
-    let _sums = head_weights(ml_part, pbase, g, gi, sx, sx + sm, &mut w, &mut red, tile);
-    if nn < two_n {
-        let mut acc = 0.0f32.runtime();
-        let rowbase = ((b * hkv + h) * sm * g + gi) * two_n + nn;
-        for sp in 0..sm {
-            acc += w[sx + sp] * sp_part[rowbase + sp * g * two_n];
-        }
-        spec[((b * hkv + h) * g + gi) * two_n + nn] = acc;
-    }
-}
-
-/// Spectral path, value side: for each compressed value dim `d_c` of KV head `h` and query head `hq`,
-/// `vext[b, hq, d_c] = a_c/N·Σ_n' spec[b, hq, n']·coef[b, c, n'] + b_c·l_mid` (0 on the critical dims), with
-/// `l_mid` the head's middle softmax mass relative to its global maximum. Grid `(⌈D/8⌉, Hkv·G, B)`,
-/// 128 threads = 8 dims × 16 lanes over the coefficient rows (coalesced), reduced in shared memory.
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments, unused_assignments)]
-pub fn fourier_resolve_values(
+pub fn fourier_combine<E: Float>(
+    o_part: &[f32],
     ml_part: &[f32],
-    spec: &[f32],
+    sp_part: &[f32],
     coef_v: &[f32],
     ab_v: &[f32],
     dmap_v: &[u32],
-    vext: &mut [f32],
+    o: &mut [E],
     hkv: usize,
-    g: usize,
-    d: usize,
-    cvc: usize,
     sx: usize,
     sm: usize,
-    n_freq: usize,
+    cvc: usize,
+    #[comptime] cfg: FlashConfig,
 ) {
-    let t = UNIT_POS as usize;
-    let lane = t % 16;
-    let dd = CUBE_POS_X as usize * 8 + t / 16;
-    let hg = CUBE_POS_Y as usize;
-    let h = hg / g;
-    let gi = hg % g;
-    let b = CUBE_POS_Z as usize;
-    let hq = hkv * g;
-    let two_n = 2 * n_freq;
-    let mut w = Shared::<[f32]>::new_slice(MAX_SPLITS);
-    let mut red = Shared::<[f32]>::new_slice(256usize);
-    let (_lt, l_mid) = head_weights(ml_part, (b * hkv + h) * (sx + sm), g, gi, sx, sx + sm, &mut w, &mut red, 128usize);
-    let mut acc = 0.0f32.runtime();
-    let mut col = NONE.runtime();
-    if dd < d {
-        col = dmap_v[h * d + dd];
-        if col < CRIT {
-            let cbase = (b * cvc + col as usize) * two_n;
-            let sbase = (b * hq + hg) * two_n;
-            for i in 0..(two_n + 15) / 16 {
-                let nn = i * 16 + lane;
-                if nn < two_n {
-                    acc += spec[sbase + nn] * coef_v[cbase + nn];
-                }
-            }
-        }
-    }
-    red[t] = acc;
-    sync_cube();
-    if lane == 0 && dd < d {
-        let mut sum = 0.0f32.runtime();
-        for i in 0..16 {
-            sum += red[t + i];
-        }
-        let mut val = 0.0f32.runtime();
-        if col < CRIT {
-            let c = col as usize;
-            val = ab_v[b * 2 * cvc + c] * sum / f32::cast_from(n_freq) + ab_v[b * 2 * cvc + cvc + c] * l_mid;
-        }
-        vext[(b * hq + hg) * d + dd] = val;
-    }
-}
-
-/// FlashFourierAttention phase 2. Grid `(Hkv, B·G)`, `tile` threads (one query head per cube): merges the `S_x + S_m` partials of each
-/// group member (weights `exp(m_s − M)`), adds the spectral middle's compressed value dims from
-/// [`fourier_resolve_values()`] (spectral only) and writes `o[b, hq, :] = acc/l` in the storage dtype.
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-pub fn fourier_combine<E: Float>(o_part: &[f32], ml_part: &[f32], vext: &[f32], o: &mut [E], hkv: usize, sx: usize, sm: usize, #[comptime] cfg: FlashConfig) {
     let g = cfg.g;
     let d = cfg.d;
     let tile = cfg.tile;
+    let n_freq = cfg.n_freq;
+    let two_n = comptime![2 * cfg.n_freq];
     let t = UNIT_POS as usize;
     let h = CUBE_POS_X as usize;
     let b = CUBE_POS_Y as usize / g;
@@ -1016,7 +1136,22 @@ pub fn fourier_combine<E: Float>(o_part: &[f32], ml_part: &[f32], vext: &[f32], 
     let pbase = (b * hkv + h) * s_total;
     let mut w = Shared::<[f32]>::new_slice(MAX_SPLITS);
     let mut red = Shared::<[f32]>::new_slice(comptime![2 * cfg.tile]);
-    let (lt, _lm) = head_weights(ml_part, pbase, g, gi, sx, s_total, &mut w, &mut red, tile);
+    let mut spec = Shared::<[f32]>::new_slice(comptime![if cfg.spectral { 2 * cfg.n_freq } else { 1 }]);
+    let (lt, l_mid) = head_weights(ml_part, pbase, g, gi, sx, s_total, &mut w, &mut red, tile);
+    if comptime![cfg.spectral] {
+        for i in 0..comptime![(2 * cfg.n_freq).div_ceil(cfg.tile)] {
+            let nn = i * tile + t;
+            if nn < two_n {
+                let mut acc = 0.0f32.runtime();
+                let rowbase = ((b * hkv + h) * sm * g + gi) * two_n + nn;
+                for sp in 0..sm {
+                    acc += w[sx + sp] * sp_part[rowbase + sp * g * two_n];
+                }
+                spec[nn] = acc;
+            }
+        }
+        sync_cube();
+    }
     for i in 0..comptime![cfg.d.div_ceil(cfg.tile)] {
         let dd = i * tile + t;
         if dd < d {
@@ -1026,9 +1161,22 @@ pub fn fourier_combine<E: Float>(o_part: &[f32], ml_part: &[f32], vext: &[f32], 
                 acc += w[sp] * o_part[ob + sp * g * d];
             }
             if comptime![cfg.spectral] {
-                acc += vext[(b * hq + h * g + gi) * d + dd];
+                let col = dmap_v[h * d + dd];
+                if col < CRIT {
+                    let c = col as usize;
+                    let cbase = (b * cvc + c) * two_n;
+                    let mut sacc = 0.0f32.runtime();
+                    for nn in 0..two_n {
+                        sacc += spec[nn] * coef_v[cbase + nn];
+                    }
+                    acc += ab_v[b * 2 * cvc + c] * sacc / f32::cast_from(n_freq) + ab_v[b * 2 * cvc + cvc + c] * l_mid;
+                }
             }
-            o[(b * hq + h * g + gi) * d + dd] = E::cast_from(acc / lt);
+            let mut r = 0.0f32.runtime();
+            if !(lt == 0.0) {
+                r = acc / lt;
+            }
+            o[(b * hq + h * g + gi) * d + dd] = E::cast_from(r);
         }
     }
 }
