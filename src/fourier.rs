@@ -22,6 +22,12 @@
 //! [`FourierLayerConfig::formula_bytes`]. A middle longer than `T` is refused with
 //! [`Error::LengthBeyondCapacity`] (positions would alias), before anything is launched.
 //!
+//! ## Continuous batching
+//! Each sequence has its own state (live, tokens, middle length, ring position) on the device, double-buffered
+//! and advanced by the append kernel, with a host mirror that validates steps without a read-back. A new
+//! cache's slots are live and empty; [`FourierLayerCache::prefill`] admits a prompt into an empty or retired slot
+//! while the others keep theirs, [`FourierLayerCache::retire`] frees a slot (its output rows are zeros).
+//!
 //! ## Decode attention ([`FourierLayerCache::attend`]), `q: [B, 1, Hq, D]` → `o: [B, 1, Hq, D]`
 //! One softmax over `[init | middle | local]`, split over the tokens (exact splits and middle splits, each cube
 //! serving the `G` query heads of a KV head), combined on the device.
@@ -734,7 +740,8 @@ impl FourierLayerCache {
         if l > u32::MAX as usize / 2 {
             return Err(Error::Config("a sequence's length must stay below 2^31"));
         }
-        if !form && l > self.x_cap {
+        if !form && self.x_cap <= self.cfg.trigger() {
+            // It stays exact until it holds `trigger + 1` tokens.
             self.resize_exact(self.cfg.trigger() + 1);
         }
         let (x, e_len) = (self.x_cap, self.cfg.batch * hkv * self.x_cap * d);
@@ -935,8 +942,13 @@ impl FourierLayerCache {
     /// output is the cache's own buffer, overwritten by the next attend. Spectral: 3 launches (projection,
     /// split, combine), no allocation, no upload; direct: 4, with a per-call reconstruction scratch.
     pub fn attend(&self, q: &DeviceTensor, scale: f32, path: FourierPath) -> Result<DeviceTensor, Error> {
-        let (bsz, hq, hkv, d) = (self.cfg.batch, self.cfg.hq, self.cfg.dims.hkv, self.cfg.dims.d);
         self.check_query(q)?;
+        self.attend_checked(q, scale, path)
+    }
+
+    /// [`Self::attend`] of a query [`Self::check_query`] accepted.
+    fn attend_checked(&self, q: &DeviceTensor, scale: f32, path: FourierPath) -> Result<DeviceTensor, Error> {
+        let (bsz, hq, hkv, d) = (self.cfg.batch, self.cfg.hq, self.cfg.dims.hkv, self.cfg.dims.d);
         if !scale.is_finite() {
             return Err(Error::Config("the softmax scale must be finite"));
         }
@@ -1041,14 +1053,15 @@ impl FourierLayerCache {
 }
 
 /// The common cache interface: a step appends the token (post-RoPE keys) and attends by the spectral path with
-/// scale `1/√D`. FourierAttention keeps every token, so the kept positions are all of them and the capacity is
+/// scale `1/√D` — four launches (append, projection, split, combine), no allocation, upload or read-back once
+/// every live middle is formed; the output is the cache's own buffer, overwritten by the next step. FourierAttention keeps every token, so the kept positions are all of them and the capacity is
 /// `l_init + T + l_local` per sequence.
 impl crate::policy::CompressedKvCache for FourierLayerCache {
     fn step(&mut self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<DeviceTensor, Error> {
         // Validate the query before the append so that a bad query leaves the cache unchanged.
         self.check_query(q)?;
         self.append(k, v)?;
-        self.attend(q, 1.0 / (self.cfg.dims.d as f32).sqrt(), FourierPath::Spectral)
+        self.attend_checked(q, 1.0 / (self.cfg.dims.d as f32).sqrt(), FourierPath::Spectral)
     }
     fn len(&self) -> usize {
         self.seqs.iter().map(|s| s.count).max().unwrap_or(0)

@@ -248,3 +248,131 @@ fn fourier_errors() {
 fn flat_reconstruction_keeps_scale_one() {
     run(&Case { d: 8, hkv: 1, g: 8, l_init: 2, l_local: 1, n: 1, prompts: vec![128], steps: 3, extra: 42, crit_pct: 0, dtype: DType::F16, seed: 3580259819133131016 });
 }
+
+/// Continuous batching: over a churn of admissions (prompts below, at and above the trigger, into a cache whose
+/// exact buffer is re-packed or not) and retirements, every live sequence's step outputs match its own
+/// single-sequence reference run (design.md §5 tolerance), its token and middle counts exactly, and a retired
+/// slot's rows are zeros.
+#[test]
+fn churn_of_admissions_and_retirements_matches_single_sequence_runs() {
+    use kvsqueeze::policy::CompressedKvCache;
+    let cl = client();
+    let (bsz, hkv, g, d) = (3usize, 2usize, 2usize, 16usize);
+    let hq = hkv * g;
+    let (li, ll, n, window) = (2usize, 4usize, 8usize, 48usize);
+    let trigger = li + 2 * n + ll;
+    let mut rng = Rng(4242);
+    let dims = FourierDims::from_critical(hkv, d, per_head_crit(&mut rng, hkv, d, 30), per_head_crit(&mut rng, hkv, d, 30)).unwrap();
+    let cfg = FourierLayerConfig::new(bsz, hq, DType::F32, li, ll, n, window, dims.clone());
+    let mut dev = FourierLayerCache::new(cl, cfg.clone()).unwrap();
+    let rcfg = |h: usize| FourierConfig { d, l_init: li, l_local: ll, n_freq: n, window, k_crit: dims.k_crit[h].clone(), v_crit: dims.v_crit[h].clone() };
+    type Refs = Option<(Vec<FourierCache<f64>>, Vec<FourierCache<f32>>)>;
+    let fresh = || -> Refs { Some(((0..hkv).map(|h| FourierCache::new(rcfg(h)).unwrap()).collect(), (0..hkv).map(|h| FourierCache::new(rcfg(h)).unwrap()).collect())) };
+    let mut refs: Vec<Refs> = (0..bsz).map(|_| fresh()).collect();
+    let to32 = |x: &[f64]| -> Vec<f32> { x.iter().map(|&v| v as f32).collect() };
+    let scale = 1.0 / (d as f64).sqrt();
+    let (mut admitted, mut retired, mut regrown, mut packed_steps) = (0, 0, 0, 0);
+    // Per slot, the random walks its keys and values follow (smooth series, what the method targets; i.i.d.
+    // tokens would make the frozen renormalisation of a middle formed at a step ill-conditioned).
+    let mut walks: Vec<(Vec<f64>, Vec<f64>)> = (0..bsz).map(|_| (rng.vec(hkv * d, 1.0), rng.vec(hkv * d, 1.0))).collect();
+    for t in 0..1500 {
+        let r = rng.next_u64() % 100;
+        let slot = (rng.next_u64() % bsz as u64) as usize;
+        if r < 2 && refs[slot].is_some() {
+            dev.retire(slot).unwrap();
+            refs[slot] = None;
+            retired += 1;
+        } else if r < 8 && refs[slot].is_none() {
+            let l = [1, 5, trigger, trigger + 1, 40][(rng.next_u64() % 5) as usize];
+            let (k, v) = (rng.walk(l, hkv * d), rng.walk(l, hkv * d));
+            let packed = dev.physical_bytes() == cfg.formula_bytes();
+            dev.prefill(slot, &upload(cl, &k, &[l, hkv, d], DType::F32), &upload(cl, &v, &[l, hkv, d], DType::F32)).unwrap();
+            regrown += usize::from(packed && dev.physical_bytes() != cfg.formula_bytes());
+            let mut fr = fresh();
+            let (gold, naive) = fr.as_mut().unwrap();
+            for h in 0..hkv {
+                let pick = |x: &[f64]| -> Vec<f64> { (0..l).flat_map(|s| x[(s * hkv + h) * d..][..d].to_vec()).collect() };
+                gold[h].prefill(&pick(&k), &pick(&v)).unwrap();
+                naive[h].prefill(&to32(&pick(&k)), &to32(&pick(&v))).unwrap();
+            }
+            refs[slot] = fr;
+            walks[slot] = (k[(l - 1) * hkv * d..].to_vec(), v[(l - 1) * hkv * d..].to_vec());
+            admitted += 1;
+        }
+        // A sequence whose middle would outgrow the window `T` ends (the cache would refuse the step).
+        for b in 0..bsz {
+            if refs[b].as_ref().is_some_and(|(gold, _)| gold[0].mid_len() + 1 > window) {
+                dev.retire(b).unwrap();
+                refs[b] = None;
+                retired += 1;
+            }
+        }
+        packed_steps += usize::from(dev.physical_bytes() == cfg.formula_bytes());
+        for (wk, wv) in walks.iter_mut() {
+            for x in wk.iter_mut().chain(wv.iter_mut()) {
+                *x += 0.1 * rng.uniform();
+            }
+        }
+        let (k, v): (Vec<f64>, Vec<f64>) = (walks.iter().flat_map(|w| w.0.clone()).collect(), walks.iter().flat_map(|w| w.1.clone()).collect());
+        let q = rng.vec(bsz * hq * d, 1.5);
+        let o = dev.step(&upload(cl, &q, &[bsz, 1, hq, d], DType::F32), &upload(cl, &k, &[bsz, hkv, d], DType::F32), &upload(cl, &v, &[bsz, hkv, d], DType::F32)).unwrap().to_host_f64(cl).unwrap();
+        let case = format!("step {t}, slots {:?}", dev.lens());
+        for b in 0..bsz {
+            let rows = &o[b * hq * d..][..hq * d];
+            let Some((gold, naive)) = refs[b].as_mut() else {
+                assert!(rows.iter().all(|&x| x == 0.0), "retired slot {b} must output zeros ({case})");
+                assert!(!dev.is_active(b));
+                continue;
+            };
+            let (mut want, mut yard) = (Vec::new(), Vec::new());
+            for h in 0..hkv {
+                let (kh, vh) = (&k[(b * hkv + h) * d..][..d], &v[(b * hkv + h) * d..][..d]);
+                gold[h].append(kh, vh).unwrap();
+                naive[h].append(&to32(kh), &to32(vh)).unwrap();
+                let qg = &q[(b * hq + h * g) * d..][..g * d];
+                want.extend(gold[h].attend_direct(qg, scale));
+                yard.extend(naive[h].attend_direct(&to32(qg), scale as f32).iter().map(|&x| x as f64));
+            }
+            assert_eq!((dev.lens()[b], dev.mid_lens()[b]), (gold[0].len(), gold[0].mid_len()), "sequence {b} ({case})");
+            let mag = want.iter().fold(1.0f64, |a, v| a.max(v.abs()));
+            let floor = (4.0 * eps(DType::F32) + 64.0 * f32::EPSILON as f64 * (n as f64).sqrt()) * mag;
+            check_tolerance(&format!("sequence {b}"), &case, rows, &yard, &want, floor);
+        }
+    }
+    eprintln!("churn: {admitted} admissions, {retired} retirements, re-grown {regrown}, packed steps {packed_steps}");
+    assert!(admitted >= 10 && retired >= 10, "churn: {admitted} admissions, {retired} retirements");
+    assert!(regrown >= 1 && packed_steps >= 100, "the exact buffer re-grew {regrown} times, was packed for {packed_steps} steps");
+}
+
+/// A steady-state decode step (every live middle formed, a retired slot beside them) allocates and uploads
+/// nothing: the counter sees every buffer FourierAttention creates.
+#[test]
+fn steady_state_steps_allocate_and_upload_nothing() {
+    use kvsqueeze::policy::CompressedKvCache;
+    let cl = client();
+    let (bsz, hkv, g, d) = (3usize, 2usize, 4usize, 16usize);
+    let hq = hkv * g;
+    let mut rng = Rng(77);
+    let dims = FourierDims::from_critical(hkv, d, per_head_crit(&mut rng, hkv, d, 30), per_head_crit(&mut rng, hkv, d, 30)).unwrap();
+    let cfg = FourierLayerConfig::new(bsz, hq, DType::F32, 2, 8, 4, 600, dims);
+    let mut dev = FourierLayerCache::new(cl, cfg.clone()).unwrap();
+    for b in [0, 2] {
+        let l = 40 + b;
+        dev.prefill(b, &upload(cl, &rng.walk(l, hkv * d), &[l, hkv, d], DType::F32), &upload(cl, &rng.walk(l, hkv * d), &[l, hkv, d], DType::F32)).unwrap();
+    }
+    dev.retire(1).unwrap();
+    let (q, k, v) = (upload(cl, &rng.vec(bsz * hq * d, 1.5), &[bsz, 1, hq, d], DType::F32), upload(cl, &rng.vec(bsz * hkv * d, 1.0), &[bsz, hkv, d], DType::F32), upload(cl, &rng.vec(bsz * hkv * d, 1.0), &[bsz, hkv, d], DType::F32));
+    dev.step(&q, &k, &v).unwrap();
+    assert_eq!(dev.physical_bytes(), cfg.formula_bytes(), "re-packed once every live middle formed");
+    // The counter is per thread: other tests running in parallel do not move it.
+    let before = kvsqueeze::tensor::device_allocations();
+    for _ in 0..300 {
+        dev.step(&q, &k, &v).unwrap();
+    }
+    let grew = kvsqueeze::tensor::device_allocations() - before;
+    let seen = kvsqueeze::tensor::device_allocations();
+    FourierLayerCache::new(cl, cfg).unwrap();
+    assert!(kvsqueeze::tensor::device_allocations() > seen + 10, "the counter sees FourierAttention's buffers");
+    assert_eq!(grew, 0, "steps allocated or uploaded {grew} buffers");
+    assert_eq!(dev.lens(), vec![40 + 301, 0, 42 + 301]);
+}
