@@ -9,13 +9,16 @@
 //! the f64 reference is the test suite's job, `tests/fourier.rs`).
 //!
 //! Columns: the bytes the cache holds (what a decode step must read at least), µs per call, that bytes/time as
-//! bandwidth and as % of a device copy's bandwidth measured first, dense decode over the full cache (our kernel
+//! bandwidth and as % of a device copy's bandwidth measured first, a whole decode step (append + spectral attend)
+//! with the launches and device allocations + uploads it makes, dense decode over the full cache (our kernel
 //! and, when `KVSQUEEZE_SDPA_JSON` holds `benches/baselines/sdpa_decode.py`'s output of the same run, PyTorch's
 //! best SDPA backend; that script times bf16, the same bytes as f16), and the ratios. `KVSQUEEZE_BENCH=quick`
 //! (the default off CUDA) runs a small grid.
 
 use kvsqueeze::attention::{decode_attention, decode_attention_into, DecodeConfig};
 use kvsqueeze::fourier::{FourierDims, FourierLayerCache, FourierLayerConfig, FourierPath};
+use kvsqueeze::policy::CompressedKvCache;
+use kvsqueeze::tensor::{device_allocations, device_launches};
 use kvsqueeze::util::{copy_bandwidth, random, sync};
 use kvsqueeze::DType;
 use std::time::Instant;
@@ -80,15 +83,16 @@ fn main() {
     let ceiling = copy_bandwidth(&client, if full { 2 << 30 } else { 64 << 20 }, 10).expect("copy");
     println!("copy ceiling (read+write): {:.3} TB/s", ceiling / 1e12);
     let grid: Vec<(usize, usize)> = if full { [1, 8].iter().flat_map(|&b| [8192, 32768, 131072].map(move |l| (b, l))).collect() } else { vec![(1, 1200), (2, 3000)] };
-    println!("\n| B | L | cache MB (dense MB) | spectral µs | spectral GB/s (% ceiling) | direct µs | dense µs (ours) | dense SDPA µs | dense / spectral | SDPA / spectral | direct / spectral |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("\n| B | L | cache MB (dense MB) | spectral µs | spectral GB/s (% ceiling) | decode step µs (launches, allocs+uploads) | direct µs | dense µs (ours) | dense SDPA µs | dense / spectral | SDPA / spectral | direct / spectral |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     // KVSQUEEZE_ROWS=B1_L32768,B8_L8192 limits the grid (for profiling one row).
     let only = std::env::var("KVSQUEEZE_ROWS").ok();
     for &(b, l) in &grid {
         if only.as_ref().is_some_and(|o| !o.split(',').any(|r| r == format!("B{b}_L{l}"))) {
             continue;
         }
-        let window = l - l_init - l_local + 64;
+        // Room for the decode steps the step row times (the window's critical columns count in the bytes).
+        let window = l - l_init - l_local + 512;
         let cfg = FourierLayerConfig::new(b, HQ, dtype, l_init, l_local, n, window, dims.clone());
         let mut cache = FourierLayerCache::new(&client, cfg).unwrap();
         cache.synthetic_formed(l, 7).unwrap();
@@ -98,6 +102,17 @@ fn main() {
         let reps = (2e-2 / (bytes as f64 / ceiling)).clamp(5.0, 100.0) as usize;
         let spectral = time(&client, reps, &mut || {
             cache.attend(&q, scale, FourierPath::Spectral).unwrap();
+        });
+        // A whole decode step (append + spectral attend, `CompressedKvCache::step`), with what it launches and
+        // allocates or uploads, counted over 10 steps.
+        let (k1, v1) = (random(&client, &[b, HKV, D], dtype, 21, 1.5).expect("a bench-sized buffer"), random(&client, &[b, HKV, D], dtype, 22, 1.0).expect("a bench-sized buffer"));
+        let (l0, a0) = (device_launches(), device_allocations());
+        for _ in 0..10 {
+            cache.step(&q, &k1, &v1).unwrap();
+        }
+        let (launches, allocs) = ((device_launches() - l0) as f64 / 10.0, (device_allocations() - a0) as f64 / 10.0);
+        let step = time(&client, reps.min(100), &mut || {
+            cache.step(&q, &k1, &v1).unwrap();
         });
         let direct = if l <= 32768 {
             let r = if full { 3 } else { 5 };
@@ -117,12 +132,13 @@ fn main() {
         let bw = bytes as f64 / spectral;
         kvsqueeze::util::check_plausible(&format!("spectral B{b} L{l}"), bw, ceiling).expect("a plausible figure");
         println!(
-            "| {b} | {l} | {:.1} ({:.1}) | {:.1} | {:.0} ({:.0}%) | {} | {:.1} | {} | {:.2} | {} | {} |",
+            "| {b} | {l} | {:.1} ({:.1}) | {:.1} | {:.0} ({:.0}%) | {:.1} ({launches}, {allocs}) | {} | {:.1} | {} | {:.2} | {} | {} |",
             bytes as f64 / 1e6,
             dense_bytes as f64 / 1e6,
             spectral * 1e6,
             bw / 1e9,
             100.0 * bw / ceiling,
+            step * 1e6,
             direct.map_or("—".into(), |t| format!("{:.1}", t * 1e6)),
             dense * 1e6,
             sd.map_or("not measured".into(), |t| format!("{:.1}", t * 1e6)),

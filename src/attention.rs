@@ -635,6 +635,8 @@ fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Pla
     let lse_off = if lse.is_some() { lse_buf.offset } else { 0 };
     let mass_off = mass.as_ref().map_or(0, |t| t.offset);
     let count = CubeCount::Static(plan.n_splits as u32, p.hkv as u32, (p.b * plan.n_row_blocks) as u32);
+    let finalize = !single && mass.is_some() && scores.is_some();
+    crate::tensor::count_launches(if single { 1 } else { 2 + usize::from(finalize) });
     // SAFETY: every index the kernel forms is inside a validated view or an allocation sized above.
     unsafe {
         decode_split::launch_unchecked::<E>(

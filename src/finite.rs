@@ -55,6 +55,7 @@ pub fn check_finite(client: &Client, name: &'static str, t: &DeviceTensor, lens:
     if !client.features().supports_address(address) {
         return Err(Error::DeviceLimit(format!("`{name}` needs {address} indexing, which this device lacks")));
     }
+    crate::tensor::count_launches(1);
     // SAFETY: every index is inside the view, which `check_in_buffer` placed inside its buffer; `first` holds one u32.
     unsafe {
         let arg = |x: &DeviceTensor| BufferArg::from_raw_parts(x.handle.clone(), x.buffer_len.max(1));

@@ -109,6 +109,7 @@ pub fn fourier_transform(client: &Client, x: &DeviceTensor, n_freq: usize, windo
     let col_off: Vec<u32> = (0..cols as u32).collect();
     let col_off = upload_u32(client, &col_off);
     let count = CubeCount::Static(n_freq.div_ceil(TILE) as u32, cols as u32, 1);
+    crate::tensor::count_launches(1);
     // SAFETY: the kernel reads rows `< L_mid` of the validated view and writes the `2N·C` coefficients.
     unsafe {
         with_float_type!(x.dtype, E => transform_kernel::launch_unchecked::<E>(client, count, CubeDim::new_1d(TILE as u32), arg(&x.handle, x.buffer_len), arg(&col_off, cols), arg(&coef.handle, coef.buffer_len), x.offset, x.strides[0], lmid, 0, n_freq, window as u32, TILE))
@@ -537,6 +538,7 @@ impl FourierLayerCache {
             && hw.plane_size_min == hw.plane_size_max
             && tile % hw.plane_size_max as usize == 0;
         let basis = alloc(c, 4 * cfg.n_freq * tile * 4);
+        crate::tensor::count_launches(1);
         // SAFETY: writes the `4·N·tile` entries of the table.
         unsafe {
             fourier_basis_table::launch_unchecked(c, CubeCount::Static((cfg.n_freq * tile).div_ceil(256) as u32, 1, 1), CubeDim::new_1d(256), arg(&basis, 4 * cfg.n_freq * tile), cfg.n_freq, cfg.window as u32, tile);
@@ -682,6 +684,7 @@ impl FourierLayerCache {
         let c = &self.client;
         let (sr, dr) = (upload_u32(c, src_row), upload_u32(c, dst_row));
         let count = CubeCount::Static(width.div_ceil(TILE) as u32, src_row.len() as u32, 1);
+        crate::tensor::count_launches(1);
         // SAFETY: the host computed every row offset plus column offset inside its buffer.
         unsafe {
             with_float_type!(self.cfg.dtype, E => fourier_gather::launch_unchecked::<E>(c, count, CubeDim::new_1d(TILE as u32), arg(src, src_len), arg(&sr, src_row.len()), arg(col, width), arg(dst, dst_len), arg(&dr, dst_row.len()), width, TILE))
@@ -700,6 +703,7 @@ impl FourierLayerCache {
         let blocks = lmid.div_ceil(TILE);
         let coef_len = self.cfg.batch * cols * 2 * n;
         let dim = CubeDim::new_1d(TILE as u32);
+        crate::tensor::count_launches(3);
         // SAFETY: the host validated that the middle's rows lie inside `x`; outputs are sized for `cols`.
         unsafe {
             with_float_type!(self.cfg.dtype, E => {
@@ -817,6 +821,7 @@ impl FourierLayerCache {
         let c = self.client.clone();
         let n = self.cfg.n_freq;
         let (cur, next) = (self.state_base(), (1 - self.cur) * ST_ROWS * bsz);
+        crate::tensor::count_launches(1);
         // SAFETY: slots and middle rows are bounded by the state the host mirror validated above; the tables
         // were built from the validated dim lists.
         unsafe {
@@ -843,6 +848,7 @@ impl FourierLayerCache {
                     if cols == 0 {
                         continue;
                     }
+                    crate::tensor::count_launches(1);
                     // SAFETY: rows [l_init, l_init + mid) of sequence b's exact rows, into its first `mid` middle rows.
                     unsafe {
                         with_float_type!(self.cfg.dtype, E => fourier_gather_strided::launch_unchecked::<E>(&c, CubeCount::Static(cols.div_ceil(TILE) as u32, now.mid_len as u32, 1), CubeDim::new_1d(TILE as u32),
@@ -1000,6 +1006,7 @@ impl FourierLayerCache {
                 (&self.ck, ckn, &self.coef_k, &self.ab_k, &self.tab.dmap_k, ckc, &mk),
                 (&self.cv, cvn, &self.coef_v, &self.ab_v, &self.tab.dmap_v, cvc, &mv),
             ] {
+                crate::tensor::count_launches(1);
                 // SAFETY: tokens below each sequence's middle length, columns from the validated dim tables.
                 unsafe {
                     with_float_type!(self.cfg.dtype, E => fourier_reconstruct::launch_unchecked::<E>(c, count.clone(), dim, arg(crit, bsz * tcap * ncrit), arg(coef, bsz * cols * n2), arg(ab, bsz * 2 * cols), arg(dmap, hkv * d), arg(&self.state, state_len), arg(&self.basis, tab_len), arg(out, mlen), sb + ST_MID * bsz, hkv, d, tcap, ncrit.max(1), tm, cols, n, w, tile))
@@ -1007,6 +1014,7 @@ impl FourierLayerCache {
             }
         }
         if spectral {
+            crate::tensor::count_launches(1);
             // SAFETY: reads the group's query rows and the head's compressed K columns; writes `[B, Hq, 2N]`, `[B, Hq]`.
             unsafe {
                 with_float_type!(self.cfg.dtype, E => fourier_project::launch_unchecked::<E>(c, CubeCount::Static(n2.div_ceil(TILE) as u32, hkv as u32, (PCHUNKS * bsz) as u32), CubeDim::new_1d(TILE as u32), arg(&q.handle, q.buffer_len), arg(&self.coef_k, bsz * ckc * n2), arg(&self.ab_k, bsz * 2 * ckc), arg(&self.tab.kc_off, hkv + 1), arg(&self.tab.kc_dim, ckc), arg(&s.pc, PCHUNKS * bsz * hq * n2), arg(&s.qb, PCHUNKS * bsz * hq), bsz, hkv, ckc, n, g, d, TILE))
@@ -1016,6 +1024,7 @@ impl FourierLayerCache {
         let ml_len = bsz * hkv * st * g * 2;
         let sp_len = if spectral { bsz * hkv * sm * g * n2 } else { 1 };
         let out = &s.out;
+        crate::tensor::count_launches(2);
         // SAFETY: every index is bounded by the per-sequence lengths in `state` (validated against the buffers'
         // capacities when tokens were added) and the partials (allocated for `2·seg_max` splits) by the grid.
         unsafe {

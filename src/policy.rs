@@ -359,6 +359,7 @@ impl PolicyCache {
             return Err(Error::Config("sequence index beyond the batch"));
         }
         let base = self.cur * self.cfg.batch * SEQ_WORDS;
+        crate::tensor::count_launches(1);
         // SAFETY: `b < B` indexes one row of `seq`'s current half.
         unsafe {
             policy_retire::launch_unchecked(&self.client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), BufferArg::from_raw_parts(self.seq.handle.clone(), self.seq.buffer_len), b, base);
@@ -440,6 +441,7 @@ impl PolicyCache {
             let kept = DeviceTensor::filled(&c, &[nb, hkv, cap], DType::U32, 0)?;
             let list = DeviceTensor::filled(&c, &[nb, hkv, keep], DType::U32, 0)?;
             let sc = DeviceTensor::filled(&c, &[nb, hkv, nb1], DType::F32, 0)?;
+            crate::tensor::count_launches(2);
             // SAFETY: `mass` is `[nb, Hkv, w, L]`, scores `[nb, Hkv, n_blocks−1]`, kept `[nb, Hkv, c]` with `n_kept ≤ c`.
             unsafe {
                 let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
@@ -497,6 +499,7 @@ impl PolicyCache {
             let mass = self.window_mass(nb, q_win, k, w, l)?;
             let pooled = DeviceTensor::filled(&c, &[nb, hkv, n], DType::F32, 0)?;
             let kept = DeviceTensor::filled(&c, &[nb, hkv, cap], DType::U32, 0)?;
+            crate::tensor::count_launches(2);
             // SAFETY: `mass` is `[nb, Hkv, w, L]`, `pooled` `[nb, Hkv, L − w]`, `kept` `[nb, Hkv, c]`, `c − w < L − w`.
             unsafe {
                 let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
@@ -556,6 +559,7 @@ impl PolicyCache {
         let cap = layout.capacity();
         let c = &self.client;
         let base = self.cur * batch * SEQ_WORDS;
+        crate::tensor::count_launches(1);
         // SAFETY: `kept` holds `n ≤ c` positions below `L` per head; slots below `n`; `b0 + nb ≤ B`.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
@@ -621,6 +625,7 @@ impl CompressedKvCache for PolicyCache {
         let c = &self.client;
         let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
         let (cur_base, next_base) = (self.cur * batch * SEQ_WORDS, (1 - self.cur) * batch * SEQ_WORDS);
+        crate::tensor::count_launches(1);
         // SAFETY: every buffer is sized by `new` from the validated configuration; the inputs were checked above.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
@@ -631,6 +636,7 @@ impl CompressedKvCache for PolicyCache {
         let positions = self.cfg.rope.map(|_| (&self.att_qpos, &self.rank));
         let out = self.plan.run(q, &self.k, &self.v, &self.att_lens, positions)?;
         let (o, mass) = (out.o.clone(), out.mass.clone().ok_or(Error::Config("the plan writes no mass"))?);
+        crate::tensor::count_launches(1);
         // SAFETY: as above; `mass` is the plan's `[B, Hkv, 1, c+1]` output.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);

@@ -145,6 +145,20 @@ thread_local! {
     static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// Kernel launches issued so far by the calling thread through this crate's ops (every launch site counts
+/// itself), for tests and benches that report launches per step.
+pub fn device_launches() -> usize {
+    LAUNCHES.with(|c| c.get())
+}
+
+thread_local! {
+    static LAUNCHES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+pub(crate) fn count_launches(n: usize) {
+    LAUNCHES.with(|c| c.set(c.get() + n));
+}
+
 pub(crate) fn count_allocation() {
     ALLOCATIONS.with(|c| c.set(c.get() + 1));
 }

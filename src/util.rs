@@ -19,6 +19,7 @@ pub fn random(client: &Client, shape: &[usize], dtype: DType, seed: u32, amp: f3
     let n = t.buffer_len;
     let (count, dim) = grid(n);
     let at = AddressType::from_len(n);
+    crate::tensor::count_launches(1);
     // SAFETY: the kernel writes exactly the `n` elements of the buffer it is given.
     unsafe {
         let arg = BufferArg::from_raw_parts(t.handle.clone(), n);
@@ -46,6 +47,7 @@ pub fn copy_bandwidth(client: &Client, bytes: usize, reps: usize) -> Result<f64,
     let dst = client.empty(n * 16);
     let run = || {
         let (count, dim) = grid(n);
+        crate::tensor::count_launches(1);
         // SAFETY: both buffers hold `n` vectors of 4 f32.
         unsafe {
             copy::launch_unchecked::<f32>(client, count, dim, AddressType::from_len(n * 4), 4, BufferArg::from_raw_parts(src.handle.clone(), n * 4), BufferArg::from_raw_parts(dst.clone(), n * 4), n);

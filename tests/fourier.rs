@@ -345,7 +345,7 @@ fn churn_of_admissions_and_retirements_matches_single_sequence_runs() {
 }
 
 /// A steady-state decode step (every live middle formed, a retired slot beside them) allocates and uploads
-/// nothing: the counter sees every buffer FourierAttention creates.
+/// nothing (the counter sees every buffer FourierAttention creates) and makes four launches.
 #[test]
 fn steady_state_steps_allocate_and_upload_nothing() {
     use kvsqueeze::policy::CompressedKvCache;
@@ -365,11 +365,13 @@ fn steady_state_steps_allocate_and_upload_nothing() {
     dev.step(&q, &k, &v).unwrap();
     assert_eq!(dev.physical_bytes(), cfg.formula_bytes(), "re-packed once every live middle formed");
     // The counter is per thread: other tests running in parallel do not move it.
-    let before = kvsqueeze::tensor::device_allocations();
+    let (before, l0) = (kvsqueeze::tensor::device_allocations(), kvsqueeze::tensor::device_launches());
     for _ in 0..300 {
         dev.step(&q, &k, &v).unwrap();
     }
     let grew = kvsqueeze::tensor::device_allocations() - before;
+    // Append, projection, split, combine.
+    assert_eq!(kvsqueeze::tensor::device_launches() - l0, 300 * 4, "launches per spectral step");
     let seen = kvsqueeze::tensor::device_allocations();
     FourierLayerCache::new(cl, cfg).unwrap();
     assert!(kvsqueeze::tensor::device_allocations() > seen + 10, "the counter sees FourierAttention's buffers");
