@@ -363,14 +363,8 @@ impl Seq {
 struct Tables {
     k: Columns,
     v: Columns,
-    /// Device copies: compressed/critical offsets and dims for K and V, dim maps for the reconstruction,
-    /// global-column offsets (`h·D + d`, the prompt's layout), the identity `0..D`.
-    kc_off: Handle,
-    kc_dim: Handle,
-    kn_off: Handle,
-    kn_dim: Handle,
-    vn_off: Handle,
-    vn_dim: Handle,
+    /// Device copies: dim maps for the reconstruction, global-column offsets (`h·D + d`, the prompt's layout),
+    /// the identity `0..D`.
     dmap_k: Handle,
     dmap_v: Handle,
     kc_glob: Handle,
@@ -378,7 +372,8 @@ struct Tables {
     vc_glob: Handle,
     vn_glob: Handle,
     ident: Handle,
-    /// The append kernel's packed tables: K then V, each `[c_off | c_dim | n_off | n_dim]`.
+    /// The decode kernels' column tables, packed: K then V, each `[c_off | c_dim | n_off | n_dim]` (per-head
+    /// offsets into the compressed and critical column lists, in-head dims).
     packed: Handle,
     packed_len: usize,
     /// Offsets of the columns in the exact buffer (`h·X·D + d`), for the current `X`.
@@ -395,8 +390,9 @@ struct Scratch {
     o_part: Handle,
     ml_part: Handle,
     sp_part: Handle,
-    pc: Handle,
-    qb: Handle,
+    /// The spectral projections: `pc: [PCHUNKS, B, Hq, 2N]`, then `qb: [PCHUNKS, B, Hq]` from `qb_at`.
+    pq: Handle,
+    qb_at: usize,
     /// The transform's partial statistics for a middle formed at a decode step (`2N + 1` tokens).
     stats: Handle,
     stats_len: usize,
@@ -511,12 +507,6 @@ impl FourierLayerCache {
         let packed: Vec<u32> = [&kt, &vt].iter().flat_map(|t| t.c_off.iter().chain(&t.c_dim).chain(&t.n_off).chain(&t.n_dim).copied()).collect();
         let c = client;
         let tab = Tables {
-            kc_off: upload_u32(c, &kt.c_off),
-            kc_dim: upload_u32(c, &kt.c_dim),
-            kn_off: upload_u32(c, &kt.n_off),
-            kn_dim: upload_u32(c, &kt.n_dim),
-            vn_off: upload_u32(c, &vt.n_off),
-            vn_dim: upload_u32(c, &vt.n_dim),
             dmap_k: upload_u32(c, &dmap(&kt)),
             dmap_v: upload_u32(c, &dmap(&vt)),
             kc_glob: upload_u32(c, &glob(&kt.c_head, &kt.c_dim)),
@@ -549,8 +539,8 @@ impl FourierLayerCache {
             o_part: alloc(c, b * hkv * 2 * seg_max * g * d * 4),
             ml_part: alloc(c, b * hkv * 2 * seg_max * g * 2 * 4),
             sp_part: alloc(c, b * hkv * seg_max * g * n2 * 4),
-            pc: alloc(c, PCHUNKS * b * hq * n2 * 4),
-            qb: alloc(c, PCHUNKS * b * hq * 4),
+            pq: alloc(c, PCHUNKS * b * hq * (n2 + 1) * 4),
+            qb_at: PCHUNKS * b * hq * n2,
             stats: alloc(c, stats_len * 4),
             stats_len,
             out: DeviceTensor::empty(c, &out_shape, cfg.dtype)?,
@@ -992,24 +982,22 @@ impl FourierLayerCache {
         let sb = self.state_base();
         let state_len = 2 * ST_ROWS * bsz;
         let s = &self.scratch;
-        // Middle sources: the reconstruction (direct) or the projections (spectral).
-        let one = &s.qb;
-        let (mut mk, mut mv, mut mlen) = (one.clone(), one.clone(), 1);
+        // Middle sources: the reconstruction `mkv` (direct: K then V, a per-call scratch) or the projections.
+        let (mut mkv, mut mlen) = (s.pq.clone(), 1);
         let tm = max_m.max(1);
         if max_m > 0 && !spectral {
             mlen = bsz * hkv * tm * d;
-            mk = alloc(c, mlen * 4);
-            mv = alloc(c, mlen * 4);
+            mkv = alloc(c, 2 * mlen * 4);
             let count = CubeCount::Static(max_m.div_ceil(tile) as u32, (hkv * d) as u32, bsz as u32);
             let tab_len = 4 * n * tile;
-            for (crit, ncrit, coef, ab, dmap, cols, out) in [
-                (&self.ck, ckn, &self.coef_k, &self.ab_k, &self.tab.dmap_k, ckc, &mk),
-                (&self.cv, cvn, &self.coef_v, &self.ab_v, &self.tab.dmap_v, cvc, &mv),
+            for (crit, ncrit, coef, ab, dmap, cols, out_base) in [
+                (&self.ck, ckn, &self.coef_k, &self.ab_k, &self.tab.dmap_k, ckc, 0),
+                (&self.cv, cvn, &self.coef_v, &self.ab_v, &self.tab.dmap_v, cvc, mlen),
             ] {
                 crate::tensor::count_launches(1);
                 // SAFETY: tokens below each sequence's middle length, columns from the validated dim tables.
                 unsafe {
-                    with_float_type!(self.cfg.dtype, E => fourier_reconstruct::launch_unchecked::<E>(c, count.clone(), dim, arg(crit, bsz * tcap * ncrit), arg(coef, bsz * cols * n2), arg(ab, bsz * 2 * cols), arg(dmap, hkv * d), arg(&self.state, state_len), arg(&self.basis, tab_len), arg(out, mlen), sb + ST_MID * bsz, hkv, d, tcap, ncrit.max(1), tm, cols, n, w, tile))
+                    with_float_type!(self.cfg.dtype, E => fourier_reconstruct::launch_unchecked::<E>(c, count.clone(), dim, arg(crit, bsz * tcap * ncrit), arg(coef, bsz * cols * n2), arg(ab, bsz * 2 * cols), arg(dmap, hkv * d), arg(&self.state, state_len), arg(&self.basis, tab_len), arg(&mkv, 2 * mlen), sb + ST_MID * bsz, out_base, hkv, d, tcap, ncrit.max(1), tm, cols, n, w, tile))
                 }
             }
         }
@@ -1017,7 +1005,7 @@ impl FourierLayerCache {
             crate::tensor::count_launches(1);
             // SAFETY: reads the group's query rows and the head's compressed K columns; writes `[B, Hq, 2N]`, `[B, Hq]`.
             unsafe {
-                with_float_type!(self.cfg.dtype, E => fourier_project::launch_unchecked::<E>(c, CubeCount::Static(n2.div_ceil(TILE) as u32, hkv as u32, (PCHUNKS * bsz) as u32), CubeDim::new_1d(TILE as u32), arg(&q.handle, q.buffer_len), arg(&self.coef_k, bsz * ckc * n2), arg(&self.ab_k, bsz * 2 * ckc), arg(&self.tab.kc_off, hkv + 1), arg(&self.tab.kc_dim, ckc), arg(&s.pc, PCHUNKS * bsz * hq * n2), arg(&s.qb, PCHUNKS * bsz * hq), bsz, hkv, ckc, n, g, d, TILE))
+                with_float_type!(self.cfg.dtype, E => fourier_project::launch_unchecked::<E>(c, CubeCount::Static(n2.div_ceil(TILE) as u32, hkv as u32, (PCHUNKS * bsz) as u32), CubeDim::new_1d(TILE as u32), arg(&q.handle, q.buffer_len), arg(&self.coef_k, bsz * ckc * n2), arg(&self.ab_k, bsz * 2 * ckc), arg(&self.tab.packed, self.tab.packed_len), arg(&s.pq, s.qb_at + PCHUNKS * bsz * hq), s.qb_at, bsz, hkv, ckc, n, g, d, TILE))
             }
         }
         let o_len = bsz * hkv * st * g * d;
@@ -1031,11 +1019,10 @@ impl FourierLayerCache {
             with_float_type!(self.cfg.dtype, E => {
                 fourier_split::launch_unchecked::<E>(c, CubeCount::Static(st as u32, hkv as u32, bsz as u32), dim,
                     arg(&q.handle, q.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&self.state, state_len),
-                    arg(&mk, mlen), arg(&mv, mlen), arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn),
-                    arg(&self.tab.kn_off, hkv + 1), arg(&self.tab.kn_dim, ckn), arg(&self.tab.vn_off, hkv + 1), arg(&self.tab.vn_dim, cvn),
-                    arg(&s.pc, PCHUNKS * bsz * hq * n2), arg(&s.qb, PCHUNKS * bsz * hq), arg(&self.basis, 4 * n * tile),
+                    arg(&mkv, 2 * mlen), arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn),
+                    arg(&self.tab.packed, self.tab.packed_len), arg(&s.pq, s.qb_at + PCHUNKS * bsz * hq), arg(&self.basis, 4 * n * tile),
                     arg(&s.o_part, o_len), arg(&s.ml_part, ml_len), arg(&s.sp_part, sp_len),
-                    sb, bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
+                    sb, mlen, hkv + 1 + ckc, 2 * (hkv + 1) + ckc + ckn + hkv + 1 + cvc, s.qb_at, bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
                 fourier_combine::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, (bsz * g) as u32, 1), dim,
                     arg(&s.o_part, o_len), arg(&s.ml_part, ml_len), arg(&s.sp_part, sp_len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc), arg(&self.tab.dmap_v, hkv * d),
                     arg(&out.handle, out.buffer_len), hkv, sx, sm, cvc, fcfg);

@@ -448,7 +448,7 @@ pub fn fourier_gather<E: Float>(src: &[E], src_row: &[u32], col_off: &[u32], dst
     }
 }
 
-/// Direct path: reconstructs the middle of one of K/V into `out: [B, Hkv, T_cap, D]` f32 (critical dims
+/// Direct path: reconstructs the middle of one of K/V into `out: [B, Hkv, T_cap, D]` f32 (from `out_base`) (critical dims
 /// copied from `crit: [B, T, Cn]`, compressed dims `a·x̂ + b`). Grid `(⌈max L_mid/tile⌉, Hkv·D, B)`, thread =
 /// token; `dmap[h·D + d]` is the compressed column index, or [`CRIT`]` | ` the critical column index. The cube's
 /// column coefficients are rotated by the tile's start angle into shared memory, chunk by chunk, so each token
@@ -464,6 +464,7 @@ pub fn fourier_reconstruct<E: Float>(
     tab: &[f32],
     out: &mut [f32],
     mid_base: usize,
+    out_base: usize,
     hkv: usize,
     d: usize,
     t_crit: usize,
@@ -484,7 +485,7 @@ pub fn fourier_reconstruct<E: Float>(
     let h = hd / d;
     if m >= CRIT {
         if t < len {
-            out[((b * hkv + h) * t_cap + t) * d + hd % d] = f32::cast_from(crit[(b * t_crit + t) * n_crit + (m - CRIT) as usize]);
+            out[out_base + ((b * hkv + h) * t_cap + t) * d + hd % d] = f32::cast_from(crit[(b * t_crit + t) * n_crit + (m - CRIT) as usize]);
         }
     } else if base < len {
         let c = m as usize;
@@ -517,7 +518,7 @@ pub fn fourier_reconstruct<E: Float>(
         }
         if t < len {
             let raw = acc / f32::cast_from(n_freq);
-            out[((b * hkv + h) * t_cap + t) * d + hd % d] = ab[b * 2 * cols + c] * raw + ab[b * 2 * cols + cols + c];
+            out[out_base + ((b * hkv + h) * t_cap + t) * d + hd % d] = ab[b * 2 * cols + c] * raw + ab[b * 2 * cols + cols + c];
         }
     }
 }
@@ -543,7 +544,8 @@ pub fn fourier_basis_table(tab: &mut [f32], n_freq: usize, window: u32, #[compti
 /// Spectral path, query projection (spec §1.5): for KV head `h` and its `G` query heads,
 /// `pc[b, hq, n'] = Σ_{c ∈ head h} q[b, hq, d_c]·a_c·coef[b, c, n']` for `n' < 2N` and
 /// `qb[b, hq] = Σ_c q[b, hq, d_c]·b_c`, as [`PCHUNKS`] partial sums over slices of the head's columns
-/// (`pc: [PCHUNKS, B, Hq, 2N]`, `qb: [PCHUNKS, B, Hq]`, summed by [`fourier_split()`]). Grid
+/// (`pq` holds `pc: [PCHUNKS, B, Hq, 2N]` then, from `qb_at`, `qb: [PCHUNKS, B, Hq]`; summed by [`fourier_split()`];
+/// `cols` is the packed table of [`fourier_append()`], its K compressed section). Grid
 /// `(⌈2N/tile⌉, Hkv, PCHUNKS·B)`, thread = coefficient row `n'`; the coefficient reads are shared by the group.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -551,13 +553,12 @@ pub fn fourier_project<E: Float>(
     q: &[E],
     coef: &[f32],
     ab: &[f32],
-    c_off: &[u32],
-    c_dim: &[u32],
-    pc: &mut [f32],
-    qb: &mut [f32],
+    cols: &[u32],
+    pq: &mut [f32],
+    qb_at: usize,
     batch: usize,
     hkv: usize,
-    cols: usize,
+    ncols: usize,
     n_freq: usize,
     #[comptime] g: usize,
     #[comptime] d: usize,
@@ -569,8 +570,9 @@ pub fn fourier_project<E: Float>(
     let part = CUBE_POS_Z as usize / batch;
     let hq = hkv * g;
     let qbase = (b * hq + h * g) * d;
-    let h0 = c_off[h] as usize;
-    let h1 = c_off[h + 1] as usize;
+    let h0 = cols[h] as usize;
+    let h1 = cols[h + 1] as usize;
+    let c_dim = hkv + 1;
     let per = (h1 - h0 + PCHUNKS - 1) / PCHUNKS;
     let c0 = min(h0 + part * per, h1);
     let c1 = min(c0 + per, h1);
@@ -583,8 +585,8 @@ pub fn fourier_project<E: Float>(
             acc[gi] = 0.0;
         }
         for c in c0..c1 {
-            let w = coef[(b * cols + c) * two_n + nn] * ab[b * 2 * cols + c];
-            let dd = c_dim[c] as usize;
+            let w = coef[(b * ncols + c) * two_n + nn] * ab[b * 2 * ncols + c];
+            let dd = cols[c_dim + c] as usize;
             #[unroll]
             for gi in 0..g {
                 acc[gi] += f32::cast_from(q[qbase + gi * d + dd]) * w;
@@ -592,16 +594,16 @@ pub fn fourier_project<E: Float>(
         }
         #[unroll]
         for gi in 0..g {
-            pc[(obase + gi) * two_n + nn] = acc[gi];
+            pq[(obase + gi) * two_n + nn] = acc[gi];
         }
     }
     if CUBE_POS_X == 0 && (UNIT_POS as usize) < g {
         let gi = UNIT_POS as usize;
         let mut s = 0.0f32.runtime();
         for c in c0..c1 {
-            s += f32::cast_from(q[qbase + gi * d + c_dim[c] as usize]) * ab[b * 2 * cols + cols + c];
+            s += f32::cast_from(q[qbase + gi * d + cols[c_dim + c] as usize]) * ab[b * 2 * ncols + ncols + c];
         }
-        qb[obase + gi] = s;
+        pq[qb_at + obase + gi] = s;
     }
 }
 
@@ -629,7 +631,8 @@ pub struct FlashConfig {
 /// `ml_part[((b·Hkv + h)·S + split)·G + g] = (m, l)`, `o_part[… ·D + d]` (unnormalised, every dim), and for
 /// spectral middle splits `sp_part[((b·Hkv + h)·S_m + split − S_x)·G + g][2N] = (Σ p·cos(ωnt), Σ p·sin(ωnt))`.
 ///
-/// Middle scores: direct, `s = scale·⟨q, k̃_t⟩` from `mk: [B, Hkv, T_cap, D]` f32; spectral,
+/// Middle scores: direct, `s = scale·⟨q, k̃_t⟩` from the reconstruction `mkv` (K `[B, Hkv, T_cap, D]` f32, then V
+/// from `mv_at`); spectral, with the projections `pq` of [`fourier_project()`],
 /// `s = scale·((1/N)·Σ_n pc[n] cos(ωnt) + pc[N + n] sin(ωnt) + qb + Σ_{critical} q_d·K[t, d])`.
 /// Middle values: direct, `Σ p·ṽ_t`; spectral, only the critical dims here (the compressed ones are
 /// resolved from `sp_part` in [`fourier_combine()`]).
@@ -640,21 +643,20 @@ pub fn fourier_split<E: Float>(
     ek: &[E],
     ev: &[E],
     state: &[u32],
-    mk: &[f32],
-    mv: &[f32],
+    mkv: &[f32],
     ck: &[E],
     cv: &[E],
-    kn_off: &[u32],
-    kn_dim: &[u32],
-    vn_off: &[u32],
-    vn_dim: &[u32],
-    pc: &[f32],
-    qb: &[f32],
+    cols: &[u32],
+    pq: &[f32],
     tab: &[f32],
     o_part: &mut [f32],
     ml_part: &mut [f32],
     sp_part: &mut [f32],
     state_base: usize,
+    mv_at: usize,
+    kn_at: usize,
+    vn_at: usize,
+    qb_at: usize,
     batch: usize,
     hkv: usize,
     l_init: usize,
@@ -733,10 +735,13 @@ pub fn fourier_split<E: Float>(
     let spectral_mid = comptime![cfg.spectral] && middle;
     let ekbase = (b * hkv + h) * x_cap;
     let mbase = (b * hkv + h) * t_cap;
-    let kn0 = kn_off[h] as usize;
-    let kn1 = kn_off[h + 1] as usize;
-    let vn0 = vn_off[h] as usize;
-    let vn1 = vn_off[h + 1] as usize;
+    // Critical columns of this head (sections of the packed table `cols`: offsets, then in-head dims).
+    let kn0 = cols[kn_at + h] as usize;
+    let kn1 = cols[kn_at + h + 1] as usize;
+    let vn0 = cols[vn_at + h] as usize;
+    let vn1 = cols[vn_at + h + 1] as usize;
+    let kn_dim = kn_at + hkv + 1;
+    let vn_dim = vn_at + hkv + 1;
 
     if spectral_mid {
         // pf[g, n] = the projections (summed over the column slices) rotated by the chunk's start angle ωn·start.
@@ -750,8 +755,8 @@ pub fn fourier_split<E: Float>(
                 #[unroll]
                 for part in 0..PCHUNKS {
                     let row = ((part * batch + b) * hq + h * g + gi) * two_n;
-                    pcv += pc[row + n];
-                    psv += pc[row + n_freq + n];
+                    pcv += pq[row + n];
+                    psv += pq[row + n_freq + n];
                 }
                 let (ca, sa) = basis(n as u32, start as u32, window);
                 let (rc, rs) = shift_origin(pcv, psv, ca, sa);
@@ -774,7 +779,7 @@ pub fn fourier_split<E: Float>(
             if valid {
                 for c in kn0..kn1 {
                     let kv = f32::cast_from(ck[(b * t_crit + j) * ckn + c]);
-                    let dd = kn_dim[c] as usize;
+                    let dd = cols[kn_dim + c] as usize;
                     #[unroll]
                     for gi in 0..g {
                         s[gi] += q_s[gi * d + dd] * kv;
@@ -824,7 +829,7 @@ pub fn fourier_split<E: Float>(
                     let mut qbs = 0.0f32.runtime();
                     #[unroll]
                     for part in 0..PCHUNKS {
-                        qbs += qb[(part * batch + b) * hq + h * g + gi];
+                        qbs += pq[qb_at + (part * batch + b) * hq + h * g + gi];
                     }
                     s[gi] += scale * (sp[gi] * inv_n + qbs);
                 }
@@ -832,7 +837,7 @@ pub fn fourier_split<E: Float>(
         } else if valid {
             if middle {
                 for dd in 0..d {
-                    let kv = mk[(mbase + j) * d + dd];
+                    let kv = mkv[(mbase + j) * d + dd];
                     #[unroll]
                     for gi in 0..g {
                         s[gi] += q_s[gi * d + dd] * kv;
@@ -894,7 +899,7 @@ pub fn fourier_split<E: Float>(
             for i in 0..comptime![cfg.d.div_ceil(cfg.tile)] {
                 let cc = vn0 + i * tile + t;
                 if cc < vn1 {
-                    let dd = vn_dim[cc] as usize;
+                    let dd = cols[vn_dim + cc] as usize;
                     let mut a = Array::<f32>::new(g);
                     #[unroll]
                     for gi in 0..g {
@@ -978,7 +983,7 @@ pub fn fourier_split<E: Float>(
                     for k in 0..nvalid {
                         let mut vv = 0.0f32.runtime();
                         if middle {
-                            vv = mv[(mbase + base + k) * d + dd];
+                            vv = mkv[mv_at + (mbase + base + k) * d + dd];
                         } else {
                             vv = f32::cast_from(ev[(ekbase + exact_slot(base + k, l_init, skip)) * d + dd]);
                         }
