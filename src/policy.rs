@@ -53,6 +53,24 @@ pub trait CompressedKvCache {
     fn kept_positions(&self) -> Result<Vec<Vec<Vec<usize>>>, Error>;
 }
 
+/// Every cache's name on the command line and in reports (`compare`, `eval`, `replay`): the policy caches, then
+/// FourierAttention (`fourier`, not a [`Policy`]).
+pub const CACHE_NAMES: [&str; 8] = ["full", "streaming-llm", "h2o", "tova", "treekv", "treekv-select-left", "weightedkv", "fourier"];
+
+/// A policy cache's name (one of [`CACHE_NAMES`] but `fourier`) → its policy.
+pub fn parse_policy(name: &str) -> Option<Policy> {
+    Some(match name {
+        "full" => Policy::Full,
+        "streaming-llm" => Policy::StreamingLlm,
+        "h2o" => Policy::H2o,
+        "tova" => Policy::Tova,
+        "treekv" => Policy::TreeKv { select_left: false },
+        "treekv-select-left" => Policy::TreeKv { select_left: true },
+        "weightedkv" => Policy::WeightedKv,
+        _ => return None,
+    })
+}
+
 /// The layout the CLI's `compare` and `eval` give an evicting policy at budget `c`: 4 sinks (at most `c/4`),
 /// the most recent `c/2`, the rest the policy's region.
 pub fn budget_layout(c: usize) -> Layout {

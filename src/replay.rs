@@ -31,20 +31,6 @@ pub struct ReplayOptions {
 /// The sizes of a replay: `(steps, Hq, Hkv, D)`.
 pub type ReplayDims = (usize, usize, usize, usize);
 
-/// Parses a policy name: `full`, `streaming-llm`, `h2o`, `tova`, `treekv`, `treekv-select-left`, `weightedkv`.
-pub fn parse_policy(name: &str) -> Option<Policy> {
-    Some(match name {
-        "full" => Policy::Full,
-        "streaming-llm" | "streamingllm" => Policy::StreamingLlm,
-        "h2o" => Policy::H2o,
-        "tova" => Policy::Tova,
-        "treekv" => Policy::TreeKv { select_left: false },
-        "treekv-select-left" => Policy::TreeKv { select_left: true },
-        "weightedkv" => Policy::WeightedKv,
-        _ => return None,
-    })
-}
-
 fn dtype_of(d: StDtype) -> Result<DType, Error> {
     match d {
         StDtype::F32 => Ok(DType::F32),

@@ -66,7 +66,18 @@ fn cli_errors_are_one_line_and_exit_non_zero() {
         let (code, line) = fails(&["check", "--backend", "cuda"]);
         assert!(code == 1 && line.contains("--features cuda"), "{line}");
     }
-    assert_eq!(fails(&["check", "--backend", "metal2"]).0, 1);
+    // An unknown backend is a usage error (typed values).
+    assert_eq!(fails(&["check", "--backend", "metal2"]).0, 2);
+    assert_eq!(fails(&["devices", "--frob"]).0, 2);
+    assert_eq!(fails(&["compare", "--dtype", "f64"]).0, 2);
+    // Help on every subcommand, long and short, on stdout with exit 0.
+    for cmd in ["compare", "check", "bench", "replay", "eval", "devices", "demo"] {
+        for flag in ["--help", "-h"] {
+            let out = run(&[cmd, flag]);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && text.contains("Usage: kvsqueeze"), "{cmd} {flag}: {text}");
+        }
+    }
 
     // Trace missing, and malformed: refused, and no output file is left behind.
     let dir = std::env::temp_dir().join(format!("kvsqueeze-cli-{}", std::process::id()));

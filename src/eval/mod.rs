@@ -499,7 +499,7 @@ fn new_run(
     } else {
         let policy = match name {
             "full" | "full-rank" => Policy::Full,
-            _ => crate::replay::parse_policy(name)
+            _ => crate::policy::parse_policy(name)
                 .ok_or_else(|| format!("unknown policy `{name}`"))?,
         };
         let rank_rope = matches!(
