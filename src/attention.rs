@@ -160,8 +160,12 @@ pub fn dtype_supported(client: &Client, dtype: DType) -> bool {
     uses.is_superset(need)
 }
 
+/// The kernels decode attention launches.
+pub(crate) const KERNELS: [&str; 3] = ["decode_split", "decode_combine", "mass_finalize"];
+
 /// Checks every input (see the module docs for the contract); nothing is launched.
 pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32]) -> Result<Problem, Error> {
+    crate::tensor::check_bindings(client, &KERNELS)?;
     // Layout first: a tensor whose strides do not match its rank is refused before any stride is read.
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         t.check_in_buffer(name)?;
@@ -464,6 +468,7 @@ impl DecodePlan {
     /// Plans `shape` with `cfg`'s scale, outputs (lse, mass) and splits; `cfg.rope` must be `None` (the base is
     /// `shape.rope_base`, the positions come with each run) and `cfg.check_finite` off (a check reads back).
     pub fn new(client: &Client, shape: DecodeShape, cfg: &DecodeConfig) -> Result<Self, Error> {
+        crate::tensor::check_bindings(client, &KERNELS)?;
         if cfg.rope.is_some() || cfg.check_finite {
             return Err(Error::Config("a plan takes its RoPE base from the shape and cannot check values (no read-back)"));
         }

@@ -86,6 +86,7 @@ unsafe fn arg(h: &Handle, len: usize) -> BufferArg {
 /// The prefill transform (spec §1.3 step 1) of `x: [L_mid, C]` (any row stride, unit column stride): returns the
 /// coefficients `[C, 2N]` f32 (column `c`: `N` cosine then `N` sine coefficients).
 pub fn fourier_transform(client: &Client, x: &DeviceTensor, n_freq: usize, window: usize) -> Result<DeviceTensor, Error> {
+    crate::tensor::check_bindings(client, &["fourier_transform"])?;
     if x.shape.len() != 2 || x.shape.iter().any(|&s| s == 0) {
         return Err(Error::ShapeMismatch { tensor: "x", expected: vec![1, 1], got: x.shape.clone() });
     }
@@ -439,6 +440,10 @@ impl FourierLayerCache {
     /// An empty cache (every slot live and empty); checks the configuration and the device. Allocates the
     /// cache and every buffer a decode step uses.
     pub fn new(client: &Client, cfg: FourierLayerConfig) -> Result<Self, Error> {
+        crate::tensor::check_bindings(
+            client,
+            &["fourier_append", "fourier_split", "fourier_combine", "fourier_project", "fourier_reconstruct", "fourier_transform", "fourier_stats_partial", "fourier_stats_finalize", "fourier_gather", "fourier_gather_strided", "fourier_basis_table"],
+        )?;
         let (hkv, d) = (cfg.dims.hkv, cfg.dims.d);
         if cfg.batch == 0 || hkv == 0 || cfg.hq == 0 || cfg.hq % hkv != 0 {
             return Err(Error::GqaRatio { hq: cfg.hq, hkv });

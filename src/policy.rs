@@ -239,6 +239,8 @@ impl PolicyCache {
     /// every buffer a step uses and plans its decode attention, so that [`CompressedKvCache::step`] allocates and
     /// uploads nothing.
     pub fn new(client: &Client, cfg: PolicyCacheConfig) -> Result<Self, Error> {
+        crate::tensor::check_bindings(client, &["policy_append", "policy_step", "policy_install", "policy_retire", "treekv_block_scores", "treekv_block_scan", "snapkv_scores", "snapkv_topk"])?;
+        crate::tensor::check_bindings(client, &crate::attention::KERNELS)?;
         let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, dtype, rope, .. } = cfg;
         if rope.is_some_and(|b| !b.is_finite() || b <= 1.0) {
             return Err(Error::Config("RoPE base must be finite and > 1"));

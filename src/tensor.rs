@@ -163,6 +163,26 @@ pub(crate) fn count_allocation() {
     ALLOCATIONS.with(|c| c.set(c.get() + 1));
 }
 
+/// Refuses kernels that bind more storage buffers than a device with `max_bindings` free bindings allows (cubecl's
+/// `HardwareProperties::max_bindings`: the adapter's storage-buffer limit less the one cubecl keeps for launch
+/// scalars): `Error::DeviceLimit` naming the first such kernel, its count and the limit.
+pub fn check_bindings_against(max_bindings: u32, kernels: &[&str]) -> Result<(), Error> {
+    match kernels.iter().map(|&k| (k, kvsqueeze_kernels::bindings(k))).find(|&(_, n)| n > max_bindings) {
+        Some((k, n)) => Err(Error::DeviceLimit(format!(
+            "kernel `{k}` binds {} storage buffers (with its scalars) and this adapter allows {} per shader stage",
+            n + 1,
+            max_bindings.saturating_add(1)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// [`check_bindings_against`] this device's limit: run by every op and cache constructor before anything is
+/// allocated or launched, so an adapter that cannot bind a kernel is reported in one line up front.
+pub(crate) fn check_bindings(client: &Client, kernels: &[&str]) -> Result<(), Error> {
+    check_bindings_against(client.properties().hardware.max_bindings, kernels)
+}
+
 /// Makes a failure of the launches that wrote `outputs` (an allocation the device refused, a kernel it could
 /// not compile or bind) an `Err` of the call that launched them. No barrier: a lookup on the device's queue.
 pub(crate) fn check_written(client: &Client, outputs: &[&DeviceTensor]) -> Result<(), Error> {

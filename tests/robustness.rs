@@ -547,3 +547,17 @@ proptest! {
         fuzz_cache(&c);
     }
 }
+
+/// An adapter that cannot bind a kernel's storage buffers is reported in one typed line naming the kernel, before
+/// anything is allocated or launched (`tensor::check_bindings_against`, which every op and cache constructor runs
+/// with the device's limit). WebGPU's default adapter limit (8, 7 after cubecl's scalar buffer) is still below our
+/// widest kernels; every kernel fits Mesa's OpenGL (16, so 15).
+#[test]
+fn binding_limits_are_reported_up_front() {
+    use kvsqueeze::tensor::check_bindings_against;
+    let e = check_bindings_against(7, &["fourier_transform", "decode_split"]).unwrap_err();
+    assert!(matches!(e, Error::DeviceLimit(_)) && e.to_string().contains("`decode_split` binds 14") && e.to_string().contains("allows 8"), "{e}");
+    assert!(check_bindings_against(7, &["fourier_transform", "decode_combine", "find_non_finite"]).is_ok());
+    let all: Vec<&str> = kvsqueeze_kernels::BINDINGS.iter().map(|&(n, _)| n).collect();
+    check_bindings_against(15, &all).expect("every kernel binds within OpenGL's 16 storage buffers");
+}

@@ -13,3 +13,40 @@ pub mod fourier;
 pub mod policy;
 pub mod rope;
 pub mod util;
+
+/// Storage buffers each launchable kernel binds (its slice parameters; cubecl binds the launch scalars as one
+/// more). The host refuses, before any launch, an op whose kernels bind more than the device allows
+/// (`HardwareProperties::max_bindings`: WebGPU's default adapter limit of 8 leaves 7, Mesa's OpenGL 15). Checked
+/// against the kernel signatures by `tests/bindings.rs`.
+pub const BINDINGS: &[(&str, u32)] = &[
+    ("decode_split", 13),
+    ("decode_combine", 5),
+    ("mass_finalize", 4),
+    ("fourier_transform", 3),
+    ("fourier_stats_partial", 4),
+    ("fourier_stats_finalize", 2),
+    ("fourier_append", 10),
+    ("fourier_gather_strided", 3),
+    ("fourier_gather", 5),
+    ("fourier_reconstruct", 7),
+    ("fourier_basis_table", 1),
+    ("fourier_project", 5),
+    ("fourier_split", 13),
+    ("fourier_combine", 7),
+    ("policy_append", 12),
+    ("policy_step", 8),
+    ("treekv_block_scores", 2),
+    ("treekv_block_scan", 3),
+    ("policy_install", 12),
+    ("policy_retire", 1),
+    ("snapkv_scores", 2),
+    ("snapkv_topk", 2),
+    ("copy", 2),
+    ("fill_hash", 1),
+    ("find_non_finite", 3),
+];
+
+/// The storage buffers kernel `name` binds (0 for a name not in [`BINDINGS`]).
+pub fn bindings(name: &str) -> u32 {
+    BINDINGS.iter().find(|(n, _)| *n == name).map_or(0, |&(_, b)| b)
+}
