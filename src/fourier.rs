@@ -87,7 +87,7 @@ unsafe fn arg(h: &Handle, len: usize) -> BufferArg {
 /// coefficients `[C, 2N]` f32 (column `c`: `N` cosine then `N` sine coefficients).
 pub fn fourier_transform(client: &Client, x: &DeviceTensor, n_freq: usize, window: usize) -> Result<DeviceTensor, Error> {
     crate::tensor::check_bindings(client, &["fourier_transform"])?;
-    if x.shape.len() != 2 || x.shape.iter().any(|&s| s == 0) {
+    if x.shape.len() != 2 || x.shape.contains(&0) {
         return Err(Error::ShapeMismatch { tensor: "x", expected: vec![1, 1], got: x.shape.clone() });
     }
     if !crate::attention::dtype_supported(client, x.dtype) {

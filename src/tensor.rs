@@ -238,7 +238,7 @@ impl DeviceTensor {
         if self.shape.len() != self.strides.len() {
             return Err(Error::Layout { tensor: name, reason: "strides and shape differ in rank" });
         }
-        if self.shape.iter().any(|&s| s == 0) {
+        if self.shape.contains(&0) {
             return Ok(());
         }
         let span = self.shape.iter().zip(&self.strides).try_fold(self.offset, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x)));

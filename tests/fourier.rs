@@ -216,7 +216,7 @@ fn fourier_errors() {
     let long = upload(cl, &rng.vec(16 * d, 1.0), &[16, 1, d], DType::F32);
     assert!(matches!(dev.prefill(0, &long, &long), Err(Error::LengthBeyondCapacity { len: 13, capacity: 8, .. })));
     assert!(matches!(dev.prefill(0, &long, &upload(cl, &rng.vec(15 * d, 1.0), &[15, 1, d], DType::F32)), Err(Error::ShapeMismatch { .. })));
-    assert!(matches!(dev.prefill(0, &upload(cl, &rng.vec(4 * d, 1.0), &[4, 1, d], DType::F16), &long), Err(_)));
+    assert!(dev.prefill(0, &upload(cl, &rng.vec(4 * d, 1.0), &[4, 1, d], DType::F16), &long).is_err());
     assert!(matches!(dev.prefill(1, &long, &long), Err(Error::Config(_))));
     // 11 tokens: middle 8 = T. Then one more decode token would make it 9: refused, the cache unchanged.
     let k = rng.vec(11 * d, 1.0);

@@ -139,11 +139,11 @@ fn non_finite_inputs_are_named() {
     let cfg = DecodeConfig::new().with_check_finite(true);
     assert!(decode_attention(cl, &q, &k, &k, &[20, 7], &cfg).is_ok());
     // NaN in K at (1, 0, 5, 3): inside sequence 1's 7 valid rows.
-    let kn = with_nan(&[2, 2, 20, 8], ((2 + 0) * 20 + 5) * 8 + 3, 12);
+    let kn = with_nan(&[2, 2, 20, 8], (2 * 20 + 5) * 8 + 3, 12);
     let r = decode_attention(cl, &q, &kn, &k, &[20, 7], &cfg);
     assert_eq!(r.err(), Some(Error::NonFinite { tensor: "k", index: vec![1, 0, 5, 3] }));
     // The same NaN past sequence 1's length is spare capacity, never read: accepted.
-    let kn = with_nan(&[2, 2, 20, 8], ((2 + 0) * 20 + 9) * 8 + 3, 12);
+    let kn = with_nan(&[2, 2, 20, 8], (2 * 20 + 9) * 8 + 3, 12);
     assert!(decode_attention(cl, &q, &kn, &k, &[20, 7], &cfg).is_ok());
     // An infinity in q; and a NaN in a strided view of v.
     let mut qx = Rng(11).vec(64, 1.0);

@@ -3,12 +3,12 @@
 
 use cubecl::prelude::*;
 
-/// `dst[i] = src[i]` over `n` vectors, grid-stride.
+/// `dst[i] = src[i]` over `len` vectors, grid-stride.
 #[cube(launch_unchecked, address_type = "dynamic")]
-pub fn copy<E: Float, N: Size>(src: &[Vector<E, N>], dst: &mut [Vector<E, N>], n: usize) {
+pub fn copy<E: Float, N: Size>(src: &[Vector<E, N>], dst: &mut [Vector<E, N>], len: usize) {
     let stride = (CUBE_COUNT as usize) * (CUBE_DIM as usize);
     let mut i = ABSOLUTE_POS;
-    while i < n {
+    while i < len {
         dst[i] = src[i];
         i += stride;
     }

@@ -265,7 +265,7 @@ impl<T: Real> FourierCache<T> {
     /// Prefill with the prompt's (post-RoPE) keys and values, `[L][D]` flattened.
     pub fn prefill(&mut self, k: &[T], v: &[T]) -> Result<(), FourierError> {
         let d = self.cfg.d;
-        if k.len() != v.len() || k.len() % d != 0 {
+        if k.len() != v.len() || !k.len().is_multiple_of(d) {
             return Err(FourierError::Shape("k and v must both be [L, D]"));
         }
         let l = k.len() / d;

@@ -205,7 +205,7 @@ impl<T: Real> PolicyCache<T> {
     /// One decode step: `q: [G, D]` (the group's query heads, pre-RoPE), `k, v: [D]` (pre-RoPE key).
     pub fn step(&mut self, q: &[T], k: &[T], v: &[T]) -> StepOut<T> {
         let d = self.d;
-        assert!(q.len() % d == 0 && !q.is_empty() && k.len() == d && v.len() == d, "shape mismatch");
+        assert!(q.len().is_multiple_of(d) && !q.is_empty() && k.len() == d && v.len() == d, "shape mismatch");
         let g = q.len() / d;
         self.entries.push(Entry::new(self.seen, k.to_vec(), v.to_vec()));
         self.seen += 1;
@@ -297,7 +297,7 @@ pub struct LayerPolicy<T> {
 impl<T: Real> LayerPolicy<T> {
     /// `hkv` empty caches; `hq` query heads (`hq % hkv == 0`).
     pub fn new(cfg: PolicyConfig, hq: usize, hkv: usize, d: usize) -> Self {
-        assert!(hkv > 0 && hq % hkv == 0, "GQA ratio must be integral");
+        assert!(hkv > 0 && hq.is_multiple_of(hkv), "GQA ratio must be integral");
         LayerPolicy { heads: (0..hkv).map(|_| PolicyCache::new(cfg, d)).collect(), hq, d }
     }
     /// One step: `q: [Hq, D]`, `k, v: [Hkv, D]` → `o: [Hq, D]`.

@@ -40,7 +40,7 @@ impl Rope {
     /// Rotates one head vector (`x.len()` must be even) to position `pos`, in place.
     pub fn apply<T: Real>(&self, x: &mut [T], pos: usize) {
         let d = x.len();
-        assert!(d % 2 == 0, "RoPE needs an even head dimension, got {d}");
+        assert!(d.is_multiple_of(2), "RoPE needs an even head dimension, got {d}");
         let h = d / 2;
         for (i, (c, s)) in self.angles(pos, d).into_iter().enumerate() {
             let (c, s) = (T::of(c), T::of(s));

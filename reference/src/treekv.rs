@@ -68,7 +68,7 @@ pub fn prefill_blocks<T: Real>(q_obs: &[T], keys: &[T], d: usize, b: usize, budg
     assert!(b >= 1 && l >= 1 && budget >= b);
     let nblocks = l.div_ceil(b);
     let w = l - b * (nblocks - 1);
-    assert!(q_obs.len() % (w * d) == 0, "q_obs must hold the last block's queries");
+    assert!(q_obs.len().is_multiple_of(w * d), "q_obs must hold the last block's queries");
     let g = q_obs.len() / (w * d);
     let keep = budget / b;
     if nblocks <= keep {

@@ -228,7 +228,7 @@ fn pad_groups(x: &[f32], g: usize, pad: usize, d: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len() / g * (g + pad));
     for grp in x.chunks(g * d) {
         out.extend_from_slice(grp);
-        out.extend(std::iter::repeat(0.0).take(pad * d));
+        out.extend(std::iter::repeat_n(0.0, pad * d));
     }
     out
 }
