@@ -69,9 +69,7 @@ fn gate(client: &cubecl::client::Client, dtype: DType) {
         let (o, mass) = (read(&out.o), read(out.mass.as_ref().unwrap()));
         let mut worst: f64 = 0.0;
         for bi in 0..b {
-            let tok = |src: &[f64]| -> Vec<f64> {
-                (0..l).flat_map(|j| (0..HKV).flat_map(move |h| (0..D).map(move |dd| ((bi * HKV + h) * l + j) * D + dd))).map(|i| src[i]).collect()
-            };
+            let tok = |src: &[f64]| -> Vec<f64> { (0..l).flat_map(|j| (0..HKV).flat_map(move |h| (0..D).map(move |dd| ((bi * HKV + h) * l + j) * D + dd))).map(|i| src[i]).collect() };
             let r = attention(&q[bi * HQ * D..][..HQ * D], &tok(&k), &tok(&v), Dims { lq: 1, l, hq: HQ, hkv: HKV, d: D }, l - 1, 1.0 / (D as f64).sqrt());
             for (a, e) in o[bi * HQ * D..][..HQ * D].iter().zip(&r.o) {
                 worst = worst.max((a - e).abs());
@@ -82,7 +80,12 @@ fn gate(client: &cubecl::client::Client, dtype: DType) {
                 }
             }
         }
-        let bound = 4.0 * match dtype { DType::BF16 => 7.8e-3, DType::F16 => 9.8e-4, DType::F32 | DType::U32 => 1.2e-6 };
+        let bound = 4.0
+            * match dtype {
+                DType::BF16 => 7.8e-3,
+                DType::F16 => 9.8e-4,
+                DType::F32 | DType::U32 => 1.2e-6,
+            };
         assert!(worst <= bound, "correctness gate failed ({splits:?} splits): max error {worst:.3e} > {bound:.1e}");
         eprintln!("gate ok: {:?}, plan {:?}, max error {worst:.2e}", dtype, out.plan);
     }
@@ -99,11 +102,7 @@ fn main() {
     gate(&client, dtype);
     let ceiling = copy_bandwidth(&client, if full { 2 << 30 } else { 64 << 20 }, 10).expect("copy");
     println!("copy ceiling (read+write): {:.3} TB/s", ceiling / 1e12);
-    let shapes: Vec<(usize, usize)> = if full {
-        [1, 8, 32].iter().flat_map(|&b| [4096, 16384, 32768, 131072].map(move |l| (b, l))).collect()
-    } else {
-        vec![(1, 1024), (2, 4096)]
-    };
+    let shapes: Vec<(usize, usize)> = if full { [1, 8, 32].iter().flat_map(|&b| [4096, 16384, 32768, 131072].map(move |l| (b, l))).collect() } else { vec![(1, 1024), (2, 4096)] };
     let mut criterion = Criterion::default().configure_from_args().sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(if full { 1 } else { 2 }));
     let mut rows = Vec::new();
     for &(b, l) in &shapes {

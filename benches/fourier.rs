@@ -54,7 +54,9 @@ fn main() {
     let full = std::env::var("KVSQUEEZE_BENCH").map(|v| v == "full").unwrap_or(client.name().contains("cuda"));
     let dtype = [DType::F16, DType::F32].into_iter().find(|&t| kvsqueeze::attention::dtype_supported(&client, t)).unwrap();
     println!("device: {}; dtype {dtype:?}; grid {}", kvsqueeze::attention::device_name(&client), if full { "full" } else { "quick" });
-    let text = std::fs::read_to_string("benches/data/llama3.1-8b-layer10-dims.json").or_else(|_| std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/data/llama3.1-8b-layer10-dims.json"))).expect("layer 10 dims");
+    let text = std::fs::read_to_string("benches/data/llama3.1-8b-layer10-dims.json")
+        .or_else(|_| std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/data/llama3.1-8b-layer10-dims.json")))
+        .expect("layer 10 dims");
     let dims = FourierDims::from_official_json(&text, 10, HKV, D).expect("dims");
     let (fk, fv) = dims.compressed_fraction();
     let (l_init, l_local, n) = if full { (4, 1020, 512) } else { (4, 60, 32) };

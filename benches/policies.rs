@@ -24,8 +24,7 @@ fn main() {
     let full = std::env::var("KVSQUEEZE_BENCH").map(|v| v == "full").unwrap_or(client.name().contains("cuda"));
     let dtype = [DType::BF16, DType::F16, DType::F32].into_iter().find(|&t| kvsqueeze::attention::dtype_supported(&client, t)).unwrap();
     println!("device: {}; dtype {dtype:?}", kvsqueeze::attention::device_name(&client));
-    let (batches, budgets, dense_len): (Vec<usize>, Vec<usize>, usize) =
-        if full { (vec![1, 8, 32], vec![1024, 4096, 8192], 131072) } else { (vec![1], vec![64], 2048) };
+    let (batches, budgets, dense_len): (Vec<usize>, Vec<usize>, usize) = if full { (vec![1, 8, 32], vec![1024, 4096, 8192], 131072) } else { (vec![1], vec![64], 2048) };
     let buf = |shape: &[usize], seed: u32, amp: f32| random(&client, shape, dtype, seed, amp).expect("a bench-sized buffer");
     // Mean seconds per call over REPS calls after a warm-up, the device synced before each clock read.
     let time = |f: &mut dyn FnMut()| {

@@ -17,11 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bytes = |n: usize, rng: &mut Rng| -> Vec<u8> { rng.vec(n, 1.0).into_iter().flat_map(|x| (x as f32).to_le_bytes()).collect() };
     let (q, k, v) = (bytes(steps * hq * d, &mut rng), bytes(steps * hkv * d, &mut rng), bytes(steps * hkv * d, &mut rng));
     let trace = safetensors::serialize(
-        [
-            ("q", TensorView::new(Dtype::F32, vec![steps, hq, d], &q)?),
-            ("k", TensorView::new(Dtype::F32, vec![steps, hkv, d], &k)?),
-            ("v", TensorView::new(Dtype::F32, vec![steps, hkv, d], &v)?),
-        ],
+        [("q", TensorView::new(Dtype::F32, vec![steps, hq, d], &q)?), ("k", TensorView::new(Dtype::F32, vec![steps, hkv, d], &k)?), ("v", TensorView::new(Dtype::F32, vec![steps, hkv, d], &v)?)],
         None,
     )?;
     let opts = ReplayOptions { policy: Policy::H2o, layout: Layout { sinks: 4, middle: 12, recent: 16 }, rope: None };

@@ -302,20 +302,11 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig) -> Resu
     // where cubecl does not advertise plane ops (it turns them off for every CPU-type adapter; lavapipe runs
     // them correctly) — for testing those paths without a GPU.
     let forced = std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1");
-    let plane = (forced || client.features().plane.contains(Plane::Ops))
-        && hw.plane_size_min == hw.plane_size_max
-        && TILE % hw.plane_size_max as usize == 0;
+    let plane = (forced || client.features().plane.contains(Plane::Ops)) && hw.plane_size_min == hw.plane_size_max && TILE % hw.plane_size_max as usize == 0;
     let single = n_splits == 1 && (!cfg.mass || n_rb == 1);
     let launches = if single { 1 } else { 2 + cfg.mass as usize };
     // The largest element count any kernel indexes: the inputs' buffers, the scores scratch, the partials.
-    let largest = [
-        kv.largest,
-        p.b * p.hkv * r_total * p.lcap,
-        p.b * p.hkv * r_total * n_splits * p.d,
-    ]
-    .into_iter()
-    .max()
-    .unwrap_or(0);
+    let largest = [kv.largest, p.b * p.hkv * r_total * p.lcap, p.b * p.hkv * r_total * n_splits * p.d].into_iter().max().unwrap_or(0);
     let address = AddressType::from_len(largest);
     if !client.features().supports_address(address) {
         return Err(Error::DeviceLimit(format!("{largest} elements need {address} indexing, which this device lacks")));
@@ -556,7 +547,6 @@ impl DecodePlan {
         launch_unchecked(&self.client, p, &self.plan, &self.scratch, q, k, v, lens, positions, self.scale, &self.out);
         Ok(&self.out)
     }
-
 }
 
 /// Scratch of one planned launch: split partials, the scores for the mass, an internal lse, the RoPE table,
@@ -605,7 +595,19 @@ impl Scratch {
 
 /// Launches with validated inputs (assumes [`validate`], [`plan`] and the output checks accepted them).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn launch_unchecked(client: &Client, p: &Problem, plan: &Plan, sc: &Scratch, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &DeviceTensor, rope: Option<(&DeviceTensor, &DeviceTensor)>, scale: Option<f32>, out: &DecodeOutput) {
+pub(crate) fn launch_unchecked(
+    client: &Client,
+    p: &Problem,
+    plan: &Plan,
+    sc: &Scratch,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    lens: &DeviceTensor,
+    rope: Option<(&DeviceTensor, &DeviceTensor)>,
+    scale: Option<f32>,
+    out: &DecodeOutput,
+) {
     with_float_type!(p.dtype, E => launch_typed::<E>(client, p, plan, sc, q, k, v, lens, rope, scale, out))
 }
 
@@ -615,7 +617,19 @@ fn buf(t: &DeviceTensor) -> BufferArg {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch_typed<E: Float + CubeElement>(client: &Client, p: &Problem, plan: &Plan, sc: &Scratch, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens_t: &DeviceTensor, rope: Option<(&DeviceTensor, &DeviceTensor)>, scale: Option<f32>, out: &DecodeOutput) {
+fn launch_typed<E: Float + CubeElement>(
+    client: &Client,
+    p: &Problem,
+    plan: &Plan,
+    sc: &Scratch,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    lens_t: &DeviceTensor,
+    rope: Option<(&DeviceTensor, &DeviceTensor)>,
+    scale: Option<f32>,
+    out: &DecodeOutput,
+) {
     let g = p.hq / p.hkv;
     let r_total = g * p.lq;
     let dummy = &sc.dummy;

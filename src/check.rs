@@ -14,10 +14,10 @@ use crate::Error;
 use cubecl::client::Client;
 use half::{bf16, f16};
 use kvsqueeze_reference::attention::{attention, Dims};
+use kvsqueeze_reference::cast_slice;
 use kvsqueeze_reference::fourier::{transform, FourierCache, FourierConfig};
 use kvsqueeze_reference::policy::{PolicyCache as RefCache, PolicyConfig, Positions};
 use kvsqueeze_reference::testing::Rng;
-use kvsqueeze_reference::cast_slice;
 
 /// One check's outcome.
 #[derive(Clone, Debug)]
@@ -233,4 +233,3 @@ fn check_fourier(c: &Client, dt: DType) -> Result<CheckResult, Error> {
     let mid = gold[0].mid_len();
     Ok(result(format!("fourier attention {dt:?} direct + spectral, {} tokens (middle {mid}), N {n}, GQA {g}", prompt + steps), err, tol, String::new(), true))
 }
-

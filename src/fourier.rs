@@ -45,8 +45,8 @@ use cubecl::client::Client;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use kvsqueeze_kernels::fourier::{
-    fourier_append, fourier_basis_table, fourier_combine, fourier_gather, fourier_gather_strided, fourier_project, fourier_reconstruct, fourier_split, fourier_stats_finalize,
-    fourier_stats_partial, fourier_transform as transform_kernel, FlashConfig, CRIT, NONE, PCHUNKS, ST_ACTIVE, ST_COUNT, ST_EXACT, ST_FLAGS, ST_FORMED, ST_MID, ST_RING, ST_ROWS, ST_SKIP,
+    fourier_append, fourier_basis_table, fourier_combine, fourier_gather, fourier_gather_strided, fourier_project, fourier_reconstruct, fourier_split, fourier_stats_finalize, fourier_stats_partial,
+    fourier_transform as transform_kernel, FlashConfig, CRIT, NONE, PCHUNKS, ST_ACTIVE, ST_COUNT, ST_EXACT, ST_FLAGS, ST_FORMED, ST_MID, ST_RING, ST_ROWS, ST_SKIP,
 };
 
 const TILE: usize = 128;
@@ -196,7 +196,16 @@ impl FourierDims {
                 }
             }
             // The cumulative per-head counts (the loader prepends 0), when present in full.
-            let check = |cum: &[usize], counts: Vec<usize>| cum.len() != hkv || cum.iter().zip(counts.iter().scan(0, |a, &x| { *a += x; Some(*a) })).all(|(a, b)| *a == b);
+            let check = |cum: &[usize], counts: Vec<usize>| {
+                cum.len() != hkv
+                    || cum
+                        .iter()
+                        .zip(counts.iter().scan(0, |a, &x| {
+                            *a += x;
+                            Some(*a)
+                        }))
+                        .all(|(a, b)| *a == b)
+            };
             if !check(&ch, comp_count.clone()) || !check(&nh, crit.iter().map(Vec::len).collect()) {
                 return Err(bad("per-head counts (*_h_list) disagree with the lists".into()));
             }
@@ -442,7 +451,19 @@ impl FourierLayerCache {
     pub fn new(client: &Client, cfg: FourierLayerConfig) -> Result<Self, Error> {
         crate::tensor::check_bindings(
             client,
-            &["fourier_append", "fourier_split", "fourier_combine", "fourier_project", "fourier_reconstruct", "fourier_transform", "fourier_stats_partial", "fourier_stats_finalize", "fourier_gather", "fourier_gather_strided", "fourier_basis_table"],
+            &[
+                "fourier_append",
+                "fourier_split",
+                "fourier_combine",
+                "fourier_project",
+                "fourier_reconstruct",
+                "fourier_transform",
+                "fourier_stats_partial",
+                "fourier_stats_finalize",
+                "fourier_gather",
+                "fourier_gather_strided",
+                "fourier_basis_table",
+            ],
         )?;
         let (hkv, d) = (cfg.dims.hkv, cfg.dims.d);
         if cfg.batch == 0 || hkv == 0 || cfg.hq == 0 || cfg.hq % hkv != 0 {
@@ -529,14 +550,20 @@ impl FourierLayerCache {
             v: vt,
         };
         let forced = std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1");
-        let plane = (forced || client.features().plane.contains(cubecl::features::Plane::Ops))
-            && hw.plane_size_min == hw.plane_size_max
-            && tile % hw.plane_size_max as usize == 0;
+        let plane = (forced || client.features().plane.contains(cubecl::features::Plane::Ops)) && hw.plane_size_min == hw.plane_size_max && tile % hw.plane_size_max as usize == 0;
         let basis = alloc(c, 4 * cfg.n_freq * tile * 4);
         crate::tensor::count_launches(1);
         // SAFETY: writes the `4·N·tile` entries of the table.
         unsafe {
-            fourier_basis_table::launch_unchecked(c, CubeCount::Static((cfg.n_freq * tile).div_ceil(256) as u32, 1, 1), CubeDim::new_1d(256), arg(&basis, 4 * cfg.n_freq * tile), cfg.n_freq, cfg.window as u32, tile);
+            fourier_basis_table::launch_unchecked(
+                c,
+                CubeCount::Static((cfg.n_freq * tile).div_ceil(256) as u32, 1, 1),
+                CubeDim::new_1d(256),
+                arg(&basis, 4 * cfg.n_freq * tile),
+                cfg.n_freq,
+                cfg.window as u32,
+                tile,
+            );
         }
         let out_shape = [b, 1, hq, d];
         let scratch = Scratch {
@@ -705,7 +732,18 @@ impl FourierLayerCache {
                 transform_kernel::launch_unchecked::<E>(c, CubeCount::Static(n.div_ceil(TILE) as u32, cols as u32, 1), dim, arg(x, x_len), arg(col, cols), arg(coef, coef_len), x_base, t_stride, lmid, b * cols * 2 * n, n, w, TILE);
                 fourier_stats_partial::launch_unchecked::<E>(c, CubeCount::Static(blocks as u32, cols as u32, 1), dim, arg(x, x_len), arg(col, cols), arg(coef, coef_len), arg(part, blocks * cols * 6), x_base, t_stride, lmid, cols, b * cols * 2 * n, n, w, TILE);
             });
-            fourier_stats_finalize::launch_unchecked(c, CubeCount::Static(cols.div_ceil(TILE) as u32, 1, 1), dim, arg(part, blocks * cols * 6), arg(ab, self.cfg.batch * 2 * cols), blocks, cols, lmid, b * 2 * cols, TILE);
+            fourier_stats_finalize::launch_unchecked(
+                c,
+                CubeCount::Static(cols.div_ceil(TILE) as u32, 1, 1),
+                dim,
+                arg(part, blocks * cols * 6),
+                arg(ab, self.cfg.batch * 2 * cols),
+                blocks,
+                cols,
+                lmid,
+                b * 2 * cols,
+                TILE,
+            );
         }
     }
 
@@ -995,10 +1033,9 @@ impl FourierLayerCache {
             mkv = alloc(c, 2 * mlen * 4);
             let count = CubeCount::Static(max_m.div_ceil(tile) as u32, (hkv * d) as u32, bsz as u32);
             let tab_len = 4 * n * tile;
-            for (crit, ncrit, coef, ab, dmap, cols, out_base) in [
-                (&self.ck, ckn, &self.coef_k, &self.ab_k, &self.tab.dmap_k, ckc, 0),
-                (&self.cv, cvn, &self.coef_v, &self.ab_v, &self.tab.dmap_v, cvc, mlen),
-            ] {
+            for (crit, ncrit, coef, ab, dmap, cols, out_base) in
+                [(&self.ck, ckn, &self.coef_k, &self.ab_k, &self.tab.dmap_k, ckc, 0), (&self.cv, cvn, &self.coef_v, &self.ab_v, &self.tab.dmap_v, cvc, mlen)]
+            {
                 crate::tensor::count_launches(1);
                 // SAFETY: tokens below each sequence's middle length, columns from the validated dim tables.
                 unsafe {

@@ -14,9 +14,9 @@ pub mod attention;
 pub mod check;
 pub mod compare;
 mod error;
-pub mod finite;
 #[cfg(feature = "eval")]
 pub mod eval;
+pub mod finite;
 pub mod fourier;
 pub mod output;
 pub mod policy;

@@ -5,6 +5,7 @@
 //! `--help`/`-h` (clap). Errors are one line on stderr with what to do, exit code 2 for usage (clap's parse errors
 //! and ours) and 1 for refusals; no partial output file is ever left behind.
 
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvsqueeze::compare::{compare, CompareOptions, Stream};
 use kvsqueeze::DType;
 use kvsqueeze_reference::attention::default_scale;
@@ -12,7 +13,6 @@ use kvsqueeze_reference::metrics::{cosine, relative_l2};
 use kvsqueeze_reference::policy::{Layout, Policy, PolicyCache, PolicyConfig, Positions};
 use kvsqueeze_reference::rope::Rope;
 use kvsqueeze_reference::testing::Rng;
-use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
@@ -267,7 +267,6 @@ fn main() {
     }
 }
 
-
 fn cmd_compare(backend: &str, a: CompareArgs) -> Result<(), Fail> {
     let CompareArgs { steps, budgets, policies, dtype, hq, hkv, d, seed, json } = a;
     let policies: Vec<String> = if policies.is_empty() { ALL_POLICIES.iter().map(|s| s.to_string()).collect() } else { policies };
@@ -295,8 +294,10 @@ fn cmd_compare(backend: &str, a: CompareArgs) -> Result<(), Fail> {
     if json {
         let v: Vec<serde_json::Value> = rows
             .iter()
-            .map(|r| serde_json::json!({"policy": r.policy, "budget": r.budget, "physical_bytes": r.physical_bytes, "ratio_to_full": r.ratio_to_full,
-                "rel_l2": r.rel_l2, "kl": r.kl, "jaccard_vs_reference": r.jaccard, "step_us": r.step_us}))
+            .map(|r| {
+                serde_json::json!({"policy": r.policy, "budget": r.budget, "physical_bytes": r.physical_bytes, "ratio_to_full": r.ratio_to_full,
+                "rel_l2": r.rel_l2, "kl": r.kl, "jaccard_vs_reference": r.jaccard, "step_us": r.step_us})
+            })
             .collect();
         let out = serde_json::json!({"device": kvsqueeze::attention::device_name(&c), "steps": steps, "hq": hq, "hkv": hkv, "d": d, "dtype": format!("{dtype:?}"), "rows": v});
         println!("{}", serde_json::to_string_pretty(&out).expect("serialisable"));
@@ -318,7 +319,14 @@ fn cmd_check(backend: &str) -> Result<(), Fail> {
     let results = kvsqueeze::check::run_checks(&c, &mut |a, b, l| bar.update(a, b, l));
     let mut failed = 0;
     for r in &results {
-        println!("{} {}: error {:.2e} (tolerance {:.2e}){}", if r.pass { "PASS" } else { "FAIL" }, r.name, r.error, r.tolerance, if r.note.is_empty() { String::new() } else { format!(" — {}", r.note) });
+        println!(
+            "{} {}: error {:.2e} (tolerance {:.2e}){}",
+            if r.pass { "PASS" } else { "FAIL" },
+            r.name,
+            r.error,
+            r.tolerance,
+            if r.note.is_empty() { String::new() } else { format!(" — {}", r.note) }
+        );
         failed += !r.pass as usize;
     }
     if failed > 0 {
@@ -421,7 +429,8 @@ fn cmd_eval(backend: &str, a: EvalArgs) -> Result<(), Fail> {
     opts.windows = a.windows.unwrap_or(opts.windows);
     opts.attn_every = a.attn_every.unwrap_or(opts.attn_every);
     if !a.budgets.is_empty() {
-        opts.budgets = a.budgets.iter().map(|b| Budget::parse(b.trim()).ok_or_else(|| Fail::Usage(format!("--budgets wants fractions or counts like 1/4,256, got `{b}`")))).collect::<Result<_, _>>()?;
+        opts.budgets =
+            a.budgets.iter().map(|b| Budget::parse(b.trim()).ok_or_else(|| Fail::Usage(format!("--budgets wants fractions or counts like 1/4,256, got `{b}`")))).collect::<Result<_, _>>()?;
     }
     if !a.policies.is_empty() {
         opts.policies = a.policies.iter().map(|p| p.trim().to_string()).collect();
@@ -446,7 +455,8 @@ fn cmd_eval(backend: &str, a: EvalArgs) -> Result<(), Fail> {
     // Output destinations are checked (and created exclusively) before the long run.
     let create = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| kvsqueeze::output::AtomicFile::create(p)).transpose().map_err(|e| Fail::Refused(e.to_string()));
     let (json_out, svg_out) = (create(&a.json)?, create(&a.svg)?);
-    let contents: Vec<(String, String)> = texts.iter().map(|(n, p)| std::fs::read_to_string(p).map(|t| (n.clone(), t)).map_err(|e| Fail::Refused(format!("{}: {e}", p.display())))).collect::<Result<_, _>>()?;
+    let contents: Vec<(String, String)> =
+        texts.iter().map(|(n, p)| std::fs::read_to_string(p).map(|t| (n.clone(), t)).map_err(|e| Fail::Refused(format!("{}: {e}", p.display())))).collect::<Result<_, _>>()?;
     let c = client(backend)?;
     let t0 = Instant::now();
     let (model, content) = Model::load(&gguf).map_err(Fail::Refused)?;
@@ -458,9 +468,18 @@ fn cmd_eval(backend: &str, a: EvalArgs) -> Result<(), Fail> {
         eprintln!("{name}: {} tokens", ids.len());
         rows.extend(evaluate_text(&c, &model, name, &ids, &opts, &mut |line| eprintln!("{line}")).map_err(Fail::Refused)?);
     }
-    println!("settings: prefix {}, scored {}, windows {}, prefill {:?}, dtype {:?}, device {}", opts.prefix, opts.scored, opts.windows, opts.prefill, opts.dtype, kvsqueeze::attention::device_name(&c));
+    println!(
+        "settings: prefix {}, scored {}, windows {}, prefill {:?}, dtype {:?}, device {}",
+        opts.prefix,
+        opts.scored,
+        opts.windows,
+        opts.prefill,
+        opts.dtype,
+        kvsqueeze::attention::device_name(&c)
+    );
     print!("{}", table(&rows));
-    let write = |file: Option<kvsqueeze::output::AtomicFile>, body: String| -> Result<(), Fail> { file.map_or(Ok(()), |f| f.write_all_and_commit(body.as_bytes())).map_err(|e| Fail::Refused(e.to_string())) };
+    let write =
+        |file: Option<kvsqueeze::output::AtomicFile>, body: String| -> Result<(), Fail> { file.map_or(Ok(()), |f| f.write_all_and_commit(body.as_bytes())).map_err(|e| Fail::Refused(e.to_string())) };
     if json_out.is_some() {
         let doc = serde_json::json!({"settings": {"prefix": opts.prefix, "scored": opts.scored, "windows": opts.windows, "prefill": format!("{:?}", opts.prefill), "dtype": format!("{:?}", opts.dtype), "device": kvsqueeze::attention::device_name(&c), "gguf": gguf.display().to_string()}, "rows": to_json(&rows)});
         write(json_out, serde_json::to_string_pretty(&doc).expect("json"))?;

@@ -465,7 +465,19 @@ impl PolicyCache {
             // SAFETY: `mass` is `[nb, Hkv, w, L]`, scores `[nb, Hkv, n_blocks−1]`, kept `[nb, Hkv, c]` with `n_kept ≤ c`.
             unsafe {
                 let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
-                treekv_block_scores::launch_unchecked(&c, CubeCount::Static(nb1.div_ceil(THREADS) as u32, hkv as u32, nb as u32), CubeDim::new_1d(THREADS as u32), b(&mass), b(&sc), hkv, w, l, block, nb1, THREADS);
+                treekv_block_scores::launch_unchecked(
+                    &c,
+                    CubeCount::Static(nb1.div_ceil(THREADS) as u32, hkv as u32, nb as u32),
+                    CubeDim::new_1d(THREADS as u32),
+                    b(&mass),
+                    b(&sc),
+                    hkv,
+                    w,
+                    l,
+                    block,
+                    nb1,
+                    THREADS,
+                );
                 treekv_block_scan::launch_unchecked(&c, grid.clone(), CubeDim::new_1d(1), b(&sc), b(&list), b(&kept), hkv, l, block, nb1, keep, cap, select_left);
             }
             (kept, Some(sc))
@@ -523,7 +535,20 @@ impl PolicyCache {
             // SAFETY: `mass` is `[nb, Hkv, w, L]`, `pooled` `[nb, Hkv, L − w]`, `kept` `[nb, Hkv, c]`, `c − w < L − w`.
             unsafe {
                 let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
-                snapkv_scores::launch_unchecked(&c, CubeCount::Static(n.div_ceil(THREADS) as u32, hkv as u32, nb as u32), CubeDim::new_1d(THREADS as u32), b(&mass), b(&pooled), hkv, w, l, n, kernel, pool == Pool::Max, THREADS);
+                snapkv_scores::launch_unchecked(
+                    &c,
+                    CubeCount::Static(n.div_ceil(THREADS) as u32, hkv as u32, nb as u32),
+                    CubeDim::new_1d(THREADS as u32),
+                    b(&mass),
+                    b(&pooled),
+                    hkv,
+                    w,
+                    l,
+                    n,
+                    kernel,
+                    pool == Pool::Max,
+                    THREADS,
+                );
                 snapkv_topk::launch_unchecked(&c, grid.clone(), CubeDim::new_1d(THREADS as u32), b(&pooled), b(&kept), hkv, l, n, cap - w, cap, THREADS);
             }
             (cap, kept, Some(pooled))
@@ -547,7 +572,6 @@ impl PolicyCache {
         crate::finite::check_inputs(&self.client, self.cfg.check_finite, &[("k", k), ("v", v)])?;
         Ok(l)
     }
-
 
     /// The kept list `[nb, Hkv, c]` of a prompt of `l ≤ c` tokens: every position, then [`FREE`].
     fn keep_all(&self, l: usize, nb: usize) -> Result<DeviceTensor, Error> {

@@ -7,11 +7,11 @@
 //! Output (safetensors): `o: [steps, Hq, D]` f32 and `kept: [steps, Hkv, budget]` i32, each row the kept
 //! original positions in cache order, padded with −1 while the cache is filling.
 
+use crate::output::AtomicFile;
 use crate::policy::{CompressedKvCache, Layout, Policy, PolicyCache, PolicyCacheConfig};
 use crate::tensor::{DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
-use crate::output::AtomicFile;
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 use safetensors::SafeTensors;
 use std::io::{Seek, SeekFrom, Write};
@@ -82,7 +82,13 @@ pub fn trace_dims(trace: &[u8]) -> Result<ReplayDims, Error> {
 /// and kept positions `kept: [Hkv, budget]` (−1 padded) to `sink` as it goes (nothing is accumulated), and
 /// `(done, total)` to `progress`. The cache checks every input for NaN/±∞ ([`crate::finite`]): a non-finite
 /// trace is refused at the step that holds it. Returns the sizes.
-pub fn replay(client: &Client, trace: &[u8], opts: &ReplayOptions, sink: &mut dyn FnMut(usize, &[f32], &[i32]) -> Result<(), Error>, progress: &mut dyn FnMut(usize, usize)) -> Result<ReplayDims, Error> {
+pub fn replay(
+    client: &Client,
+    trace: &[u8],
+    opts: &ReplayOptions,
+    sink: &mut dyn FnMut(usize, &[f32], &[i32]) -> Result<(), Error>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ReplayDims, Error> {
     let st = SafeTensors::deserialize(trace).map_err(st_err)?;
     let ([q, k, v], dtype, dims) = trace_tensors(&st)?;
     let (steps, hq, hkv, d) = dims;

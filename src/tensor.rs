@@ -168,11 +168,7 @@ pub(crate) fn count_allocation() {
 /// scalars): `Error::DeviceLimit` naming the first such kernel, its count and the limit.
 pub fn check_bindings_against(max_bindings: u32, kernels: &[&str]) -> Result<(), Error> {
     match kernels.iter().map(|&k| (k, kvsqueeze_kernels::bindings(k))).find(|&(_, n)| n > max_bindings) {
-        Some((k, n)) => Err(Error::DeviceLimit(format!(
-            "kernel `{k}` binds {} storage buffers (with its scalars) and this adapter allows {} per shader stage",
-            n + 1,
-            max_bindings.saturating_add(1)
-        ))),
+        Some((k, n)) => Err(Error::DeviceLimit(format!("kernel `{k}` binds {} storage buffers (with its scalars) and this adapter allows {} per shader stage", n + 1, max_bindings.saturating_add(1)))),
         None => Ok(()),
     }
 }

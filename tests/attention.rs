@@ -229,11 +229,8 @@ fn run_kernel(c: &Case, x: &Inputs) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, Pla
         let k_pos = positions(c, &x.k_pos, &[b, c.lcap]);
         cfg = cfg.with_rope(RopeConfig { base, q_pos, k_pos });
     }
-    let mut out = DecodeOutput::new(
-        out_view(c, &[b, c.lq, c.hq, c.d], c.dtype),
-        c.lse.then(|| out_view(c, &[b, c.lq, c.hq], DType::F32)),
-        c.mass.then(|| out_view(c, &[b, c.hkv, c.lq, c.lcap], DType::F32)),
-    );
+    let mut out =
+        DecodeOutput::new(out_view(c, &[b, c.lq, c.hq, c.d], c.dtype), c.lse.then(|| out_view(c, &[b, c.lq, c.hq], DType::F32)), c.mass.then(|| out_view(c, &[b, c.hkv, c.lq, c.lcap], DType::F32)));
     let lens = lens32(c);
     decode_attention_into(cl, &q, &k, &v, &lens, &cfg, &mut out)?;
     for t in std::iter::once(&out.o).chain(out.lse.iter()).chain(out.mass.iter()) {

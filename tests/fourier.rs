@@ -9,12 +9,12 @@
 
 mod common;
 
+use common::Rng;
 use common::*;
 use kvsqueeze::fourier::{fourier_transform, FourierDims, FourierLayerCache, FourierLayerConfig, FourierPath};
 use kvsqueeze::reference::fourier::{transform, FourierCache, FourierConfig};
 use kvsqueeze::{DType, Error};
 use proptest::prelude::*;
-use common::Rng;
 
 /// Kernel coefficients vs the f64 reference with the derived tolerance (naive f32 reference as the yardstick:
 /// the kernel accumulates in f32 whatever the storage dtype). The kernel's layout is `[C, 2N]`.
@@ -181,9 +181,7 @@ fn official_dim_lists() {
     assert!(FourierDims::from_official_json(&json.replace("\"kc_h_list\": [2, 5]", "\"kc_h_list\": [3, 5]"), 0, 2, 4).is_err(), "counts");
     // The paper's Llama-3.1-8B file, when the shared data is present: 73.7% of K and 79.3% of V compressed.
     let rel = "benches/data/llama3.1-8b-layer10-dims.json";
-    let text = std::fs::read_to_string(rel)
-        .or_else(|_| std::fs::read_to_string(format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"))))
-        .expect("benches/data holds layer 10 of the paper's dim lists");
+    let text = std::fs::read_to_string(rel).or_else(|_| std::fs::read_to_string(format!("{}/{rel}", env!("CARGO_MANIFEST_DIR")))).expect("benches/data holds layer 10 of the paper's dim lists");
     let l10 = FourierDims::from_official_json(&text, 10, 8, 128).unwrap();
     let (fk, fv) = l10.compressed_fraction();
     assert!((fk - 0.8).abs() < 0.01 && (fv - 0.8).abs() < 0.01, "layer 10 compresses 80% of K and V columns: {fk} {fv}");
@@ -361,7 +359,11 @@ fn steady_state_steps_allocate_and_upload_nothing() {
         dev.prefill(b, &upload(cl, &rng.walk(l, hkv * d), &[l, hkv, d], DType::F32), &upload(cl, &rng.walk(l, hkv * d), &[l, hkv, d], DType::F32)).unwrap();
     }
     dev.retire(1).unwrap();
-    let (q, k, v) = (upload(cl, &rng.vec(bsz * hq * d, 1.5), &[bsz, 1, hq, d], DType::F32), upload(cl, &rng.vec(bsz * hkv * d, 1.0), &[bsz, hkv, d], DType::F32), upload(cl, &rng.vec(bsz * hkv * d, 1.0), &[bsz, hkv, d], DType::F32));
+    let (q, k, v) = (
+        upload(cl, &rng.vec(bsz * hq * d, 1.5), &[bsz, 1, hq, d], DType::F32),
+        upload(cl, &rng.vec(bsz * hkv * d, 1.0), &[bsz, hkv, d], DType::F32),
+        upload(cl, &rng.vec(bsz * hkv * d, 1.0), &[bsz, hkv, d], DType::F32),
+    );
     dev.step(&q, &k, &v).unwrap();
     assert_eq!(dev.physical_bytes(), cfg.formula_bytes(), "re-packed once every live middle formed");
     // The counter is per thread: other tests running in parallel do not move it.

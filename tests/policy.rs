@@ -10,7 +10,7 @@ use common::*;
 use kvsqueeze::policy::{CompressedKvCache, Layout, Policy, PolicyCache, PolicyCacheConfig};
 use kvsqueeze::reference::attention::{attention, Dims};
 use kvsqueeze::reference::cast_slice;
-use kvsqueeze::reference::policy::{Positions, PolicyCache as RefCache, PolicyConfig};
+use kvsqueeze::reference::policy::{PolicyCache as RefCache, PolicyConfig, Positions};
 use kvsqueeze::reference::rope::Rope;
 use kvsqueeze::DType;
 use proptest::prelude::*;
@@ -434,19 +434,11 @@ fn snapkv_prefill_matches_reference() {
 #[test]
 fn streaming_prefill_matches_reference() {
     let cl = client();
-    for (ci, &(l, rope)) in [(300usize, true), (64, false), (50, false), (1, true)]
-        .iter()
-        .enumerate()
-    {
+    for (ci, &(l, rope)) in [(300usize, true), (64, false), (50, false), (1, true)].iter().enumerate() {
         let (b, hkv, g, d) = (2, 2, 4, 16);
         let hq = hkv * g;
-        let layout = Layout {
-            sinks: 4,
-            middle: 44,
-            recent: 16,
-        };
-        let mut cfg =
-            PolicyCacheConfig::new(Policy::StreamingLlm, layout, b, hq, hkv, d, DType::F32);
+        let layout = Layout { sinks: 4, middle: 44, recent: 16 };
+        let mut cfg = PolicyCacheConfig::new(Policy::StreamingLlm, layout, b, hq, hkv, d, DType::F32);
         if rope {
             cfg = cfg.with_rope(10_000.0);
         }
@@ -454,20 +446,10 @@ fn streaming_prefill_matches_reference() {
         let mut rng = Rng(900 + ci as u64);
         let k = round_to(&rng.vec(b * hkv * l * d, 1.5), DType::F32);
         let v = round_to(&rng.vec(b * hkv * l * d, 1.0), DType::F32);
-        dev.prefill_recent(
-            &upload(cl, &k, &[b, hkv, l, d], DType::F32),
-            &upload(cl, &v, &[b, hkv, l, d], DType::F32),
-        )
-        .unwrap();
+        dev.prefill_recent(&upload(cl, &k, &[b, hkv, l, d], DType::F32), &upload(cl, &v, &[b, hkv, l, d], DType::F32)).unwrap();
         let kept = dev.kept_positions().unwrap();
         let r = Rope { base: 10_000.0 };
-        let rcfg = PolicyConfig {
-            policy: Policy::StreamingLlm,
-            layout,
-            rope: rope.then_some(r),
-            positions: Positions::CacheRank,
-            scale: 1.0 / (d as f64).sqrt(),
-        };
+        let rcfg = PolicyConfig { policy: Policy::StreamingLlm, layout, rope: rope.then_some(r), positions: Positions::CacheRank, scale: 1.0 / (d as f64).sqrt() };
         let mut refs = Vec::new();
         for bi in 0..b {
             for h in 0..hkv {
@@ -485,57 +467,14 @@ fn streaming_prefill_matches_reference() {
         }
         decode_after_prefill(&mut dev, &mut refs, &mut rng, (b, hkv, g, d), ci);
     }
-    let mk = |p, cap: usize| {
-        PolicyCache::new(
-            cl,
-            PolicyCacheConfig::new(
-                p,
-                Layout {
-                    sinks: 2,
-                    middle: cap - 6,
-                    recent: 4,
-                },
-                1,
-                2,
-                1,
-                8,
-                DType::F32,
-            ),
-        )
-        .unwrap()
-    };
+    let mk = |p, cap: usize| PolicyCache::new(cl, PolicyCacheConfig::new(p, Layout { sinks: 2, middle: cap - 6, recent: 4 }, 1, 2, 1, 8, DType::F32)).unwrap();
     let x = |shape: &[usize]| upload(cl, &vec![0.5; shape.iter().product()], shape, DType::F32);
     let kk = x(&[1, 1, 40, 8]);
-    let mut full = PolicyCache::new(
-        cl,
-        PolicyCacheConfig::new(
-            Policy::Full,
-            Layout {
-                sinks: 0,
-                middle: 40,
-                recent: 0,
-            },
-            1,
-            2,
-            1,
-            8,
-            DType::F32,
-        ),
-    )
-    .unwrap();
+    let mut full = PolicyCache::new(cl, PolicyCacheConfig::new(Policy::Full, Layout { sinks: 0, middle: 40, recent: 0 }, 1, 2, 1, 8, DType::F32)).unwrap();
     full.prefill_recent(&kk, &kk).unwrap();
-    assert_eq!(
-        full.kept_positions().unwrap()[0][0],
-        (0..40).collect::<Vec<_>>()
-    );
-    assert!(matches!(
-        mk(Policy::Full, 16).prefill_recent(&kk, &kk),
-        Err(kvsqueeze::Error::LengthBeyondCapacity { .. })
-    ));
-    assert!(matches!(
-        mk(Policy::H2o, 16).prefill_recent(&kk, &kk),
-        Err(kvsqueeze::Error::Config(_))
-    ));
+    assert_eq!(full.kept_positions().unwrap()[0][0], (0..40).collect::<Vec<_>>());
+    assert!(matches!(mk(Policy::Full, 16).prefill_recent(&kk, &kk), Err(kvsqueeze::Error::LengthBeyondCapacity { .. })));
+    assert!(matches!(mk(Policy::H2o, 16).prefill_recent(&kk, &kk), Err(kvsqueeze::Error::Config(_))));
 }
 
 /// Plan once, step many: after the first step, a policy cache's steps allocate and upload nothing (the crate's
@@ -554,7 +493,11 @@ fn steady_state_steps_allocate_and_upload_nothing() {
         let mut dev = PolicyCache::new(cl, cfg).unwrap();
         dev.retire(1).unwrap();
         let mut rng = Rng(5);
-        let (q, k, v) = (upload(cl, &rng.vec(b * hq * d, 1.5), &[b, 1, hq, d], DType::F32), upload(cl, &rng.vec(b * hkv * d, 1.5), &[b, hkv, d], DType::F32), upload(cl, &rng.vec(b * hkv * d, 1.0), &[b, hkv, d], DType::F32));
+        let (q, k, v) = (
+            upload(cl, &rng.vec(b * hq * d, 1.5), &[b, 1, hq, d], DType::F32),
+            upload(cl, &rng.vec(b * hkv * d, 1.5), &[b, hkv, d], DType::F32),
+            upload(cl, &rng.vec(b * hkv * d, 1.0), &[b, hkv, d], DType::F32),
+        );
         dev.step(&q, &k, &v).unwrap();
         // The counter is per thread: other tests running in parallel do not move it.
         let before = kvsqueeze::tensor::device_allocations();
@@ -586,7 +529,9 @@ fn churn_of_admissions_and_retirements_matches_single_sequence_runs() {
     let layout = Layout { sinks: 2, middle: 6, recent: 4 };
     let scale = 1.0 / (d as f64).sqrt();
     let mut total_steps = 0;
-    for (pi, (policy, rope)) in [(Policy::H2o, None), (Policy::TreeKv { select_left: false }, Some(10_000.0)), (Policy::WeightedKv, None), (Policy::StreamingLlm, Some(10_000.0)), (Policy::Tova, None)].into_iter().enumerate() {
+    for (pi, (policy, rope)) in
+        [(Policy::H2o, None), (Policy::TreeKv { select_left: false }, Some(10_000.0)), (Policy::WeightedKv, None), (Policy::StreamingLlm, Some(10_000.0)), (Policy::Tova, None)].into_iter().enumerate()
+    {
         let mut cfg = PolicyCacheConfig::new(policy, layout, b, hq, hkv, d, DType::F32);
         if let Some(base) = rope {
             cfg = cfg.with_rope(base);
@@ -631,11 +576,7 @@ fn churn_of_admissions_and_retirements_matches_single_sequence_runs() {
                 dev.admit(slot, how).unwrap();
                 let kept = dev.kept_positions().unwrap();
                 assert_eq!(kept[slot], solo.kept_positions().unwrap()[0], "{policy:?} step {t}: admission into slot {slot}");
-                refs[slot] = Some(if empty {
-                    (0..hkv).map(|_| RefCache::new(rcfg, d)).collect()
-                } else {
-                    (0..hkv).map(|h| ref_from_kept(rcfg, &kept[slot][h], &k, &v, h, l, d)).collect()
-                });
+                refs[slot] = Some(if empty { (0..hkv).map(|_| RefCache::new(rcfg, d)).collect() } else { (0..hkv).map(|h| ref_from_kept(rcfg, &kept[slot][h], &k, &v, h, l, d)).collect() });
                 admitted += 1;
             }
             let (qd, kd, vd, o) = random_step(&mut dev, &mut rng, (b, hkv, hq, d));

@@ -32,13 +32,7 @@ fn replay_matches_reference() {
     let budget = 24;
     let layout = Layout { sinks: 4, middle: budget - 4 - 12, recent: 12 };
     for (name, policy) in [("treekv", Policy::TreeKv { select_left: false }), ("weightedkv", Policy::WeightedKv), ("h2o", Policy::H2o)] {
-        let status = bin()
-            .args(["replay", "--policy", name, "--budget", "24", "--recent", "12", "--rope", "10000", "--trace"])
-            .arg(&trace)
-            .arg("--out")
-            .arg(&out)
-            .status()
-            .unwrap();
+        let status = bin().args(["replay", "--policy", name, "--budget", "24", "--recent", "12", "--rope", "10000", "--trace"]).arg(&trace).arg("--out").arg(&out).status().unwrap();
         assert!(status.success(), "{name}: {status}");
         let written = std::fs::read(&out).unwrap();
         let st = safetensors::SafeTensors::deserialize(&written).unwrap();

@@ -368,7 +368,19 @@ fn attn_case() -> impl Strategy<Value = AttnCase> {
     // Mostly valid problems (lengths in range, well-formed views), with one broken view, an out-of-range length
     // or an unsupported head dim now and then.
     let broken = prop::option::weighted(0.2, (0usize..3, broken_kind()));
-    (1usize..3, 1usize..3, 1usize..3, prop::sample::select(vec![1usize, 2, 4, 3]), prop::sample::select(vec![8usize, 16, 8, 16, 12]), 1usize..140, prop::collection::vec(any::<u32>(), 3), [view_kind(), view_kind(), view_kind()], broken, (any::<bool>(), prop::sample::select(vec![DType::F32, DType::F16])), any::<u64>())
+    (
+        1usize..3,
+        1usize..3,
+        1usize..3,
+        prop::sample::select(vec![1usize, 2, 4, 3]),
+        prop::sample::select(vec![8usize, 16, 8, 16, 12]),
+        1usize..140,
+        prop::collection::vec(any::<u32>(), 3),
+        [view_kind(), view_kind(), view_kind()],
+        broken,
+        (any::<bool>(), prop::sample::select(vec![DType::F32, DType::F16])),
+        any::<u64>(),
+    )
         .prop_map(|(b, lq, hkv, g, d, lcap, raw, mut views, broken, (mass, dtype), seed)| {
             let lens = raw[..b].iter().map(|&r| if r % 10 == 0 { (r / 10) as usize % 150 } else { lq + r as usize % (lcap.saturating_sub(lq) + 1) }).collect();
             if let Some((i, kind)) = broken {
@@ -415,7 +427,9 @@ fn fuzz_attention(c: &AttnCase) {
             let mass = out.mass.map(|m| m.to_host_f64(cl).unwrap());
             for bi in 0..c.b {
                 let len = c.lens[bi];
-                let tok = |x: &[f64]| -> Vec<f64> { (0..len).flat_map(|j| (0..c.hkv).flat_map(move |h| ((bi * c.hkv + h) * c.lcap + j) * c.d..((bi * c.hkv + h) * c.lcap + j + 1) * c.d)).map(|i| x[i]).collect() };
+                let tok = |x: &[f64]| -> Vec<f64> {
+                    (0..len).flat_map(|j| (0..c.hkv).flat_map(move |h| ((bi * c.hkv + h) * c.lcap + j) * c.d..((bi * c.hkv + h) * c.lcap + j + 1) * c.d)).map(|i| x[i]).collect()
+                };
                 let qb = &q[bi * c.lq * hq * c.d..][..c.lq * hq * c.d];
                 let dims = Dims { lq: c.lq, l: len, hq, hkv: c.hkv, d: c.d };
                 let scale = 1.0 / (c.d as f64).sqrt();
@@ -466,8 +480,30 @@ struct CacheCase {
 
 fn cache_case() -> impl Strategy<Value = CacheCase> {
     let policies = vec![Policy::Full, Policy::StreamingLlm, Policy::H2o, Policy::Tova, Policy::TreeKv { select_left: false }, Policy::WeightedKv];
-    (prop::sample::select(policies), 0usize..3, 0usize..6, 0usize..3, 0usize..3, 1usize..3, prop::sample::select(vec![1usize, 2, 3]), prop::sample::select(vec![8usize, 16]), 1usize..30, prop::option::of(0usize..30), any::<u64>())
-        .prop_map(|(policy, sinks, middle, recent, batch0, hkv, g, d, steps, bad_step, seed)| CacheCase { policy, layout: Layout { sinks, middle, recent }, batch: batch0 + 1, hkv, g, d, steps, bad_step, seed })
+    (
+        prop::sample::select(policies),
+        0usize..3,
+        0usize..6,
+        0usize..3,
+        0usize..3,
+        1usize..3,
+        prop::sample::select(vec![1usize, 2, 3]),
+        prop::sample::select(vec![8usize, 16]),
+        1usize..30,
+        prop::option::of(0usize..30),
+        any::<u64>(),
+    )
+        .prop_map(|(policy, sinks, middle, recent, batch0, hkv, g, d, steps, bad_step, seed)| CacheCase {
+            policy,
+            layout: Layout { sinks, middle, recent },
+            batch: batch0 + 1,
+            hkv,
+            g,
+            d,
+            steps,
+            bad_step,
+            seed,
+        })
 }
 
 /// A policy cache on fuzzed configuration and steps: refused exactly when the configuration is invalid; when

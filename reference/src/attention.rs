@@ -64,12 +64,7 @@ pub fn attention<T: Real>(q: &[T], k: &[T], v: &[T], dims: Dims, offset: usize, 
     assert_eq!(v.len(), l * hkv * d);
     assert!(offset + lq <= l, "query rows past the last key");
     let g = hq / hkv;
-    let mut out = AttentionOut {
-        o: vec![T::zero(); lq * hq * d],
-        lse: vec![T::zero(); lq * hq],
-        probs: vec![T::zero(); lq * hq * l],
-        group_mean: vec![T::zero(); lq * hkv * l],
-    };
+    let mut out = AttentionOut { o: vec![T::zero(); lq * hq * d], lse: vec![T::zero(); lq * hq], probs: vec![T::zero(); lq * hq * l], group_mean: vec![T::zero(); lq * hkv * l] };
     for i in 0..lq {
         let visible = offset + i + 1;
         for h in 0..hq {

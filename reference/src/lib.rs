@@ -32,9 +32,7 @@ pub mod weightedkv;
 ///
 /// Every arithmetic operation is performed *in* `T` (a naive same-precision implementation); only the
 /// transcendental functions of the half types go through `f32` internally, as `half` implements them.
-pub trait Real:
-    num_traits::Float + num_traits::FromPrimitive + core::fmt::Debug + core::iter::Sum + Default + Send + Sync + 'static
-{
+pub trait Real: num_traits::Float + num_traits::FromPrimitive + core::fmt::Debug + core::iter::Sum + Default + Send + Sync + 'static {
     /// Converts an `f64` constant into `T` (rounding to nearest).
     fn of(x: f64) -> Self {
         Self::from_f64(x).expect("every f64 converts to a float type")
@@ -45,17 +43,7 @@ pub trait Real:
     }
 }
 
-impl<T> Real for T where
-    T: num_traits::Float
-        + num_traits::FromPrimitive
-        + core::fmt::Debug
-        + core::iter::Sum
-        + Default
-        + Send
-        + Sync
-        + 'static
-{
-}
+impl<T> Real for T where T: num_traits::Float + num_traits::FromPrimitive + core::fmt::Debug + core::iter::Sum + Default + Send + Sync + 'static {}
 
 /// Converts a slice of one float type into another (through `f64`, so widening is exact).
 pub fn cast_slice<A: Real, B: Real>(x: &[A]) -> Vec<B> {

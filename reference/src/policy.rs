@@ -81,14 +81,7 @@ pub enum Policy {
 
 impl Policy {
     /// Every evicting policy, in a fixed order (for tests and benches that sweep them).
-    pub const EVICTING: [Policy; 6] = [
-        Policy::StreamingLlm,
-        Policy::H2o,
-        Policy::Tova,
-        Policy::TreeKv { select_left: false },
-        Policy::TreeKv { select_left: true },
-        Policy::WeightedKv,
-    ];
+    pub const EVICTING: [Policy; 6] = [Policy::StreamingLlm, Policy::H2o, Policy::Tova, Policy::TreeKv { select_left: false }, Policy::TreeKv { select_left: true }, Policy::WeightedKv];
 }
 
 /// Configuration of one cache.

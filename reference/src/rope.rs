@@ -84,8 +84,7 @@ mod tests {
 
     #[test]
     fn llada_factors() {
-        let f: Vec<f64> =
-            [8192, 16384, 24576, 32768].iter().map(|&t| ntk_scale_factor(128, 500_000.0, 4096, t)).collect();
+        let f: Vec<f64> = [8192, 16384, 24576, 32768].iter().map(|&t| ntk_scale_factor(128, 500_000.0, 4096, t)).collect();
         assert_eq!(f, vec![4.0, 14.0, 31.0, 55.0]);
     }
 

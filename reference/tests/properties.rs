@@ -20,13 +20,7 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
 }
 
 fn config(policy: Policy, layout: Layout, rope: bool) -> PolicyConfig {
-    PolicyConfig {
-        policy,
-        layout,
-        rope: rope.then_some(Rope { base: 10_000.0 }),
-        positions: Positions::CacheRank,
-        scale: default_scale(8),
-    }
+    PolicyConfig { policy, layout, rope: rope.then_some(Rope { base: 10_000.0 }), positions: Positions::CacheRank, scale: default_scale(8) }
 }
 
 /// Streams `steps` random tokens through a cache; returns the cache and the (q, k, v) of every step.
@@ -299,7 +293,11 @@ fn calibration_picks_smooth_columns() {
                     (0..c)
                         .map(|j| {
                             walk[j] += 0.02 * rng.uniform();
-                            if smooth[j] { walk[j] } else { rng.uniform() }
+                            if smooth[j] {
+                                walk[j]
+                            } else {
+                                rng.uniform()
+                            }
                         })
                         .collect()
                 })

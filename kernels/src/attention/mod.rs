@@ -88,14 +88,7 @@ pub(crate) fn safe_div(a: f32, l: f32) -> f32 {
 /// results in `m`. One barrier for all rows: `red` holds `rows·tile` floats (`rows·tile/PLANE_DIM` are used
 /// with plane reductions). The caller syncs before `red` is written again.
 #[cube]
-pub(crate) fn cube_max_rows(
-    s: &Array<f32>,
-    m: &mut Array<f32>,
-    red: &mut Shared<[f32]>,
-    #[comptime] rows: usize,
-    #[comptime] tile: usize,
-    #[comptime] plane: bool,
-) {
+pub(crate) fn cube_max_rows(s: &Array<f32>, m: &mut Array<f32>, red: &mut Shared<[f32]>, #[comptime] rows: usize, #[comptime] tile: usize, #[comptime] plane: bool) {
     let t = UNIT_POS as usize;
     if comptime![plane] {
         let pd = PLANE_DIM as usize;
@@ -528,18 +521,7 @@ pub fn decode_combine<E: Float>(
 /// future get 0.
 #[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
-pub fn mass_finalize(
-    scores: &[f32],
-    row_ml: &[f32],
-    lens: &[u32],
-    mass: &mut [f32],
-    mass_off: usize,
-    hkv: usize,
-    g: usize,
-    lq: usize,
-    lcap: usize,
-    #[comptime] tile: usize,
-) {
+pub fn mass_finalize(scores: &[f32], row_ml: &[f32], lens: &[u32], mass: &mut [f32], mass_off: usize, hkv: usize, g: usize, lq: usize, lcap: usize, #[comptime] tile: usize) {
     let j = CUBE_POS_X as usize * tile + UNIT_POS as usize;
     let kvh = CUBE_POS_Y as usize / lq;
     let i = CUBE_POS_Y as usize % lq;

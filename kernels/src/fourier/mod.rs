@@ -62,18 +62,7 @@ fn exact_slot(j: usize, l_init: usize, skip: usize) -> usize {
 /// Column `c` of token `t` is `x[x_base + col_off[c] + t·t_stride]`; writes `coef[coef_base + c·2N + …]`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn fourier_transform<E: Float>(
-    x: &[E],
-    col_off: &[u32],
-    coef: &mut [f32],
-    x_base: usize,
-    t_stride: usize,
-    lmid: usize,
-    coef_base: usize,
-    n_freq: usize,
-    window: u32,
-    #[comptime] tile: usize,
-) {
+pub fn fourier_transform<E: Float>(x: &[E], col_off: &[u32], coef: &mut [f32], x_base: usize, t_stride: usize, lmid: usize, coef_base: usize, n_freq: usize, window: u32, #[comptime] tile: usize) {
     let n = CUBE_POS_X as usize * tile + UNIT_POS as usize;
     let c = CUBE_POS_Y as usize;
     if n < n_freq {
