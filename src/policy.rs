@@ -31,7 +31,9 @@ use crate::tensor::{with_float_type, DType, DeviceTensor};
 use crate::Error;
 use cubecl::client::Client;
 use cubecl::prelude::*;
-use kvsqueeze_kernels::policy::{policy_append, policy_install, policy_retire, policy_step, snapkv_scores, snapkv_topk, treekv_block_scan, treekv_block_scores, Rule, FREE, SEQ_FLAGS, SEQ_WORDS};
+use kvsqueeze_kernels::baselines::{snapkv_scores, snapkv_topk};
+use kvsqueeze_kernels::policy::{policy_append, policy_install, policy_retire, policy_step, Rule, FREE, SEQ_FLAGS, SEQ_WORDS};
+use kvsqueeze_kernels::treekv::{treekv_block_scan, treekv_block_scores};
 pub use kvsqueeze_reference::baselines::Pool;
 pub use kvsqueeze_reference::policy::{Layout, Policy};
 

@@ -26,10 +26,13 @@
 )]
 
 pub mod attention;
+pub mod baselines;
 pub mod fourier;
 pub mod policy;
 pub mod rope;
+pub mod treekv;
 pub mod util;
+pub mod weightedkv;
 
 /// Storage buffers each launchable kernel binds (its slice parameters; cubecl binds the launch scalars as one
 /// more). The host refuses, before any launch, an op whose kernels bind more than the device allows

@@ -21,8 +21,14 @@
 //! mass, [`policy_step()`] accumulates `S += mass`, `C += 1` on every valid slot and, when `len > cap`, removes one
 //! rank of the region `[sinks, len − recent)` by the policy's rule (ties: the leftmost rank), merging values for
 //! WeightedKV. The rules are those of `kvsqueeze-reference` (`policy.rs`, `treekv.rs`, `weightedkv.rs`,
-//! `baselines.rs`).
+//! `baselines.rs`), and each method's device part sits in the file of the same name here: TreeKV's pair decision
+//! and block prefill in [`crate::treekv`], WeightedKV's value merge in [`crate::weightedkv`], the region argmin
+//! (H2O, TOVA, WeightedKV's victim) and SnapKV's selection in [`crate::baselines`]; this file keeps the fused step
+//! that calls them, the append, the admission and the retirement.
 
+use crate::baselines::region_argmin;
+use crate::treekv::treekv_pair_victim;
+use crate::weightedkv::weightedkv_merge;
 use cubecl::prelude::*;
 
 /// Marks the free slot in `rank`.
@@ -121,34 +127,6 @@ pub fn policy_append<E: Float>(
     }
 }
 
-/// Leftmost minimum over `(value, rank)` pairs held one per thread; every thread gets the winning rank.
-/// `vals`/`idxs` hold one entry per unit of the cube (a power of two).
-#[cube]
-fn argmin_leftmost(v: f32, q: u32, vals: &mut Shared<[f32]>, idxs: &mut Shared<[u32]>) -> u32 {
-    let t = UNIT_POS as usize;
-    vals[t] = v;
-    idxs[t] = q;
-    sync_cube();
-    // A runtime counter (a comptime initial value would freeze the loop at expansion time).
-    let mut stride = CUBE_DIM as usize / 2;
-    while stride > 0 {
-        if t < stride {
-            let va = vals[t];
-            let qa = idxs[t];
-            let vb = vals[t + stride];
-            let qb = idxs[t + stride];
-            if vb < va || (vb == va && qb < qa) {
-                vals[t] = vb;
-                idxs[t] = qb;
-            }
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let winner = idxs[0];
-    winner
-}
-
 /// Accumulates the step's mass and evicts (or merges) one rank when over budget, for every active sequence.
 /// Grid `(Hkv, B)`, `threads` units. `mass: [B, Hkv, cap+1]` (decode attention's output for one query token).
 /// Reads the sequence's state at `seq[cur_base + b·4 ..]` (valid slots after the append: `len + 1`; TreeKV's
@@ -227,63 +205,21 @@ pub fn policy_step<E: Float>(
         if comptime![rule == Rule::StreamingLlm] {
             // The oldest rank of the region is `lo` already.
         } else if comptime![matches!(rule, Rule::TreeKv { .. })] {
-            let a = lo + ptr as usize;
-            if comptime![rule == Rule::TreeKv { select_left: true }] {
-                victim = a as u32;
-            } else {
-                let sa = order[cur_half + base + a] as usize;
-                let sb = order[cur_half + base + a + 1] as usize;
-                let ma = score[base + sa] / count[base + sa];
-                let mb = score[base + sb] / count[base + sb];
-                victim = a as u32;
-                if ma > mb {
-                    victim = (a + 1) as u32;
-                }
-            }
+            victim = treekv_pair_victim(order, score, count, cur_half + base, base, lo + ptr as usize, comptime![rule == Rule::TreeKv { select_left: true }]);
         } else {
-            // Argmin over the region (WeightedKV: its first `middle` ranks, the newest can only be the target).
+            // The least-scored rank of the region (WeightedKV: its first `middle` ranks, so that the newest can
+            // only be the merge target).
             let mut end = hi;
             if comptime![rule == Rule::WeightedKv] {
                 end = lo + middle;
             }
-            let mut best = f32::MAX.runtime();
-            let mut best_q = u32::MAX.runtime();
-            let mut q = lo + t;
-            while q < end {
-                let s = order[cur_half + base + q] as usize;
-                let val = if comptime![rule == Rule::H2o] {
-                    score[base + s]
-                } else if comptime![rule == Rule::Tova] {
-                    mass[base + s]
-                } else {
-                    score[base + s] / count[base + s]
-                };
-                if val < best || best_q == u32::MAX {
-                    best = val;
-                    best_q = q as u32;
-                }
-                q += threads;
-            }
-            victim = argmin_leftmost(best, best_q, &mut vals, &mut idxs);
+            victim = region_argmin(order, score, count, mass, cur_half + base, base, lo, end, &mut vals, &mut idxs, rule, threads);
         }
         let r = victim as usize;
         let vslot = order[cur_half + base + r] as usize;
         if comptime![rule == Rule::WeightedKv] {
-            // V[j+1] ← (ā_j·V[j] + ā_{j+1}·V[j+1]) / (ā_j + ā_{j+1}); equal weights if both are 0.
             let tslot = order[cur_half + base + r + 1] as usize;
-            let mut wa = score[base + vslot] / count[base + vslot];
-            let mut wb = score[base + tslot] / count[base + tslot];
-            if !(wa + wb > 0.0) {
-                wa = 1.0;
-                wb = 1.0;
-            }
-            let mut dd = t;
-            while dd < d {
-                let src = f32::cast_from(v[(base + vslot) * d + dd]);
-                let dst = f32::cast_from(v[(base + tslot) * d + dd]);
-                v[(base + tslot) * d + dd] = E::cast_from((wa * src + wb * dst) / (wa + wb));
-                dd += threads;
-            }
+            weightedkv_merge::<E>(v, score, count, base, vslot, tslot, d, threads);
         }
         // Ranks above r move down by one; the victim's slot becomes free.
         let mut s2 = t;
@@ -331,82 +267,6 @@ pub fn policy_step<E: Float>(
             seq[nx + SEQ_EVICTIONS] = evictions;
             seq[nx + SEQ_FLAGS] = flags;
         }
-    }
-}
-
-/// TreeKV block prefill, phase 1 (spec §2.4; reference `kvsqueeze-reference::treekv::prefill_blocks`): the
-/// score of every block but the last (the observation window), `scores[b, h, blk] = (1/bsz)·Σ_{i<w} Σ_{j∈blk}
-/// mass[b, h, i, j]` from decode attention's group-mean probabilities of the `w` window queries
-/// (`mass: [B, Hkv, w, L]`). Grid `(⌈nb1/tile⌉, Hkv, B)`, thread = block.
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-pub fn treekv_block_scores(mass: &[f32], scores: &mut [f32], hkv: usize, w: usize, l: usize, bsz: usize, nb1: usize, #[comptime] tile: usize) {
-    let blk = CUBE_POS_X as usize * tile + UNIT_POS as usize;
-    let h = CUBE_POS_Y as usize;
-    let b = CUBE_POS_Z as usize;
-    if blk < nb1 {
-        let mut acc = 0.0f32.runtime();
-        for i in 0..w {
-            let row = ((b * hkv + h) * w + i) * l + blk * bsz;
-            for j in 0..bsz {
-                acc += mass[row + j];
-            }
-        }
-        scores[(b * hkv + h) * nb1 + blk] = acc / f32::cast_from(bsz);
-    }
-}
-
-/// TreeKV block prefill, phase 2: the cyclic pair scan over the static block scores (spec §2.2 rule, ties evict
-/// the left, `select_left` always evicts the left), keeping `keep − 1` blocks, then the observation block. Writes
-/// the kept token positions, ascending, to `kept[b, h, 0..n]` and [`FREE`] to the rest of the `cap` entries;
-/// `list: [B, Hkv, keep]` is scratch. Grid `(Hkv, B)`, one thread (a sequential rule: `O(nb1·keep)` steps).
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-pub fn treekv_block_scan(scores: &[f32], list: &mut [u32], kept: &mut [u32], hkv: usize, l: usize, bsz: usize, nb1: usize, keep: usize, cap: usize, #[comptime] select_left: bool) {
-    let h = CUBE_POS_X as usize;
-    let b = CUBE_POS_Y as usize;
-    let head = b * hkv + h;
-    let lbase = head * keep;
-    let obase = head * cap;
-    let sbase = head * nb1;
-    let k1 = keep - 1;
-    let mut n = 0usize.runtime();
-    let mut idx = 0usize.runtime();
-    if k1 > 0 {
-        for i in 0..nb1 {
-            list[lbase + n] = i as u32;
-            n += 1;
-            if n > k1 {
-                let a = list[lbase + idx] as usize;
-                let c = list[lbase + idx + 1] as usize;
-                let mut r = idx;
-                if !comptime![select_left] {
-                    if scores[sbase + a] > scores[sbase + c] {
-                        r = idx + 1;
-                    }
-                }
-                for e in r..n - 1 {
-                    list[lbase + e] = list[lbase + e + 1];
-                }
-                n -= 1;
-                idx = (idx + 1) % k1;
-            }
-        }
-    }
-    let mut t = 0usize.runtime();
-    for e in 0..n {
-        let blk = list[lbase + e] as usize;
-        for j in blk * bsz..blk * bsz + bsz {
-            kept[obase + t] = j as u32;
-            t += 1;
-        }
-    }
-    for j in nb1 * bsz..l {
-        kept[obase + t] = j as u32;
-        t += 1;
-    }
-    for e in t..cap {
-        kept[obase + e] = FREE;
     }
 }
 
@@ -487,139 +347,4 @@ pub fn policy_retire(seq: &mut [u32], b: usize, cur_base: usize) {
     seq[st + SEQ_SEEN] = 0;
     seq[st + SEQ_EVICTIONS] = 0;
     seq[st + SEQ_FLAGS] = 0;
-}
-
-/// SnapKV prefill, phase 1 (spec §5.3; reference `kvsqueeze-reference::baselines::snapkv_select`): for every
-/// token `j < n = L − w` before the observation window, `s_j = Σ_{i<w} mass[b, h, i, j]` pooled over
-/// `j − kernel/2 ..= j + kernel/2` (clipped to `[0, n)`; average counts the padding as zeros, like PyTorch's
-/// default) into `pooled: [B, Hkv, n]`. Grid `(⌈n/tile⌉, Hkv, B)`, thread = token.
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-pub fn snapkv_scores(mass: &[f32], pooled: &mut [f32], hkv: usize, w: usize, l: usize, n: usize, kernel: usize, #[comptime] max_pool: bool, #[comptime] tile: usize) {
-    let j = CUBE_POS_X as usize * tile + UNIT_POS as usize;
-    let h = CUBE_POS_Y as usize;
-    let b = CUBE_POS_Z as usize;
-    if j < n {
-        let half = kernel / 2;
-        let lo = j - min(j, half);
-        let hi = min(j + half + 1, n);
-        let mut acc = 0.0f32.runtime();
-        let mut best = f32::MIN.runtime();
-        for jj in lo..hi {
-            let mut s = 0.0f32.runtime();
-            for i in 0..w {
-                s += mass[((b * hkv + h) * w + i) * l + jj];
-            }
-            acc += s;
-            best = max(best, s);
-        }
-        let mut out = acc / f32::cast_from(kernel);
-        if comptime![max_pool] {
-            out = best;
-        }
-        pooled[(b * hkv + h) * n + j] = out;
-    }
-}
-
-/// The order-preserving unsigned key of an f32 (larger float ⇒ larger key; −0 < +0 is harmless here).
-#[cube]
-fn order_key(x: f32) -> u32 {
-    let bits = u32::reinterpret(x);
-    let mut k = bits | 0x8000_0000u32;
-    if bits >= 0x8000_0000u32 {
-        k = !bits;
-    }
-    k
-}
-
-/// SnapKV prefill, phase 2: keeps the `sel` tokens with the largest pooled score (ties: the earlier token), by a
-/// 32-step radix select of the `sel`-th largest key and a chunked compaction, then the `w` window tokens; writes
-/// the kept positions ascending to `kept[b, h, 0..sel + w]` and [`FREE`] to the rest of the `cap` entries. Grid
-/// `(Hkv, B)`, `tile` threads, each owning a contiguous chunk of tokens (`O(32·n/tile)` per thread).
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-pub fn snapkv_topk(pooled: &[f32], kept: &mut [u32], hkv: usize, l: usize, n: usize, sel: usize, cap: usize, #[comptime] tile: usize) {
-    let t = UNIT_POS as usize;
-    let h = CUBE_POS_X as usize;
-    let b = CUBE_POS_Y as usize;
-    let head = b * hkv + h;
-    let pbase = head * n;
-    let obase = head * cap;
-    let per = (n + tile - 1) / tile;
-    let c0 = min(t * per, n);
-    let c1 = min(c0 + per, n);
-    let mut red = Shared::<[u32]>::new_slice(comptime![2 * tile]);
-    // Radix select: the largest threshold `thr` with #{key ≥ thr} ≥ sel is the sel-th largest key.
-    let mut thr = 0u32.runtime();
-    for r in 0..32u32 {
-        let cand = thr | (1u32 << (31 - r));
-        let mut cnt = 0u32.runtime();
-        for j in c0..c1 {
-            if order_key(pooled[pbase + j]) >= cand {
-                cnt += 1;
-            }
-        }
-        red[t] = cnt;
-        sync_cube();
-        let mut total = 0u32.runtime();
-        for i in 0..tile {
-            total += red[i];
-        }
-        sync_cube();
-        if total as usize >= sel {
-            thr = cand;
-        }
-    }
-    // Per chunk: how many strictly above, how many equal; exclusive prefix sums over the chunks.
-    let mut gt = 0u32.runtime();
-    let mut eq = 0u32.runtime();
-    for j in c0..c1 {
-        let key = order_key(pooled[pbase + j]);
-        if key > thr {
-            gt += 1;
-        } else if key == thr {
-            eq += 1;
-        }
-    }
-    red[t] = gt;
-    red[tile + t] = eq;
-    sync_cube();
-    let mut gt_all = 0u32.runtime();
-    let mut eq_before = 0u32.runtime();
-    let mut out_before = 0u32.runtime();
-    for i in 0..tile {
-        gt_all += red[i];
-    }
-    let need_eq = sel as u32 - gt_all;
-    for i in 0..t {
-        eq_before += red[tile + i];
-        out_before += red[i];
-    }
-    // Selected equals before this chunk: min(eq_before, need_eq).
-    out_before += min(eq_before, need_eq);
-    let mut o = out_before as usize;
-    let mut e = eq_before;
-    for j in c0..c1 {
-        let key = order_key(pooled[pbase + j]);
-        let mut take = key > thr;
-        if key == thr {
-            take = e < need_eq;
-            e += 1;
-        }
-        if take {
-            kept[obase + o] = j as u32;
-            o += 1;
-        }
-    }
-    // The observation window, then padding.
-    for i in 0..(cap + tile - 1) / tile {
-        let idx = i * tile + t;
-        if idx >= sel && idx < cap {
-            let mut val = FREE.runtime();
-            if idx < sel + l - n {
-                val = (n + idx - sel) as u32;
-            }
-            kept[obase + idx] = val;
-        }
-    }
 }
