@@ -436,7 +436,7 @@ pub struct FourierLayerCache {
     plane: bool,
     /// Which kernel variants ran once (launch failures are checked at the first run of each): bit 0 append,
     /// bit 1 direct attend, bit 2 spectral attend.
-    checked: std::cell::Cell<u8>,
+    checked: std::sync::atomic::AtomicU8,
 }
 
 /// A device buffer of `bytes` (counted by [`crate::tensor::device_allocations`]).
@@ -596,7 +596,7 @@ impl FourierLayerCache {
             tab,
             scratch,
             plane,
-            checked: std::cell::Cell::new(0),
+            checked: std::sync::atomic::AtomicU8::new(0),
             cfg,
         };
         cache.set_x_tables();
@@ -864,10 +864,10 @@ impl FourierLayerCache {
                 arg(&self.tab.packed, self.tab.packed_len), arg(&self.state, 2 * ST_ROWS * bsz),
                 k.offset, v.offset, cur, next, bsz, hkv, x, tcap, li, ll, trigger, ckc, ckn, cvc, cvn, self.cfg.window as u32, d, n, TILE))
         }
-        if self.checked.get() & 1 == 0 {
+        if self.checked.load(std::sync::atomic::Ordering::Relaxed) & 1 == 0 {
             let st = DeviceTensor { handle: self.state.clone(), buffer_len: 2 * ST_ROWS * bsz, shape: vec![2 * ST_ROWS * bsz], strides: vec![1], offset: 0, dtype: DType::U32 };
             crate::tensor::check_written(&c, &[&st])?;
-            self.checked.set(self.checked.get() | 1);
+            self.checked.fetch_or(1, std::sync::atomic::Ordering::Relaxed);
         }
         self.cur = 1 - self.cur;
         for b in 0..bsz {
@@ -1071,9 +1071,9 @@ impl FourierLayerCache {
             })
         }
         let bit = if spectral { 4 } else { 2 };
-        if self.checked.get() & bit == 0 || !spectral {
+        if self.checked.load(std::sync::atomic::Ordering::Relaxed) & bit == 0 || !spectral {
             crate::tensor::check_written(c, &[out])?;
-            self.checked.set(self.checked.get() | bit);
+            self.checked.fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(out.clone())
     }
