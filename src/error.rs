@@ -80,6 +80,9 @@ pub enum Error {
     DeviceLimit(String),
     /// The device reported an error (an allocation it refused, a compile, launch or read failure).
     Device(String),
+    /// No device could be opened: a backend not compiled in, none present, or an unknown backend name (what was
+    /// tried and why).
+    NoDevice(String),
     /// A file could not be read or written.
     Io {
         /// The path.
@@ -119,6 +122,7 @@ impl fmt::Display for Error {
             Error::Config(why) => write!(f, "bad configuration: {why}"),
             Error::DeviceLimit(why) => write!(f, "device limit: {why}"),
             Error::Device(why) => write!(f, "device error: {why}"),
+            Error::NoDevice(why) => write!(f, "no device: {why}"),
             Error::Io { path, reason } => write!(f, "{path}: {reason}"),
             Error::BadInput(why) => write!(f, "bad input: {why}"),
             Error::NonFinite { tensor, index } => write!(f, "`{tensor}` holds a NaN or infinity at {index:?}"),

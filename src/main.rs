@@ -181,7 +181,7 @@ enum Fail {
 
 fn client(backend: &str) -> Result<cubecl::client::Client, Fail> {
     let c = kvsqueeze::runtime::client_for(backend).map_err(|e| {
-        Fail::Refused(if backend == "auto" { format!("no device found ({e}); install a Vulkan driver (e.g. `apt-get install mesa-vulkan-drivers`) or build with `--features cpu`") } else { e })
+        Fail::Refused(if backend == "auto" { format!("{e}; install a Vulkan driver (e.g. `apt-get install mesa-vulkan-drivers`) or build with `--features cpu`") } else { e.to_string() })
     })?;
     eprintln!("device: {}", kvsqueeze::attention::device_name(&c));
     Ok(c)

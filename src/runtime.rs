@@ -5,6 +5,7 @@
 //! [`require_all`] reads `KVSQUEEZE_REQUIRE_ALL=1`, which GPU runs set so that a feature skip (bf16, plane
 //! ops) becomes a failure instead.
 
+use crate::Error;
 use cubecl::client::Client;
 use cubecl::device::WgpuDeviceKind;
 use cubecl::Device;
@@ -25,7 +26,7 @@ pub fn compiled_backends() -> Vec<&'static str> {
 }
 
 /// Opens the device named by `KVSQUEEZE_DEVICE`, or the best one available.
-pub fn device() -> Result<Device, String> {
+pub fn device() -> Result<Device, Error> {
     let forced = std::env::var("KVSQUEEZE_DEVICE").ok();
     let open = |name: &str| -> Result<Device, String> {
         match name {
@@ -36,7 +37,7 @@ pub fn device() -> Result<Device, String> {
         }
     };
     if let Some(name) = forced {
-        return open(&name);
+        return open(&name).map_err(Error::NoDevice);
     }
     let mut why = Vec::new();
     for name in ["cuda", "wgpu", "cpu"] {
@@ -45,31 +46,31 @@ pub fn device() -> Result<Device, String> {
             Err(e) => why.push(format!("{name}: {e}")),
         }
     }
-    Err(why.join("; "))
+    Err(Error::NoDevice(why.join("; ")))
 }
 
 /// A client on the named backend: `auto` (as [`device`]), `cuda`, `wgpu` or `cpu`. The error says what is
 /// missing and what to do (a backend not compiled in, or no such device).
-pub fn client_for(backend: &str) -> Result<Client, String> {
+pub fn client_for(backend: &str) -> Result<Client, Error> {
     match backend {
         "auto" => client(),
         "cuda" | "wgpu" | "cpu" => {
             if !compiled_backends().contains(&backend) {
-                return Err(format!("backend `{backend}` is not compiled into this binary: rebuild with `--features {backend}` (compiled: {:?})", compiled_backends()));
+                return Err(Error::NoDevice(format!("backend `{backend}` is not compiled into this binary: rebuild with `--features {backend}` (compiled: {:?})", compiled_backends())));
             }
             let dev = match backend {
                 "cuda" => Device::cuda(0).map_err(|e| e.to_string()),
                 "wgpu" => Device::wgpu(WgpuDeviceKind::default()).map_err(|e| e.to_string()),
                 _ => Device::cpu().map_err(|e| e.to_string()),
             };
-            dev.map(|d| d.client()).map_err(|e| format!("backend `{backend}` found no device: {e}"))
+            dev.map(|d| d.client()).map_err(|e| Error::NoDevice(format!("backend `{backend}` found no device: {e}")))
         }
-        other => Err(format!("unknown backend `{other}`: use cuda, wgpu, cpu or auto")),
+        other => Err(Error::NoDevice(format!("unknown backend `{other}`: use cuda, wgpu, cpu or auto"))),
     }
 }
 
 /// A client on [`device`].
-pub fn client() -> Result<Client, String> {
+pub fn client() -> Result<Client, Error> {
     device().map(|d| d.client())
 }
 
