@@ -83,6 +83,8 @@ pub enum Error {
     /// No device could be opened: a backend not compiled in, none present, or an unknown backend name (what was
     /// tried and why).
     NoDevice(String),
+    /// The real-model harness (`eval`) could not use a model, tokenizer or text (what and why).
+    Model(String),
     /// A file could not be read or written.
     Io {
         /// The path.
@@ -123,6 +125,7 @@ impl fmt::Display for Error {
             Error::DeviceLimit(why) => write!(f, "device limit: {why}"),
             Error::Device(why) => write!(f, "device error: {why}"),
             Error::NoDevice(why) => write!(f, "no device: {why}"),
+            Error::Model(why) => write!(f, "model: {why}"),
             Error::Io { path, reason } => write!(f, "{path}: {reason}"),
             Error::BadInput(why) => write!(f, "bad input: {why}"),
             Error::NonFinite { tensor, index } => write!(f, "`{tensor}` holds a NaN or infinity at {index:?}"),

@@ -451,7 +451,7 @@ fn cmd_eval(backend: &str, a: EvalArgs) -> Result<(), Fail> {
             texts.push((name.to_string(), if local.is_file() { local } else { root.join(format!("{name}.txt")) }));
         }
     }
-    let gguf = find_gguf(a.gguf.as_deref()).map_err(Fail::Refused)?;
+    let gguf = find_gguf(a.gguf.as_deref()).map_err(|e| Fail::Refused(e.to_string()))?;
     // Output destinations are checked (and created exclusively) before the long run.
     let create = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| kvsqueeze::output::AtomicFile::create(p)).transpose().map_err(|e| Fail::Refused(e.to_string()));
     let (json_out, svg_out) = (create(&a.json)?, create(&a.svg)?);
@@ -459,14 +459,14 @@ fn cmd_eval(backend: &str, a: EvalArgs) -> Result<(), Fail> {
         texts.iter().map(|(n, p)| std::fs::read_to_string(p).map(|t| (n.clone(), t)).map_err(|e| Fail::Refused(format!("{}: {e}", p.display())))).collect::<Result<_, _>>()?;
     let c = client(backend)?;
     let t0 = Instant::now();
-    let (model, content) = Model::load(&gguf).map_err(Fail::Refused)?;
-    let tok = Tokenizer::from_gguf(&content).map_err(Fail::Refused)?;
+    let (model, content) = Model::load(&gguf).map_err(|e| Fail::Refused(e.to_string()))?;
+    let tok = Tokenizer::from_gguf(&content).map_err(|e| Fail::Refused(e.to_string()))?;
     eprintln!("model: {} ({} layers, {}/{} heads, D {}), loaded in {:.1} s", gguf.display(), model.cfg.layers, model.cfg.heads, model.cfg.kv_heads, model.cfg.head_dim, t0.elapsed().as_secs_f64());
     let mut rows = Vec::new();
     for (name, text) in &contents {
-        let ids = tok.encode(text).map_err(Fail::Refused)?;
+        let ids = tok.encode(text).map_err(|e| Fail::Refused(e.to_string()))?;
         eprintln!("{name}: {} tokens", ids.len());
-        rows.extend(evaluate_text(&c, &model, name, &ids, &opts, &mut |line| eprintln!("{line}")).map_err(Fail::Refused)?);
+        rows.extend(evaluate_text(&c, &model, name, &ids, &opts, &mut |line| eprintln!("{line}")).map_err(|e| Fail::Refused(e.to_string()))?);
     }
     println!(
         "settings: prefix {}, scored {}, windows {}, prefill {:?}, dtype {:?}, device {}",

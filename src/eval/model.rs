@@ -9,6 +9,7 @@
 //! Q/K for this architecture. The hook gets Q and K both before and after RoPE, so caches that re-assign positions
 //! can store pre-RoPE keys.
 
+use crate::Error;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType as CDType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear};
@@ -91,7 +92,11 @@ fn err(e: impl std::fmt::Display) -> String {
 impl Model {
     /// Loads the GGUF at `path` (llama architecture only) and returns the model and its parsed header (for the
     /// tokenizer).
-    pub fn load(path: &Path) -> Result<(Model, Content), String> {
+    pub fn load(path: &Path) -> Result<(Model, Content), Error> {
+        Self::load_str(path).map_err(Error::Model)
+    }
+
+    fn load_str(path: &Path) -> Result<(Model, Content), String> {
         let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let content = Content::read(&mut file).map_err(|e| format!("{}: not a GGUF file ({e})", path.display()))?;
         let md = |k: &str| content.metadata.get(k).ok_or_else(|| format!("GGUF metadata has no `{k}`"));

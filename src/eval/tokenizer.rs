@@ -6,6 +6,7 @@
 //! without byte fallback or unknown token, a ByteLevel decoder, the control tokens (`token_type == 3`) as special
 //! added tokens — and load it with the `tokenizers` crate. No BOS is added (`add_bos_token = false`).
 
+use crate::Error;
 use candle_core::quantized::gguf_file::{Content, Value};
 use serde_json::{json, Map};
 
@@ -22,7 +23,11 @@ fn strings(c: &Content, key: &str) -> Result<Vec<String>, String> {
 }
 
 /// The Hugging Face `tokenizer.json` equivalent to the GGUF's tokenizer metadata.
-pub fn tokenizer_json(c: &Content) -> Result<String, String> {
+pub fn tokenizer_json(c: &Content) -> Result<String, Error> {
+    tokenizer_json_str(c).map_err(Error::Model)
+}
+
+fn tokenizer_json_str(c: &Content) -> Result<String, String> {
     let model = meta(c, "tokenizer.ggml.model")?.to_string().map_err(|e| e.to_string())?;
     if model != "gpt2" {
         return Err(format!("tokenizer.ggml.model is `{model}`; only byte-level BPE (`gpt2`) is supported"));
@@ -64,16 +69,28 @@ pub struct Tokenizer(tokenizers::Tokenizer);
 
 impl Tokenizer {
     /// From the GGUF metadata.
-    pub fn from_gguf(c: &Content) -> Result<Self, String> {
-        let text = tokenizer_json(c)?;
+    pub fn from_gguf(c: &Content) -> Result<Self, Error> {
+        Self::from_gguf_str(c).map_err(Error::Model)
+    }
+
+    fn from_gguf_str(c: &Content) -> Result<Self, String> {
+        let text = tokenizer_json_str(c)?;
         tokenizers::Tokenizer::from_bytes(text.as_bytes()).map(Tokenizer).map_err(|e| format!("tokenizer: {e}"))
     }
     /// Token ids of `text` (no BOS, special tokens not parsed).
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
+        self.encode_str(text).map_err(Error::Model)
+    }
+
+    fn encode_str(&self, text: &str) -> Result<Vec<u32>, String> {
         Ok(self.0.encode_fast(text, false).map_err(|e| format!("tokenizer: {e}"))?.get_ids().to_vec())
     }
     /// The text of `ids`.
-    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+    pub fn decode(&self, ids: &[u32]) -> Result<String, Error> {
+        self.decode_str(ids).map_err(Error::Model)
+    }
+
+    fn decode_str(&self, ids: &[u32]) -> Result<String, String> {
         self.0.decode(ids, false).map_err(|e| format!("tokenizer: {e}"))
     }
 }
