@@ -314,7 +314,6 @@ pub fn fourier_append<E: Float>(
         state[next + ST_RING * bs + b] = n_ring as u32;
         state[next + ST_FLAGS * bs + b] = n_flags;
     }
-    let two_n = comptime![2 * n_freq];
     let hk1 = hkv + 1;
     // Sections of `cols`.
     let kc_off = 0;
@@ -364,51 +363,59 @@ pub fn fourier_append<E: Float>(
         }
     }
     if active && formed {
-        // Critical columns of this head: row `mid` of the middle.
-        let k0 = cols[kn_off + h] as usize;
-        let k1 = cols[kn_off + h + 1] as usize;
-        for i in 0..(k1 - k0 + tile - 1) / tile {
-            let j = k0 + i * tile + t;
-            if j < k1 {
-                ck[(b * t_cap + mid) * ckn + j] = E::cast_from(old_k[cols[kn_dim + j] as usize]);
-            }
+        // Critical columns of this head to row `mid` of the middle; compressed ones into the coefficients.
+        move_critical::<E>(ck, &old_k, cols, kn_off, kn_dim, h, (b * t_cap + mid) * ckn, tile);
+        move_critical::<E>(cv, &old_v, cols, vn_off, vn_dim, h, (b * t_cap + mid) * cvn, tile);
+        rank1_update(coef_k, &old_k, cols, kc_off, kc_dim, h, b * ckc, &cs, &sn, n_freq, tile);
+        rank1_update(coef_v, &old_v, cols, vc_off, vc_dim, h, b * cvc, &cs, &sn, n_freq, tile);
+    }
+}
+
+/// [`fourier_append()`]'s critical-column move: `dst[row + j] = old[dim_j]` for head `h`'s critical columns `j`
+/// (offsets at `cols[off + h]`, in-head dims at `cols[dims + j]`), one column per thread and round.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn move_critical<E: Float>(dst: &mut [E], old: &Shared<[f32]>, cols: &[u32], off: usize, dims: usize, h: usize, row: usize, #[comptime] tile: usize) {
+    let j0 = cols[off + h] as usize;
+    let j1 = cols[off + h + 1] as usize;
+    for i in 0..(j1 - j0 + tile - 1) / tile {
+        let j = j0 + i * tile + UNIT_POS as usize;
+        if j < j1 {
+            dst[row + j] = E::cast_from(old[cols[dims + j] as usize]);
         }
-        let v0 = cols[vn_off + h] as usize;
-        let v1 = cols[vn_off + h + 1] as usize;
-        for i in 0..(v1 - v0 + tile - 1) / tile {
-            let j = v0 + i * tile + t;
-            if j < v1 {
-                cv[(b * t_cap + mid) * cvn + j] = E::cast_from(old_v[cols[vn_dim + j] as usize]);
-            }
-        }
-        // Compressed columns: the rank-1 update, one (column, frequency) pair per thread and round.
-        let c0 = cols[kc_off + h] as usize;
-        let c1 = cols[kc_off + h + 1] as usize;
-        let kwork = (c1 - c0) * n_freq;
-        for i in 0..(kwork + tile - 1) / tile {
-            let e = i * tile + t;
-            if e < kwork {
-                let c = c0 + e / n_freq;
-                let n = e % n_freq;
-                let x = old_k[cols[kc_dim + c] as usize];
-                let base = (b * ckc + c) * two_n;
-                coef_k[base + n] += x * cs[n];
-                coef_k[base + n_freq + n] += x * sn[n];
-            }
-        }
-        let w0 = cols[vc_off + h] as usize;
-        let w1 = cols[vc_off + h + 1] as usize;
-        let vwork = (w1 - w0) * n_freq;
-        for i in 0..(vwork + tile - 1) / tile {
-            let e = i * tile + t;
-            if e < vwork {
-                let c = w0 + e / n_freq;
-                let n = e % n_freq;
-                let x = old_v[cols[vc_dim + c] as usize];
-                let base = (b * cvc + c) * two_n;
-                coef_v[base + n] += x * cs[n];
-                coef_v[base + n_freq + n] += x * sn[n];
-            }
+    }
+}
+
+/// [`fourier_append()`]'s rank-1 update: for head `h`'s compressed columns `c` (offsets at `cols[off + h]`, in-head
+/// dims at `cols[dims + c]`), `coef[(c0 + c)·2N + n] += old[dim_c]·cos`, `… + N + n] += old[dim_c]·sin` with the
+/// basis of the new middle index in `cs`/`sn`; one (column, frequency) pair per thread and round.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn rank1_update(
+    coef: &mut [f32],
+    old: &Shared<[f32]>,
+    cols: &[u32],
+    off: usize,
+    dims: usize,
+    h: usize,
+    c0: usize,
+    cs: &Shared<[f32]>,
+    sn: &Shared<[f32]>,
+    #[comptime] n_freq: usize,
+    #[comptime] tile: usize,
+) {
+    let h0 = cols[off + h] as usize;
+    let h1 = cols[off + h + 1] as usize;
+    let work = (h1 - h0) * n_freq;
+    for i in 0..(work + tile - 1) / tile {
+        let e = i * tile + UNIT_POS as usize;
+        if e < work {
+            let c = h0 + e / n_freq;
+            let n = e % n_freq;
+            let x = old[cols[dims + c] as usize];
+            let base = (c0 + c) * 2 * n_freq;
+            coef[base + n] += x * cs[n];
+            coef[base + n_freq + n] += x * sn[n];
         }
     }
 }
