@@ -45,8 +45,8 @@ use cubecl::client::Client;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use kvsqueeze_kernels::fourier::{
-    fourier_append, fourier_basis_table, fourier_combine, fourier_gather, fourier_gather_strided, fourier_project, fourier_reconstruct, fourier_split, fourier_stats_finalize, fourier_stats_partial,
-    fourier_transform as transform_kernel, FlashConfig, CRIT, NONE, PCHUNKS, ST_ACTIVE, ST_COUNT, ST_EXACT, ST_FLAGS, ST_FORMED, ST_MID, ST_RING, ST_ROWS, ST_SKIP,
+    fourier_append, fourier_append_write, fourier_basis_table, fourier_combine, fourier_gather, fourier_gather_strided, fourier_project, fourier_reconstruct, fourier_split, fourier_stats_finalize,
+    fourier_stats_partial, fourier_transform as transform_kernel, FlashConfig, CRIT, NONE, PCHUNKS, ST_ACTIVE, ST_COUNT, ST_EXACT, ST_FLAGS, ST_FORMED, ST_MID, ST_RING, ST_ROWS, ST_SKIP,
 };
 
 const TILE: usize = 128;
@@ -453,6 +453,7 @@ impl FourierLayerCache {
             client,
             &[
                 "fourier_append",
+                "fourier_append_write",
                 "fourier_split",
                 "fourier_combine",
                 "fourier_project",
@@ -828,7 +829,7 @@ impl FourierLayerCache {
     /// Appends one decode token per live sequence, `k, v: [B, Hkv, D]` (post-RoPE, contiguous from any offset):
     /// a formed sequence moves its oldest local token into the middle (rank-1 coefficient update, critical
     /// columns appended) and writes the new token into the freed slot; an unformed one keeps it exact and forms
-    /// its middle when due. One launch, no upload, no allocation, no read-back; a step that forms a middle adds
+    /// its middle when due. Two launches (the middle's update, then the write), no upload, no allocation, no read-back; a step that forms a middle adds
     /// the transform's launches for that sequence, and the one that forms the last live middle re-packs.
     pub fn append(&mut self, k: &DeviceTensor, v: &DeviceTensor) -> Result<(), Error> {
         let (bsz, hkv, d) = (self.cfg.batch, self.cfg.dims.hkv, self.cfg.dims.d);
@@ -854,15 +855,23 @@ impl FourierLayerCache {
         let c = self.client.clone();
         let n = self.cfg.n_freq;
         let (cur, next) = (self.state_base(), (1 - self.cur) * ST_ROWS * bsz);
-        crate::tensor::count_launches(1);
+        // The middle's update over (head, sequence, column share): about four rounds of the cube's threads each.
+        let widest = |t: &Columns| t.c_off.windows(2).chain(t.n_off.windows(2)).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        let parts = (widest(&self.tab.k).max(widest(&self.tab.v)) * n).div_ceil(4 * TILE).clamp(1, 64);
+        crate::tensor::count_launches(2);
         // SAFETY: slots and middle rows are bounded by the state the host mirror validated above; the tables
-        // were built from the validated dim lists.
+        // were built from the validated dim lists. The write runs after the update (stream order).
         unsafe {
-            with_float_type!(self.cfg.dtype, E => fourier_append::launch_unchecked::<E>(&c, CubeCount::Static(hkv as u32, bsz as u32, 1), CubeDim::new_1d(TILE as u32),
-                arg(&k.handle, k.buffer_len), arg(&v.handle, v.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len),
-                arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn), arg(&self.coef_k, bsz * ckc * 2 * n), arg(&self.coef_v, bsz * cvc * 2 * n),
-                arg(&self.tab.packed, self.tab.packed_len), arg(&self.state, 2 * ST_ROWS * bsz),
-                k.offset, v.offset, cur, next, bsz, hkv, x, tcap, li, ll, trigger, ckc, ckn, cvc, cvn, self.cfg.window as u32, d, n, TILE))
+            with_float_type!(self.cfg.dtype, E => {
+                fourier_append::launch_unchecked::<E>(&c, CubeCount::Static(hkv as u32, bsz as u32, parts as u32), CubeDim::new_1d(TILE as u32),
+                    arg(&self.ek, e_len), arg(&self.ev, e_len),
+                    arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn), arg(&self.coef_k, bsz * ckc * 2 * n), arg(&self.coef_v, bsz * cvc * 2 * n),
+                    arg(&self.tab.packed, self.tab.packed_len), arg(&self.state, 2 * ST_ROWS * bsz),
+                    cur, next, bsz, hkv, x, tcap, li, ll, trigger, ckc, ckn, cvc, cvn, self.cfg.window as u32, d, n, TILE);
+                fourier_append_write::launch_unchecked::<E>(&c, CubeCount::Static(hkv as u32, bsz as u32, 1), CubeDim::new_1d(TILE as u32),
+                    arg(&k.handle, k.buffer_len), arg(&v.handle, v.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&self.state, 2 * ST_ROWS * bsz),
+                    k.offset, v.offset, cur, bsz, hkv, x, li, d, TILE);
+            })
         }
         if self.checked.load(std::sync::atomic::Ordering::Relaxed) & 1 == 0 {
             let st = DeviceTensor { handle: self.state.clone(), buffer_len: 2 * ST_ROWS * bsz, shape: vec![2 * ST_ROWS * bsz], strides: vec![1], offset: 0, dtype: DType::U32 };
@@ -1091,7 +1100,7 @@ impl FourierLayerCache {
 }
 
 /// The common cache interface: a step appends the token (post-RoPE keys) and attends by the spectral path with
-/// scale `1/√D` — four launches (append, projection, split, combine), no allocation, upload or read-back once
+/// scale `1/√D` — five launches (the append's update and write, projection, split, combine), no allocation, upload or read-back once
 /// every live middle is formed; the output is the cache's own buffer, overwritten by the next step. FourierAttention keeps every token, so the kept positions are all of them and the capacity is
 /// `l_init + T + l_local` per sequence.
 impl crate::policy::CompressedKvCache for FourierLayerCache {

@@ -231,31 +231,28 @@ pub const ST_ACTIVE: u32 = 1;
 /// The sequence's middle is formed.
 pub const ST_FORMED: u32 = 2;
 
-/// One decode token per live sequence, the whole cache update in one launch. Grid `(Hkv, B)`, `tile` threads.
-/// A formed sequence moves its oldest local token (slot `l_init + skip + ring`) into the middle — critical
-/// columns to row `mid` of `ck/cv`, compressed columns added to the coefficients at middle index `mid` (the
-/// rank-1 update) — and writes the new token into the freed slot; an unformed one writes it to slot `count`
-/// and, when it then holds more than `trigger` tokens, is marked formed (its middle of `2N + 1` tokens is
-/// transformed by the launches the host issues after this one). Head 0's first thread writes the sequence's
-/// next state into the other half of `state`; every cube reads only the current half.
+/// One decode token per live sequence, part 1 of 2: the middle's update. Grid `(Hkv, B, P)`, `tile` threads; the
+/// `P` cubes of a (sequence, head) share its columns. A formed sequence's oldest local token (slot
+/// `l_init + skip + ring`) moves into the middle — critical columns to row `mid` of `ck/cv`, compressed columns
+/// added to the coefficients at middle index `mid` (the rank-1 update). Cube `(0, b, 0)`'s first thread writes the
+/// sequence's next state into the other half of `state` (an unformed sequence that then holds more than `trigger`
+/// tokens is marked formed; its middle of `2N + 1` tokens is transformed by the launches the host issues after
+/// this one); every cube reads only the current half. [`fourier_append_write()`] then writes the new token into
+/// the freed slot (a second launch: every cube here must have read the old token first).
 ///
 /// `cols` packs the column tables of K then V, each `[c_off (Hkv+1) | c_dim (C_c) | n_off (Hkv+1) | n_dim (C_n)]`
 /// (offsets per head into the column lists, in-head dims).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn fourier_append<E: Float>(
-    k: &[E],
-    v: &[E],
-    ek: &mut [E],
-    ev: &mut [E],
+    ek: &[E],
+    ev: &[E],
     ck: &mut [E],
     cv: &mut [E],
     coef_k: &mut [f32],
     coef_v: &mut [f32],
     cols: &[u32],
     state: &mut [u32],
-    k_off: usize,
-    v_off: usize,
     cur: usize,
     next: usize,
     batch: usize,
@@ -277,6 +274,8 @@ pub fn fourier_append<E: Float>(
     let t = UNIT_POS as usize;
     let h = CUBE_POS_X as usize;
     let b = CUBE_POS_Y as usize;
+    let part = CUBE_POS_Z as usize;
+    let parts = CUBE_COUNT_Z as usize;
     let bs = batch;
     let flags = state[cur + ST_FLAGS * bs + b];
     let count = state[cur + ST_COUNT * bs + b] as usize;
@@ -285,7 +284,7 @@ pub fn fourier_append<E: Float>(
     let ring = state[cur + ST_RING * bs + b] as usize;
     let active = (flags & ST_ACTIVE) == ST_ACTIVE;
     let formed = (flags & ST_FORMED) == ST_FORMED;
-    if h == 0 && t == 0 {
+    if h == 0 && part == 0 && t == 0 {
         let mut n_exact = state[cur + ST_EXACT * bs + b];
         let mut n_skip = skip;
         let mut n_mid = mid;
@@ -325,12 +324,7 @@ pub fn fourier_append<E: Float>(
     let vc_dim = vbase + hk1;
     let vn_off = vbase + hk1 + cvc;
     let vn_dim = vbase + 2 * hk1 + cvc;
-    let mut slot = count;
-    if formed {
-        slot = l_init + skip + ring;
-    }
-    let row = ((b * hkv + h) * x_cap + slot) * d;
-    let src = (b * hkv + h) * d;
+    let row = ((b * hkv + h) * x_cap + l_init + skip + ring) * d;
     let mut old_k = Shared::<[f32]>::new_slice(d);
     let mut old_v = Shared::<[f32]>::new_slice(d);
     let mut cs = Shared::<[f32]>::new_slice(n_freq);
@@ -353,7 +347,48 @@ pub fn fourier_append<E: Float>(
         }
     }
     sync_cube();
-    if active {
+    if active && formed {
+        // Critical columns of this head to row `mid` of the middle; compressed ones into the coefficients (this
+        // cube's share of each).
+        move_critical::<E>(ck, &old_k, cols, kn_off, kn_dim, h, part, parts, (b * t_cap + mid) * ckn, tile);
+        move_critical::<E>(cv, &old_v, cols, vn_off, vn_dim, h, part, parts, (b * t_cap + mid) * cvn, tile);
+        rank1_update(coef_k, &old_k, cols, kc_off, kc_dim, h, part, parts, b * ckc, &cs, &sn, n_freq, tile);
+        rank1_update(coef_v, &old_v, cols, vc_off, vc_dim, h, part, parts, b * cvc, &cs, &sn, n_freq, tile);
+    }
+}
+
+/// One decode token per live sequence, part 2 of 2 (after [`fourier_append()`]): the new token `k, v: [B, Hkv, D]`
+/// (from `k_off`, `v_off`) into its exact slot — the freed ring slot of a formed sequence, slot `count` of an
+/// unformed one — read from the current half of `state`. Grid `(Hkv, B)`, `tile` threads.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn fourier_append_write<E: Float>(
+    k: &[E],
+    v: &[E],
+    ek: &mut [E],
+    ev: &mut [E],
+    state: &[u32],
+    k_off: usize,
+    v_off: usize,
+    cur: usize,
+    batch: usize,
+    hkv: usize,
+    x_cap: usize,
+    l_init: usize,
+    #[comptime] d: usize,
+    #[comptime] tile: usize,
+) {
+    let t = UNIT_POS as usize;
+    let h = CUBE_POS_X as usize;
+    let b = CUBE_POS_Y as usize;
+    let flags = state[cur + ST_FLAGS * batch + b];
+    if (flags & ST_ACTIVE) == ST_ACTIVE {
+        let mut slot = state[cur + ST_COUNT * batch + b] as usize;
+        if (flags & ST_FORMED) == ST_FORMED {
+            slot = l_init + state[cur + ST_SKIP * batch + b] as usize + state[cur + ST_RING * batch + b] as usize;
+        }
+        let row = ((b * hkv + h) * x_cap + slot) * d;
+        let src = (b * hkv + h) * d;
         for i in 0..comptime![d.div_ceil(tile)] {
             let idx = i * tile + t;
             if idx < d {
@@ -362,22 +397,18 @@ pub fn fourier_append<E: Float>(
             }
         }
     }
-    if active && formed {
-        // Critical columns of this head to row `mid` of the middle; compressed ones into the coefficients.
-        move_critical::<E>(ck, &old_k, cols, kn_off, kn_dim, h, (b * t_cap + mid) * ckn, tile);
-        move_critical::<E>(cv, &old_v, cols, vn_off, vn_dim, h, (b * t_cap + mid) * cvn, tile);
-        rank1_update(coef_k, &old_k, cols, kc_off, kc_dim, h, b * ckc, &cs, &sn, n_freq, tile);
-        rank1_update(coef_v, &old_v, cols, vc_off, vc_dim, h, b * cvc, &cs, &sn, n_freq, tile);
-    }
 }
 
-/// [`fourier_append()`]'s critical-column move: `dst[row + j] = old[dim_j]` for head `h`'s critical columns `j`
-/// (offsets at `cols[off + h]`, in-head dims at `cols[dims + j]`), one column per thread and round.
+/// [`fourier_append()`]'s critical-column move: `dst[row + j] = old[dim_j]` for share `part` of `parts` of head `h`'s
+/// critical columns `j` (offsets at `cols[off + h]`, in-head dims at `cols[dims + j]`), one column per thread.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn move_critical<E: Float>(dst: &mut [E], old: &Shared<[f32]>, cols: &[u32], off: usize, dims: usize, h: usize, row: usize, #[comptime] tile: usize) {
-    let j0 = cols[off + h] as usize;
-    let j1 = cols[off + h + 1] as usize;
+fn move_critical<E: Float>(dst: &mut [E], old: &Shared<[f32]>, cols: &[u32], off: usize, dims: usize, h: usize, part: usize, parts: usize, row: usize, #[comptime] tile: usize) {
+    let h0 = cols[off + h] as usize;
+    let h1 = cols[off + h + 1] as usize;
+    let per = (h1 - h0 + parts - 1) / parts;
+    let j0 = min(h0 + part * per, h1);
+    let j1 = min(j0 + per, h1);
     for i in 0..(j1 - j0 + tile - 1) / tile {
         let j = j0 + i * tile + UNIT_POS as usize;
         if j < j1 {
@@ -386,9 +417,10 @@ fn move_critical<E: Float>(dst: &mut [E], old: &Shared<[f32]>, cols: &[u32], off
     }
 }
 
-/// [`fourier_append()`]'s rank-1 update: for head `h`'s compressed columns `c` (offsets at `cols[off + h]`, in-head
-/// dims at `cols[dims + c]`), `coef[(c0 + c)·2N + n] += old[dim_c]·cos`, `… + N + n] += old[dim_c]·sin` with the
-/// basis of the new middle index in `cs`/`sn`; one (column, frequency) pair per thread and round.
+/// [`fourier_append()`]'s rank-1 update: for share `part` of `parts` of head `h`'s compressed columns `c` (offsets at
+/// `cols[off + h]`, in-head dims at `cols[dims + c]`), `coef[(c0 + c)·2N + n] += old[dim_c]·cos`,
+/// `… + N + n] += old[dim_c]·sin` with the basis of the new middle index in `cs`/`sn`; one (column, frequency) pair
+/// per thread and round.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn rank1_update(
@@ -398,6 +430,8 @@ fn rank1_update(
     off: usize,
     dims: usize,
     h: usize,
+    part: usize,
+    parts: usize,
     c0: usize,
     cs: &Shared<[f32]>,
     sn: &Shared<[f32]>,
@@ -406,11 +440,14 @@ fn rank1_update(
 ) {
     let h0 = cols[off + h] as usize;
     let h1 = cols[off + h + 1] as usize;
-    let work = (h1 - h0) * n_freq;
+    let per = (h1 - h0 + parts - 1) / parts;
+    let lo = min(h0 + part * per, h1);
+    let hi = min(lo + per, h1);
+    let work = (hi - lo) * n_freq;
     for i in 0..(work + tile - 1) / tile {
         let e = i * tile + UNIT_POS as usize;
         if e < work {
-            let c = h0 + e / n_freq;
+            let c = lo + e / n_freq;
             let n = e % n_freq;
             let x = old[cols[dims + c] as usize];
             let base = (c0 + c) * 2 * n_freq;
