@@ -434,6 +434,9 @@ pub struct FourierLayerCache {
     basis: Handle,
     tile: usize,
     plane: bool,
+    /// Column shares of the append's middle update per (sequence, head): about four rounds of the cube's threads
+    /// each over the widest head's columns (fixed by the dim lists, so chosen once at `new`).
+    append_parts: usize,
     /// Which kernel variants ran once (launch failures are checked at the first run of each): bit 0 append,
     /// bit 1 direct attend, bit 2 spectral attend.
     checked: std::sync::atomic::AtomicU8,
@@ -531,6 +534,8 @@ impl FourierLayerCache {
             m
         };
         let glob = |heads: &[u32], dims: &[u32]| -> Vec<u32> { heads.iter().zip(dims).map(|(&h, &dd)| h * d as u32 + dd).collect() };
+        let widest = |t: &Columns| t.c_off.windows(2).chain(t.n_off.windows(2)).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        let append_parts = (widest(&kt).max(widest(&vt)) * cfg.n_freq).div_ceil(4 * TILE).clamp(1, 64);
         let packed: Vec<u32> = [&kt, &vt].iter().flat_map(|t| t.c_off.iter().chain(&t.c_dim).chain(&t.n_off).chain(&t.n_dim).copied()).collect();
         let c = client;
         let tab = Tables {
@@ -597,6 +602,7 @@ impl FourierLayerCache {
             tab,
             scratch,
             plane,
+            append_parts,
             checked: std::sync::atomic::AtomicU8::new(0),
             cfg,
         };
@@ -855,9 +861,7 @@ impl FourierLayerCache {
         let c = self.client.clone();
         let n = self.cfg.n_freq;
         let (cur, next) = (self.state_base(), (1 - self.cur) * ST_ROWS * bsz);
-        // The middle's update over (head, sequence, column share): about four rounds of the cube's threads each.
-        let widest = |t: &Columns| t.c_off.windows(2).chain(t.n_off.windows(2)).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
-        let parts = (widest(&self.tab.k).max(widest(&self.tab.v)) * n).div_ceil(4 * TILE).clamp(1, 64);
+        let parts = self.append_parts;
         crate::tensor::count_launches(2);
         // SAFETY: slots and middle rows are bounded by the state the host mirror validated above; the tables
         // were built from the validated dim lists. The write runs after the update (stream order).
