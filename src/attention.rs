@@ -16,6 +16,13 @@
 //! likewise); a view that reaches past its buffer, or whose strides overflow, is refused with a typed
 //! [`Error::Layout`]. A failed allocation or launch is an `Err` of this call ([`Error::Device`]).
 //!
+//! Bindings: every kernel binds at most 7 storage buffers (WebGPU's default limit of 8 per stage, less the one
+//! cubecl keeps for scalars), so the u32 inputs — the lengths and, with RoPE, the positions — are read from one
+//! buffer. [`DecodePlan::run`] binds the caller's buffer when `lens`, `q_pos` and `k_pos` are views of one
+//! buffer (as the caches pass them); otherwise it first copies them into a buffer of the plan (one small launch
+//! each, counted by [`crate::tensor::device_launches`]). The single-split launch writes `o` and at most one of
+//! `lse` and `mass`; a request for both takes the split path (two or three launches).
+//!
 //! Storage dtypes f32 / f16 / bf16; all arithmetic accumulates in f32. Head dims: any positive multiple of 8 up
 //! to 256 (64, 96 and 128 are the tested ones). The split count, tile and rows per cube are chosen from the
 //! problem and the device ([`Plan`], returned with the outputs so that benches can print what ran).
@@ -29,6 +36,7 @@ use cubecl::features::{Plane, TypeUsage};
 use cubecl::ir::AddressType;
 use cubecl::prelude::*;
 use kvsqueeze_kernels::attention::{decode_combine, decode_split, mass_finalize, SplitConfig};
+use kvsqueeze_kernels::util::copy_range;
 
 /// Options of [`decode_attention`].
 #[derive(Clone, Debug, Default)]
@@ -161,7 +169,7 @@ pub fn dtype_supported(client: &Client, dtype: DType) -> bool {
 }
 
 /// The kernels decode attention launches.
-pub(crate) const KERNELS: [&str; 3] = ["decode_split", "decode_combine", "mass_finalize"];
+pub(crate) const KERNELS: [&str; 4] = ["decode_split", "decode_combine", "mass_finalize", "copy_range"];
 
 /// Checks every input (see the module docs for the contract); nothing is launched.
 pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32]) -> Result<Problem, Error> {
@@ -303,10 +311,12 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig) -> Resu
     // them correctly) — for testing those paths without a GPU.
     let forced = std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1");
     let plane = (forced || client.features().plane.contains(Plane::Ops)) && hw.plane_size_min == hw.plane_size_max && TILE % hw.plane_size_max as usize == 0;
-    let single = n_splits == 1 && (!cfg.mass || n_rb == 1);
+    // One launch writes `o` and at most one f32 output (the binding limit, see the module docs).
+    let single = n_splits == 1 && (!cfg.mass || n_rb == 1) && !(cfg.mass && cfg.lse);
     let launches = if single { 1 } else { 2 + cfg.mass as usize };
-    // The largest element count any kernel indexes: the inputs' buffers, the scores scratch, the partials.
-    let largest = [kv.largest, p.b * p.hkv * r_total * p.lcap, p.b * p.hkv * r_total * n_splits * p.d].into_iter().max().unwrap_or(0);
+    // The largest element count any kernel indexes: the inputs' buffers and the scratch (scores, partials).
+    let work = WorkLayout::new(p, n_splits, single, cfg.mass, cfg.rope.is_some()).len;
+    let largest = kv.largest.max(work);
     let address = AddressType::from_len(largest);
     if !client.features().supports_address(address) {
         return Err(Error::DeviceLimit(format!("{largest} elements need {address} indexing, which this device lacks")));
@@ -394,10 +404,11 @@ fn run(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &Dev
         check_finite(client, "k", k, Some(lens))?;
         check_finite(client, "v", v, Some(lens))?;
     }
-    let scratch = Scratch::new(client, p, &plan, cfg.mass, cfg.lse, cfg.rope.as_ref().map(|r| r.base))?;
+    let scratch = Scratch::new(client, p, &plan, cfg.mass, cfg.rope.as_ref().map(|r| r.base))?;
     let lens_t = DeviceTensor::from_host(client, lens, &[lens.len()])?;
     let rope = cfg.rope.as_ref().map(|r| (&r.q_pos, &r.k_pos));
-    launch_unchecked(client, p, &plan, &scratch, q, k, v, &lens_t, rope, cfg.scale, out);
+    let ints = Ints::of(client, p, &lens_t, rope, scratch.ints.as_ref())?;
+    launch_unchecked(client, p, &plan, &scratch, q, k, v, &ints, cfg.scale, out);
     out.plan = plan;
     let mut written = vec![&out.o];
     written.extend(out.lse.iter().chain(out.mass.iter()));
@@ -483,7 +494,7 @@ impl DecodePlan {
             }
         }
         check_config(&p, &plan_cfg)?;
-        let scratch = Scratch::new(client, &p, &plan, cfg.mass, cfg.lse, rope_base)?;
+        let scratch = Scratch::new(client, &p, &plan, cfg.mass, rope_base)?;
         let out = DecodeOutput {
             o: DeviceTensor::empty(client, &[b, lq, hq, d], dtype)?,
             lse: cfg.lse.then(|| DeviceTensor::empty(client, &[b, lq, hq], DType::F32)).transpose()?,
@@ -544,71 +555,113 @@ impl DecodePlan {
             }
             _ => return Err(Error::Config("RoPE positions are given exactly when the plan has a RoPE base")),
         }
-        launch_unchecked(&self.client, p, &self.plan, &self.scratch, q, k, v, lens, positions, self.scale, &self.out);
+        let ints = Ints::of(&self.client, p, lens, positions, self.scratch.ints.as_ref())?;
+        launch_unchecked(&self.client, p, &self.plan, &self.scratch, q, k, v, &ints, self.scale, &self.out);
         Ok(&self.out)
     }
 }
 
-/// Scratch of one planned launch: split partials, the scores for the mass, an internal lse, the RoPE table,
-/// and a one-element stand-in for the buffers a variant does not use. Every element a kernel reads is written by
-/// an earlier kernel of the same launch sequence, so nothing is initialised.
+/// Where the f32 scratch of one launch keeps its regions (element offsets into one buffer): the RoPE table at 0,
+/// the scores for the mass, the split partials and the rows' `(m, l)`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WorkLayout {
+    sc: usize,
+    op: usize,
+    ml: usize,
+    rml: usize,
+    len: usize,
+}
+
+impl WorkLayout {
+    fn new(p: &Problem, n_splits: usize, single: bool, mass: bool, rope: bool) -> Self {
+        let rows = p.b * p.hkv * (p.hq / p.hkv * p.lq);
+        let tab = if rope { p.d / 2 * 6 } else { 0 };
+        let scores = if mass { rows * p.lcap } else { 0 };
+        let (parts, mls, rml) = if single { (0, 0, 0) } else { (rows * n_splits * p.d, rows * n_splits * 2, rows * 2) };
+        let sc = tab;
+        let op = sc + scores;
+        let ml = op + parts;
+        let rml_at = ml + mls;
+        WorkLayout { sc, op, ml, rml: rml_at, len: (rml_at + rml).max(1) }
+    }
+}
+
+/// Scratch of one planned launch: `work` (see [`WorkLayout`]; the RoPE table is written at planning), a
+/// one-element stand-in for the buffers a variant does not use, and, with RoPE, the buffer `DecodePlan::run`
+/// packs the lengths and positions into when the caller's are not views of one buffer. Every other element a
+/// kernel reads is written by an earlier kernel of the same launch sequence, so nothing else is initialised.
 pub(crate) struct Scratch {
     dummy: DeviceTensor,
-    scores: Option<DeviceTensor>,
-    o_part: DeviceTensor,
-    ml_part: DeviceTensor,
-    row_ml: DeviceTensor,
-    /// The combine's lse when the caller did not ask for one.
-    lse: Option<DeviceTensor>,
-    rope_tab: DeviceTensor,
+    work: DeviceTensor,
+    at: WorkLayout,
+    /// `[B | B·Lq | B·Hkv·L_cap]` u32 (RoPE plans only).
+    ints: Option<DeviceTensor>,
 }
 
 impl Scratch {
-    fn new(client: &Client, p: &Problem, plan: &Plan, mass: bool, lse: bool, rope_base: Option<f64>) -> Result<Self, Error> {
-        let r_total = p.hq / p.hkv * p.lq;
-        let f32t = |shape: &[usize]| DeviceTensor::empty(client, shape, DType::F32);
-        let dummy = f32t(&[1])?;
-        let single = plan.launches == 1;
-        let (o_part, ml_part, row_ml) = if single {
-            (dummy.clone(), dummy.clone(), dummy.clone())
-        } else {
-            (f32t(&[p.b, p.hkv, r_total, plan.n_splits, p.d])?, f32t(&[p.b, p.hkv, r_total, plan.n_splits, 2])?, f32t(&[p.b, p.hkv, r_total, 2])?)
+    fn new(client: &Client, p: &Problem, plan: &Plan, mass: bool, rope_base: Option<f64>) -> Result<Self, Error> {
+        let at = WorkLayout::new(p, plan.n_splits, plan.launches == 1, mass, rope_base.is_some());
+        let work = DeviceTensor::empty(client, &[at.len], DType::F32)?;
+        let dummy = DeviceTensor::empty(client, &[1], DType::F32)?;
+        let mut ints = None;
+        if let Some(base) = rope_base {
+            let tab = angle_table(base, p.d);
+            let t = DeviceTensor::from_host(client, &tab, &[tab.len()])?;
+            copy_into(client, &t, &work, 0);
+            ints = Some(DeviceTensor::empty(client, &[p.b * (1 + p.lq + p.hkv * p.lcap)], DType::U32)?);
+        }
+        Ok(Scratch { dummy, work, at, ints })
+    }
+}
+
+/// Copies the elements of contiguous `src` into `dst` from element `at` (one launch).
+fn copy_into(client: &Client, src: &DeviceTensor, dst: &DeviceTensor, at: usize) {
+    let n: usize = src.shape.iter().product();
+    crate::tensor::count_launches(1);
+    // SAFETY: the caller sizes `dst` to hold `at + n` elements of `src`'s dtype; `src` is a checked view.
+    unsafe {
+        let count = CubeCount::Static(n.div_ceil(256).clamp(1, 1024) as u32, 1, 1);
+        match src.dtype {
+            DType::U32 => copy_range::launch_unchecked::<u32>(client, count, CubeDim::new_1d(256), buf(src), buf(dst), src.offset, at, n),
+            _ => copy_range::launch_unchecked::<f32>(client, count, CubeDim::new_1d(256), buf(src), buf(dst), src.offset, at, n),
+        }
+    }
+}
+
+/// Where the kernels read the lengths and positions: one u32 buffer and the element offsets of `lens`, `q_pos`
+/// and `k_pos` in it (with the strides of `k_pos` over batch and KV head).
+pub(crate) struct Ints<'a> {
+    buf: &'a DeviceTensor,
+    lens: usize,
+    q_pos: usize,
+    k_pos: usize,
+    kp_strides: (usize, usize),
+}
+
+impl<'a> Ints<'a> {
+    /// `lens` and, with RoPE, the positions: bound as they are when they share a buffer; otherwise copied into
+    /// `pack` (sized `B + B·Lq + B·Hkv·L_cap`).
+    fn of(client: &Client, p: &Problem, lens: &'a DeviceTensor, rope: Option<(&'a DeviceTensor, &'a DeviceTensor)>, pack: Option<&'a DeviceTensor>) -> Result<Self, Error> {
+        let Some((qp, kp)) = rope else {
+            return Ok(Ints { buf: lens, lens: lens.offset, q_pos: 0, k_pos: 0, kp_strides: (0, 0) });
         };
-        let rope_tab = match rope_base {
-            Some(base) => {
-                let tab = angle_table(base, p.d);
-                DeviceTensor::from_host(client, &tab, &[tab.len()])?
-            }
-            None => dummy.clone(),
-        };
-        Ok(Scratch {
-            scores: mass.then(|| f32t(&[p.b, p.hkv, r_total, p.lcap])).transpose()?,
-            lse: (!lse && !single).then(|| f32t(&[p.b, p.lq, p.hq])).transpose()?,
-            dummy,
-            o_part,
-            ml_part,
-            row_ml,
-            rope_tab,
-        })
+        let kp_strides = if kp.shape.len() == 3 { (p.hkv * p.lcap, p.lcap) } else { (p.lcap, 0) };
+        if lens.same_buffer(qp) && lens.same_buffer(kp) {
+            return Ok(Ints { buf: lens, lens: lens.offset, q_pos: qp.offset, k_pos: kp.offset, kp_strides });
+        }
+        let pack = pack.ok_or(Error::Config("RoPE positions need a plan with a RoPE base"))?;
+        let (at_q, at_k) = (p.b, p.b + p.b * p.lq);
+        copy_into(client, lens, pack, 0);
+        copy_into(client, qp, pack, at_q);
+        copy_into(client, kp, pack, at_k);
+        Ok(Ints { buf: pack, lens: 0, q_pos: at_q, k_pos: at_k, kp_strides })
     }
 }
 
 /// Launches with validated inputs (assumes [`validate`], [`plan`] and the output checks accepted them).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn launch_unchecked(
-    client: &Client,
-    p: &Problem,
-    plan: &Plan,
-    sc: &Scratch,
-    q: &DeviceTensor,
-    k: &DeviceTensor,
-    v: &DeviceTensor,
-    lens: &DeviceTensor,
-    rope: Option<(&DeviceTensor, &DeviceTensor)>,
-    scale: Option<f32>,
-    out: &DecodeOutput,
-) {
-    with_float_type!(p.dtype, E => launch_typed::<E>(client, p, plan, sc, q, k, v, lens, rope, scale, out))
+pub(crate) fn launch_unchecked(client: &Client, p: &Problem, plan: &Plan, sc: &Scratch, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, ints: &Ints<'_>, scale: Option<f32>, out: &DecodeOutput) {
+    with_float_type!(p.dtype, E => launch_typed::<E>(client, p, plan, sc, q, k, v, ints, scale, out))
 }
 
 fn buf(t: &DeviceTensor) -> BufferArg {
@@ -625,36 +678,37 @@ fn launch_typed<E: Float + CubeElement>(
     q: &DeviceTensor,
     k: &DeviceTensor,
     v: &DeviceTensor,
-    lens_t: &DeviceTensor,
-    rope: Option<(&DeviceTensor, &DeviceTensor)>,
+    ints: &Ints<'_>,
     scale: Option<f32>,
     out: &DecodeOutput,
 ) {
     let g = p.hq / p.hkv;
     let r_total = g * p.lq;
     let dummy = &sc.dummy;
-    let (o, lse, mass) = (&out.o, out.lse.clone(), out.mass.clone());
-    let scores = sc.scores.as_ref();
+    let (o, lse, mass) = (&out.o, out.lse.as_ref(), out.mass.as_ref());
     let single = plan.launches == 1;
-    let (o_part, ml_part, row_ml) = (&sc.o_part, &sc.ml_part, &sc.row_ml);
-    // The final lse must exist for the combine even when not requested.
-    let lse_buf = lse.as_ref().or(sc.lse.as_ref()).unwrap_or(dummy);
+    let at = sc.at;
+    let work = &sc.work;
     let vw = plan.vec;
-    let scfg = SplitConfig { d: p.d, vec: vw, tile: plan.tile, rows: plan.rows, single, mass: mass.is_some(), plane: plan.plane, unroll: plan.unroll, stage_k: plan.stage_k, rope: rope.is_some() };
-    let scale = scale.unwrap_or(1.0 / (p.d as f32).sqrt());
-    let rope_tab = &sc.rope_tab;
-    let (q_pos, k_pos, (kp_sb, kp_sh)) = match rope {
-        Some((qp, kp)) => {
-            let strides = if kp.shape.len() == 3 { (p.hkv * p.lcap, p.lcap) } else { (p.lcap, 0) };
-            (qp, kp, strides)
-        }
-        None => (dummy, dummy, (0, 0)),
+    let rope = sc.ints.is_some();
+    let scfg = SplitConfig {
+        d: p.d,
+        vec: vw,
+        tile: plan.tile,
+        rows: plan.rows,
+        single,
+        lse: single && lse.is_some(),
+        mass: mass.is_some(),
+        plane: plan.plane,
+        unroll: plan.unroll,
+        stage_k: plan.stage_k,
+        rope,
     };
-    // Element offsets of the views the kernels index (the dummies' are 0).
-    let lse_off = if lse.is_some() { lse_buf.offset } else { 0 };
-    let mass_off = mass.as_ref().map_or(0, |t| t.offset);
+    let scale = scale.unwrap_or(1.0 / (p.d as f32).sqrt());
+    // The single launch's f32 output: the lse or the mass (the plan never makes one launch write both).
+    let stat = if single { lse.or(mass) } else { None };
     let count = CubeCount::Static(plan.n_splits as u32, p.hkv as u32, (p.b * plan.n_row_blocks) as u32);
-    let finalize = !single && mass.is_some() && scores.is_some();
+    let finalize = !single && mass.is_some();
     crate::tensor::count_launches(if single { 1 } else { 2 + usize::from(finalize) });
     // SAFETY: every index the kernel forms is inside a validated view or an allocation sized above.
     unsafe {
@@ -667,27 +721,24 @@ fn launch_typed<E: Float + CubeElement>(
             buf(q),
             buf(k),
             buf(v),
-            buf(lens_t),
+            buf(ints.buf),
             if single { buf(o) } else { buf(dummy) },
-            buf(lse_buf),
-            buf(mass.as_ref().filter(|_| single).unwrap_or(dummy)),
-            buf(scores.unwrap_or(dummy)),
-            buf(o_part),
-            buf(ml_part),
-            buf(rope_tab),
-            buf(q_pos),
-            buf(k_pos),
-            q_pos.offset,
-            k_pos.offset,
-            kp_sb,
-            kp_sh,
+            buf(stat.unwrap_or(dummy)),
+            buf(work),
+            ints.lens,
+            ints.q_pos,
+            ints.k_pos,
+            ints.kp_strides.0,
+            ints.kp_strides.1,
             q.offset,
             q.strides[0],
             q.strides[1],
             q.strides[2],
             o.offset,
-            lse_off,
-            mass_off,
+            stat.map_or(0, |t| t.offset),
+            at.sc,
+            at.op,
+            at.ml,
             k.offset / vw,
             k.strides[0] / vw,
             k.strides[1] / vw,
@@ -712,29 +763,33 @@ fn launch_typed<E: Float + CubeElement>(
                 CubeCount::Static((p.hkv * r_total) as u32, p.b as u32, 1),
                 CubeDim::new_1d(p.d as u32),
                 plan.address,
-                buf(o_part),
-                buf(ml_part),
+                buf(work),
                 buf(o),
-                buf(lse_buf),
-                buf(row_ml),
+                buf(lse.unwrap_or(dummy)),
+                at.op,
+                at.ml,
+                at.rml,
                 o.offset,
-                lse_off,
+                lse.map_or(0, |t| t.offset),
                 p.hkv,
                 g,
                 p.lq,
                 plan.n_splits,
                 p.d,
+                lse.is_some(),
             );
-            if let (Some(mass), Some(scores)) = (&mass, scores) {
+            if let Some(mass) = mass {
                 mass_finalize::launch_unchecked(
                     client,
                     CubeCount::Static(p.lcap.div_ceil(plan.tile) as u32, (p.hkv * p.lq) as u32, p.b as u32),
                     CubeDim::new_1d(plan.tile as u32),
                     plan.address,
-                    buf(scores),
-                    buf(row_ml),
-                    buf(lens_t),
+                    buf(work),
+                    buf(ints.buf),
                     buf(mass),
+                    at.sc,
+                    at.rml,
+                    ints.lens,
                     mass.offset,
                     p.hkv,
                     g,

@@ -130,6 +130,10 @@ pub struct PolicyCache {
     /// `[B, Hkv, c+1, D]`.
     k: DeviceTensor,
     v: DeviceTensor,
+    /// Every u32 state array below is a view of `ints`, the f32 ones of `fl` (the kernels bind two state buffers;
+    /// see `kvsqueeze_kernels::policy`).
+    ints: DeviceTensor,
+    fl: DeviceTensor,
     /// `[2, B, Hkv, c+1]`: rank → slot, double-buffered per sequence (the parity is in `seq`).
     order: DeviceTensor,
     /// `[B, Hkv, c+1]` each.
@@ -274,38 +278,52 @@ impl PolicyCache {
         // impossible budget is a typed refusal rather than an allocation failure later.
         let kv_shape = [batch, hkv, cap1, d];
         crate::tensor::checked_size(client, "the cache's K/V", &kv_shape, dtype)?;
-        crate::tensor::checked_size(client, "the cache's order", &[2, batch, hkv, cap1], DType::U32)?;
         let zeros = |shape: &[usize], dtype: DType| DeviceTensor::filled(client, shape, dtype, 0);
         let mut shape = DecodeShape::new(batch, 1, hq, hkv, d, cap1, dtype);
         if let Some(base) = rope {
             shape = shape.with_rope(base);
         }
         let plan = DecodePlan::new(client, shape, &DecodeConfig::new().with_mass(true))?;
-        let att = zeros(&[2 * batch], DType::U32)?;
-        // Every sequence active and empty: flags = 1 in both halves of `seq`.
-        let seq0: Vec<u32> = (0..2 * batch).flat_map(|_| [0, 0, 0, 1]).collect();
+        // The packed u32 state: order [2, B, Hkv, c+1] | rank, pos [B, Hkv, c+1] | free [B, Hkv] | seq [2, B, 4] |
+        // att [2, B]; rank starts FREE, every sequence active and empty (flags = 1 in both halves of `seq`).
+        let per = batch * hkv * cap1;
+        let (o_rank, o_pos, o_free) = (2 * per, 3 * per, 4 * per);
+        let o_seq = o_free + batch * hkv;
+        let o_att = o_seq + 2 * batch * SEQ_WORDS;
+        let n_ints = o_att + 2 * batch;
+        crate::tensor::checked_size(client, "the cache's state", &[n_ints], DType::U32)?;
+        let mut init = vec![0u32; n_ints];
+        init[o_rank..o_pos].fill(FREE);
+        for w in init[o_seq..o_att].chunks_mut(SEQ_WORDS) {
+            w[SEQ_FLAGS] = 1;
+        }
+        let ints = DeviceTensor::from_host(client, &init, &[n_ints])?;
+        let fl = zeros(&[2 * per], DType::F32)?;
+        let flat = |t: &DeviceTensor, shape: &[usize], offset: usize| t.view(shape, &crate::tensor::contiguous_strides(shape), offset);
         let cache = PolicyCache {
             client: client.clone(),
             cfg,
             k: zeros(&kv_shape, dtype)?,
             v: zeros(&kv_shape, dtype)?,
-            order: zeros(&[2, batch, hkv, cap1], DType::U32)?,
-            rank: DeviceTensor::from_host(client, &vec![FREE; batch * hkv * cap1], &[batch, hkv, cap1])?,
-            score: zeros(&[batch, hkv, cap1], DType::F32)?,
-            count: zeros(&[batch, hkv, cap1], DType::F32)?,
-            pos: zeros(&[batch, hkv, cap1], DType::U32)?,
-            free: zeros(&[batch, hkv], DType::U32)?,
-            seq: DeviceTensor::from_host(client, &seq0, &[2, batch, SEQ_WORDS])?,
+            order: flat(&ints, &[2, batch, hkv, cap1], 0),
+            rank: flat(&ints, &[batch, hkv, cap1], o_rank),
+            score: flat(&fl, &[batch, hkv, cap1], 0),
+            count: flat(&fl, &[batch, hkv, cap1], per),
+            pos: flat(&ints, &[batch, hkv, cap1], o_pos),
+            free: flat(&ints, &[batch, hkv], o_free),
+            seq: flat(&ints, &[2, batch, SEQ_WORDS], o_seq),
             cur: 0,
-            att_lens: att.view(&[batch], &[1], 0),
-            att_qpos: att.view(&[batch, 1], &[1, 1], batch),
-            att,
+            att_lens: flat(&ints, &[batch], o_att),
+            att_qpos: flat(&ints, &[batch, 1], o_att + batch),
+            att: flat(&ints, &[2 * batch], o_att),
+            ints,
+            fl,
             plan,
             host: vec![Some(SeqState::default()); batch],
             stepped: false,
             step_threads: step_threads(client, cap1),
         };
-        crate::tensor::check_written(client, &[&cache.k, &cache.v, &cache.score, &cache.seq])?;
+        crate::tensor::check_written(client, &[&cache.k, &cache.v, &cache.ints, &cache.fl])?;
         Ok(cache)
     }
 
@@ -380,11 +398,11 @@ impl PolicyCache {
         if b >= self.cfg.batch {
             return Err(Error::Config("sequence index beyond the batch"));
         }
-        let base = self.cur * self.cfg.batch * SEQ_WORDS;
+        let base = self.seq.offset + self.cur * self.cfg.batch * SEQ_WORDS;
         crate::tensor::count_launches(1);
         // SAFETY: `b < B` indexes one row of `seq`'s current half.
         unsafe {
-            policy_retire::launch_unchecked(&self.client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), BufferArg::from_raw_parts(self.seq.handle.clone(), self.seq.buffer_len), b, base);
+            policy_retire::launch_unchecked(&self.client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), BufferArg::from_raw_parts(self.ints.handle.clone(), self.ints.buffer_len), b, base);
         }
         self.host[b] = None;
         Ok(())
@@ -609,9 +627,9 @@ impl PolicyCache {
         // SAFETY: `kept` holds `n ≤ c` positions below `L` per head; slots below `n`; `b0 + nb ≤ B`.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len.max(1));
-            with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, nb as u32, 1), CubeDim::new_1d(d as u32), b(k), b(v), b(kept), b(&self.k), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&self.seq), k.offset, v.offset, n, l, cap, hkv, cap + 1, d, b0, base));
+            with_float_type!(self.cfg.dtype, E => policy_install::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, nb as u32, 1), CubeDim::new_1d(d as u32), b(k), b(v), b(kept), b(&self.k), b(&self.v), b(&self.ints), b(&self.fl), k.offset, v.offset, self.order.offset, self.rank.offset, self.pos.offset, self.free.offset, self.seq.offset, self.count.offset, n, l, cap, hkv, cap + 1, d, b0, base));
         }
-        crate::tensor::check_written(c, &[&self.k, &self.v, &self.order, &self.seq])?;
+        crate::tensor::check_written(c, &[&self.k, &self.v, &self.ints, &self.fl])?;
         for s in &mut self.host[b0..b0 + nb] {
             *s = Some(SeqState { len: n, seen: l });
         }
@@ -675,7 +693,7 @@ impl CompressedKvCache for PolicyCache {
         // SAFETY: every buffer is sized by `new` from the validated configuration; the inputs were checked above.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
-            with_float_type!(self.cfg.dtype, E => policy_append::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.pos), b(&self.free), b(&self.seq), b(&self.att), k.offset, v.offset, cur_base, batch, hkv, cap1, d))
+            with_float_type!(self.cfg.dtype, E => policy_append::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.ints), b(&self.fl), k.offset, v.offset, self.order.offset, self.rank.offset, self.pos.offset, self.free.offset, self.seq.offset, self.att.offset, self.count.offset, cur_base, batch, hkv, cap1, d))
         }
         // Cache-rank positions: the slot → rank array is exactly `[B, Hkv, c+1]` positions; the query sits at the
         // newest rank (`att`'s second row, written by the append).
@@ -686,12 +704,12 @@ impl CompressedKvCache for PolicyCache {
         // SAFETY: as above; `mass` is the plan's `[B, Hkv, 1, c+1]` output.
         unsafe {
             let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
-            with_float_type!(self.cfg.dtype, E => policy_step::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(self.step_threads as u32), b(&mass), b(&self.v), b(&self.order), b(&self.rank), b(&self.score), b(&self.count), b(&self.free), b(&self.seq), cur_base, next_base, batch, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), self.step_threads))
+            with_float_type!(self.cfg.dtype, E => policy_step::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(self.step_threads as u32), b(&mass), b(&self.v), b(&self.ints), b(&self.fl), self.order.offset, self.rank.offset, self.free.offset, self.seq.offset, self.count.offset, cur_base, next_base, batch, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), self.step_threads))
         }
         if !self.stepped {
             // The first step compiles this cache's kernels: a compile or launch failure surfaces here. Later steps
             // launch the same variants on the same buffers and are not checked (no host round trip per step).
-            crate::tensor::check_written(c, &[&o, &mass, &self.seq])?;
+            crate::tensor::check_written(c, &[&o, &mass, &self.ints])?;
             self.stepped = true;
         }
         self.cur = 1 - self.cur;
@@ -712,7 +730,7 @@ impl CompressedKvCache for PolicyCache {
     }
 
     fn physical_bytes(&self) -> usize {
-        [&self.k, &self.v, &self.order, &self.rank, &self.score, &self.count, &self.pos, &self.free, &self.seq, &self.att].iter().map(|t| t.buffer_len * t.dtype.size()).sum()
+        [&self.k, &self.v, &self.ints, &self.fl].iter().map(|t| t.buffer_len * t.dtype.size()).sum()
     }
 
     /// Per sequence and KV head, the original positions kept in cache order (a retired sequence: empty). Reads

@@ -3,7 +3,9 @@
 //! [`client`] picks CUDA when it is compiled in and a GPU is present, otherwise wgpu (any Vulkan/Metal/DX12
 //! adapter; Mesa's lavapipe in CI), otherwise the CPU runtime. `KVSQUEEZE_DEVICE=cuda|wgpu|cpu` forces one.
 //! [`require_all`] reads `KVSQUEEZE_REQUIRE_ALL=1`, which GPU runs set so that a feature skip (bf16, plane
-//! ops) becomes a failure instead.
+//! ops) becomes a failure instead. `KVSQUEEZE_WGPU_LIMITS=webgpu` opens the wgpu device at WebGPU's default
+//! limits (8 storage buffers per shader stage, 16 KiB of workgroup storage, 256 invocations per workgroup)
+//! instead of the adapter's own, so that a run on a desktop adapter shows what a browser would accept.
 
 use crate::Error;
 use cubecl::client::Client;
@@ -31,7 +33,7 @@ pub fn device() -> Result<Device, Error> {
     let open = |name: &str| -> Result<Device, String> {
         match name {
             "cuda" => Device::cuda(0).map_err(|e| e.to_string()),
-            "wgpu" => Device::wgpu(WgpuDeviceKind::default()).map_err(|e| e.to_string()),
+            "wgpu" => open_wgpu(),
             "cpu" => Device::cpu().map_err(|e| e.to_string()),
             other => Err(format!("unknown KVSQUEEZE_DEVICE `{other}` (cuda, wgpu or cpu)")),
         }
@@ -49,6 +51,41 @@ pub fn device() -> Result<Device, Error> {
     Err(Error::NoDevice(why.join("; ")))
 }
 
+/// The default wgpu adapter, at its own limits or (`KVSQUEEZE_WGPU_LIMITS=webgpu`) at WebGPU's defaults.
+fn open_wgpu() -> Result<Device, String> {
+    match std::env::var("KVSQUEEZE_WGPU_LIMITS").as_deref() {
+        Err(_) | Ok("adapter") => Device::wgpu(WgpuDeviceKind::default()).map_err(|e| e.to_string()),
+        Ok("webgpu") => {
+            // One device per process: every client of the run shares it (as `Device::wgpu` does).
+            static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
+            DEVICE.get_or_init(wgpu_at_webgpu_limits).clone()
+        }
+        Ok(other) => Err(format!("unknown KVSQUEEZE_WGPU_LIMITS `{other}` (adapter or webgpu)")),
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_at_webgpu_limits() -> Result<Device, String> {
+    use cubecl::wgpu::{wgpu, RuntimeOptions, WgpuSetup};
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let adapter = cubecl::future::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default())).map_err(|e| e.to_string())?;
+    let desc = wgpu::DeviceDescriptor {
+        label: Some("kvsqueeze at WebGPU default limits"),
+        required_features: adapter.features().difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
+        required_limits: wgpu::Limits::default(),
+        ..Default::default()
+    };
+    let (device, queue) = cubecl::future::block_on(adapter.request_device(&desc)).map_err(|e| e.to_string())?;
+    let backend = adapter.get_info().backend;
+    let setup = WgpuSetup { instance, adapter, device, queue, backend };
+    cubecl::wgpu::try_init_device(setup, RuntimeOptions::default()).map(Device::from).map_err(|e| format!("{e:?}"))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_at_webgpu_limits() -> Result<Device, String> {
+    Err("the wgpu backend is not compiled in".into())
+}
+
 /// A client on the named backend: `auto` (as [`device`]), `cuda`, `wgpu` or `cpu`. The error says what is
 /// missing and what to do (a backend not compiled in, or no such device).
 pub fn client_for(backend: &str) -> Result<Client, Error> {
@@ -60,7 +97,7 @@ pub fn client_for(backend: &str) -> Result<Client, Error> {
             }
             let dev = match backend {
                 "cuda" => Device::cuda(0).map_err(|e| e.to_string()),
-                "wgpu" => Device::wgpu(WgpuDeviceKind::default()).map_err(|e| e.to_string()),
+                "wgpu" => open_wgpu(),
                 _ => Device::cpu().map_err(|e| e.to_string()),
             };
             dev.map(|d| d.client()).map_err(|e| Error::NoDevice(format!("backend `{backend}` found no device: {e}")))

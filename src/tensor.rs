@@ -245,6 +245,12 @@ impl DeviceTensor {
         }
     }
 
+    /// Whether `self` and `other` are views of the same device buffer.
+    pub fn same_buffer(&self, other: &DeviceTensor) -> bool {
+        let (a, b) = (&self.handle, &other.handle);
+        a.memory.descriptor() == b.memory.descriptor() && a.service == b.service && a.offset_start == b.offset_start && a.offset_end == b.offset_end
+    }
+
     /// Whether the tensor is row-major contiguous from its offset.
     pub fn is_contiguous(&self) -> bool {
         self.strides == contiguous_strides(&self.shape)

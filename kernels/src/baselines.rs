@@ -7,18 +7,19 @@ use crate::policy::{Rule, FREE};
 use cubecl::prelude::*;
 
 /// The rank in `[lo, end)` with the smallest score by `rule` (ties: the leftmost): H2O `S`, TOVA this step's
-/// `mass`, the others the average `S/C`. `order[ob + q]` is the slot of rank `q`; per-slot arrays are read at
-/// `base + slot`. Cooperative over the cube's `threads` units (`vals`/`idxs`: one entry per unit); every unit gets
-/// the winner.
+/// `mass`, the others the average `S/C`. The cache's packed state (see [`crate::policy`]): `ints[ob + q]` is the
+/// slot of rank `q`; `S`, `C` and the mass are read at `fl[sb + slot]`, `fl[cb + slot]` and `mass[mb + slot]`.
+/// Cooperative over the cube's `threads` units (`vals`/`idxs`: one entry per unit); every unit gets the winner.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn region_argmin(
-    order: &mut [u32],
-    score: &mut [f32],
-    count: &mut [f32],
+    ints: &mut [u32],
+    fl: &mut [f32],
     mass: &[f32],
     ob: usize,
-    base: usize,
+    sb: usize,
+    cb: usize,
+    mb: usize,
     lo: usize,
     end: usize,
     vals: &mut Shared<[f32]>,
@@ -30,13 +31,13 @@ pub fn region_argmin(
     let mut best_q = u32::MAX.runtime();
     let mut q = lo + UNIT_POS as usize;
     while q < end {
-        let s = order[ob + q] as usize;
+        let s = ints[ob + q] as usize;
         let val = if comptime![rule == Rule::H2o] {
-            score[base + s]
+            fl[sb + s]
         } else if comptime![rule == Rule::Tova] {
-            mass[base + s]
+            mass[mb + s]
         } else {
-            score[base + s] / count[base + s]
+            fl[sb + s] / fl[cb + s]
         };
         if val < best || best_q == u32::MAX {
             best = val;

@@ -39,9 +39,9 @@ pub mod weightedkv;
 /// (`HardwareProperties::max_bindings`: WebGPU's default adapter limit of 8 leaves 7, Mesa's OpenGL 15). Checked
 /// against the kernel signatures by `tests/bindings.rs`.
 pub const BINDINGS: &[(&str, u32)] = &[
-    ("decode_split", 13),
-    ("decode_combine", 5),
-    ("mass_finalize", 4),
+    ("decode_split", 7),
+    ("decode_combine", 3),
+    ("mass_finalize", 3),
     ("fourier_transform", 3),
     ("fourier_stats_partial", 4),
     ("fourier_stats_finalize", 2),
@@ -54,15 +54,16 @@ pub const BINDINGS: &[(&str, u32)] = &[
     ("fourier_project", 5),
     ("fourier_split", 13),
     ("fourier_combine", 7),
-    ("policy_append", 12),
-    ("policy_step", 8),
+    ("policy_append", 6),
+    ("policy_step", 4),
     ("treekv_block_scores", 2),
     ("treekv_block_scan", 3),
-    ("policy_install", 12),
+    ("policy_install", 7),
     ("policy_retire", 1),
     ("snapkv_scores", 2),
     ("snapkv_topk", 2),
     ("copy", 2),
+    ("copy_range", 2),
     ("fill_hash", 1),
     ("find_non_finite", 3),
 ];

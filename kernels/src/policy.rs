@@ -9,6 +9,11 @@
 //! `order` is double-buffered per sequence: `order: [2, B, Hkv, cap+1]`, and an evicting step reads the half its
 //! sequence's parity names and writes the shifted order into the other, so the shift needs no barrier.
 //!
+//! Packed state: every u32 array (`order`, `rank`, `pos`, `free`, `seq`, `att`) is a region of one buffer `ints`
+//! and the f32 ones (`score`, `count`) of one buffer `fl`, each region at an element offset the host passes (`o_*`
+//! launch scalars; `score` at `fl[0..]`). A kernel therefore binds K, V, the new token's or prompt's K/V and two
+//! state buffers — within WebGPU's default of 8 storage buffers per stage.
+//!
 //! Per-sequence state lives on the device (continuous batching, no per-step upload): `seq: [2, B, 4]` u32 holds,
 //! per sequence, `(len, seen, evictions, flags)` — entries held, tokens streamed (the next original position),
 //! evictions so far (TreeKV's pointer), and flags (bit 0 active, bit 1 order parity). It is double-buffered by
@@ -67,8 +72,8 @@ pub const SEQ_FLAGS: usize = 3;
 pub const SEQ_WORDS: usize = 4;
 
 /// Writes each active sequence's new token into its free slot. Grid `(Hkv, B)`, `D` threads. Reads the
-/// per-sequence state at `seq[cur_base + b·4 ..]`; the token's original position is `seen`, its rank `len`; the
-/// free slot is `free[b·Hkv + h]`. `k_new, v_new: [B, Hkv, D]` contiguous from element `kn_off` / `vn_off`. Writes
+/// per-sequence state at `seq[cur_base + b·4 ..]` (`seq` is the region of `ints` at `o_seq`, and so on); the
+/// token's original position is `seen`, its rank `len`; the free slot is `free[b·Hkv + h]`. `k_new, v_new: [B, Hkv, D]` contiguous from element `kn_off` / `vn_off`. Writes
 /// `att` (attention length and query rank) for every sequence.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -77,16 +82,17 @@ pub fn policy_append<E: Float>(
     v_new: &[E],
     k: &mut [E],
     v: &mut [E],
-    order: &mut [u32],
-    rank: &mut [u32],
-    score: &mut [f32],
-    count: &mut [f32],
-    pos: &mut [u32],
-    free: &[u32],
-    seq: &[u32],
-    att: &mut [u32],
+    ints: &mut [u32],
+    fl: &mut [f32],
     kn_off: usize,
     vn_off: usize,
+    o_order: usize,
+    o_rank: usize,
+    o_pos: usize,
+    o_free: usize,
+    o_seq: usize,
+    o_att: usize,
+    o_count: usize,
     cur_base: usize,
     nb: usize,
     hkv: usize,
@@ -97,11 +103,11 @@ pub fn policy_append<E: Float>(
     let b = CUBE_POS_Y as usize;
     let dd = UNIT_POS as usize;
     let head = b * hkv + h;
-    let st = cur_base + b * SEQ_WORDS;
-    let flags = seq[st + SEQ_FLAGS];
-    let len = seq[st + SEQ_LEN];
+    let st = o_seq + cur_base + b * SEQ_WORDS;
+    let flags = ints[st + SEQ_FLAGS];
+    let len = ints[st + SEQ_LEN];
     if (flags & 1u32) == 1u32 {
-        let slot = free[head] as usize;
+        let slot = ints[o_free + head] as usize;
         let row = (head * cap1 + slot) * d;
         if dd < d {
             k[row + dd] = k_new[kn_off + head * d + dd];
@@ -110,11 +116,11 @@ pub fn policy_append<E: Float>(
         if dd == 0 {
             let half = ((flags >> 1u32) & 1u32) as usize * nb * hkv * cap1;
             let l = len as usize;
-            order[half + head * cap1 + l] = slot as u32;
-            rank[head * cap1 + slot] = len;
-            score[head * cap1 + slot] = 0.0;
-            count[head * cap1 + slot] = 0.0;
-            pos[head * cap1 + slot] = seq[st + SEQ_SEEN];
+            ints[o_order + half + head * cap1 + l] = slot as u32;
+            ints[o_rank + head * cap1 + slot] = len;
+            fl[head * cap1 + slot] = 0.0;
+            fl[o_count + head * cap1 + slot] = 0.0;
+            ints[o_pos + head * cap1 + slot] = ints[st + SEQ_SEEN];
         }
     }
     if h == 0 && dd == 0 {
@@ -122,8 +128,8 @@ pub fn policy_append<E: Float>(
         if (flags & 1u32) == 1u32 {
             n = len + 1;
         }
-        att[b] = n;
-        att[nb + b] = len;
+        ints[o_att + b] = n;
+        ints[o_att + nb + b] = len;
     }
 }
 
@@ -138,12 +144,13 @@ pub fn policy_append<E: Float>(
 pub fn policy_step<E: Float>(
     mass: &[f32],
     v: &mut [E],
-    order: &mut [u32],
-    rank: &mut [u32],
-    score: &mut [f32],
-    count: &mut [f32],
-    free: &mut [u32],
-    seq: &mut [u32],
+    ints: &mut [u32],
+    fl: &mut [f32],
+    o_order: usize,
+    o_rank: usize,
+    o_free: usize,
+    o_seq: usize,
+    o_count: usize,
     cur_base: usize,
     next_base: usize,
     nb: usize,
@@ -161,14 +168,14 @@ pub fn policy_step<E: Float>(
     let t = UNIT_POS as usize;
     let head = b * hkv + h;
     let base = head * cap1;
-    let st = cur_base + b * SEQ_WORDS;
-    let flags = seq[st + SEQ_FLAGS];
+    let st = o_seq + cur_base + b * SEQ_WORDS;
+    let flags = ints[st + SEQ_FLAGS];
     let active = (flags & 1u32) == 1u32;
-    let held = seq[st + SEQ_LEN] as usize;
-    let evictions = seq[st + SEQ_EVICTIONS];
+    let held = ints[st + SEQ_LEN] as usize;
+    let evictions = ints[st + SEQ_EVICTIONS];
     let parity = (flags >> 1u32) & 1u32;
-    let cur_half = parity as usize * nb * hkv * cap1;
-    let next_half = (1 - parity as usize) * nb * hkv * cap1;
+    let cur_half = o_order + parity as usize * nb * hkv * cap1;
+    let next_half = o_order + (1 - parity as usize) * nb * hkv * cap1;
     // Valid slots after the append; an inactive sequence has none (every loop below is empty for it, and the
     // barriers are reached by the whole cube either way: the condition is uniform per cube).
     let mut l = 0usize.runtime();
@@ -186,9 +193,9 @@ pub fn policy_step<E: Float>(
     // S += mass, C += 1 on every valid slot (slot order; a slot is valid iff its rank is < len).
     let mut slot = t;
     while slot < cap1 {
-        if rank[base + slot] < l as u32 {
-            score[base + slot] += mass[base + slot];
-            count[base + slot] += 1.0;
+        if ints[o_rank + base + slot] < l as u32 {
+            fl[base + slot] += mass[base + slot];
+            fl[o_count + base + slot] += 1.0;
         }
         slot += threads;
     }
@@ -205,7 +212,7 @@ pub fn policy_step<E: Float>(
         if comptime![rule == Rule::StreamingLlm] {
             // The oldest rank of the region is `lo` already.
         } else if comptime![matches!(rule, Rule::TreeKv { .. })] {
-            victim = treekv_pair_victim(order, score, count, cur_half + base, base, lo + ptr as usize, comptime![rule == Rule::TreeKv { select_left: true }]);
+            victim = treekv_pair_victim(ints, fl, cur_half + base, base, o_count + base, lo + ptr as usize, comptime![rule == Rule::TreeKv { select_left: true }]);
         } else {
             // The least-scored rank of the region (WeightedKV: its first `middle` ranks, so that the newest can
             // only be the merge target).
@@ -213,20 +220,20 @@ pub fn policy_step<E: Float>(
             if comptime![rule == Rule::WeightedKv] {
                 end = lo + middle;
             }
-            victim = region_argmin(order, score, count, mass, cur_half + base, base, lo, end, &mut vals, &mut idxs, rule, threads);
+            victim = region_argmin(ints, fl, mass, cur_half + base, base, o_count + base, base, lo, end, &mut vals, &mut idxs, rule, threads);
         }
         let r = victim as usize;
-        let vslot = order[cur_half + base + r] as usize;
+        let vslot = ints[cur_half + base + r] as usize;
         if comptime![rule == Rule::WeightedKv] {
-            let tslot = order[cur_half + base + r + 1] as usize;
-            weightedkv_merge::<E>(v, score, count, base, vslot, tslot, d, threads);
+            let tslot = ints[cur_half + base + r + 1] as usize;
+            weightedkv_merge::<E>(v, fl, base, base, o_count + base, vslot, tslot, d, threads);
         }
         // Ranks above r move down by one; the victim's slot becomes free.
         let mut s2 = t;
         while s2 < cap1 {
-            let rk = rank[base + s2];
+            let rk = ints[o_rank + base + s2];
             if rk != FREE && rk > victim {
-                rank[base + s2] = rk - 1;
+                ints[o_rank + base + s2] = rk - 1;
             }
             s2 += threads;
         }
@@ -237,35 +244,35 @@ pub fn policy_step<E: Float>(
             if q >= r {
                 src = q + 1;
             }
-            order[next_half + base + q] = order[cur_half + base + src];
+            ints[next_half + base + q] = ints[cur_half + base + src];
             q += threads;
         }
         if t == 0 {
-            rank[base + vslot] = FREE;
-            free[head] = vslot as u32;
+            ints[o_rank + base + vslot] = FREE;
+            ints[o_free + head] = vslot as u32;
         }
     } else if active {
         if t == 0 {
-            free[head] = l as u32;
+            ints[o_free + head] = l as u32;
         }
     }
     // The sequence's next state (one writer per sequence).
     if h == 0 && t == 0 {
-        let nx = next_base + b * SEQ_WORDS;
+        let nx = o_seq + next_base + b * SEQ_WORDS;
         if active {
             let mut ev = 0u32.runtime();
             if evict {
                 ev = 1;
             }
-            seq[nx + SEQ_LEN] = (l - ev as usize) as u32;
-            seq[nx + SEQ_SEEN] = seq[st + SEQ_SEEN] + 1;
-            seq[nx + SEQ_EVICTIONS] = evictions + ev;
-            seq[nx + SEQ_FLAGS] = 1u32 | ((parity ^ ev) << 1u32);
+            ints[nx + SEQ_LEN] = (l - ev as usize) as u32;
+            ints[nx + SEQ_SEEN] = ints[st + SEQ_SEEN] + 1;
+            ints[nx + SEQ_EVICTIONS] = evictions + ev;
+            ints[nx + SEQ_FLAGS] = 1u32 | ((parity ^ ev) << 1u32);
         } else {
-            seq[nx + SEQ_LEN] = seq[st + SEQ_LEN];
-            seq[nx + SEQ_SEEN] = seq[st + SEQ_SEEN];
-            seq[nx + SEQ_EVICTIONS] = evictions;
-            seq[nx + SEQ_FLAGS] = flags;
+            ints[nx + SEQ_LEN] = ints[st + SEQ_LEN];
+            ints[nx + SEQ_SEEN] = ints[st + SEQ_SEEN];
+            ints[nx + SEQ_EVICTIONS] = evictions;
+            ints[nx + SEQ_FLAGS] = flags;
         }
     }
 }
@@ -283,15 +290,16 @@ pub fn policy_install<E: Float>(
     kept: &[u32],
     k: &mut [E],
     v: &mut [E],
-    order: &mut [u32],
-    rank: &mut [u32],
-    score: &mut [f32],
-    count: &mut [f32],
-    pos: &mut [u32],
-    free: &mut [u32],
-    seq: &mut [u32],
+    ints: &mut [u32],
+    fl: &mut [f32],
     sk_off: usize,
     sv_off: usize,
+    o_order: usize,
+    o_rank: usize,
+    o_pos: usize,
+    o_free: usize,
+    o_seq: usize,
+    o_count: usize,
     n: usize,
     l: usize,
     cap: usize,
@@ -311,8 +319,8 @@ pub fn policy_install<E: Float>(
         k[(head * cap1 + s) * d + t] = src_k[sk_off + (src * l + j) * d + t];
         v[(head * cap1 + s) * d + t] = src_v[sv_off + (src * l + j) * d + t];
         if t == 0 {
-            order[head * cap1 + s] = s as u32;
-            pos[head * cap1 + s] = j as u32;
+            ints[o_order + head * cap1 + s] = s as u32;
+            ints[o_pos + head * cap1 + s] = j as u32;
         }
     }
     let mut s = t;
@@ -321,30 +329,30 @@ pub fn policy_install<E: Float>(
         if s < n {
             r = s as u32;
         }
-        rank[head * cap1 + s] = r;
-        score[head * cap1 + s] = 0.0;
-        count[head * cap1 + s] = 0.0;
+        ints[o_rank + head * cap1 + s] = r;
+        fl[head * cap1 + s] = 0.0;
+        fl[o_count + head * cap1 + s] = 0.0;
         s += d;
     }
     if t == 0 {
-        free[head] = n as u32;
+        ints[o_free + head] = n as u32;
     }
     if h == 0 && t == 0 {
-        let st = cur_base + (b0 + b) * SEQ_WORDS;
-        seq[st + SEQ_LEN] = n as u32;
-        seq[st + SEQ_SEEN] = l as u32;
-        seq[st + SEQ_EVICTIONS] = 0;
-        seq[st + SEQ_FLAGS] = 1;
+        let st = o_seq + cur_base + (b0 + b) * SEQ_WORDS;
+        ints[st + SEQ_LEN] = n as u32;
+        ints[st + SEQ_SEEN] = l as u32;
+        ints[st + SEQ_EVICTIONS] = 0;
+        ints[st + SEQ_FLAGS] = 1;
     }
 }
 
-/// Retires sequence `b`: its state at `seq[cur_base + b·4 ..]` becomes inactive and empty (its slots are
+/// Retires sequence `b`: its state at `ints[seq_base + b·4 ..]` (the current half of `seq`) becomes inactive and empty (its slots are
 /// reclaimed by the next admission). One unit.
 #[cube(launch_unchecked)]
-pub fn policy_retire(seq: &mut [u32], b: usize, cur_base: usize) {
-    let st = cur_base + b * SEQ_WORDS;
-    seq[st + SEQ_LEN] = 0;
-    seq[st + SEQ_SEEN] = 0;
-    seq[st + SEQ_EVICTIONS] = 0;
-    seq[st + SEQ_FLAGS] = 0;
+pub fn policy_retire(ints: &mut [u32], b: usize, seq_base: usize) {
+    let st = seq_base + b * SEQ_WORDS;
+    ints[st + SEQ_LEN] = 0;
+    ints[st + SEQ_SEEN] = 0;
+    ints[st + SEQ_EVICTIONS] = 0;
+    ints[st + SEQ_FLAGS] = 0;
 }

@@ -6,15 +6,16 @@ use cubecl::prelude::*;
 
 /// TreeKV's decode decision (spec §2.2): of the adjacent ranks `(a, a + 1)` under the cyclic pointer, the one with
 /// the lower average attention `S/C` is evicted (ties: the left); `select_left` always evicts the left.
-/// `order[ob + q]` is the slot of rank `q`; `score`/`count` are read at `base + slot`.
+/// The cache's packed state (see [`crate::policy`]): `ints[ob + q]` is the slot of rank `q`; `S` and `C` are read
+/// at `fl[sb + slot]` and `fl[cb + slot]`.
 #[cube]
-pub fn treekv_pair_victim(order: &mut [u32], score: &mut [f32], count: &mut [f32], ob: usize, base: usize, a: usize, #[comptime] select_left: bool) -> u32 {
+pub fn treekv_pair_victim(ints: &mut [u32], fl: &mut [f32], ob: usize, sb: usize, cb: usize, a: usize, #[comptime] select_left: bool) -> u32 {
     let mut victim = a as u32;
     if comptime![!select_left] {
-        let sa = order[ob + a] as usize;
-        let sb = order[ob + a + 1] as usize;
-        let ma = score[base + sa] / count[base + sa];
-        let mb = score[base + sb] / count[base + sb];
+        let sa = ints[ob + a] as usize;
+        let sn = ints[ob + a + 1] as usize;
+        let ma = fl[sb + sa] / fl[cb + sa];
+        let mb = fl[sb + sn] / fl[cb + sn];
         if ma > mb {
             victim = (a + 1) as u32;
         }

@@ -80,3 +80,15 @@ pub fn find_non_finite<E: Float>(
         i += stride;
     }
 }
+
+/// `dst[dst_off + i] = src[src_off + i]` for `i < n`, grid-stride: gathers small inputs (lengths, positions, a
+/// table) into one packed buffer, so that a kernel binds one buffer for them.
+#[cube(launch_unchecked)]
+pub fn copy_range<T: Numeric>(src: &[T], dst: &mut [T], src_off: usize, dst_off: usize, n: usize) {
+    let stride = (CUBE_COUNT as usize) * (CUBE_DIM as usize);
+    let mut i = ABSOLUTE_POS;
+    while i < n {
+        dst[dst_off + i] = src[src_off + i];
+        i += stride;
+    }
+}

@@ -6,13 +6,14 @@ use cubecl::prelude::*;
 
 /// Merges the dropped token's value into its right neighbour's by a convex combination weighted by average
 /// attention: `V[t] ← (ā_v·V[v] + ā_t·V[t]) / (ā_v + ā_t)` with `ā = S/C` per slot (equal weights when both are
-/// 0), for slots `vslot` (dropped) and `tslot` (target) of the `[cap+1, D]` rows at `base`. Cooperative over the
+/// 0), for slots `vslot` (dropped) and `tslot` (target) of the `[cap+1, D]` rows at `base`, `S` and `C` read at
+/// `fl[sb + slot]` and `fl[cb + slot]` (the cache's packed state). Cooperative over the
 /// cube's `threads` units (a dim each).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn weightedkv_merge<E: Float>(v: &mut [E], score: &mut [f32], count: &mut [f32], base: usize, vslot: usize, tslot: usize, d: usize, #[comptime] threads: usize) {
-    let mut wa = score[base + vslot] / count[base + vslot];
-    let mut wb = score[base + tslot] / count[base + tslot];
+pub fn weightedkv_merge<E: Float>(v: &mut [E], fl: &mut [f32], base: usize, sb: usize, cb: usize, vslot: usize, tslot: usize, d: usize, #[comptime] threads: usize) {
+    let mut wa = fl[sb + vslot] / fl[cb + vslot];
+    let mut wb = fl[sb + tslot] / fl[cb + tslot];
     if !(wa + wb > 0.0) {
         wa = 1.0;
         wb = 1.0;

@@ -4,8 +4,13 @@
 //! - `q`: `[B, Lq, Hq, D]`, storage dtype `E`, element `(b, i, h, d)` at `q_off + b·q_sb + i·q_sl + h·q_sh + d`
 //!   (a view of a fused QKV buffer); `o`: the same shape and dtype, contiguous from `o_off`.
 //! - `k`, `v`: element `(b, h, j, d)` at `off + b·sb + h·sh + j·sl + d` (any strides and offset that are
-//!   multiples of the vector width `N`, so views of a larger cache buffer work); `lens: [B]` (u32) per-sequence
-//!   lengths. Every other tensor is contiguous from its own element offset (`*_off`).
+//!   multiples of the vector width `N`, so views of a larger cache buffer work). Every other tensor is
+//!   contiguous from its own element offset (`*_off`).
+//! - Bindings (at most 7, within WebGPU's default of 8 storage buffers per stage with cubecl's scalars): `q`,
+//!   `k`, `v`; `ints`, one u32 buffer holding the lengths `lens: [B]` at `lens_off` and, with RoPE, the positions
+//!   `q_pos: [B, Lq]` at `qp_off` and `k_pos` at `kp_off`; `o` and one f32 output `stat` (the single-split
+//!   variant's `lse` or `mass`, at most one of them); and `work`, one f32 scratch holding the RoPE table at 0,
+//!   the scores at `sc_off`, the split partials at `op_off` / `ml_off` and the rows' `(m, l)` at `rml_off`.
 //! - A cube handles one `(split, kv head, batch·row-block)`: the keys `[split·chunk, min((split+1)·chunk, len))`
 //!   against up to `ROWS` query rows of one GQA group, `row = i·G + g` (query token `i`, group member `g`), so K
 //!   and V are read once per group. Row `i` sits at position `len − Lq + i` and sees keys `j ≤ len − Lq + i`.
@@ -43,9 +48,11 @@ pub struct SplitConfig {
     pub tile: usize,
     /// Query rows a cube handles (rows past the ones it is given are masked).
     pub rows: usize,
-    /// One split: normalise and write `o`, `lse` (and `mass`) directly; otherwise write partials.
+    /// One split: normalise and write `o` (and `lse` or `mass` into `stat`) directly; otherwise write partials.
     pub single: bool,
-    /// Write the scores scratch (and, with `single`, the mass itself).
+    /// With `single`: write the lse into `stat` (`mass` must then be off).
+    pub lse: bool,
+    /// Write the scores scratch (and, with `single`, the mass itself into `stat`).
     pub mass: bool,
     /// Use plane (warp) reductions; otherwise shared memory only.
     pub plane: bool,
@@ -134,16 +141,11 @@ pub fn decode_split<E: Float, N: Size>(
     q: &[E],
     k: &[Vector<E, N>],
     v: &[Vector<E, N>],
-    lens: &[u32],
+    ints: &[u32],
     o: &mut [E],
-    lse: &mut [f32],
-    mass: &mut [f32],
-    scores: &mut [f32],
-    o_part: &mut [f32],
-    ml_part: &mut [f32],
-    rope_tab: &[f32],
-    q_pos: &[u32],
-    k_pos: &[u32],
+    stat: &mut [f32],
+    work: &mut [f32],
+    lens_off: usize,
     qp_off: usize,
     kp_off: usize,
     kp_sb: usize,
@@ -153,8 +155,10 @@ pub fn decode_split<E: Float, N: Size>(
     q_sl: usize,
     q_sh: usize,
     o_off: usize,
-    lse_off: usize,
-    mass_off: usize,
+    stat_off: usize,
+    sc_off: usize,
+    op_off: usize,
+    ml_off: usize,
     k_off: usize,
     k_sb: usize,
     k_sh: usize,
@@ -190,7 +194,7 @@ pub fn decode_split<E: Float, N: Size>(
     let r_total = g * lq;
     let row0 = rb * rows;
     let nrows = min(rows, r_total - row0);
-    let len = live_len(lens[b], lq, lcap);
+    let len = live_len(ints[lens_off + b], lq, lcap);
     let offset = len - min(len, lq);
     let start = split * chunk;
     let end = min(start + chunk, len);
@@ -221,12 +225,12 @@ pub fn decode_split<E: Float, N: Size>(
                 x = f32::cast_from(q[base + dim]);
                 if comptime![cfg.rope] {
                     // Rotate-half: y[i] = x[i]·c − x[i+h]·s, y[i+h] = x[i+h]·c + x[i]·s.
-                    let pos = q_pos[qp_off + b * lq + row / g];
+                    let pos = ints[qp_off + b * lq + row / g];
                     if dim < half {
-                        let (c, sn) = rope_cos_sin(rope_tab, dim, pos);
+                        let (c, sn) = rope_cos_sin(work, dim, pos);
                         x = x * c - f32::cast_from(q[base + dim + half]) * sn;
                     } else {
-                        let (c, sn) = rope_cos_sin(rope_tab, dim - half, pos);
+                        let (c, sn) = rope_cos_sin(work, dim - half, pos);
                         x = x * c + f32::cast_from(q[base + dim - half]) * sn;
                     }
                 }
@@ -281,7 +285,7 @@ pub fn decode_split<E: Float, N: Size>(
         if j < end {
             if comptime![cfg.rope] {
                 // Pairs (i, i + D/2) are rotated together: vector `dvi` of the first half with `dvi + DV/2`.
-                let pos = k_pos[kp_off + b * kp_sb + kvh * kp_sh + j];
+                let pos = ints[kp_off + b * kp_sb + kvh * kp_sh + j];
                 let hv = comptime![cfg.d / cfg.vec / 2];
                 #[unroll(cfg.unroll)]
                 for dvi in 0..hv {
@@ -291,7 +295,7 @@ pub fn decode_split<E: Float, N: Size>(
                     let mut fb = Array::<f32>::new(vec);
                     #[unroll]
                     for e in 0..vec {
-                        let (c, sn) = rope_cos_sin(rope_tab, dvi * vec + e, pos);
+                        let (c, sn) = rope_cos_sin(work, dvi * vec + e, pos);
                         let xa = f32::cast_from(ka.extract(e));
                         let xb = f32::cast_from(kb.extract(e));
                         fa[e] = xa * c - xb * sn;
@@ -336,7 +340,7 @@ pub fn decode_split<E: Float, N: Size>(
             }
             if comptime![cfg.mass] {
                 if visible {
-                    scores[(sbase + r) * lcap + j] = s[r];
+                    work[sc_off + (sbase + r) * lcap + j] = s[r];
                 }
             }
         }
@@ -429,10 +433,12 @@ pub fn decode_split<E: Float, N: Size>(
             }
             idx += tile;
         }
-        if t < nrows {
-            let row = row0 + t;
-            let h = kvh * g + row % g;
-            lse[lse_off + (b * lq + row / g) * hq + h] = m_s[t] + f32::ln(l_s[t]);
+        if comptime![cfg.lse] {
+            if t < nrows {
+                let row = row0 + t;
+                let h = kvh * g + row % g;
+                stat[stat_off + (b * lq + row / g) * hq + h] = m_s[t] + f32::ln(l_s[t]);
+            }
         }
         if comptime![cfg.mass] {
             // Each thread revisits the keys it scored itself (same thread: no fence needed).
@@ -443,10 +449,10 @@ pub fn decode_split<E: Float, N: Size>(
                     if jj < len && jj <= offset + i {
                         for gg in 0..g {
                             let r = i * g + gg;
-                            total += f32::exp(scores[(sbase + r) * lcap + jj] - m_s[r]) / l_s[r];
+                            total += f32::exp(work[sc_off + (sbase + r) * lcap + jj] - m_s[r]) / l_s[r];
                         }
                     }
-                    mass[mass_off + ((b * hkv + kvh) * lq + i) * lcap + jj] = total / f32::cast_from(g);
+                    stat[stat_off + ((b * hkv + kvh) * lq + i) * lcap + jj] = total / f32::cast_from(g);
                 }
                 jj += tile;
             }
@@ -456,27 +462,29 @@ pub fn decode_split<E: Float, N: Size>(
         while idx < rd {
             let r = idx / d;
             if r < nrows {
-                o_part[((sbase + r) * n_splits + split) * d + idx % d] = acc_s[idx];
+                work[op_off + ((sbase + r) * n_splits + split) * d + idx % d] = acc_s[idx];
             }
             idx += tile;
         }
         if t < nrows {
-            ml_part[((sbase + t) * n_splits + split) * 2] = m_s[t];
-            ml_part[((sbase + t) * n_splits + split) * 2 + 1] = l_s[t];
+            work[ml_off + ((sbase + t) * n_splits + split) * 2] = m_s[t];
+            work[ml_off + ((sbase + t) * n_splits + split) * 2 + 1] = l_s[t];
         }
     }
 }
 
 /// Phase 2: merges the splits of one query row. Grid `(Hkv·G·Lq, B)`, `D` threads (one per output dim).
-/// Writes `o`, `lse`, and the row's global `(m, l)` into `row_ml` for [`mass_finalize()`].
+/// Writes `o`, `lse` (when `write_lse`), and the row's global `(m, l)` into `work` at `rml_off` for
+/// [`mass_finalize()`].
 #[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_combine<E: Float>(
-    o_part: &[f32],
-    ml_part: &[f32],
+    work: &mut [f32],
     o: &mut [E],
     lse: &mut [f32],
-    row_ml: &mut [f32],
+    op_off: usize,
+    ml_off: usize,
+    rml_off: usize,
     o_off: usize,
     lse_off: usize,
     hkv: usize,
@@ -484,6 +492,7 @@ pub fn decode_combine<E: Float>(
     lq: usize,
     n_splits: usize,
     #[comptime] d: usize,
+    #[comptime] write_lse: bool,
 ) {
     let dd = UNIT_POS as usize;
     let b = CUBE_POS_Y as usize;
@@ -494,25 +503,27 @@ pub fn decode_combine<E: Float>(
     let base = b * hkv * r_total + grow;
     let mut m = NEG.runtime();
     for sp in 0..n_splits {
-        m = max(m, ml_part[(base * n_splits + sp) * 2]);
+        m = max(m, work[ml_off + (base * n_splits + sp) * 2]);
     }
     let mut l = 0.0f32.runtime();
     let mut acc = 0.0f32.runtime();
     for sp in 0..n_splits {
-        let ms = ml_part[(base * n_splits + sp) * 2];
+        let ms = work[ml_off + (base * n_splits + sp) * 2];
         if !(ms == NEG) {
             let w = f32::exp(ms - m);
-            l += ml_part[(base * n_splits + sp) * 2 + 1] * w;
-            acc += o_part[(base * n_splits + sp) * d + dd] * w;
+            l += work[ml_off + (base * n_splits + sp) * 2 + 1] * w;
+            acc += work[op_off + (base * n_splits + sp) * d + dd] * w;
         }
     }
     let h = kvh * g + row % g;
     let out = (b * lq + row / g) * hkv * g + h;
     o[o_off + out * d + dd] = E::cast_from(safe_div(acc, l));
     if dd == 0 {
-        lse[lse_off + out] = m + f32::ln(l);
-        row_ml[base * 2] = m;
-        row_ml[base * 2 + 1] = l;
+        if comptime![write_lse] {
+            lse[lse_off + out] = m + f32::ln(l);
+        }
+        work[rml_off + base * 2] = m;
+        work[rml_off + base * 2 + 1] = l;
     }
 }
 
@@ -521,20 +532,33 @@ pub fn decode_combine<E: Float>(
 /// future get 0.
 #[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
-pub fn mass_finalize(scores: &[f32], row_ml: &[f32], lens: &[u32], mass: &mut [f32], mass_off: usize, hkv: usize, g: usize, lq: usize, lcap: usize, #[comptime] tile: usize) {
+pub fn mass_finalize(
+    work: &[f32],
+    ints: &[u32],
+    mass: &mut [f32],
+    sc_off: usize,
+    rml_off: usize,
+    lens_off: usize,
+    mass_off: usize,
+    hkv: usize,
+    g: usize,
+    lq: usize,
+    lcap: usize,
+    #[comptime] tile: usize,
+) {
     let j = CUBE_POS_X as usize * tile + UNIT_POS as usize;
     let kvh = CUBE_POS_Y as usize / lq;
     let i = CUBE_POS_Y as usize % lq;
     let b = CUBE_POS_Z as usize;
     if j < lcap {
-        let len = live_len(lens[b], lq, lcap);
+        let len = live_len(ints[lens_off + b], lq, lcap);
         let r_total = g * lq;
         let base = (b * hkv + kvh) * r_total;
         let mut total = 0.0f32.runtime();
         if j < len && j + lq <= len + i {
             for gg in 0..g {
                 let r = base + i * g + gg;
-                total += f32::exp(scores[r * lcap + j] - row_ml[r * 2]) / row_ml[r * 2 + 1];
+                total += f32::exp(work[sc_off + r * lcap + j] - work[rml_off + r * 2]) / work[rml_off + r * 2 + 1];
             }
         }
         mass[mass_off + ((b * hkv + kvh) * lq + i) * lcap + j] = total / f32::cast_from(g);
