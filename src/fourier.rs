@@ -48,6 +48,7 @@ use kvsqueeze_kernels::fourier::{
     fourier_append, fourier_append_write, fourier_basis_table, fourier_combine, fourier_gather, fourier_gather_strided, fourier_project, fourier_reconstruct, fourier_split, fourier_stats_finalize,
     fourier_stats_partial, fourier_transform as transform_kernel, FlashConfig, CRIT, NONE, PCHUNKS, ST_ACTIVE, ST_COUNT, ST_EXACT, ST_FLAGS, ST_FORMED, ST_MID, ST_RING, ST_ROWS, ST_SKIP,
 };
+use kvsqueeze_kernels::util::copy_range;
 
 const TILE: usize = 128;
 
@@ -383,9 +384,9 @@ struct Tables {
     vn_glob: Handle,
     ident: Handle,
     /// The decode kernels' column tables, packed: K then V, each `[c_off | c_dim | n_off | n_dim]` (per-head
-    /// offsets into the compressed and critical column lists, in-head dims).
-    packed: Handle,
-    packed_len: usize,
+    /// offsets into the compressed and critical column lists, in-head dims); on the device after the state, in
+    /// the cache's `state` buffer (uploaded with it).
+    packed: Vec<u32>,
     /// Offsets of the columns in the exact buffer (`h·X·D + d`), for the current `X`.
     kc_x: Handle,
     kn_x: Handle,
@@ -394,15 +395,14 @@ struct Tables {
 }
 
 /// Decode buffers allocated once at [`FourierLayerCache::new`] (sized for the most splits the device gets).
+///
+/// The decode kernels' f32 buffers are regions of one buffer `work` (a kernel binds one f32 scratch: see
+/// [`Work`]); the direct path's reconstruction goes into a per-call buffer of the same layout.
 struct Scratch {
     /// Splits per segment (exact, middle) at most.
     seg_max: usize,
-    o_part: Handle,
-    ml_part: Handle,
-    sp_part: Handle,
-    /// The spectral projections: `pc: [PCHUNKS, B, Hq, 2N]`, then `qb: [PCHUNKS, B, Hq]` from `qb_at`.
-    pq: Handle,
-    qb_at: usize,
+    work: Handle,
+    at: Work,
     /// The transform's partial statistics for a middle formed at a decode step (`2N + 1` tokens).
     stats: Handle,
     stats_len: usize,
@@ -430,8 +430,6 @@ pub struct FourierLayerCache {
     ab_v: Handle,
     tab: Tables,
     scratch: Scratch,
-    /// The tile basis of `kvsqueeze_kernels::fourier::fourier_basis_table`, `4·N·tile` f32.
-    basis: Handle,
     tile: usize,
     plane: bool,
     /// Column shares of the append's middle update per (sequence, head): about four rounds of the cube's threads
@@ -440,6 +438,35 @@ pub struct FourierLayerCache {
     /// Which kernel variants ran once (launch failures are checked at the first run of each): bit 0 append,
     /// bit 1 direct attend, bit 2 spectral attend.
     checked: std::sync::atomic::AtomicU8,
+}
+
+/// Element offsets of the regions of the decode kernels' f32 scratch: the tile basis of
+/// `kvsqueeze_kernels::fourier::fourier_basis_table` at 0 (`4·N·tile`), the spectral projections (`pc: [PCHUNKS,
+/// B, Hq, 2N]`, then `qb: [PCHUNKS, B, Hq]` from `qb`), the split partials (`o`, `ml`, `sp`), and the direct
+/// path's reconstruction (`mkv`: K then V, `len − mkv` elements).
+#[derive(Clone, Copy, Debug)]
+struct Work {
+    pq: usize,
+    qb: usize,
+    o: usize,
+    ml: usize,
+    sp: usize,
+    mkv: usize,
+    len: usize,
+}
+
+impl Work {
+    /// The layout for `seg_max` splits per segment, with `pq` projection entries (0 on the direct path) and a
+    /// reconstruction of `mkv_len` elements.
+    #[allow(clippy::too_many_arguments)]
+    fn new(basis: usize, pq_len: usize, qb_off: usize, b: usize, hkv: usize, g: usize, d: usize, n2: usize, seg_max: usize, mkv_len: usize) -> Self {
+        let pq = basis;
+        let o = pq + pq_len;
+        let ml = o + b * hkv * 2 * seg_max * g * d;
+        let sp = ml + b * hkv * 2 * seg_max * g * 2;
+        let mkv = sp + b * hkv * seg_max * g * n2;
+        Work { pq, qb: pq + qb_off, o, ml, sp, mkv, len: mkv + mkv_len }
+    }
 }
 
 /// A device buffer of `bytes` (counted by [`crate::tensor::device_allocations`]).
@@ -466,6 +493,7 @@ impl FourierLayerCache {
                 "fourier_stats_finalize",
                 "fourier_gather",
                 "fourier_gather_strided",
+                "copy_range",
                 "fourier_basis_table",
             ],
         )?;
@@ -546,8 +574,7 @@ impl FourierLayerCache {
             vc_glob: upload_u32(c, &glob(&vt.c_head, &vt.c_dim)),
             vn_glob: upload_u32(c, &glob(&vt.n_head, &vt.n_dim)),
             ident: upload_u32(c, &(0..d as u32).collect::<Vec<_>>()),
-            packed_len: packed.len(),
-            packed: upload_u32(c, &packed),
+            packed,
             kc_x: upload_u32(c, &[]),
             kn_x: upload_u32(c, &[]),
             vc_x: upload_u32(c, &[]),
@@ -557,34 +584,25 @@ impl FourierLayerCache {
         };
         let forced = std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1");
         let plane = (forced || client.features().plane.contains(cubecl::features::Plane::Ops)) && hw.plane_size_min == hw.plane_size_max && tile % hw.plane_size_max as usize == 0;
-        let basis = alloc(c, 4 * cfg.n_freq * tile * 4);
+        let basis_len = 4 * cfg.n_freq * tile;
+        let at = Work::new(basis_len, PCHUNKS * b * hq * (n2 + 1), PCHUNKS * b * hq * n2, b, hkv, g, d, n2, seg_max, 0);
+        let work = alloc(c, at.len * 4);
         crate::tensor::count_launches(1);
-        // SAFETY: writes the `4·N·tile` entries of the table.
+        // SAFETY: writes the `4·N·tile` entries of the table at the start of `work`.
         unsafe {
             fourier_basis_table::launch_unchecked(
                 c,
                 CubeCount::Static((cfg.n_freq * tile).div_ceil(256) as u32, 1, 1),
                 CubeDim::new_1d(256),
-                arg(&basis, 4 * cfg.n_freq * tile),
+                arg(&work, basis_len),
                 cfg.n_freq,
                 cfg.window as u32,
                 tile,
             );
         }
         let out_shape = [b, 1, hq, d];
-        let scratch = Scratch {
-            seg_max,
-            o_part: alloc(c, b * hkv * 2 * seg_max * g * d * 4),
-            ml_part: alloc(c, b * hkv * 2 * seg_max * g * 2 * 4),
-            sp_part: alloc(c, b * hkv * seg_max * g * n2 * 4),
-            pq: alloc(c, PCHUNKS * b * hq * (n2 + 1) * 4),
-            qb_at: PCHUNKS * b * hq * n2,
-            stats: alloc(c, stats_len * 4),
-            stats_len,
-            out: DeviceTensor::empty(c, &out_shape, cfg.dtype)?,
-        };
+        let scratch = Scratch { seg_max, work, at, stats: alloc(c, stats_len * 4), stats_len, out: DeviceTensor::empty(c, &out_shape, cfg.dtype)? };
         let mut cache = FourierLayerCache {
-            basis,
             tile,
             ek: alloc(c, b * hkv * x_cap * d * e),
             ev: alloc(c, b * hkv * x_cap * d * e),
@@ -678,8 +696,14 @@ impl FourierLayerCache {
                 half[r * bsz + b] = w;
             }
         }
-        let both: Vec<u32> = half.iter().chain(&half).copied().collect();
-        self.state = upload_u32(&self.client, &both);
+        let all: Vec<u32> = half.iter().chain(&half).chain(&self.tab.packed).copied().collect();
+        self.state = upload_u32(&self.client, &all);
+    }
+
+    /// Elements of the `state` buffer: both halves of the state, then the packed column tables (from
+    /// `2·ST_ROWS·B`).
+    fn state_len(&self) -> usize {
+        2 * ST_ROWS * self.cfg.batch + self.tab.packed.len()
     }
 
     /// Element offset of the current half of `state`.
@@ -870,15 +894,15 @@ impl FourierLayerCache {
                 fourier_append::launch_unchecked::<E>(&c, CubeCount::Static(hkv as u32, bsz as u32, parts as u32), CubeDim::new_1d(TILE as u32),
                     arg(&self.ek, e_len), arg(&self.ev, e_len),
                     arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn), arg(&self.coef_k, bsz * ckc * 2 * n), arg(&self.coef_v, bsz * cvc * 2 * n),
-                    arg(&self.tab.packed, self.tab.packed_len), arg(&self.state, 2 * ST_ROWS * bsz),
+                    arg(&self.state, self.state_len()), 2 * ST_ROWS * bsz,
                     cur, next, bsz, hkv, x, tcap, li, ll, trigger, ckc, ckn, cvc, cvn, self.cfg.window as u32, d, n, TILE);
                 fourier_append_write::launch_unchecked::<E>(&c, CubeCount::Static(hkv as u32, bsz as u32, 1), CubeDim::new_1d(TILE as u32),
-                    arg(&k.handle, k.buffer_len), arg(&v.handle, v.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&self.state, 2 * ST_ROWS * bsz),
+                    arg(&k.handle, k.buffer_len), arg(&v.handle, v.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&self.state, self.state_len()),
                     k.offset, v.offset, cur, bsz, hkv, x, li, d, TILE);
             })
         }
         if self.checked.load(std::sync::atomic::Ordering::Relaxed) & 1 == 0 {
-            let st = DeviceTensor { handle: self.state.clone(), buffer_len: 2 * ST_ROWS * bsz, shape: vec![2 * ST_ROWS * bsz], strides: vec![1], offset: 0, dtype: DType::U32 };
+            let st = DeviceTensor { handle: self.state.clone(), buffer_len: self.state_len(), shape: vec![self.state_len()], strides: vec![1], offset: 0, dtype: DType::U32 };
             crate::tensor::check_written(&c, &[&st])?;
             self.checked.fetch_or(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -1036,36 +1060,42 @@ impl FourierLayerCache {
         let fcfg = FlashConfig { d, g, tile, n_freq: n, spectral, plane: self.plane };
         let dim = CubeDim::new_1d(tile as u32);
         let sb = self.state_base();
-        let state_len = 2 * ST_ROWS * bsz;
         let s = &self.scratch;
-        // Middle sources: the reconstruction `mkv` (direct: K then V, a per-call scratch) or the projections.
-        let (mut mkv, mut mlen) = (s.pq.clone(), 1);
+        // The f32 scratch: the cache's own (spectral), or on the direct path a per-call buffer of the same layout
+        // with room for the reconstruction (K then V) and a copy of the basis.
         let tm = max_m.max(1);
-        if max_m > 0 && !spectral {
-            mlen = bsz * hkv * tm * d;
-            mkv = alloc(c, 2 * mlen * 4);
+        let basis_len = 4 * n * tile;
+        let (work, at, mlen) = if max_m > 0 && !spectral {
+            let mlen = bsz * hkv * tm * d;
+            let at = Work::new(basis_len, 0, 0, bsz, hkv, g, d, n2, s.seg_max, 2 * mlen);
+            let work = alloc(c, at.len * 4);
+            crate::tensor::count_launches(1);
+            // SAFETY: the basis is the first `basis_len` elements of both buffers.
+            unsafe {
+                copy_range::launch_unchecked::<f32>(c, CubeCount::Static(basis_len.div_ceil(256) as u32, 1, 1), CubeDim::new_1d(256), arg(&s.work, s.at.len), arg(&work, at.len), 0, 0, basis_len);
+            }
             let count = CubeCount::Static(max_m.div_ceil(tile) as u32, (hkv * d) as u32, bsz as u32);
-            let tab_len = 4 * n * tile;
             for (crit, ncrit, coef, ab, dmap, cols, out_base) in
-                [(&self.ck, ckn, &self.coef_k, &self.ab_k, &self.tab.dmap_k, ckc, 0), (&self.cv, cvn, &self.coef_v, &self.ab_v, &self.tab.dmap_v, cvc, mlen)]
+                [(&self.ck, ckn, &self.coef_k, &self.ab_k, &self.tab.dmap_k, ckc, at.mkv), (&self.cv, cvn, &self.coef_v, &self.ab_v, &self.tab.dmap_v, cvc, at.mkv + mlen)]
             {
                 crate::tensor::count_launches(1);
                 // SAFETY: tokens below each sequence's middle length, columns from the validated dim tables.
                 unsafe {
-                    with_float_type!(self.cfg.dtype, E => fourier_reconstruct::launch_unchecked::<E>(c, count.clone(), dim, arg(crit, bsz * tcap * ncrit), arg(coef, bsz * cols * n2), arg(ab, bsz * 2 * cols), arg(dmap, hkv * d), arg(&self.state, state_len), arg(&self.basis, tab_len), arg(&mkv, 2 * mlen), sb + ST_MID * bsz, out_base, hkv, d, tcap, ncrit.max(1), tm, cols, n, w, tile))
+                    with_float_type!(self.cfg.dtype, E => fourier_reconstruct::launch_unchecked::<E>(c, count.clone(), dim, arg(crit, bsz * tcap * ncrit), arg(coef, bsz * cols * n2), arg(ab, bsz * 2 * cols), arg(dmap, hkv * d), arg(&self.state, self.state_len()), arg(&work, at.len), sb + ST_MID * bsz, out_base, hkv, d, tcap, ncrit.max(1), tm, cols, n, w, tile))
                 }
             }
-        }
+            (work, at, mlen)
+        } else {
+            (s.work.clone(), s.at, 1)
+        };
+        let cols_at = 2 * ST_ROWS * bsz;
         if spectral {
             crate::tensor::count_launches(1);
             // SAFETY: reads the group's query rows and the head's compressed K columns; writes `[B, Hq, 2N]`, `[B, Hq]`.
             unsafe {
-                with_float_type!(self.cfg.dtype, E => fourier_project::launch_unchecked::<E>(c, CubeCount::Static(n2.div_ceil(TILE) as u32, hkv as u32, (PCHUNKS * bsz) as u32), CubeDim::new_1d(TILE as u32), arg(&q.handle, q.buffer_len), arg(&self.coef_k, bsz * ckc * n2), arg(&self.ab_k, bsz * 2 * ckc), arg(&self.tab.packed, self.tab.packed_len), arg(&s.pq, s.qb_at + PCHUNKS * bsz * hq), s.qb_at, bsz, hkv, ckc, n, g, d, TILE))
+                with_float_type!(self.cfg.dtype, E => fourier_project::launch_unchecked::<E>(c, CubeCount::Static(n2.div_ceil(TILE) as u32, hkv as u32, (PCHUNKS * bsz) as u32), CubeDim::new_1d(TILE as u32), arg(&q.handle, q.buffer_len), arg(&self.coef_k, bsz * ckc * n2), arg(&self.ab_k, bsz * 2 * ckc), arg(&self.state, self.state_len()), arg(&work, at.len), cols_at, at.pq, at.qb, bsz, hkv, ckc, n, g, d, TILE))
             }
         }
-        let o_len = bsz * hkv * st * g * d;
-        let ml_len = bsz * hkv * st * g * 2;
-        let sp_len = if spectral { bsz * hkv * sm * g * n2 } else { 1 };
         let out = &s.out;
         crate::tensor::count_launches(2);
         // SAFETY: every index is bounded by the per-sequence lengths in `state` (validated against the buffers'
@@ -1073,14 +1103,12 @@ impl FourierLayerCache {
         unsafe {
             with_float_type!(self.cfg.dtype, E => {
                 fourier_split::launch_unchecked::<E>(c, CubeCount::Static(st as u32, hkv as u32, bsz as u32), dim,
-                    arg(&q.handle, q.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&self.state, state_len),
-                    arg(&mkv, 2 * mlen), arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn),
-                    arg(&self.tab.packed, self.tab.packed_len), arg(&s.pq, s.qb_at + PCHUNKS * bsz * hq), arg(&self.basis, 4 * n * tile),
-                    arg(&s.o_part, o_len), arg(&s.ml_part, ml_len), arg(&s.sp_part, sp_len),
-                    sb, mlen, hkv + 1 + ckc, 2 * (hkv + 1) + ckc + ckn + hkv + 1 + cvc, s.qb_at, bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
+                    arg(&q.handle, q.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&self.state, self.state_len()),
+                    arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn), arg(&work, at.len),
+                    sb, at.mkv, at.pq, at.o, at.ml, at.sp, mlen, cols_at + hkv + 1 + ckc, cols_at + 2 * (hkv + 1) + ckc + ckn + hkv + 1 + cvc, at.qb, bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
                 fourier_combine::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, (bsz * g) as u32, 1), dim,
-                    arg(&s.o_part, o_len), arg(&s.ml_part, ml_len), arg(&s.sp_part, sp_len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc), arg(&self.tab.dmap_v, hkv * d),
-                    arg(&out.handle, out.buffer_len), hkv, sx, sm, cvc, fcfg);
+                    arg(&work, at.len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc), arg(&self.tab.dmap_v, hkv * d),
+                    arg(&out.handle, out.buffer_len), at.o, at.ml, at.sp, hkv, sx, sm, cvc, fcfg);
             })
         }
         let bit = if spectral { 4 } else { 2 };

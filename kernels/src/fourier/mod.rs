@@ -251,8 +251,8 @@ pub fn fourier_append<E: Float>(
     cv: &mut [E],
     coef_k: &mut [f32],
     coef_v: &mut [f32],
-    cols: &[u32],
-    state: &mut [u32],
+    ints: &mut [u32],
+    cols_at: usize,
     cur: usize,
     next: usize,
     batch: usize,
@@ -277,15 +277,15 @@ pub fn fourier_append<E: Float>(
     let part = CUBE_POS_Z as usize;
     let parts = CUBE_COUNT_Z as usize;
     let bs = batch;
-    let flags = state[cur + ST_FLAGS * bs + b];
-    let count = state[cur + ST_COUNT * bs + b] as usize;
-    let skip = state[cur + ST_SKIP * bs + b] as usize;
-    let mid = state[cur + ST_MID * bs + b] as usize;
-    let ring = state[cur + ST_RING * bs + b] as usize;
+    let flags = ints[cur + ST_FLAGS * bs + b];
+    let count = ints[cur + ST_COUNT * bs + b] as usize;
+    let skip = ints[cur + ST_SKIP * bs + b] as usize;
+    let mid = ints[cur + ST_MID * bs + b] as usize;
+    let ring = ints[cur + ST_RING * bs + b] as usize;
     let active = (flags & ST_ACTIVE) == ST_ACTIVE;
     let formed = (flags & ST_FORMED) == ST_FORMED;
     if h == 0 && part == 0 && t == 0 {
-        let mut n_exact = state[cur + ST_EXACT * bs + b];
+        let mut n_exact = ints[cur + ST_EXACT * bs + b];
         let mut n_skip = skip;
         let mut n_mid = mid;
         let mut n_count = count;
@@ -306,20 +306,20 @@ pub fn fourier_append<E: Float>(
                 n_exact = (count + 1) as u32;
             }
         }
-        state[next + ST_EXACT * bs + b] = n_exact;
-        state[next + ST_SKIP * bs + b] = n_skip as u32;
-        state[next + ST_MID * bs + b] = n_mid as u32;
-        state[next + ST_COUNT * bs + b] = n_count as u32;
-        state[next + ST_RING * bs + b] = n_ring as u32;
-        state[next + ST_FLAGS * bs + b] = n_flags;
+        ints[next + ST_EXACT * bs + b] = n_exact;
+        ints[next + ST_SKIP * bs + b] = n_skip as u32;
+        ints[next + ST_MID * bs + b] = n_mid as u32;
+        ints[next + ST_COUNT * bs + b] = n_count as u32;
+        ints[next + ST_RING * bs + b] = n_ring as u32;
+        ints[next + ST_FLAGS * bs + b] = n_flags;
     }
     let hk1 = hkv + 1;
     // Sections of `cols`.
-    let kc_off = 0;
-    let kc_dim = hk1;
-    let kn_off = hk1 + ckc;
-    let kn_dim = 2 * hk1 + ckc;
-    let vbase = 2 * hk1 + ckc + ckn;
+    let kc_off = cols_at;
+    let kc_dim = cols_at + hk1;
+    let kn_off = cols_at + hk1 + ckc;
+    let kn_dim = cols_at + 2 * hk1 + ckc;
+    let vbase = cols_at + 2 * hk1 + ckc + ckn;
     let vc_off = vbase;
     let vc_dim = vbase + hk1;
     let vn_off = vbase + hk1 + cvc;
@@ -350,10 +350,10 @@ pub fn fourier_append<E: Float>(
     if active && formed {
         // Critical columns of this head to row `mid` of the middle; compressed ones into the coefficients (this
         // cube's share of each).
-        move_critical::<E>(ck, &old_k, cols, kn_off, kn_dim, h, part, parts, (b * t_cap + mid) * ckn, tile);
-        move_critical::<E>(cv, &old_v, cols, vn_off, vn_dim, h, part, parts, (b * t_cap + mid) * cvn, tile);
-        rank1_update(coef_k, &old_k, cols, kc_off, kc_dim, h, part, parts, b * ckc, &cs, &sn, n_freq, tile);
-        rank1_update(coef_v, &old_v, cols, vc_off, vc_dim, h, part, parts, b * cvc, &cs, &sn, n_freq, tile);
+        move_critical::<E>(ck, &old_k, ints, kn_off, kn_dim, h, part, parts, (b * t_cap + mid) * ckn, tile);
+        move_critical::<E>(cv, &old_v, ints, vn_off, vn_dim, h, part, parts, (b * t_cap + mid) * cvn, tile);
+        rank1_update(coef_k, &old_k, ints, kc_off, kc_dim, h, part, parts, b * ckc, &cs, &sn, n_freq, tile);
+        rank1_update(coef_v, &old_v, ints, vc_off, vc_dim, h, part, parts, b * cvc, &cs, &sn, n_freq, tile);
     }
 }
 
@@ -367,7 +367,7 @@ pub fn fourier_append_write<E: Float>(
     v: &[E],
     ek: &mut [E],
     ev: &mut [E],
-    state: &[u32],
+    ints: &[u32],
     k_off: usize,
     v_off: usize,
     cur: usize,
@@ -381,11 +381,11 @@ pub fn fourier_append_write<E: Float>(
     let t = UNIT_POS as usize;
     let h = CUBE_POS_X as usize;
     let b = CUBE_POS_Y as usize;
-    let flags = state[cur + ST_FLAGS * batch + b];
+    let flags = ints[cur + ST_FLAGS * batch + b];
     if (flags & ST_ACTIVE) == ST_ACTIVE {
-        let mut slot = state[cur + ST_COUNT * batch + b] as usize;
+        let mut slot = ints[cur + ST_COUNT * batch + b] as usize;
         if (flags & ST_FORMED) == ST_FORMED {
-            slot = l_init + state[cur + ST_SKIP * batch + b] as usize + state[cur + ST_RING * batch + b] as usize;
+            slot = l_init + ints[cur + ST_SKIP * batch + b] as usize + ints[cur + ST_RING * batch + b] as usize;
         }
         let row = ((b * hkv + h) * x_cap + slot) * d;
         let src = (b * hkv + h) * d;
@@ -403,7 +403,7 @@ pub fn fourier_append_write<E: Float>(
 /// critical columns `j` (offsets at `cols[off + h]`, in-head dims at `cols[dims + j]`), one column per thread.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn move_critical<E: Float>(dst: &mut [E], old: &Shared<[f32]>, cols: &[u32], off: usize, dims: usize, h: usize, part: usize, parts: usize, row: usize, #[comptime] tile: usize) {
+fn move_critical<E: Float>(dst: &mut [E], old: &Shared<[f32]>, cols: &mut [u32], off: usize, dims: usize, h: usize, part: usize, parts: usize, row: usize, #[comptime] tile: usize) {
     let h0 = cols[off + h] as usize;
     let h1 = cols[off + h + 1] as usize;
     let per = (h1 - h0 + parts - 1) / parts;
@@ -426,7 +426,7 @@ fn move_critical<E: Float>(dst: &mut [E], old: &Shared<[f32]>, cols: &[u32], off
 fn rank1_update(
     coef: &mut [f32],
     old: &Shared<[f32]>,
-    cols: &[u32],
+    cols: &mut [u32],
     off: usize,
     dims: usize,
     h: usize,
@@ -493,9 +493,8 @@ pub fn fourier_reconstruct<E: Float>(
     coef: &[f32],
     ab: &[f32],
     dmap: &[u32],
-    mid_len: &[u32],
-    tab: &[f32],
-    out: &mut [f32],
+    ints: &[u32],
+    work: &mut [f32],
     mid_base: usize,
     out_base: usize,
     hkv: usize,
@@ -513,12 +512,12 @@ pub fn fourier_reconstruct<E: Float>(
     let t = base + i;
     let hd = CUBE_POS_Y as usize;
     let b = CUBE_POS_Z as usize;
-    let len = mid_len[mid_base + b] as usize;
+    let len = ints[mid_base + b] as usize;
     let m = dmap[hd];
     let h = hd / d;
     if m >= CRIT {
         if t < len {
-            out[out_base + ((b * hkv + h) * t_cap + t) * d + hd % d] = f32::cast_from(crit[(b * t_crit + t) * n_crit + (m - CRIT) as usize]);
+            work[out_base + ((b * hkv + h) * t_cap + t) * d + hd % d] = f32::cast_from(crit[(b * t_crit + t) * n_crit + (m - CRIT) as usize]);
         }
     } else if base < len {
         let c = m as usize;
@@ -546,12 +545,12 @@ pub fn fourier_reconstruct<E: Float>(
             sync_cube();
             let nc_here = min(FCHUNK, n_freq - n0);
             for k in 0..nc_here {
-                acc += cf[k] * tab[(n0 + k) * tile + i] + cf[FCHUNK + k] * tab[(n_freq + n0 + k) * tile + i];
+                acc += cf[k] * work[(n0 + k) * tile + i] + cf[FCHUNK + k] * work[(n_freq + n0 + k) * tile + i];
             }
         }
         if t < len {
             let raw = acc / f32::cast_from(n_freq);
-            out[out_base + ((b * hkv + h) * t_cap + t) * d + hd % d] = ab[b * 2 * cols + c] * raw + ab[b * 2 * cols + cols + c];
+            work[out_base + ((b * hkv + h) * t_cap + t) * d + hd % d] = ab[b * 2 * cols + c] * raw + ab[b * 2 * cols + cols + c];
         }
     }
 }
@@ -586,8 +585,10 @@ pub fn fourier_project<E: Float>(
     q: &[E],
     coef: &[f32],
     ab: &[f32],
-    cols: &[u32],
-    pq: &mut [f32],
+    ints: &[u32],
+    work: &mut [f32],
+    cols_at: usize,
+    pq_at: usize,
     qb_at: usize,
     batch: usize,
     hkv: usize,
@@ -603,8 +604,8 @@ pub fn fourier_project<E: Float>(
     let part = CUBE_POS_Z as usize / batch;
     let hq = hkv * g;
     let qbase = (b * hq + h * g) * d;
-    let h0 = cols[h] as usize;
-    let h1 = cols[h + 1] as usize;
+    let h0 = ints[cols_at + h] as usize;
+    let h1 = ints[cols_at + h + 1] as usize;
     let c_dim = hkv + 1;
     let per = (h1 - h0 + PCHUNKS - 1) / PCHUNKS;
     let c0 = min(h0 + part * per, h1);
@@ -619,7 +620,7 @@ pub fn fourier_project<E: Float>(
         }
         for c in c0..c1 {
             let w = coef[(b * ncols + c) * two_n + nn] * ab[b * 2 * ncols + c];
-            let dd = cols[c_dim + c] as usize;
+            let dd = ints[cols_at + c_dim + c] as usize;
             #[unroll]
             for gi in 0..g {
                 acc[gi] += f32::cast_from(q[qbase + gi * d + dd]) * w;
@@ -627,16 +628,16 @@ pub fn fourier_project<E: Float>(
         }
         #[unroll]
         for gi in 0..g {
-            pq[(obase + gi) * two_n + nn] = acc[gi];
+            work[pq_at + (obase + gi) * two_n + nn] = acc[gi];
         }
     }
     if CUBE_POS_X == 0 && (UNIT_POS as usize) < g {
         let gi = UNIT_POS as usize;
         let mut s = 0.0f32.runtime();
         for c in c0..c1 {
-            s += f32::cast_from(q[qbase + gi * d + cols[c_dim + c] as usize]) * ab[b * 2 * ncols + ncols + c];
+            s += f32::cast_from(q[qbase + gi * d + ints[cols_at + c_dim + c] as usize]) * ab[b * 2 * ncols + ncols + c];
         }
-        pq[qb_at + obase + gi] = s;
+        work[qb_at + obase + gi] = s;
     }
 }
 
@@ -675,17 +676,16 @@ pub fn fourier_split<E: Float>(
     q: &[E],
     ek: &[E],
     ev: &[E],
-    state: &[u32],
-    mkv: &[f32],
+    ints: &[u32],
     ck: &[E],
     cv: &[E],
-    cols: &[u32],
-    pq: &[f32],
-    tab: &[f32],
-    o_part: &mut [f32],
-    ml_part: &mut [f32],
-    sp_part: &mut [f32],
+    work: &mut [f32],
     state_base: usize,
+    mkv_at: usize,
+    pq_at: usize,
+    op_at: usize,
+    ml_at: usize,
+    sp_at: usize,
     mv_at: usize,
     kn_at: usize,
     vn_at: usize,
@@ -721,14 +721,14 @@ pub fn fourier_split<E: Float>(
     let middle = split >= sx;
     // state (from `state_base`) = [exact_len; skip; mid_len], each [B] (rows ST_EXACT, ST_SKIP, ST_MID).
     let mut start = split * chunk_x;
-    let mut len = state[state_base + b] as usize;
+    let mut len = ints[state_base + b] as usize;
     let mut chunk = chunk_x;
     if middle {
         start = (split - sx) * chunk_m;
-        len = state[state_base + 2 * batch + b] as usize;
+        len = ints[state_base + 2 * batch + b] as usize;
         chunk = chunk_m;
     }
-    let skip = state[state_base + batch + b] as usize;
+    let skip = ints[state_base + batch + b] as usize;
     let end = max(min(start + chunk, len), start);
     let n_tiles = (end - start + tile - 1) / tile;
 
@@ -769,10 +769,10 @@ pub fn fourier_split<E: Float>(
     let ekbase = (b * hkv + h) * x_cap;
     let mbase = (b * hkv + h) * t_cap;
     // Critical columns of this head (sections of the packed table `cols`: offsets, then in-head dims).
-    let kn0 = cols[kn_at + h] as usize;
-    let kn1 = cols[kn_at + h + 1] as usize;
-    let vn0 = cols[vn_at + h] as usize;
-    let vn1 = cols[vn_at + h + 1] as usize;
+    let kn0 = ints[kn_at + h] as usize;
+    let kn1 = ints[kn_at + h + 1] as usize;
+    let vn0 = ints[vn_at + h] as usize;
+    let vn1 = ints[vn_at + h + 1] as usize;
     let kn_dim = kn_at + hkv + 1;
     let vn_dim = vn_at + hkv + 1;
 
@@ -788,8 +788,8 @@ pub fn fourier_split<E: Float>(
                 #[unroll]
                 for part in 0..PCHUNKS {
                     let row = ((part * batch + b) * hq + h * g + gi) * two_n;
-                    pcv += pq[row + n];
-                    psv += pq[row + n_freq + n];
+                    pcv += work[pq_at + row + n];
+                    psv += work[pq_at + row + n_freq + n];
                 }
                 let (ca, sa) = basis(n as u32, start as u32, window);
                 let (rc, rs) = shift_origin(pcv, psv, ca, sa);
@@ -812,7 +812,7 @@ pub fn fourier_split<E: Float>(
             if valid {
                 for c in kn0..kn1 {
                     let kv = f32::cast_from(ck[(b * t_crit + j) * ckn + c]);
-                    let dd = cols[kn_dim + c] as usize;
+                    let dd = ints[kn_dim + c] as usize;
                     #[unroll]
                     for gi in 0..g {
                         s[gi] += q_s[gi * d + dd] * kv;
@@ -834,8 +834,8 @@ pub fn fourier_split<E: Float>(
                     #[unroll]
                     for u in 0..4usize {
                         let n = n4 * 4 + u;
-                        bc[u] = tab[n * tile + t];
-                        bs[u] = tab[(n_freq + n) * tile + t];
+                        bc[u] = work[n * tile + t];
+                        bs[u] = work[(n_freq + n) * tile + t];
                     }
                     #[unroll]
                     for u in 0..4usize {
@@ -847,8 +847,8 @@ pub fn fourier_split<E: Float>(
                     }
                 }
                 for n in comptime![cfg.n_freq / 4 * 4]..n_freq {
-                    let bc = tab[n * tile + t];
-                    let bs = tab[(n_freq + n) * tile + t];
+                    let bc = work[n * tile + t];
+                    let bs = work[(n_freq + n) * tile + t];
                     #[unroll]
                     for gi in 0..g {
                         sp[gi] += pf_s[gi * two_n + n] * bc + pf_s[gi * two_n + n_freq + n] * bs;
@@ -862,7 +862,7 @@ pub fn fourier_split<E: Float>(
                     let mut qbs = 0.0f32.runtime();
                     #[unroll]
                     for part in 0..PCHUNKS {
-                        qbs += pq[qb_at + (part * batch + b) * hq + h * g + gi];
+                        qbs += work[qb_at + (part * batch + b) * hq + h * g + gi];
                     }
                     s[gi] += scale * (sp[gi] * inv_n + qbs);
                 }
@@ -870,7 +870,7 @@ pub fn fourier_split<E: Float>(
         } else if valid {
             if middle {
                 for dd in 0..d {
-                    let kv = mkv[(mbase + j) * d + dd];
+                    let kv = work[mkv_at + (mbase + j) * d + dd];
                     #[unroll]
                     for gi in 0..g {
                         s[gi] += q_s[gi * d + dd] * kv;
@@ -919,8 +919,8 @@ pub fn fourier_split<E: Float>(
                 if idx < g * n_freq {
                     let gi = idx / n_freq;
                     let n = idx % n_freq;
-                    let (c1, s1) = (tab[n * tile + 1], tab[(n_freq + n) * tile + 1]);
-                    let (ce, se) = (tab[n * tile + tile - 1], tab[(n_freq + n) * tile + tile - 1]);
+                    let (c1, s1) = (work[n * tile + 1], work[(n_freq + n) * tile + 1]);
+                    let (ce, se) = (work[n * tile + tile - 1], work[(n_freq + n) * tile + tile - 1]);
                     let cs = ce * c1 - se * s1;
                     let sn = se * c1 + ce * s1;
                     let (rc, rs) = shift_origin(pf_s[gi * two_n + n], pf_s[gi * two_n + n_freq + n], cs, sn);
@@ -932,7 +932,7 @@ pub fn fourier_split<E: Float>(
             for i in 0..comptime![cfg.d.div_ceil(cfg.tile)] {
                 let cc = vn0 + i * tile + t;
                 if cc < vn1 {
-                    let dd = cols[vn_dim + cc] as usize;
+                    let dd = ints[vn_dim + cc] as usize;
                     let mut a = Array::<f32>::new(g);
                     #[unroll]
                     for gi in 0..g {
@@ -971,8 +971,8 @@ pub fn fourier_split<E: Float>(
                         #[unroll]
                         for e in 0..4usize {
                             let k = k4 * 4 + e;
-                            bc[e] = tab[ttab + k * n_freq + n];
-                            bs[e] = tab[ttab + (tile + k) * n_freq + n];
+                            bc[e] = work[ttab + k * n_freq + n];
+                            bs[e] = work[ttab + (tile + k) * n_freq + n];
                         }
                         #[unroll]
                         for e in 0..4usize {
@@ -986,8 +986,8 @@ pub fn fourier_split<E: Float>(
                         }
                     }
                     for k in nvalid / 4 * 4..nvalid {
-                        let bc = tab[ttab + k * n_freq + n];
-                        let bs = tab[ttab + (tile + k) * n_freq + n];
+                        let bc = work[ttab + k * n_freq + n];
+                        let bs = work[ttab + (tile + k) * n_freq + n];
                         #[unroll]
                         for gi in 0..g {
                             let p = p_s[gi * tile + k];
@@ -1016,7 +1016,7 @@ pub fn fourier_split<E: Float>(
                     for k in 0..nvalid {
                         let mut vv = 0.0f32.runtime();
                         if middle {
-                            vv = mkv[mv_at + (mbase + base + k) * d + dd];
+                            vv = work[mkv_at + mv_at + (mbase + base + k) * d + dd];
                         } else {
                             vv = f32::cast_from(ev[(ekbase + exact_slot(base + k, l_init, skip)) * d + dd]);
                         }
@@ -1047,13 +1047,13 @@ pub fn fourier_split<E: Float>(
         for i in 0..tile {
             sum += red[t * tile + i];
         }
-        ml_part[(pbase + t) * 2] = m_r[t];
-        ml_part[(pbase + t) * 2 + 1] = sum;
+        work[ml_at + (pbase + t) * 2] = m_r[t];
+        work[ml_at + (pbase + t) * 2 + 1] = sum;
     }
     for i in 0..comptime![(cfg.g * cfg.d).div_ceil(cfg.tile)] {
         let idx = i * tile + t;
         if idx < g * d {
-            o_part[pbase * d + idx] = acc_s[idx];
+            work[op_at + pbase * d + idx] = acc_s[idx];
         }
     }
     if comptime![cfg.spectral] {
@@ -1065,8 +1065,8 @@ pub fn fourier_split<E: Float>(
                 if n < n_freq {
                     #[unroll]
                     for gi in 0..g {
-                        sp_part[(sbase + gi) * two_n + n] = spc[gi * npt + kk];
-                        sp_part[(sbase + gi) * two_n + n_freq + n] = sps[gi * npt + kk];
+                        work[sp_at + (sbase + gi) * two_n + n] = spc[gi * npt + kk];
+                        work[sp_at + (sbase + gi) * two_n + n_freq + n] = sps[gi * npt + kk];
                     }
                 }
             }
@@ -1087,19 +1087,19 @@ fn split_weight(m: f32, m_max: f32) -> f32 {
 /// Most splits `head_weights` handles (the host keeps `S_x + S_m` at or below it).
 pub const MAX_SPLITS: usize = 1024;
 
-/// For one query head (partials at `ml_part[((pbase + s)·G + gi)·2]`): stores `w[s] = exp(m_s − M)` for every
+/// For one query head (partials at `work[ml_at + ((pbase + s)·G + gi)·2]`): stores `w[s] = exp(m_s − M)` for every
 /// split `s < s_total` in shared memory and returns `(Σ_s w_s·l_s, Σ_{s ≥ sx} w_s·l_s)`, cooperatively over the
 /// cube's `tile` threads (`red` holds `2·tile` floats). Every thread gets the sums.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn head_weights(ml_part: &[f32], pbase: usize, g: usize, gi: usize, sx: usize, s_total: usize, w: &mut Shared<[f32]>, red: &mut Shared<[f32]>, #[comptime] tile: usize) -> (f32, f32) {
+fn head_weights(work: &[f32], ml_at: usize, pbase: usize, g: usize, gi: usize, sx: usize, s_total: usize, w: &mut Shared<[f32]>, red: &mut Shared<[f32]>, #[comptime] tile: usize) -> (f32, f32) {
     let t = UNIT_POS as usize;
     let rounds = (s_total + tile - 1) / tile;
     let mut m = NEG.runtime();
     for r in 0..rounds {
         let sp = r * tile + t;
         if sp < s_total {
-            m = max(m, ml_part[((pbase + sp) * g + gi) * 2]);
+            m = max(m, work[ml_at + ((pbase + sp) * g + gi) * 2]);
         }
     }
     red[t] = m;
@@ -1114,9 +1114,9 @@ fn head_weights(ml_part: &[f32], pbase: usize, g: usize, gi: usize, sx: usize, s
     for r in 0..rounds {
         let sp = r * tile + t;
         if sp < s_total {
-            let wt = split_weight(ml_part[((pbase + sp) * g + gi) * 2], mx);
+            let wt = split_weight(work[ml_at + ((pbase + sp) * g + gi) * 2], mx);
             w[sp] = wt;
-            let l = wt * ml_part[((pbase + sp) * g + gi) * 2 + 1];
+            let l = wt * work[ml_at + ((pbase + sp) * g + gi) * 2 + 1];
             lt += l;
             if sp >= sx {
                 lm += l;
@@ -1147,13 +1147,14 @@ fn head_weights(ml_part: &[f32], pbase: usize, g: usize, gi: usize, sx: usize, s
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn fourier_combine<E: Float>(
-    o_part: &[f32],
-    ml_part: &[f32],
-    sp_part: &[f32],
+    work: &[f32],
     coef_v: &[f32],
     ab_v: &[f32],
     dmap_v: &[u32],
     o: &mut [E],
+    op_at: usize,
+    ml_at: usize,
+    sp_at: usize,
     hkv: usize,
     sx: usize,
     sm: usize,
@@ -1175,7 +1176,7 @@ pub fn fourier_combine<E: Float>(
     let mut w = Shared::<[f32]>::new_slice(MAX_SPLITS);
     let mut red = Shared::<[f32]>::new_slice(comptime![2 * cfg.tile]);
     let mut spec = Shared::<[f32]>::new_slice(comptime![if cfg.spectral { 2 * cfg.n_freq } else { 1 }]);
-    let (lt, l_mid) = head_weights(ml_part, pbase, g, gi, sx, s_total, &mut w, &mut red, tile);
+    let (lt, l_mid) = head_weights(work, ml_at, pbase, g, gi, sx, s_total, &mut w, &mut red, tile);
     if comptime![cfg.spectral] {
         for i in 0..comptime![(2 * cfg.n_freq).div_ceil(cfg.tile)] {
             let nn = i * tile + t;
@@ -1183,7 +1184,7 @@ pub fn fourier_combine<E: Float>(
                 let mut acc = 0.0f32.runtime();
                 let rowbase = ((b * hkv + h) * sm * g + gi) * two_n + nn;
                 for sp in 0..sm {
-                    acc += w[sx + sp] * sp_part[rowbase + sp * g * two_n];
+                    acc += w[sx + sp] * work[sp_at + rowbase + sp * g * two_n];
                 }
                 spec[nn] = acc;
             }
@@ -1196,7 +1197,7 @@ pub fn fourier_combine<E: Float>(
             let mut acc = 0.0f32.runtime();
             let ob = (pbase * g + gi) * d + dd;
             for sp in 0..s_total {
-                acc += w[sp] * o_part[ob + sp * g * d];
+                acc += w[sp] * work[op_at + ob + sp * g * d];
             }
             if comptime![cfg.spectral] {
                 let col = dmap_v[h * d + dd];
