@@ -231,9 +231,9 @@ fn problem_of(client: &Client, b: usize, lq: usize, hq: usize, hkv: usize, d: us
     if !dtype_supported(client, dtype) {
         return Err(Error::DtypeUnsupported { dtype, device: device_name(client) });
     }
-    let hw = &client.properties().hardware;
-    if (hw.max_units_per_cube as usize) < TILE {
-        return Err(Error::DeviceLimit(format!("needs {TILE} units per cube, the device has {}", hw.max_units_per_cube)));
+    let units = crate::tensor::max_units_per_cube(client);
+    if units < TILE {
+        return Err(Error::DeviceLimit(format!("needs {TILE} units per cube, the device has {units}")));
     }
     Ok(Problem { b, lq, hq, hkv, d, lcap, max_len: lcap, dtype })
 }

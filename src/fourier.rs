@@ -520,7 +520,7 @@ impl FourierLayerCache {
         }
         let hw = &client.properties().hardware;
         let tile = Self::tile(g, d);
-        if (hw.max_units_per_cube as usize) < tile {
+        if crate::tensor::max_units_per_cube(client) < tile {
             return Err(Error::DeviceLimit(format!("needs {tile} units per cube")));
         }
         let smem = 4 * (2 * g * d + 2 * g * tile + g * 2 * cfg.n_freq).max(kvsqueeze_kernels::fourier::MAX_SPLITS + 2 * tile + 2 * cfg.n_freq);

@@ -230,7 +230,7 @@ const THREADS: usize = 128;
 /// The policy step's cube size: a power of two from 32 up, at most 1024 and the device's limit, and no larger than
 /// the next power of two of `cap1` slots.
 fn step_threads(client: &Client, cap1: usize) -> usize {
-    let max = (client.properties().hardware.max_units_per_cube as usize).min(1024);
+    let max = crate::tensor::max_units_per_cube(client).min(1024);
     let mut t = 32;
     while t * 2 <= max && t < cap1.next_power_of_two() {
         t *= 2;
@@ -267,7 +267,7 @@ impl PolicyCache {
         if batch == 0 || hkv == 0 || hq == 0 || hq % hkv != 0 {
             return Err(Error::GqaRatio { hq, hkv });
         }
-        if d == 0 || d % 8 != 0 || d > 256 || d > client.properties().hardware.max_units_per_cube as usize {
+        if d == 0 || d % 8 != 0 || d > 256 || d > crate::tensor::max_units_per_cube(client) {
             return Err(Error::UnsupportedHeadDim { d });
         }
         if !crate::attention::dtype_supported(client, dtype) {

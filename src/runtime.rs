@@ -64,6 +64,14 @@ fn open_wgpu() -> Result<Device, String> {
     }
 }
 
+/// The invocations-per-workgroup limit of the wgpu device opened at WebGPU's defaults, once opened (cubecl reports
+/// the adapter's instead; see [`crate::tensor`]).
+static UNITS_CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+pub(crate) fn units_cap() -> Option<usize> {
+    UNITS_CAP.get().copied()
+}
+
 #[cfg(feature = "wgpu")]
 fn wgpu_at_webgpu_limits() -> Result<Device, String> {
     use cubecl::wgpu::{wgpu, RuntimeOptions, WgpuSetup};
@@ -76,6 +84,7 @@ fn wgpu_at_webgpu_limits() -> Result<Device, String> {
         ..Default::default()
     };
     let (device, queue) = cubecl::future::block_on(adapter.request_device(&desc)).map_err(|e| e.to_string())?;
+    let _ = UNITS_CAP.set(device.limits().max_compute_invocations_per_workgroup as usize);
     let backend = adapter.get_info().backend;
     let setup = WgpuSetup { instance, adapter, device, queue, backend };
     cubecl::wgpu::try_init_device(setup, RuntimeOptions::default()).map(Device::from).map_err(|e| format!("{e:?}"))

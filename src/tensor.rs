@@ -173,6 +173,17 @@ pub fn check_bindings_against(max_bindings: u32, kernels: &[&str]) -> Result<(),
     }
 }
 
+/// Invocations per cube this device runs: cubecl's `HardwareProperties::max_units_per_cube`, capped by the
+/// limit of a wgpu device opened at WebGPU's defaults (`KVSQUEEZE_WGPU_LIMITS=webgpu`: 256), which cubecl 0.11
+/// reports from the adapter's limits rather than the device's.
+pub(crate) fn max_units_per_cube(client: &Client) -> usize {
+    let hw = client.properties().hardware.max_units_per_cube as usize;
+    match crate::runtime::units_cap() {
+        Some(cap) if client.name().starts_with("wgpu") => hw.min(cap),
+        _ => hw,
+    }
+}
+
 /// [`check_bindings_against`] this device's limit: run by every op and cache constructor before anything is
 /// allocated or launched, so an adapter that cannot bind a kernel is reported in one line up front.
 pub(crate) fn check_bindings(client: &Client, kernels: &[&str]) -> Result<(), Error> {

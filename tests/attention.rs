@@ -455,6 +455,27 @@ fn plan_runs_match_one_shot_calls() {
         let (em, _) = compare(&mass[bi * hkv * lcap..][..hkv * lcap], &wm);
         assert!(eo < 1e-5 && em < 1e-6, "sequence {bi}: output {eo:.2e}, mass {em:.2e}");
     }
+    // The u32 inputs as views of one buffer at offsets (as the caches pass them): bound as they are — no copy
+    // launch — with the same outputs; and a plan without RoPE reads `lens` from its view's offset.
+    let mut packed = vec![7u32; 5];
+    let (at_l, at_q, at_k) = (packed.len(), packed.len() + b + 2, packed.len() + 2 * b + 5);
+    packed.resize(at_k + b * lcap + 3, 7);
+    packed[at_l..at_l + b].copy_from_slice(&lens);
+    packed[at_q..at_q + b].copy_from_slice(&[256, 0, 8]);
+    for i in 0..b * lcap {
+        packed[at_k + i] = (i % lcap) as u32;
+    }
+    let one_buf = DeviceTensor::from_host(cl, &packed, &[packed.len()]).unwrap();
+    let (lens_v, qp_v, kp_v) = (one_buf.view(&[b], &[1], at_l), one_buf.view(&[b, 1], &[1, 1], at_q), one_buf.view(&[b, lcap], &[lcap, 1], at_k));
+    let launches = kvsqueeze::tensor::device_launches();
+    plan.run(&q, &k, &v, &lens_v, Some((&qp_v, &kp_v))).unwrap();
+    assert_eq!(kvsqueeze::tensor::device_launches() - launches, plan.output().plan.launches, "shared-buffer inputs are bound without a copy");
+    let (o2, mass2) = (plan.output().o.to_host_f64(cl).unwrap(), plan.output().mass.as_ref().unwrap().to_host_f64(cl).unwrap());
+    assert!(o2 == o && mass2 == mass, "the packed inputs give the same outputs as separate buffers");
+    let mut plain = DecodePlan::new(cl, DecodeShape::new(b, 1, hq, hkv, d, lcap, DType::F32), &DecodeConfig::new()).unwrap();
+    let out_view = plain.run(&q, &k, &v, &lens_v, None).unwrap().o.to_host_f64(cl).unwrap();
+    let out_own = plain.run(&q, &k, &v, &lens_d, None).unwrap().o.to_host_f64(cl).unwrap();
+    assert!(out_view == out_own && out_own[hq * d..2 * hq * d].iter().all(|&x| x == 0.0), "lens read from its view's offset");
     // Refusals: wrong lens dtype/shape, positions without a RoPE base or missing with one.
     let bad_lens = DeviceTensor::from_host(cl, &[1u32, 2], &[2]).unwrap();
     assert!(matches!(plan.run(&q, &k, &v, &bad_lens, Some((&q_pos, &k_pos))), Err(Error::ShapeMismatch { tensor: "lens", .. })));
