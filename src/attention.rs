@@ -306,10 +306,9 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig) -> Resu
     };
     let chunk = p.max_len.div_ceil(n_splits).div_ceil(TILE) * TILE;
     let n_splits = p.max_len.div_ceil(chunk);
-    // `KVSQUEEZE_FORCE_GPU_PATHS=1` takes the GPU code paths (plane reductions, unrolled loads, staged K)
-    // where cubecl does not advertise plane ops (it turns them off for every CPU-type adapter; lavapipe runs
-    // them correctly) — for testing those paths without a GPU.
-    let forced = std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1");
+    // Plane reductions and unrolled loads where cubecl advertises plane ops, or when forced for testing
+    // ([`crate::runtime::force_gpu_paths`]).
+    let forced = crate::runtime::force_gpu_paths();
     let plane = (forced || client.features().plane.contains(Plane::Ops)) && hw.plane_size_min == hw.plane_size_max && TILE % hw.plane_size_max as usize == 0;
     // One launch writes `o` and at most one f32 output (the binding limit, see the module docs).
     let single = n_splits == 1 && (!cfg.mass || n_rb == 1) && !(cfg.mass && cfg.lse);

@@ -582,7 +582,7 @@ impl FourierLayerCache {
             k: kt,
             v: vt,
         };
-        let forced = std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1");
+        let forced = crate::runtime::force_gpu_paths();
         let plane = (forced || client.features().plane.contains(cubecl::features::Plane::Ops)) && hw.plane_size_min == hw.plane_size_max && tile % hw.plane_size_max as usize == 0;
         let basis_len = 4 * cfg.n_freq * tile;
         let at = Work::new(basis_len, PCHUNKS * b * hq * (n2 + 1), PCHUNKS * b * hq * n2, b, hkv, g, d, n2, seg_max, 0);

@@ -11,8 +11,6 @@ pub use kvsqueeze_kernels as kernels;
 pub use kvsqueeze_reference as reference;
 
 pub mod attention;
-pub mod check;
-pub mod compare;
 mod error;
 #[cfg(feature = "eval")]
 pub mod eval;

@@ -6,7 +6,9 @@
 //! and ours) and 1 for refusals; no partial output file is ever left behind.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use kvsqueeze::compare::{compare, CompareOptions, Stream};
+mod cli;
+
+use cli::compare::{compare, CompareOptions, Stream};
 use kvsqueeze::DType;
 use kvsqueeze_reference::attention::default_scale;
 use kvsqueeze_reference::metrics::{cosine, relative_l2};
@@ -316,7 +318,7 @@ fn cmd_compare(backend: &str, a: CompareArgs) -> Result<(), Fail> {
 fn cmd_check(backend: &str) -> Result<(), Fail> {
     let c = client(backend)?;
     let mut bar = Progress::new();
-    let results = kvsqueeze::check::run_checks(&c, &mut |a, b, l| bar.update(a, b, l));
+    let results = cli::check::run_checks(&c, &mut |a, b, l| bar.update(a, b, l));
     let mut failed = 0;
     for r in &results {
         println!(

@@ -120,6 +120,15 @@ pub fn client() -> Result<Client, Error> {
     device().map(|d| d.client())
 }
 
+/// Whether `KVSQUEEZE_FORCE_GPU_PATHS=1` asks for the GPU code paths (plane reductions, unrolled loads, staged
+/// K) where cubecl does not advertise plane ops (it turns them off for every CPU-type adapter; lavapipe runs them
+/// correctly) — for testing those paths without a GPU. Read once per process (plans consult it; no environment
+/// lookup per call).
+pub fn force_gpu_paths() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1"))
+}
+
 /// Whether skips must fail (`KVSQUEEZE_REQUIRE_ALL=1`, set on GPU runs).
 pub fn require_all() -> bool {
     std::env::var("KVSQUEEZE_REQUIRE_ALL").is_ok_and(|v| v == "1")

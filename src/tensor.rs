@@ -52,6 +52,16 @@ impl DType {
             DType::F16 | DType::BF16 => 2,
         }
     }
+
+    /// Machine epsilon of the storage format (0 for `U32`): the unit of design.md §5's tolerances.
+    pub fn eps(self) -> f64 {
+        match self {
+            DType::F32 => f32::EPSILON as f64,
+            DType::F16 => 9.765625e-4,
+            DType::BF16 => 7.8125e-3,
+            DType::U32 => 0.0,
+        }
+    }
 }
 
 /// Host element types that can be uploaded.
@@ -203,6 +213,22 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
         s[i] = s[i + 1] * shape[i + 1];
     }
     s
+}
+
+/// `x` rounded to `dtype` and uploaded as `shape`; also returns the rounded values (what the device holds), for
+/// tests and tools that compare against a reference.
+pub fn upload_f64(client: &Client, x: &[f64], shape: &[usize], dtype: DType) -> Result<(DeviceTensor, Vec<f64>), Error> {
+    fn go<T: HostElement>(c: &Client, x: &[f64], shape: &[usize]) -> Result<(DeviceTensor, Vec<f64>), Error> {
+        let h: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
+        let back = h.iter().map(|v| v.to_f64()).collect();
+        Ok((DeviceTensor::from_host(c, &h, shape)?, back))
+    }
+    match dtype {
+        DType::F32 => go::<f32>(client, x, shape),
+        DType::F16 => go::<f16>(client, x, shape),
+        DType::BF16 => go::<bf16>(client, x, shape),
+        DType::U32 => go::<u32>(client, x, shape),
+    }
 }
 
 impl DeviceTensor {

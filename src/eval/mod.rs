@@ -321,7 +321,7 @@ struct Shape {
 fn upload(client: &Client, x: &[f32], shape: &[usize], dtype: DType) -> DeviceTensor {
     match dtype {
         DType::F32 => DeviceTensor::from_host(client, x, shape).expect("shape matches data"),
-        _ => crate::check::upload(client, &x.iter().map(|&v| v as f64).collect::<Vec<_>>(), shape, dtype).0,
+        _ => crate::tensor::upload_f64(client, &x.iter().map(|&v| v as f64).collect::<Vec<_>>(), shape, dtype).expect("shape matches data").0,
     }
 }
 

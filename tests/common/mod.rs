@@ -26,7 +26,10 @@ pub fn skip(what: &str, why: &str) {
 }
 
 #[allow(unused_imports)]
-pub use kvsqueeze::check::eps;
+/// Machine epsilon of the storage dtype.
+pub fn eps(dtype: DType) -> f64 {
+    dtype.eps()
+}
 pub use kvsqueeze::reference::testing::Rng;
 
 /// Rounds every value to `dtype` (the inputs the kernel and every reference then share).
@@ -43,7 +46,7 @@ pub fn round_to(x: &[f64], dtype: DType) -> Vec<f64> {
 
 /// Uploads f64 values as `dtype` (rounding to nearest).
 pub fn upload(c: &Client, data: &[f64], shape: &[usize], dtype: DType) -> DeviceTensor {
-    kvsqueeze::check::upload(c, data, shape, dtype).0
+    kvsqueeze::tensor::upload_f64(c, data, shape, dtype).unwrap().0
 }
 
 /// A contiguous output buffer whose every byte is 0xFF — NaN in f32, f16 and bf16 — so an element the

@@ -20,11 +20,11 @@
 //! the mean step time (upload of q/k/v, every launch, and a synchronisation; absolute times only mean something
 //! on a GPU). FourierAttention keeps every token: its row has no kept-set columns.
 
-use crate::fourier::{FourierDims, FourierLayerCache, FourierLayerConfig, FourierPath};
-use crate::policy::{CompressedKvCache, Layout, Policy, PolicyCache, PolicyCacheConfig};
-use crate::tensor::{DType, DeviceTensor};
-use crate::Error;
 use cubecl::client::Client;
+use kvsqueeze::fourier::{FourierDims, FourierLayerCache, FourierLayerConfig, FourierPath};
+use kvsqueeze::policy::{CompressedKvCache, Layout, Policy, PolicyCache, PolicyCacheConfig};
+use kvsqueeze::tensor::{DType, DeviceTensor};
+use kvsqueeze::Error;
 use kvsqueeze_reference::attention::{attention, Dims};
 use kvsqueeze_reference::metrics::jaccard;
 use kvsqueeze_reference::policy::{LayerPolicy, PolicyConfig, Positions};
@@ -95,7 +95,7 @@ impl Stream {
 pub struct CompareOptions {
     /// Budgets (tokens per KV head); each must be below the stream length.
     pub budgets: Vec<usize>,
-    /// The policies, by name ([`crate::policy::CACHE_NAMES`]); `fourier` adds a FourierAttention row per
+    /// The policies, by name ([`kvsqueeze::policy::CACHE_NAMES`]); `fourier` adds a FourierAttention row per
     /// budget (init 4, local budget/2, N budget/8, a quarter of the dims critical).
     pub policies: Vec<String>,
     /// Storage dtype.
@@ -141,7 +141,7 @@ fn dense(s: &Stream, samples: &[usize]) -> (Vec<f64>, Vec<Vec<Vec<f64>>>) {
 }
 
 fn upload(client: &Client, x: &[f64], shape: &[usize], dtype: DType) -> DeviceTensor {
-    crate::check::upload(client, x, shape, dtype).0
+    kvsqueeze::tensor::upload_f64(client, x, shape, dtype).expect("an upload of the stream's own sizes").0
 }
 
 impl Stream {
@@ -188,7 +188,7 @@ pub fn compare(client: &Client, s: &Stream, opts: &CompareOptions, progress: &mu
             jobs.extend(opts.budgets.iter().map(|&b| (name.clone(), None, b)));
             continue;
         }
-        let p = crate::policy::parse_policy(name).ok_or(Error::Config("unknown policy (the names are kvsqueeze::policy::CACHE_NAMES)"))?;
+        let p = kvsqueeze::policy::parse_policy(name).ok_or(Error::Config("unknown policy (the names are kvsqueeze::policy::CACHE_NAMES)"))?;
         if p == Policy::Full {
             jobs.push((name.clone(), Some(p), steps));
         } else {
@@ -206,7 +206,7 @@ pub fn compare(client: &Client, s: &Stream, opts: &CompareOptions, progress: &mu
         let (mut kl_sum, mut kl_n) = (0.0, 0usize);
         let row = match policy {
             Some(p) => {
-                let layout = if p == Policy::Full { Layout { sinks: 0, middle: steps, recent: 0 } } else { crate::policy::budget_layout(budget) };
+                let layout = if p == Policy::Full { Layout { sinks: 0, middle: steps, recent: 0 } } else { kvsqueeze::policy::budget_layout(budget) };
                 let mut cache = PolicyCache::new(client, PolicyCacheConfig::new(p, layout, 1, hq, hkv, d, opts.dtype))?;
                 let rcfg = PolicyConfig { policy: p, layout, rope: None, positions: Positions::CacheRank, scale };
                 let mut gold = LayerPolicy::<f64>::new(rcfg, hq, hkv, d);

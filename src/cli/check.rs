@@ -6,18 +6,27 @@
 //! The policy checks drive the reference's state machine with the very attention mass the device computed, so
 //! an eviction decision is compared on identical scores (an f32-vs-f64 near-tie cannot flip it).
 
-use crate::attention::{decode_attention, dtype_supported, DecodeConfig};
-use crate::fourier::{fourier_transform, FourierDims, FourierLayerCache, FourierLayerConfig, FourierPath};
-use crate::policy::{CompressedKvCache, Layout, Policy, PolicyCache, PolicyCacheConfig};
-use crate::tensor::{DType, DeviceTensor, HostElement};
-use crate::Error;
 use cubecl::client::Client;
-use half::{bf16, f16};
+use kvsqueeze::attention::{decode_attention, dtype_supported, DecodeConfig};
+use kvsqueeze::fourier::{fourier_transform, FourierDims, FourierLayerCache, FourierLayerConfig, FourierPath};
+use kvsqueeze::policy::{CompressedKvCache, Layout, Policy, PolicyCache, PolicyCacheConfig};
+use kvsqueeze::tensor::{upload_f64, DType, DeviceTensor};
+use kvsqueeze::Error;
+
 use kvsqueeze_reference::attention::{attention, Dims};
 use kvsqueeze_reference::cast_slice;
 use kvsqueeze_reference::fourier::{transform, FourierCache, FourierConfig};
 use kvsqueeze_reference::policy::{PolicyCache as RefCache, PolicyConfig, Positions};
 use kvsqueeze_reference::testing::Rng;
+
+/// `x` rounded to `dtype` and uploaded (the shapes here are the check's own, so a failure is a device failure).
+fn upload(client: &Client, x: &[f64], shape: &[usize], dtype: DType) -> (DeviceTensor, Vec<f64>) {
+    upload_f64(client, x, shape, dtype).expect("an upload of the check's own sizes")
+}
+
+fn eps(dtype: DType) -> f64 {
+    dtype.eps()
+}
 
 /// One check's outcome.
 #[derive(Clone, Debug)]
@@ -32,31 +41,6 @@ pub struct CheckResult {
     pub pass: bool,
     /// Extra facts (a mismatch, a skip reason).
     pub note: String,
-}
-
-/// `x` rounded to `dtype` and uploaded; also returns the rounded values (what the device holds).
-pub fn upload(client: &Client, x: &[f64], shape: &[usize], dtype: DType) -> (DeviceTensor, Vec<f64>) {
-    fn go<T: HostElement>(c: &Client, x: &[f64], shape: &[usize]) -> (DeviceTensor, Vec<f64>) {
-        let h: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
-        let back = h.iter().map(|v| v.to_f64()).collect();
-        (DeviceTensor::from_host(c, &h, shape).expect("shape matches data"), back)
-    }
-    match dtype {
-        DType::F32 => go::<f32>(client, x, shape),
-        DType::F16 => go::<f16>(client, x, shape),
-        DType::BF16 => go::<bf16>(client, x, shape),
-        DType::U32 => go::<u32>(client, x, shape),
-    }
-}
-
-/// Unit roundoff of a storage dtype.
-pub fn eps(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => f32::EPSILON as f64,
-        DType::F16 => 9.765625e-4,
-        DType::BF16 => 7.8125e-3,
-        DType::U32 => 0.0,
-    }
 }
 
 fn max_err(a: &[f64], b: &[f64]) -> f64 {

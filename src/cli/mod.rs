@@ -1,0 +1,5 @@
+//! The command line's jobs that are not library API: `compare` (the main job) and `check` (every kernel against
+//! the reference on the device at hand). They use only the public API of the `kvsqueeze` library.
+
+pub mod check;
+pub mod compare;
