@@ -2,13 +2,14 @@
 //! measured in the same run, the cost of the attention-mass output, and (when `KVSQUEEZE_SDPA_JSON` names the
 //! output of `benches/baselines/sdpa_decode.py` from the same machine) the ratio to PyTorch SDPA.
 //!
-//! `KVSQUEEZE_BENCH=full` (the default on CUDA) runs B ∈ {1, 8, 32} × L ∈ {4k, 16k, 32k, 128k}, Hq 32 / Hkv 8,
+//! Timed through [`DecodePlan::run`] (planned once; lengths and positions on the device, one buffer, as the
+//! caches pass them): no allocation, upload or read-back per call, as an engine runs it. `KVSQUEEZE_BENCH=full` (the default on CUDA) runs B ∈ {1, 8, 32} × L ∈ {4k, 16k, 32k, 128k}, Hq 32 / Hkv 8,
 //! D 128, bf16; `quick` (the default elsewhere) a small smoke grid in f16/f32. A correctness gate against the
 //! f64 reference runs before any timing. Small working sets rotate over several copies of the cache so that
 //! every call streams from DRAM, not L2.
 
 use criterion::{Criterion, Throughput};
-use kvsqueeze::attention::{decode_attention, decode_attention_into, DecodeConfig, DecodeOutput};
+use kvsqueeze::attention::{decode_attention, DecodeConfig, DecodePlan, DecodeShape};
 use kvsqueeze::reference::attention::{attention, Dims};
 use kvsqueeze::util::{copy_bandwidth, random, sync};
 use kvsqueeze::{DType, DeviceTensor};
@@ -22,6 +23,18 @@ struct Inputs {
     q: DeviceTensor,
     kv: Vec<(DeviceTensor, DeviceTensor)>,
     lens: Vec<u32>,
+    /// One u32 buffer: `lens: [B]`, then RoPE positions `q_pos: [B, 1]` (the last token) and `k_pos: [B, L]`.
+    ints: DeviceTensor,
+}
+
+impl Inputs {
+    fn lens(&self) -> DeviceTensor {
+        self.ints.view(&[self.lens.len()], &[1], 0)
+    }
+    fn positions(&self) -> (DeviceTensor, DeviceTensor) {
+        let (b, l) = (self.lens.len(), self.lens[0] as usize);
+        (self.ints.view(&[b, 1], &[1, 1], b), self.ints.view(&[b, l], &[l, 1], 2 * b))
+    }
 }
 
 fn inputs(client: &cubecl::client::Client, b: usize, l: usize, dtype: DType) -> Inputs {
@@ -33,17 +46,20 @@ fn inputs(client: &cubecl::client::Client, b: usize, l: usize, dtype: DType) -> 
             (random(client, &shape, dtype, 2 * c as u32 + 1, 1.5).expect("a bench-sized buffer"), random(client, &shape, dtype, 2 * c as u32 + 2, 1.0).expect("a bench-sized buffer"))
         })
         .collect();
-    Inputs { q: random(client, &[b, 1, HQ, D], dtype, 99, 1.5).expect("a bench-sized buffer"), kv, lens: vec![l as u32; b] }
+    let ints: Vec<u32> = std::iter::repeat_n(l as u32, b).chain(std::iter::repeat_n(l as u32 - 1, b)).chain((0..b * l).map(|i| (i % l) as u32)).collect();
+    let ints = DeviceTensor::from_host(client, &ints, &[ints.len()]).expect("a bench-sized buffer");
+    Inputs { q: random(client, &[b, 1, HQ, D], dtype, 99, 1.5).expect("a bench-sized buffer"), kv, lens: vec![l as u32; b], ints }
 }
 
 /// Seconds per call: median over 5 batches of `reps` back-to-back calls, synchronised at the end of a batch.
-fn time_calls(client: &cubecl::client::Client, x: &Inputs, cfg: &DecodeConfig, out: &mut DecodeOutput, reps: usize) -> f64 {
+fn time_calls(client: &cubecl::client::Client, x: &Inputs, plan: &mut DecodePlan, rope: bool, reps: usize) -> f64 {
+    let (lens, (qp, kp)) = (x.lens(), x.positions());
     let mut batches = Vec::new();
     for batch in 0..6 {
         let t = Instant::now();
         for i in 0..reps {
             let (k, v) = &x.kv[i % x.kv.len()];
-            decode_attention_into(client, &x.q, k, v, &x.lens, cfg, out).expect("validated shapes");
+            plan.run(&x.q, k, v, &lens, rope.then_some((&qp, &kp))).expect("validated shapes");
         }
         sync(client).expect("device ok");
         if batch > 0 {
@@ -112,10 +128,11 @@ fn main() {
         let mut t = [0.0f64; 2];
         for (mi, mass) in [false, true].into_iter().enumerate() {
             let cfg = DecodeConfig::new().with_mass(mass);
-            let mut out = decode_attention(&client, &x.q, &x.kv[0].0, &x.kv[0].1, &x.lens, &cfg).expect("launch");
+            let mut plan = DecodePlan::new(&client, DecodeShape::new(b, 1, HQ, HKV, D, l, dtype), &cfg).expect("a plan");
             let bytes = kv_bytes + io_bytes + if mass { b * HKV * l * 4 } else { 0 };
             let reps = (2e-2 / (bytes as f64 / ceiling)).clamp(5.0, 200.0) as usize;
-            t[mi] = time_calls(&client, &x, &cfg, &mut out, reps);
+            t[mi] = time_calls(&client, &x, &mut plan, false, reps);
+            let lens = x.lens();
             let mut group = criterion.benchmark_group("decode_attention");
             group.throughput(Throughput::Bytes(bytes as u64));
             let id = format!("B{b}_L{l}{}", if mass { "_mass" } else { "" });
@@ -124,30 +141,28 @@ fn main() {
                     let start = Instant::now();
                     for i in 0..iters as usize {
                         let (k, v) = &x.kv[i % x.kv.len()];
-                        decode_attention_into(&client, &x.q, k, v, &x.lens, &cfg, &mut out).unwrap();
+                        plan.run(&x.q, k, v, &lens, None).unwrap();
                     }
                     sync(&client).unwrap();
                     start.elapsed()
                 })
             });
             group.finish();
-            rows.push((b, l, mass, t[mi], bytes, out.plan));
+            rows.push((b, l, mass, t[mi], bytes, plan.output().plan));
         }
         let _ = t;
     }
     // The cost of RoPE inside the kernel (cache-rank positions), at one shape.
     let rope_row = shapes.iter().copied().find(|&(b, l)| b == 8 && l == 32768).or(shapes.last().copied()).map(|(b, l)| {
         let x = inputs(&client, b, l, dtype);
-        let q_pos = DeviceTensor::from_host(&client, &vec![l as u32 - 1; b], &[b, 1]).unwrap();
-        let k_pos = DeviceTensor::from_host(&client, &(0..b * l).map(|i| (i % l) as u32).collect::<Vec<_>>(), &[b, l]).unwrap();
         let mut secs = [0.0; 2];
         for (i, rope) in [false, true].into_iter().enumerate() {
-            let mut cfg = DecodeConfig::new();
+            let mut shape = DecodeShape::new(b, 1, HQ, HKV, D, l, dtype);
             if rope {
-                cfg = cfg.with_rope(kvsqueeze::rope::RopeConfig { base: 500_000.0, q_pos: q_pos.clone(), k_pos: k_pos.clone() });
+                shape = shape.with_rope(500_000.0);
             }
-            let mut out = decode_attention(&client, &x.q, &x.kv[0].0, &x.kv[0].1, &x.lens, &cfg).expect("launch");
-            secs[i] = time_calls(&client, &x, &cfg, &mut out, 20);
+            let mut plan = DecodePlan::new(&client, shape, &DecodeConfig::new()).expect("a plan");
+            secs[i] = time_calls(&client, &x, &mut plan, rope, 20);
         }
         (b, l, secs)
     });
