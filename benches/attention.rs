@@ -115,10 +115,29 @@ fn main() {
     let full = std::env::var("KVSQUEEZE_BENCH").map(|v| v == "full").unwrap_or(client.name().contains("cuda"));
     let dtype = [DType::BF16, DType::F16, DType::F32].into_iter().find(|&t| kvsqueeze::attention::dtype_supported(&client, t)).unwrap();
     println!("device: {name}; dtype {dtype:?}; grid {}", if full { "full" } else { "quick" });
+    // `KVSQUEEZE_BENCH_SHAPES=1x4096,8x32768` restricts the grid; with `KVSQUEEZE_BENCH_PROFILE=1` each shape's plan
+    // (no mass, no RoPE) just runs three times — for a profiler (`ncu -k regex:decode_split`), nothing timed.
+    let only: Option<Vec<(usize, usize)>> = std::env::var("KVSQUEEZE_BENCH_SHAPES").ok().map(|v| {
+        v.split(',').map(|bl| bl.split_once('x').and_then(|(b, l)| Some((b.parse().ok()?, l.parse().ok()?))).expect("shapes as BxL,BxL")).collect()
+    });
+    if std::env::var("KVSQUEEZE_BENCH_PROFILE").is_ok_and(|v| v == "1") {
+        for &(b, l) in only.as_deref().unwrap_or(&[(1, 4096)]) {
+            let x = inputs(&client, b, l, dtype);
+            let mut plan = DecodePlan::new(&client, DecodeShape::new(b, 1, HQ, HKV, D, l, dtype), &DecodeConfig::new()).expect("a plan");
+            for _ in 0..3 {
+                plan.run(&x.q, &x.kv[0].0, &x.kv[0].1, &x.lens(), None).expect("validated shapes");
+            }
+            sync(&client).expect("device ok");
+            println!("profiled B={b} L={l}: plan {:?}", plan.output().plan);
+        }
+        return;
+    }
     gate(&client, dtype);
     let ceiling = copy_bandwidth(&client, if full { 2 << 30 } else { 64 << 20 }, 10).expect("copy");
     println!("copy ceiling (read+write): {:.3} TB/s", ceiling / 1e12);
-    let shapes: Vec<(usize, usize)> = if full { [1, 8, 32].iter().flat_map(|&b| [4096, 16384, 32768, 131072].map(move |l| (b, l))).collect() } else { vec![(1, 1024), (2, 4096)] };
+    let shapes: Vec<(usize, usize)> = if let Some(only) = only {
+        only
+    } else if full { [1, 8, 32].iter().flat_map(|&b| [4096, 16384, 32768, 131072].map(move |l| (b, l))).collect() } else { vec![(1, 1024), (2, 4096)] };
     let mut criterion = Criterion::default().configure_from_args().sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(if full { 1 } else { 2 }));
     let mut rows = Vec::new();
     for &(b, l) in &shapes {
