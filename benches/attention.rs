@@ -117,9 +117,9 @@ fn main() {
     println!("device: {name}; dtype {dtype:?}; grid {}", if full { "full" } else { "quick" });
     // `KVSQUEEZE_BENCH_SHAPES=1x4096,8x32768` restricts the grid; with `KVSQUEEZE_BENCH_PROFILE=1` each shape's plan
     // (no mass, no RoPE) just runs three times — for a profiler (`ncu -k regex:decode_split`), nothing timed.
-    let only: Option<Vec<(usize, usize)>> = std::env::var("KVSQUEEZE_BENCH_SHAPES").ok().map(|v| {
-        v.split(',').map(|bl| bl.split_once('x').and_then(|(b, l)| Some((b.parse().ok()?, l.parse().ok()?))).expect("shapes as BxL,BxL")).collect()
-    });
+    let only: Option<Vec<(usize, usize)>> = std::env::var("KVSQUEEZE_BENCH_SHAPES")
+        .ok()
+        .map(|v| v.split(',').map(|bl| bl.split_once('x').and_then(|(b, l)| Some((b.parse().ok()?, l.parse().ok()?))).expect("shapes as BxL,BxL")).collect());
     if std::env::var("KVSQUEEZE_BENCH_PROFILE").is_ok_and(|v| v == "1") {
         for &(b, l) in only.as_deref().unwrap_or(&[(1, 4096)]) {
             let x = inputs(&client, b, l, dtype);
@@ -137,7 +137,11 @@ fn main() {
     println!("copy ceiling (read+write): {:.3} TB/s", ceiling / 1e12);
     let shapes: Vec<(usize, usize)> = if let Some(only) = only {
         only
-    } else if full { [1, 8, 32].iter().flat_map(|&b| [4096, 16384, 32768, 131072].map(move |l| (b, l))).collect() } else { vec![(1, 1024), (2, 4096)] };
+    } else if full {
+        [1, 8, 32].iter().flat_map(|&b| [4096, 16384, 32768, 131072].map(move |l| (b, l))).collect()
+    } else {
+        vec![(1, 1024), (2, 4096)]
+    };
     let mut criterion = Criterion::default().configure_from_args().sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(if full { 1 } else { 2 }));
     let mut rows = Vec::new();
     for &(b, l) in &shapes {

@@ -21,6 +21,10 @@ use proptest::prelude::*;
 fn check_transform(lmid: usize, cols: usize, n: usize, extra: usize, f16: bool, pad: usize, seed: u64) {
     let cl = client();
     let dtype = if f16 { DType::F16 } else { DType::F32 };
+    if !kvsqueeze::attention::dtype_supported(cl, dtype) {
+        skip(&format!("{dtype:?} transform"), "dtype unsupported on this device");
+        return;
+    }
     let window = lmid + extra;
     let mut rng = Rng(seed);
     let x = round_to(&rng.walk(lmid, cols), dtype);
