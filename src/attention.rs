@@ -278,13 +278,16 @@ impl KvLayout {
     }
 }
 
-fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig) -> Result<Plan, Error> {
+/// The launch for `p` on this device; `rope`: the keys are rotated in the kernel (the vector width divides `D/2`,
+/// and the angle table is staged in shared memory).
+fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: bool) -> Result<Plan, Error> {
     let hw = &client.properties().hardware;
     let r_total = p.hq / p.hkv * p.lq;
     let mut rows = r_total.next_power_of_two().min(16);
     // Shared memory: q and the lane reduction (rows·D each), the probabilities and the max reduction
-    // (rows·tile each), two small vectors.
-    let smem = |rows: usize| 4 * (2 * rows * p.d + 2 * rows * TILE + 2 * rows);
+    // (rows·tile each), two small vectors, and with RoPE the angle table (`D/2·6`).
+    let tab = if rope { p.d / 2 * 6 } else { 0 };
+    let smem = |rows: usize| 4 * (2 * rows * p.d + 2 * rows * TILE + 2 * rows + tab);
     while rows > 1 && smem(rows) > hw.max_shared_memory_size {
         rows /= 2;
     }
@@ -314,14 +317,14 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig) -> Resu
     let single = n_splits == 1 && (!cfg.mass || n_rb == 1) && !(cfg.mass && cfg.lse);
     let launches = if single { 1 } else { 2 + cfg.mass as usize };
     // The largest element count any kernel indexes: the inputs' buffers and the scratch (scores, partials).
-    let work = WorkLayout::new(p, n_splits, single, cfg.mass, cfg.rope.is_some()).len;
+    let work = WorkLayout::new(p, n_splits, single, cfg.mass, rope).len;
     let largest = kv.largest.max(work);
     let address = AddressType::from_len(largest);
     if !client.features().supports_address(address) {
         return Err(Error::DeviceLimit(format!("{largest} elements need {address} indexing, which this device lacks")));
     }
     let unroll = forced || client.features().plane.contains(Plane::Ops);
-    let vec = vector_width(p, kv, cfg.rope.is_some());
+    let vec = vector_width(p, kv, rope);
     let staged = TILE * (p.d / vec + 1) * vec * p.dtype.size();
     let stage_k = unroll && smem(rows) + staged <= hw.max_shared_memory_size;
     Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: TILE, plane, unroll, stage_k, launches, address })
@@ -397,7 +400,7 @@ fn check_outputs(p: &Problem, lse: bool, mass: bool, out: &DecodeOutput) -> Resu
 fn run(client: &Client, p: &Problem, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32], cfg: &DecodeConfig, out: &mut DecodeOutput) -> Result<(), Error> {
     check_config(p, cfg)?;
     check_outputs(p, cfg.lse, cfg.mass, out)?;
-    let plan = plan(client, p, &KvLayout::of(q, k, v), cfg)?;
+    let plan = plan(client, p, &KvLayout::of(q, k, v), cfg, cfg.rope.is_some())?;
     if cfg.check_finite {
         check_finite(client, "q", q, None)?;
         check_finite(client, "k", k, Some(lens))?;
@@ -485,13 +488,7 @@ impl DecodePlan {
         let (_, kv_bytes) = crate::tensor::checked_size(client, "K/V of the plan", &[b, hkv, l_cap, d], dtype)?;
         let layout = KvLayout { largest: (kv_bytes / dtype.size()).max(b * lq * hq * d), align: 0 };
         let plan_cfg = DecodeConfig { rope: None, ..cfg.clone() };
-        let mut plan = plan(client, &p, &layout, &plan_cfg)?;
-        // RoPE rotates D/2-wide halves: the vector width must divide D/2.
-        if rope_base.is_some() {
-            while plan.vec > 1 && (d / 2) % plan.vec != 0 {
-                plan.vec /= 2;
-            }
-        }
+        let plan = plan(client, &p, &layout, &plan_cfg, rope_base.is_some())?;
         check_config(&p, &plan_cfg)?;
         let scratch = Scratch::new(client, &p, &plan, cfg.mass, rope_base)?;
         let out = DecodeOutput {

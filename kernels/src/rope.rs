@@ -9,10 +9,9 @@
 
 use cubecl::prelude::*;
 
-/// `(cos, sin)` of the RoPE angle of frequency `i` at position `pos` (`tab` is read only; mutable because it is
-/// the first region of the attention kernel's writable scratch).
+/// `(cos, sin)` of the RoPE angle of frequency `i` at position `pos`, from the table staged in shared memory.
 #[cube]
-pub fn rope_cos_sin(tab: &mut [f32], i: usize, pos: u32) -> (f32, f32) {
+pub fn rope_cos_sin(tab: &Shared<[f32]>, i: usize, pos: u32) -> (f32, f32) {
     let p0 = f32::cast_from(pos & 1023);
     let p1 = f32::cast_from((pos >> 10) & 1023);
     let p2 = f32::cast_from(pos >> 20);

@@ -208,6 +208,18 @@ pub fn decode_split<E: Float, N: Size>(
     let mut l_s = Shared::<[f32]>::new_slice(rows);
     let mut m_s = Shared::<[f32]>::new_slice(rows);
 
+    // With RoPE, the angle table (`D/2·6` f32 at the start of `work`) staged once per cube: the rotation reads it
+    // for every key and dim pair.
+    let mut tab_s = Shared::<[f32]>::new_slice(comptime![if cfg.rope { cfg.d / 2 * 6 } else { 1 }]);
+    if comptime![cfg.rope] {
+        let mut i = t;
+        while i < comptime![cfg.d / 2 * 6] {
+            tab_s[i] = work[i];
+            i += tile;
+        }
+        sync_cube();
+    }
+
     // The group's query rows, pre-multiplied by the softmax scale (rows past `nrows` are zero).
     let half = comptime![cfg.d / 2];
     let mut idx = t;
@@ -227,10 +239,10 @@ pub fn decode_split<E: Float, N: Size>(
                     // Rotate-half: y[i] = x[i]·c − x[i+h]·s, y[i+h] = x[i+h]·c + x[i]·s.
                     let pos = ints[qp_off + b * lq + row / g];
                     if dim < half {
-                        let (c, sn) = rope_cos_sin(work, dim, pos);
+                        let (c, sn) = rope_cos_sin(&tab_s, dim, pos);
                         x = x * c - f32::cast_from(q[base + dim + half]) * sn;
                     } else {
-                        let (c, sn) = rope_cos_sin(work, dim - half, pos);
+                        let (c, sn) = rope_cos_sin(&tab_s, dim - half, pos);
                         x = x * c + f32::cast_from(q[base + dim - half]) * sn;
                     }
                 }
@@ -295,7 +307,7 @@ pub fn decode_split<E: Float, N: Size>(
                     let mut fb = Array::<f32>::new(vec);
                     #[unroll]
                     for e in 0..vec {
-                        let (c, sn) = rope_cos_sin(work, dvi * vec + e, pos);
+                        let (c, sn) = rope_cos_sin(&tab_s, dvi * vec + e, pos);
                         let xa = f32::cast_from(ka.extract(e));
                         let xb = f32::cast_from(kb.extract(e));
                         fa[e] = xa * c - xb * sn;
