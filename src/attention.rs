@@ -318,7 +318,8 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
     let launches = if single { 1 } else { 2 + cfg.mass as usize };
     // The largest element count any kernel indexes: the inputs' buffers and the scratch (scores, partials).
     let work = WorkLayout::new(p, n_splits, single, cfg.mass, rope).len;
-    let largest = kv.largest.max(work);
+    let packed = if rope { p.b * (1 + p.lq + p.hkv * p.lcap) } else { 0 };
+    let largest = kv.largest.max(work).max(packed);
     let address = AddressType::from_len(largest);
     if !client.features().supports_address(address) {
         return Err(Error::DeviceLimit(format!("{largest} elements need {address} indexing, which this device lacks")));
@@ -551,6 +552,11 @@ impl DecodePlan {
             }
             _ => return Err(Error::Config("RoPE positions are given exactly when the plan has a RoPE base")),
         }
+        for (name, t) in [("lens", Some(lens)), ("q_pos", positions.map(|x| x.0)), ("k_pos", positions.map(|x| x.1))] {
+            if t.is_some_and(|t| AddressType::from_len(t.buffer_len) > self.plan.address) {
+                return Err(Error::Layout { tensor: name, reason: "buffer larger than the plan's index width" });
+            }
+        }
         let ints = Ints::of(&self.client, p, lens, positions, self.scratch.ints.as_ref())?;
         launch_unchecked(&self.client, p, &self.plan, &self.scratch, q, k, v, &ints, self.scale, &self.out);
         Ok(&self.out)
@@ -646,6 +652,12 @@ impl<'a> Ints<'a> {
             return Ok(Ints { buf: lens, lens: lens.offset, q_pos: qp.offset, k_pos: kp.offset, kp_strides });
         }
         let pack = pack.ok_or(Error::Config("RoPE positions need a plan with a RoPE base"))?;
+        // The copy indexes with 32 bits.
+        for (name, t) in [("lens", lens), ("q_pos", qp), ("k_pos", kp)] {
+            if t.buffer_len >= u32::MAX as usize {
+                return Err(Error::Layout { tensor: name, reason: "a buffer of 2^32 elements or more cannot be copied into the plan: pass lens and positions as views of one buffer" });
+            }
+        }
         let (at_q, at_k) = (p.b, p.b + p.b * p.lq);
         copy_into(client, lens, pack, 0);
         copy_into(client, qp, pack, at_q);
