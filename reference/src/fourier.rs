@@ -491,3 +491,147 @@ pub fn calibrate(samples: &[Vec<Vec<f64>>], l_init: usize, l_local: usize, n: us
     chosen.sort_unstable();
     chosen
 }
+
+/// The FFT form of the spectral path (issue 16, spec §1.5): the compressed part of the middle's scores is a
+/// length-`N` trigonometric polynomial evaluated at the integer positions `t` with `ω = 2π/T`, i.e. one inverse
+/// DFT of length `T`, and the value side needs the probabilities' forward DFT at `N` frequencies. Both in
+/// `O(T log T)` for any `T` (radix 2 for powers of two, Bluestein's chirp-z otherwise). `f64` only: this is the
+/// definition a device FFT is tested against, and it equals the direct sums of [`basis`] to rounding.
+pub mod fft {
+    use std::f64::consts::PI;
+
+    /// A complex number in `f64`.
+    #[derive(Clone, Copy, Debug, Default, PartialEq)]
+    pub struct C64 {
+        /// Real part.
+        pub re: f64,
+        /// Imaginary part.
+        pub im: f64,
+    }
+
+    impl C64 {
+        /// `re + i·im`.
+        pub fn new(re: f64, im: f64) -> Self {
+            C64 { re, im }
+        }
+        /// `e^{i·2π·num/den}` with the angle reduced exactly (`num mod den` in integers first).
+        pub fn turn(num: u128, den: u128) -> Self {
+            let a = 2.0 * PI * (num % den) as f64 / den as f64;
+            C64::new(a.cos(), a.sin())
+        }
+        fn mul(self, o: C64) -> C64 {
+            C64::new(self.re * o.re - self.im * o.im, self.re * o.im + self.im * o.re)
+        }
+        fn add(self, o: C64) -> C64 {
+            C64::new(self.re + o.re, self.im + o.im)
+        }
+        fn sub(self, o: C64) -> C64 {
+            C64::new(self.re - o.re, self.im - o.im)
+        }
+        fn conj(self) -> C64 {
+            C64::new(self.re, -self.im)
+        }
+        fn scale(self, s: f64) -> C64 {
+            C64::new(self.re * s, self.im * s)
+        }
+    }
+
+    /// In place, `x.len()` a power of two: `X[k] = Σ_j x[j]·e^{∓2πi·jk/n}` (`−` forward, `+` inverse; never
+    /// normalised). Iterative radix 2, decimation in time.
+    pub fn fft_pow2(x: &mut [C64], inverse: bool) {
+        let n = x.len();
+        assert!(n.is_power_of_two(), "fft_pow2 needs a power-of-two length, got {n}");
+        let bits = n.trailing_zeros();
+        for i in 0..n {
+            let j = if bits == 0 { 0 } else { i.reverse_bits() >> (usize::BITS - bits) };
+            if j > i {
+                x.swap(i, j);
+            }
+        }
+        let mut len = 2;
+        while len <= n {
+            for start in (0..n).step_by(len) {
+                for k in 0..len / 2 {
+                    let mut w = C64::turn(k as u128, len as u128);
+                    if !inverse {
+                        w = w.conj();
+                    }
+                    let (a, b) = (x[start + k], x[start + k + len / 2].mul(w));
+                    x[start + k] = a.add(b);
+                    x[start + k + len / 2] = a.sub(b);
+                }
+            }
+            len *= 2;
+        }
+    }
+
+    /// The DFT of any length `n` (`−` forward, `+` inverse, never normalised): radix 2 when `n` is a power of
+    /// two, else Bluestein — `jk = (j² + k² − (k − j)²)/2` turns it into a convolution with the chirp
+    /// `e^{∓iπ·m²/n}` (angles reduced exactly, `m² mod 2n`), done by power-of-two FFTs of length `≥ 2n − 1`.
+    pub fn dft(x: &[C64], inverse: bool) -> Vec<C64> {
+        let n = x.len();
+        if n <= 1 || n.is_power_of_two() {
+            let mut y = x.to_vec();
+            if n > 1 {
+                fft_pow2(&mut y, inverse);
+            }
+            return y;
+        }
+        // chirp(m) = e^{−iπ m²/n} (forward); the inverse is the conjugate throughout.
+        let chirp = |m: usize| {
+            let c = C64::turn((m as u128 * m as u128) % (2 * n as u128), 2 * n as u128);
+            if inverse {
+                c
+            } else {
+                c.conj()
+            }
+        };
+        let size = (2 * n - 1).next_power_of_two();
+        let mut a = vec![C64::default(); size];
+        let mut b = vec![C64::default(); size];
+        for j in 0..n {
+            a[j] = x[j].mul(chirp(j));
+        }
+        for m in 0..n {
+            let c = chirp(m).conj();
+            b[m] = c;
+            if m > 0 {
+                b[size - m] = c;
+            }
+        }
+        fft_pow2(&mut a, false);
+        fft_pow2(&mut b, false);
+        for (p, q) in a.iter_mut().zip(&b) {
+            *p = p.mul(*q);
+        }
+        fft_pow2(&mut a, true);
+        (0..n).map(|k| a[k].scale(1.0 / size as f64).mul(chirp(k))).collect()
+    }
+
+    /// `s_t = (1/N)·Σ_{n<N} c[n]·cos(ωnt) + s[n]·sin(ωnt)` for `t < len`, `ω = 2π/T` (`T = window`, `N =
+    /// c.len() = s.len() ≤ T`, `len ≤ T`): the raw inverse of [`super::Spectrum::raw`] for one column, or the
+    /// compressed part of every middle score once `c, s` are the query-projected coefficients. One inverse DFT
+    /// of `X[n] = c[n] − i·s[n]` (zero above `N`): `Re(X[n]·e^{iωnt}) = c[n]·cos + s[n]·sin`.
+    pub fn series(c: &[f64], s: &[f64], window: usize, len: usize) -> Vec<f64> {
+        let n = c.len();
+        assert!(s.len() == n && n <= window && len <= window, "series: N = {n}, sin {}, T = {window}, len = {len}", s.len());
+        let mut x = vec![C64::default(); window];
+        for f in 0..n {
+            x[f] = C64::new(c[f], -s[f]);
+        }
+        dft(&x, true).iter().take(len).map(|v| v.re / n as f64).collect()
+    }
+
+    /// `(Σ_t p_t·cos(ωnt), Σ_t p_t·sin(ωnt))` for `n < n_freq` over `t < p.len() ≤ T`: the value side of the
+    /// spectral path (the probabilities' weights on each basis function). One forward DFT of length `T`:
+    /// `Σ_t p_t·e^{−iωnt} = cos-sum − i·sin-sum`.
+    pub fn moments(p: &[f64], window: usize, n_freq: usize) -> (Vec<f64>, Vec<f64>) {
+        assert!(p.len() <= window && n_freq <= window, "moments: len {}, N = {n_freq}, T = {window}", p.len());
+        let mut x = vec![C64::default(); window];
+        for (t, &v) in p.iter().enumerate() {
+            x[t] = C64::new(v, 0.0);
+        }
+        let y = dft(&x, false);
+        (y[..n_freq].iter().map(|v| v.re).collect(), y[..n_freq].iter().map(|v| -v.im).collect())
+    }
+}

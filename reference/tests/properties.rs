@@ -308,3 +308,41 @@ fn calibration_picks_smooth_columns() {
     let want: Vec<usize> = (0..c).filter(|&j| smooth[j]).collect();
     assert_eq!(chosen, want);
 }
+
+/// The FFT form of the spectral path equals the direct sums of `basis` for every window length — powers of two
+/// (radix 2) and not (Bluestein), 1 and primes included — to `f64` rounding.
+#[test]
+fn fft_series_and_moments_equal_the_direct_sums() {
+    use kvsqueeze_reference::fourier::{basis, fft};
+    let mut rng = kvsqueeze_reference::testing::Rng(20261207);
+    for &window in &[1usize, 2, 3, 7, 8, 12, 64, 100, 127, 128, 129, 331, 1024, 1500] {
+        for &n in &[1usize, 2, 5, 16, 64] {
+            if n > window {
+                continue;
+            }
+            let len = window - (window / 3);
+            let (c, s) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
+            let got = fft::series(&c, &s, window, len);
+            let p = rng.vec(len, 1.0).iter().map(|x| x.abs()).collect::<Vec<_>>();
+            let (pc, ps) = fft::moments(&p, window, n);
+            let scale = (n + len) as f64 * 1e-13;
+            for t in 0..len {
+                let want: f64 = (0..n)
+                    .map(|f| {
+                        let (cs, sn) = basis(f, t, window);
+                        c[f] * cs + s[f] * sn
+                    })
+                    .sum::<f64>()
+                    / n as f64;
+                assert!((got[t] - want).abs() <= scale, "series T {window} N {n} t {t}: {} vs {want}", got[t]);
+            }
+            for f in 0..n {
+                let (wc, ws) = (0..len).fold((0.0, 0.0), |(a, b), t| {
+                    let (cs, sn) = basis(f, t, window);
+                    (a + p[t] * cs, b + p[t] * sn)
+                });
+                assert!((pc[f] - wc).abs() <= scale && (ps[f] - ws).abs() <= scale, "moments T {window} n {f}: ({}, {}) vs ({wc}, {ws})", pc[f], ps[f]);
+            }
+        }
+    }
+}
