@@ -16,6 +16,12 @@
 //! - Columns are addressed by offset tables: element `(row, col)` of a source is `src[row_off[row] + col_off[col]]`
 //!   (u32 offsets; the host keeps every buffer below 2³² elements), so one kernel reads the prompt
 //!   (`[L, Hkv, D]`, token-major) and the cache's exact buffer (`[B, Hkv, X, D]`) alike.
+//! - Bindings (WebGPU's default of 8 storage buffers per stage, one kept by cubecl for scalars): the u32 tables
+//!   the decode kernels share — the per-sequence `state` (both halves) and the packed column tables `cols` — are
+//!   regions of one buffer, bound as `ints` (`state` from 0, `cols` from `cols_at`); the decode f32 scratch —
+//!   the tile basis `tab` (from 0), the projections `pq`, the partials `o_part`, `ml_part`, `sp_part` and the
+//!   direct path's reconstruction `mkv` — are regions of one buffer, bound as `work` at the `*_at` offsets. The
+//!   docs below name the regions.
 
 use crate::attention::{cube_max_rows, NEG};
 use cubecl::prelude::*;
