@@ -44,6 +44,7 @@ use crate::Error;
 use cubecl::client::Client;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use kvsqueeze_kernels::fourier::fft::{fourier_fft_moments, fourier_fft_prep, fourier_fft_scores, FftConfig};
 use kvsqueeze_kernels::fourier::{
     fourier_append, fourier_append_write, fourier_basis_table, fourier_combine, fourier_gather, fourier_gather_strided, fourier_project, fourier_reconstruct, fourier_split, fourier_stats_finalize,
     fourier_stats_partial, fourier_transform as transform_kernel, FlashConfig, CRIT, NONE, PCHUNKS, ST_ACTIVE, ST_COUNT, ST_EXACT, ST_FLAGS, ST_FORMED, ST_MID, ST_RING, ST_ROWS, ST_SKIP,
@@ -314,13 +315,111 @@ impl FourierLayerConfig {
     }
 }
 
-/// Which decode-attention path [`FourierLayerCache::attend`] takes (both compute the same function).
+/// Which decode-attention path [`FourierLayerCache::attend`] takes (all three compute the same function).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FourierPath {
-    /// Reconstruct the middle, then attend (the paper's kernel's semantics).
+    /// Reconstruct the middle, then attend (the paper's kernel's semantics). `O(L·N·|Dc|)` per step.
     Direct,
-    /// Exact spectral-domain path (spec §1.5).
+    /// Exact spectral-domain path (spec §1.5): the query projected onto the coefficients, then the `N`-term
+    /// trigonometric sums evaluated at every middle token (scores) and weighted by every probability (values).
+    /// `O(L·N·G)` per KV head and step.
     Spectral,
+    /// The spectral path with both sums done as Bluestein convolutions by FFTs of length `F` in shared memory
+    /// (`kvsqueeze_kernels::fourier::fft`): `O(L·log F·F/Q)` per query head, `Q = F − N + 1` tokens per block.
+    /// Needs `8·F` bytes of shared memory ([`FourierLayerCache::fft_size`]; `None`: this path returns
+    /// [`Error::DeviceLimit`]).
+    Fft,
+}
+
+/// The FFT path's shape and its regions of the decode scratch (offsets from the region's start; see
+/// `kvsqueeze_kernels::fourier::fft` for the math and the layout).
+#[derive(Clone, Copy, Debug)]
+struct FftPlan {
+    cfg: FftConfig,
+    /// Tokens per block `Q = F − N + 1` (the FFT path's middle split length).
+    q: usize,
+    /// Blocks covering the window: `⌈T/Q⌉`.
+    blocks: usize,
+    /// Row length of the score region: `blocks·Q`.
+    tq: usize,
+    tw: usize,
+    ch: usize,
+    bh: usize,
+    cm: usize,
+    ah: usize,
+    sc: usize,
+    /// Elements of the whole region; the first `ah` (twiddles, chirp, chirp spectra) are constants.
+    len: usize,
+}
+
+impl FftPlan {
+    /// The smallest transform `F ≥ 4N` (power of two, at least 8) whose blocks cover the window in at most
+    /// `MAX_SPLITS/2` splits; `None` when its `8·F` bytes of shared memory exceed `smem`.
+    fn new(n: usize, window: usize, rows: usize, smem: usize, max_units: usize) -> Option<Self> {
+        let mut f = (4 * n).next_power_of_two().max(8);
+        while window.div_ceil(f - n + 1) > kvsqueeze_kernels::fourier::MAX_SPLITS / 2 {
+            f *= 2;
+        }
+        if 8 * f > smem {
+            return None;
+        }
+        let q = f - n + 1;
+        let blocks = window.div_ceil(q);
+        let tq = blocks * q;
+        let tw = 0;
+        let ch = tw + f;
+        let bh = ch + 2 * window.max(n);
+        let cm = bh + blocks * 2 * f;
+        let ah = cm + blocks * 2 * f;
+        let sc = ah + rows * 2 * f;
+        let len = rows.checked_mul(tq)?.checked_add(sc)?;
+        let threads = (f / 2).clamp(32, 256).min(max_units);
+        Some(FftPlan { cfg: FftConfig { size: f, threads }, q, blocks, tq, tw, ch, bh, cm, ah, sc, len })
+    }
+
+    /// The constant part of the region (`[0, ah)`), computed in `f64` and rounded once: twiddles
+    /// `e^{2πij/F}`, the chirp `ch(m) = e^{iπ·(m² mod 2T)/T}`, and per block the chirp spectra
+    /// `B̂_j/F`, `Ĉ_j/F` in bit-reversed order.
+    fn tables(&self, n: usize, window: usize) -> Vec<f32> {
+        use kvsqueeze_reference::fourier::fft::{fft_pow2, C64};
+        let f = self.cfg.size;
+        let t2 = 2 * window as u128;
+        let chirp = |m: i64| C64::turn((m.unsigned_abs() as u128).pow(2) % t2, t2);
+        let mut out = Vec::with_capacity(self.ah);
+        let mut push = |z: C64| {
+            out.push(z.re as f32);
+            out.push(z.im as f32);
+        };
+        for j in 0..f / 2 {
+            push(C64::turn(j as u128, f as u128));
+        }
+        for m in 0..window.max(n) {
+            push(chirp(m as i64));
+        }
+        let bits = f.trailing_zeros();
+        let rev = |p: usize| p.reverse_bits() >> (usize::BITS - bits);
+        let (q, n) = (self.q as i64, n as i64);
+        for conj in [true, false] {
+            for j in 0..self.blocks as i64 {
+                let mut x: Vec<C64> = (0..f as i64)
+                    .map(|k| {
+                        if conj {
+                            let z = chirp(j * q - n + 1 + k);
+                            C64::new(z.re, -z.im)
+                        } else {
+                            chirp(k - j * q - q + 1)
+                        }
+                    })
+                    .collect();
+                fft_pow2(&mut x, false);
+                for p in 0..f {
+                    let z = x[rev(p)];
+                    push(C64::new(z.re / f as f64, z.im / f as f64));
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Host mirror of one sequence's decode state (the device's `state`, advanced by the same rule in
@@ -399,8 +498,12 @@ struct Tables {
 /// The decode kernels' f32 buffers are regions of one buffer `work` (a kernel binds one f32 scratch: see
 /// [`Work`]); the direct path's reconstruction goes into a per-call buffer of the same layout.
 struct Scratch {
-    /// Splits per segment (exact, middle) at most.
+    /// Splits per segment (exact, middle) at most on the direct and spectral paths.
     seg_max: usize,
+    /// Middle splits the partials have room for (`seg_max`, or the FFT path's blocks if more).
+    s_mid: usize,
+    /// The FFT path (`None` where its shared memory exceeds the device's).
+    fft: Option<FftPlan>,
     work: Handle,
     at: Work,
     /// The transform's partial statistics for a middle formed at a decode step (`2N + 1` tokens).
@@ -436,13 +539,14 @@ pub struct FourierLayerCache {
     /// each over the widest head's columns (fixed by the dim lists, so chosen once at `new`).
     append_parts: usize,
     /// Which kernel variants ran once (launch failures are checked at the first run of each): bit 0 append,
-    /// bit 1 direct attend, bit 2 spectral attend.
+    /// bit 1 direct attend, bit 2 spectral attend, bit 3 FFT attend.
     checked: std::sync::atomic::AtomicU8,
 }
 
 /// Element offsets of the regions of the decode kernels' f32 scratch: the tile basis of
 /// `kvsqueeze_kernels::fourier::fourier_basis_table` at 0 (`4·N·tile`), the spectral projections (`pc: [PCHUNKS,
-/// B, Hq, 2N]`, then `qb: [PCHUNKS, B, Hq]` from `qb`), the split partials (`o`, `ml`, `sp`), and the direct
+/// B, Hq, 2N]`, then `qb: [PCHUNKS, B, Hq]` from `qb`), the split partials (`o`, `ml`, `sp`), the FFT path's
+/// region ([`FftPlan`]), and the direct
 /// path's reconstruction (`mkv`: K then V, `len − mkv` elements).
 #[derive(Clone, Copy, Debug)]
 struct Work {
@@ -451,6 +555,8 @@ struct Work {
     o: usize,
     ml: usize,
     sp: usize,
+    /// The FFT path's region ([`FftPlan`]; empty without it).
+    fft: usize,
     mkv: usize,
     len: usize,
 }
@@ -459,13 +565,15 @@ impl Work {
     /// The layout for `seg_max` splits per segment, with `pq` projection entries (0 on the direct path) and a
     /// reconstruction of `mkv_len` elements.
     #[allow(clippy::too_many_arguments)]
-    fn new(basis: usize, pq_len: usize, qb_off: usize, b: usize, hkv: usize, g: usize, d: usize, n2: usize, seg_max: usize, mkv_len: usize) -> Self {
+    fn new(basis: usize, pq_len: usize, qb_off: usize, b: usize, hkv: usize, g: usize, d: usize, n2: usize, splits: (usize, usize), fft_len: usize, mkv_len: usize) -> Self {
+        let (s_all, s_mid) = splits;
         let pq = basis;
         let o = pq + pq_len;
-        let ml = o + b * hkv * 2 * seg_max * g * d;
-        let sp = ml + b * hkv * 2 * seg_max * g * 2;
-        let mkv = sp + b * hkv * seg_max * g * n2;
-        Work { pq, qb: pq + qb_off, o, ml, sp, mkv, len: mkv + mkv_len }
+        let ml = o + b * hkv * s_all * g * d;
+        let sp = ml + b * hkv * s_all * g * 2;
+        let fft = sp + b * hkv * s_mid * g * n2;
+        let mkv = fft + fft_len;
+        Work { pq, qb: pq + qb_off, o, ml, sp, fft, mkv, len: mkv + mkv_len }
     }
 }
 
@@ -495,6 +603,9 @@ impl FourierLayerCache {
                 "fourier_gather_strided",
                 "copy_range",
                 "fourier_basis_table",
+                "fourier_fft_prep",
+                "fourier_fft_scores",
+                "fourier_fft_moments",
             ],
         )?;
         let (hkv, d) = (cfg.dims.hkv, cfg.dims.d);
@@ -534,6 +645,8 @@ impl FourierLayerCache {
         let (b, n2, hq) = (cfg.batch, 2 * cfg.n_freq, cfg.hq);
         let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
         let seg_max = (8 * sms).div_ceil(b * hkv).clamp(1, kvsqueeze_kernels::fourier::MAX_SPLITS / 2);
+        let fft = FftPlan::new(cfg.n_freq, cfg.window, b * hq, hw.max_shared_memory_size, crate::tensor::max_units_per_cube(client));
+        let s_mid = seg_max.max(fft.map_or(0, |f| f.blocks));
         let stats_len = (n2 + 1).div_ceil(TILE) * ckc.max(cvc) * 6;
         // Every buffer's size, checked for overflow and against the device before anything is allocated.
         let shapes = [
@@ -541,8 +654,9 @@ impl FourierLayerCache {
             vec![b, cfg.window, ckn.max(cvn)],
             vec![b, 2, cfg.n_freq, ckc.max(cvc)],
             vec![b, hkv, cfg.window, d],
-            vec![b, hkv, 2 * seg_max, g, d],
-            vec![b, hkv, seg_max, g, n2],
+            vec![b, hkv, seg_max + s_mid, g, d],
+            vec![b, hkv, s_mid, g, n2],
+            vec![fft.map_or(1, |f| f.len)],
             vec![PCHUNKS, b, hq, n2],
         ];
         for shape in &shapes {
@@ -585,7 +699,10 @@ impl FourierLayerCache {
         let forced = crate::runtime::force_gpu_paths();
         let plane = (forced || client.features().plane.contains(cubecl::features::Plane::Ops)) && hw.plane_size_min == hw.plane_size_max && tile % hw.plane_size_max as usize == 0;
         let basis_len = 4 * cfg.n_freq * tile;
-        let at = Work::new(basis_len, PCHUNKS * b * hq * (n2 + 1), PCHUNKS * b * hq * n2, b, hkv, g, d, n2, seg_max, 0);
+        let at = Work::new(basis_len, PCHUNKS * b * hq * (n2 + 1), PCHUNKS * b * hq * n2, b, hkv, g, d, n2, (seg_max + s_mid, s_mid), fft.map_or(0, |f| f.len), 0);
+        if at.len >= 1 << 32 {
+            return Err(Error::DeviceLimit("a decode scratch of 2^32 elements or more (the kernels index with u32 offsets)".into()));
+        }
         let work = alloc(c, at.len * 4);
         crate::tensor::count_launches(1);
         // SAFETY: writes the `4·N·tile` entries of the table at the start of `work`.
@@ -601,7 +718,17 @@ impl FourierLayerCache {
             );
         }
         let out_shape = [b, 1, hq, d];
-        let scratch = Scratch { seg_max, work, at, stats: alloc(c, stats_len * 4), stats_len, out: DeviceTensor::empty(c, &out_shape, cfg.dtype)? };
+        if let Some(f) = &fft {
+            let tables = f.tables(cfg.n_freq, cfg.window);
+            crate::tensor::count_allocation();
+            let h = c.create_from_slice(bytemuck::cast_slice(&tables));
+            crate::tensor::count_launches(1);
+            // SAFETY: copies the `f.ah` constant elements into the FFT region of `work`.
+            unsafe {
+                copy_range::launch_unchecked::<f32>(c, CubeCount::Static(f.ah.div_ceil(256).min(65535) as u32, 1, 1), CubeDim::new_1d(256), arg(&h, f.ah), arg(&work, at.len), 0, at.fft, f.ah);
+            }
+        }
+        let scratch = Scratch { seg_max, s_mid, fft, work, at, stats: alloc(c, stats_len * 4), stats_len, out: DeviceTensor::empty(c, &out_shape, cfg.dtype)? };
         let mut cache = FourierLayerCache {
             tile,
             ek: alloc(c, b * hkv * x_cap * d * e),
@@ -668,12 +795,20 @@ impl FourierLayerCache {
         b * (2 * hkv * self.x_cap * d * e + self.cfg.window * (ckn + cvn) * e + n2 * (ckc + cvc) * 4 + 2 * (ckc + cvc) * 4) + 4 * self.cfg.n_freq * self.tile * 4
     }
 
-    /// Bytes of the decode buffers allocated at [`Self::new`] (split partials, projections, the output); the
-    /// direct path's reconstruction is a per-call scratch beyond these.
+    /// Bytes of the decode buffers allocated at [`Self::new`] (split partials, projections, the FFT path's tables
+    /// and per-row transforms and scores, the output); the direct path's reconstruction is a per-call scratch
+    /// beyond these.
     pub fn scratch_bytes(&self) -> usize {
         let (hkv, d, hq, b, n2) = (self.cfg.dims.hkv, self.cfg.dims.d, self.cfg.hq, self.cfg.batch, 2 * self.cfg.n_freq);
-        let (g, s) = (hq / hkv, self.scratch.seg_max);
-        4 * (b * hkv * 2 * s * g * (d + 2) + b * hkv * s * g * n2 + PCHUNKS * b * hq * (n2 + 1) + self.scratch.stats_len) + b * hq * d * self.cfg.dtype.size()
+        let (g, s) = (hq / hkv, &self.scratch);
+        let fft = s.fft.map_or(0, |f| f.len);
+        4 * (b * hkv * (s.seg_max + s.s_mid) * g * (d + 2) + b * hkv * s.s_mid * g * n2 + PCHUNKS * b * hq * (n2 + 1) + fft + s.stats_len) + b * hq * d * self.cfg.dtype.size()
+    }
+
+    /// The FFT path's transform length `F` and tokens per block `Q = F − N + 1` (`None`: the device's shared
+    /// memory cannot hold `F` complex values, and [`FourierPath::Fft`] returns [`Error::DeviceLimit`]).
+    pub fn fft_size(&self) -> Option<(usize, usize)> {
+        self.scratch.fft.map(|f| (f.cfg.size, f.q))
     }
 
     fn set_x_tables(&mut self) {
@@ -1016,7 +1151,9 @@ impl FourierLayerCache {
     /// Decode attention of one query token per sequence, `q: [B, 1, Hq, D]` (post-RoPE) → `o: [B, 1, Hq, D]`,
     /// `softmax(scale·q·K̃ᵀ)·Ṽ` over every token the cache represents (a retired slot's rows are zeros). The
     /// output is the cache's own buffer, overwritten by the next attend. Spectral: 3 launches (projection,
-    /// split, combine), no allocation, no upload; direct: 4, with a per-call reconstruction scratch.
+    /// split, combine), no allocation, no upload; FFT: 6 (projection, transform, scores, split, moments,
+    /// combine), no allocation, no upload; direct: 5, with a per-call reconstruction scratch (and a copy of the
+    /// basis into it). Before a middle is formed every path is the same exact attention.
     pub fn attend(&self, q: &DeviceTensor, scale: f32, path: FourierPath) -> Result<DeviceTensor, Error> {
         self.check_query(q)?;
         self.attend_checked(q, scale, path)
@@ -1048,16 +1185,26 @@ impl FourierLayerCache {
             (len.div_ceil(chunk), chunk)
         };
         let (mut sx, chunk_x) = split(max_x);
-        let (sm, chunk_m) = split(max_m);
+        // The FFT path's middle splits are its blocks (the moments kernel turns each split's scores into the
+        // split's frequency partials).
+        let fft = match (path, self.scratch.fft) {
+            (FourierPath::Fft, None) => return Err(Error::DeviceLimit(format!("the FFT path needs {} B of shared memory", 8 * (4 * n).next_power_of_two().max(8)))),
+            (FourierPath::Fft, Some(f)) if max_m > 0 => Some(f),
+            _ => None,
+        };
+        let (sm, chunk_m) = match fft {
+            Some(f) => (max_m.div_ceil(f.q), f.q),
+            None => split(max_m),
+        };
         // At least one split, so that every query row is written (zeros when nothing is live).
         sx = sx.max(1);
         let st = sx + sm;
-        let spectral = path == FourierPath::Spectral && max_m > 0;
+        let spectral = path != FourierPath::Direct && max_m > 0;
         let (ckn, cvn, ckc, cvc) = (self.tab.k.n_dim.len(), self.tab.v.n_dim.len(), self.tab.k.c_dim.len(), self.tab.v.c_dim.len());
         let (tcap, w) = (self.cfg.window, self.cfg.window as u32);
         let n2 = 2 * n;
         let e_len = bsz * hkv * self.x_cap * d;
-        let fcfg = FlashConfig { d, g, tile, n_freq: n, spectral, plane: self.plane };
+        let fcfg = FlashConfig { d, g, tile, n_freq: n, spectral, fft: fft.is_some(), plane: self.plane };
         let dim = CubeDim::new_1d(tile as u32);
         let sb = self.state_base();
         let s = &self.scratch;
@@ -1067,12 +1214,21 @@ impl FourierLayerCache {
         let basis_len = 4 * n * tile;
         let (work, at, mlen) = if max_m > 0 && !spectral {
             let mlen = bsz * hkv * tm * d;
-            let at = Work::new(basis_len, 0, 0, bsz, hkv, g, d, n2, s.seg_max, 2 * mlen);
+            let at = Work::new(basis_len, 0, 0, bsz, hkv, g, d, n2, (s.seg_max + s.s_mid, s.s_mid), 0, 2 * mlen);
             let work = alloc(c, at.len * 4);
             crate::tensor::count_launches(1);
             // SAFETY: the basis is the first `basis_len` elements of both buffers.
             unsafe {
-                copy_range::launch_unchecked::<f32>(c, CubeCount::Static(basis_len.div_ceil(256) as u32, 1, 1), CubeDim::new_1d(256), arg(&s.work, s.at.len), arg(&work, at.len), 0, 0, basis_len);
+                copy_range::launch_unchecked::<f32>(
+                    c,
+                    CubeCount::Static(basis_len.div_ceil(256).min(65535) as u32, 1, 1),
+                    CubeDim::new_1d(256),
+                    arg(&s.work, s.at.len),
+                    arg(&work, at.len),
+                    0,
+                    0,
+                    basis_len,
+                );
             }
             let count = CubeCount::Static(max_m.div_ceil(tile) as u32, (hkv * d) as u32, bsz as u32);
             for (crit, ncrit, coef, ab, dmap, cols, out_base) in
@@ -1096,6 +1252,47 @@ impl FourierLayerCache {
                 with_float_type!(self.cfg.dtype, E => fourier_project::launch_unchecked::<E>(c, CubeCount::Static(n2.div_ceil(TILE) as u32, hkv as u32, (PCHUNKS * bsz) as u32), CubeDim::new_1d(TILE as u32), arg(&q.handle, q.buffer_len), arg(&self.coef_k, bsz * ckc * n2), arg(&self.ab_k, bsz * 2 * ckc), arg(&self.state, self.state_len()), arg(&work, at.len), cols_at, at.pq, at.qb, bsz, hkv, ckc, n, g, d, TILE))
             }
         }
+        let (ff, sc_at, tq) = match fft {
+            Some(f) => (at.fft, at.fft + f.sc, f.tq),
+            None => (0, 0, 0),
+        };
+        if let Some(f) = fft {
+            crate::tensor::count_launches(2);
+            // SAFETY: row `r < B·Hq` of the projections; the transforms and blocks inside the FFT region (sized
+            // for `B·Hq` rows and `blocks ≥ ⌈max_m/Q⌉`).
+            unsafe {
+                fourier_fft_prep::launch_unchecked(
+                    c,
+                    CubeCount::Static((bsz * hq) as u32, 1, 1),
+                    CubeDim::new_1d(f.cfg.threads as u32),
+                    arg(&work, at.len),
+                    at.pq,
+                    ff + f.ch,
+                    ff + f.tw,
+                    ff + f.ah,
+                    bsz,
+                    hq,
+                    n,
+                    f.cfg,
+                );
+                fourier_fft_scores::launch_unchecked(
+                    c,
+                    CubeCount::Static(sm as u32, (bsz * hq) as u32, 1),
+                    CubeDim::new_1d(f.cfg.threads as u32),
+                    arg(&work, at.len),
+                    ff + f.ah,
+                    ff + f.bh,
+                    ff + f.ch,
+                    ff + f.tw,
+                    sc_at,
+                    tq,
+                    f.q,
+                    n,
+                    tcap,
+                    f.cfg,
+                );
+            }
+        }
         let out = &s.out;
         crate::tensor::count_launches(2);
         // SAFETY: every index is bounded by the per-sequence lengths in `state` (validated against the buffers'
@@ -1105,13 +1302,22 @@ impl FourierLayerCache {
                 fourier_split::launch_unchecked::<E>(c, CubeCount::Static(st as u32, hkv as u32, bsz as u32), dim,
                     arg(&q.handle, q.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&self.state, self.state_len()),
                     arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn), arg(&work, at.len),
-                    sb, at.mkv, at.pq, at.o, at.ml, at.sp, mlen, cols_at + hkv + 1 + ckc, cols_at + 2 * (hkv + 1) + ckc + ckn + hkv + 1 + cvc, at.qb, bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
+                    sb, at.mkv, at.pq, at.o, at.ml, at.sp, mlen, cols_at + hkv + 1 + ckc, cols_at + 2 * (hkv + 1) + ckc + ckn + hkv + 1 + cvc, at.qb, sc_at, tq, bsz, hkv, li, self.x_cap, tcap, tm, ckn.max(1), cvn.max(1), chunk_x, chunk_m, sx, sm, w, scale, fcfg);
+                if let Some(f) = fft {
+                    crate::tensor::count_launches(1);
+                    fourier_fft_moments::launch_unchecked(c, CubeCount::Static(sm as u32, (bsz * hq) as u32, 1), CubeDim::new_1d(f.cfg.threads as u32), arg(&work, at.len), arg(&self.state, self.state_len()),
+                        sb + ST_MID * bsz, ff + f.cm, ff + f.ch, ff + f.tw, sc_at, at.ml, at.sp, tq, f.q, n, hq, g, sx, sm, f.cfg);
+                }
                 fourier_combine::launch_unchecked::<E>(c, CubeCount::Static(hkv as u32, (bsz * g) as u32, 1), dim,
                     arg(&work, at.len), arg(&self.coef_v, bsz * cvc * n2), arg(&self.ab_v, bsz * 2 * cvc), arg(&self.tab.dmap_v, hkv * d),
                     arg(&out.handle, out.buffer_len), at.o, at.ml, at.sp, hkv, sx, sm, cvc, fcfg);
             })
         }
-        let bit = if spectral { 4 } else { 2 };
+        let bit = match (spectral, fft.is_some()) {
+            (_, true) => 8,
+            (true, false) => 4,
+            _ => 2,
+        };
         if self.checked.load(std::sync::atomic::Ordering::Relaxed) & bit == 0 || !spectral {
             crate::tensor::check_written(c, &[out])?;
             self.checked.fetch_or(bit, std::sync::atomic::Ordering::Relaxed);

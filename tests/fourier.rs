@@ -121,7 +121,7 @@ fn run(c: &Case) {
         // Floor: the output's rounding to the storage dtype, plus the kernel's f32 angle (2π/T rounded, the
         // naive reference uses f64 angles) over the `2N` terms of a reconstruction.
         let floor = (4.0 * eps(c.dtype) + 64.0 * f32::EPSILON as f64 * (c.n as f64).sqrt()) * mag;
-        for path in [FourierPath::Direct, FourierPath::Spectral] {
+        for path in [FourierPath::Direct, FourierPath::Spectral, FourierPath::Fft] {
             let o = dev.attend(&qd, scale as f32, path).unwrap().to_host_f64(cl).unwrap();
             check_tolerance(&format!("{path:?} attention {when}"), &case, &o, &yard, &want, floor);
         }
@@ -234,7 +234,7 @@ fn fourier_errors() {
     gold.prefill(&k, &v).unwrap();
     let qv = rng.vec(2 * d, 1.0);
     let want = gold.attend_direct(&qv, 0.5);
-    for path in [FourierPath::Direct, FourierPath::Spectral] {
+    for path in [FourierPath::Direct, FourierPath::Spectral, FourierPath::Fft] {
         let got = dev.attend(&upload(cl, &qv, &[1, 1, 2, d], DType::F32), 0.5, path).unwrap().to_host_f64(cl).unwrap();
         let (err, parity) = compare(&got, &want);
         assert!(parity && err < 1e-4, "{path:?} after refused ops: {err}");

@@ -211,9 +211,9 @@ fn check_fourier(c: &Client, dt: DType) -> Result<CheckResult, Error> {
     let mag = want.iter().fold(1.0f64, |a, x| a.max(x.abs()));
     let tol = 2.0 * max_err(&yard, &want) + (4.0 * eps(dt) + 64.0 * f32::EPSILON as f64 * (n as f64).sqrt()) * mag;
     let mut err = 0.0f64;
-    for path in [FourierPath::Direct, FourierPath::Spectral] {
+    for path in [FourierPath::Direct, FourierPath::Spectral, FourierPath::Fft] {
         err = err.max(max_err(&dev.attend(&qd, scale as f32, path)?.to_host_f64(c)?, &want));
     }
     let mid = gold[0].mid_len();
-    Ok(result(format!("fourier attention {dt:?} direct + spectral, {} tokens (middle {mid}), N {n}, GQA {g}", prompt + steps), err, tol, String::new(), true))
+    Ok(result(format!("fourier attention {dt:?} direct + spectral + FFT, {} tokens (middle {mid}), N {n}, GQA {g}", prompt + steps), err, tol, String::new(), true))
 }

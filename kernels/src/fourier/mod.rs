@@ -26,6 +26,8 @@
 use crate::attention::{cube_max_rows, NEG};
 use cubecl::prelude::*;
 
+pub mod fft;
+
 /// A row offset that means "no row": the thread does nothing.
 pub const NONE: u32 = u32::MAX;
 /// Rotation steps between exact re-seeds of an angle recurrence.
@@ -660,6 +662,9 @@ pub struct FlashConfig {
     pub n_freq: usize,
     /// Spectral middle (otherwise the middle is read from the direct path's reconstruction).
     pub spectral: bool,
+    /// With `spectral`: the FFT path ([`fft`]) — the middle's compressed score parts are read from `sc` (and
+    /// the full scores written back there), and the value moments are left to [`fft::fourier_fft_moments()`].
+    pub fft: bool,
     /// Plane (warp) reductions for the tile maxima.
     pub plane: bool,
 }
@@ -696,6 +701,8 @@ pub fn fourier_split<E: Float>(
     kn_at: usize,
     vn_at: usize,
     qb_at: usize,
+    sc_at: usize,
+    tq: usize,
     batch: usize,
     hkv: usize,
     l_init: usize,
@@ -743,7 +750,7 @@ pub fn fourier_split<E: Float>(
     let mut p_s = Shared::<[f32]>::new_slice(comptime![cfg.g * cfg.tile]);
     let mut red = Shared::<[f32]>::new_slice(comptime![cfg.g * cfg.tile]);
     // Spectral: the group's query projections, rotated to the current tile's start angle.
-    let mut pf_s = Shared::<[f32]>::new_slice(comptime![if cfg.spectral { cfg.g * 2 * cfg.n_freq } else { 1 }]);
+    let mut pf_s = Shared::<[f32]>::new_slice(comptime![if cfg.spectral && !cfg.fft { cfg.g * 2 * cfg.n_freq } else { 1 }]);
     let qbase = (b * hq + h * g) * d;
     for i in 0..comptime![(cfg.g * cfg.d).div_ceil(cfg.tile)] {
         let idx = i * tile + t;
@@ -772,6 +779,8 @@ pub fn fourier_split<E: Float>(
         sps[e] = 0.0;
     }
     let spectral_mid = comptime![cfg.spectral] && middle;
+    // FFT path: the trigonometric sums are done by the FFT kernels; the split only reads and writes scores.
+    let sums_mid = comptime![cfg.spectral && !cfg.fft] && middle;
     let ekbase = (b * hkv + h) * x_cap;
     let mbase = (b * hkv + h) * t_cap;
     // Critical columns of this head (sections of the packed table `cols`: offsets, then in-head dims).
@@ -782,7 +791,7 @@ pub fn fourier_split<E: Float>(
     let kn_dim = kn_at + hkv + 1;
     let vn_dim = vn_at + hkv + 1;
 
-    if spectral_mid {
+    if sums_mid {
         // pf[g, n] = the projections (summed over the column slices) rotated by the chunk's start angle ωn·start.
         for i in 0..comptime![(cfg.g * cfg.n_freq).div_ceil(cfg.tile)] {
             let idx = i * tile + t;
@@ -825,52 +834,68 @@ pub fn fourier_split<E: Float>(
                     }
                 }
             }
-            let mut sp = Array::<f32>::new(g);
-            #[unroll]
-            for gi in 0..g {
-                sp[gi] = 0.0;
-            }
-            // t = base + i: the projections are already rotated to the tile's start angle ωn·base, so every
-            // token needs only the fixed tile basis (cos, sin)(ωn·i) of the table.
-            if valid {
-                // Four frequencies per round: their table loads are issued together.
-                for n4 in 0..comptime![cfg.n_freq / 4] {
-                    let mut bc = Array::<f32>::new(4usize);
-                    let mut bs = Array::<f32>::new(4usize);
+            if comptime![cfg.fft] {
+                if valid {
                     #[unroll]
-                    for u in 0..4usize {
-                        let n = n4 * 4 + u;
-                        bc[u] = work[n * tile + t];
-                        bs[u] = work[(n_freq + n) * tile + t];
+                    for gi in 0..g {
+                        let mut qbs = 0.0f32.runtime();
+                        #[unroll]
+                        for part in 0..PCHUNKS {
+                            qbs += work[qb_at + (part * batch + b) * hq + h * g + gi];
+                        }
+                        let at = sc_at + (b * hq + h * g + gi) * tq + j;
+                        s[gi] += scale * (work[at] + qbs);
+                        work[at] = s[gi];
                     }
-                    #[unroll]
-                    for u in 0..4usize {
-                        let n = n4 * 4 + u;
+                }
+            } else {
+                let mut sp = Array::<f32>::new(g);
+                #[unroll]
+                for gi in 0..g {
+                    sp[gi] = 0.0;
+                }
+                // t = base + i: the projections are already rotated to the tile's start angle ωn·base, so every
+                // token needs only the fixed tile basis (cos, sin)(ωn·i) of the table.
+                if valid {
+                    // Four frequencies per round: their table loads are issued together.
+                    for n4 in 0..comptime![cfg.n_freq / 4] {
+                        let mut bc = Array::<f32>::new(4usize);
+                        let mut bs = Array::<f32>::new(4usize);
+                        #[unroll]
+                        for u in 0..4usize {
+                            let n = n4 * 4 + u;
+                            bc[u] = work[n * tile + t];
+                            bs[u] = work[(n_freq + n) * tile + t];
+                        }
+                        #[unroll]
+                        for u in 0..4usize {
+                            let n = n4 * 4 + u;
+                            #[unroll]
+                            for gi in 0..g {
+                                sp[gi] += pf_s[gi * two_n + n] * bc[u] + pf_s[gi * two_n + n_freq + n] * bs[u];
+                            }
+                        }
+                    }
+                    for n in comptime![cfg.n_freq / 4 * 4]..n_freq {
+                        let bc = work[n * tile + t];
+                        let bs = work[(n_freq + n) * tile + t];
                         #[unroll]
                         for gi in 0..g {
-                            sp[gi] += pf_s[gi * two_n + n] * bc[u] + pf_s[gi * two_n + n_freq + n] * bs[u];
+                            sp[gi] += pf_s[gi * two_n + n] * bc + pf_s[gi * two_n + n_freq + n] * bs;
                         }
                     }
                 }
-                for n in comptime![cfg.n_freq / 4 * 4]..n_freq {
-                    let bc = work[n * tile + t];
-                    let bs = work[(n_freq + n) * tile + t];
+                if valid {
+                    let inv_n = 1.0f32 / f32::cast_from(n_freq);
                     #[unroll]
                     for gi in 0..g {
-                        sp[gi] += pf_s[gi * two_n + n] * bc + pf_s[gi * two_n + n_freq + n] * bs;
+                        let mut qbs = 0.0f32.runtime();
+                        #[unroll]
+                        for part in 0..PCHUNKS {
+                            qbs += work[qb_at + (part * batch + b) * hq + h * g + gi];
+                        }
+                        s[gi] += scale * (sp[gi] * inv_n + qbs);
                     }
-                }
-            }
-            if valid {
-                let inv_n = 1.0f32 / f32::cast_from(n_freq);
-                #[unroll]
-                for gi in 0..g {
-                    let mut qbs = 0.0f32.runtime();
-                    #[unroll]
-                    for part in 0..PCHUNKS {
-                        qbs += work[qb_at + (part * batch + b) * hq + h * g + gi];
-                    }
-                    s[gi] += scale * (sp[gi] * inv_n + qbs);
                 }
             }
         } else if valid {
@@ -918,20 +943,22 @@ pub fn fourier_split<E: Float>(
         }
         sync_cube();
         if spectral_mid {
-            // Advance the staged projections to the next tile: rotate by ωn·tile = ωn·(tile − 1) + ωn·1 (both in
-            // the table; every thread has finished this tile's score reads at the barrier above).
-            for i in 0..comptime![(cfg.g * cfg.n_freq).div_ceil(cfg.tile)] {
-                let idx = i * tile + t;
-                if idx < g * n_freq {
-                    let gi = idx / n_freq;
-                    let n = idx % n_freq;
-                    let (c1, s1) = (work[n * tile + 1], work[(n_freq + n) * tile + 1]);
-                    let (ce, se) = (work[n * tile + tile - 1], work[(n_freq + n) * tile + tile - 1]);
-                    let cs = ce * c1 - se * s1;
-                    let sn = se * c1 + ce * s1;
-                    let (rc, rs) = shift_origin(pf_s[gi * two_n + n], pf_s[gi * two_n + n_freq + n], cs, sn);
-                    pf_s[gi * two_n + n] = rc;
-                    pf_s[gi * two_n + n_freq + n] = rs;
+            if comptime![!cfg.fft] {
+                // Advance the staged projections to the next tile: rotate by ωn·tile = ωn·(tile − 1) + ωn·1 (both in
+                // the table; every thread has finished this tile's score reads at the barrier above).
+                for i in 0..comptime![(cfg.g * cfg.n_freq).div_ceil(cfg.tile)] {
+                    let idx = i * tile + t;
+                    if idx < g * n_freq {
+                        let gi = idx / n_freq;
+                        let n = idx % n_freq;
+                        let (c1, s1) = (work[n * tile + 1], work[(n_freq + n) * tile + 1]);
+                        let (ce, se) = (work[n * tile + tile - 1], work[(n_freq + n) * tile + tile - 1]);
+                        let cs = ce * c1 - se * s1;
+                        let sn = se * c1 + ce * s1;
+                        let (rc, rs) = shift_origin(pf_s[gi * two_n + n], pf_s[gi * two_n + n_freq + n], cs, sn);
+                        pf_s[gi * two_n + n] = rc;
+                        pf_s[gi * two_n + n_freq + n] = rs;
+                    }
                 }
             }
             // Critical value dims: thread = critical column of this head.
@@ -957,55 +984,57 @@ pub fn fourier_split<E: Float>(
                     }
                 }
             }
-            // Compressed value dims in the frequency domain: thread = frequency; `U = Σ_i p_i cos(ωn·i)`,
-            // `W = Σ_i p_i sin(ωn·i)` from the transposed table, then rotated by the tile's start angle.
-            let ttab = comptime![2 * cfg.n_freq * cfg.tile];
-            #[unroll]
-            for kk in 0..npt {
-                let n = kk * tile + t;
-                if n < n_freq {
-                    let mut u = Array::<f32>::new(g);
-                    let mut wv = Array::<f32>::new(g);
-                    #[unroll]
-                    for gi in 0..g {
-                        u[gi] = 0.0;
-                        wv[gi] = 0.0;
-                    }
-                    for k4 in 0..nvalid / 4 {
-                        let mut bc = Array::<f32>::new(4usize);
-                        let mut bs = Array::<f32>::new(4usize);
+            if comptime![!cfg.fft] {
+                // Compressed value dims in the frequency domain: thread = frequency; `U = Σ_i p_i cos(ωn·i)`,
+                // `W = Σ_i p_i sin(ωn·i)` from the transposed table, then rotated by the tile's start angle.
+                let ttab = comptime![2 * cfg.n_freq * cfg.tile];
+                #[unroll]
+                for kk in 0..npt {
+                    let n = kk * tile + t;
+                    if n < n_freq {
+                        let mut u = Array::<f32>::new(g);
+                        let mut wv = Array::<f32>::new(g);
                         #[unroll]
-                        for e in 0..4usize {
-                            let k = k4 * 4 + e;
-                            bc[e] = work[ttab + k * n_freq + n];
-                            bs[e] = work[ttab + (tile + k) * n_freq + n];
+                        for gi in 0..g {
+                            u[gi] = 0.0;
+                            wv[gi] = 0.0;
                         }
-                        #[unroll]
-                        for e in 0..4usize {
-                            let k = k4 * 4 + e;
+                        for k4 in 0..nvalid / 4 {
+                            let mut bc = Array::<f32>::new(4usize);
+                            let mut bs = Array::<f32>::new(4usize);
+                            #[unroll]
+                            for e in 0..4usize {
+                                let k = k4 * 4 + e;
+                                bc[e] = work[ttab + k * n_freq + n];
+                                bs[e] = work[ttab + (tile + k) * n_freq + n];
+                            }
+                            #[unroll]
+                            for e in 0..4usize {
+                                let k = k4 * 4 + e;
+                                #[unroll]
+                                for gi in 0..g {
+                                    let p = p_s[gi * tile + k];
+                                    u[gi] += p * bc[e];
+                                    wv[gi] += p * bs[e];
+                                }
+                            }
+                        }
+                        for k in nvalid / 4 * 4..nvalid {
+                            let bc = work[ttab + k * n_freq + n];
+                            let bs = work[ttab + (tile + k) * n_freq + n];
                             #[unroll]
                             for gi in 0..g {
                                 let p = p_s[gi * tile + k];
-                                u[gi] += p * bc[e];
-                                wv[gi] += p * bs[e];
+                                u[gi] += p * bc;
+                                wv[gi] += p * bs;
                             }
                         }
-                    }
-                    for k in nvalid / 4 * 4..nvalid {
-                        let bc = work[ttab + k * n_freq + n];
-                        let bs = work[ttab + (tile + k) * n_freq + n];
+                        let (ca, sa) = basis(n as u32, base as u32, window);
                         #[unroll]
                         for gi in 0..g {
-                            let p = p_s[gi * tile + k];
-                            u[gi] += p * bc;
-                            wv[gi] += p * bs;
+                            spc[gi * npt + kk] = spc[gi * npt + kk] * al[gi] + ca * u[gi] - sa * wv[gi];
+                            sps[gi * npt + kk] = sps[gi * npt + kk] * al[gi] + sa * u[gi] + ca * wv[gi];
                         }
-                    }
-                    let (ca, sa) = basis(n as u32, base as u32, window);
-                    #[unroll]
-                    for gi in 0..g {
-                        spc[gi * npt + kk] = spc[gi * npt + kk] * al[gi] + ca * u[gi] - sa * wv[gi];
-                        sps[gi * npt + kk] = sps[gi * npt + kk] * al[gi] + sa * u[gi] + ca * wv[gi];
                     }
                 }
             }
@@ -1062,7 +1091,7 @@ pub fn fourier_split<E: Float>(
             work[op_at + pbase * d + idx] = acc_s[idx];
         }
     }
-    if comptime![cfg.spectral] {
+    if comptime![cfg.spectral && !cfg.fft] {
         if middle {
             let sbase = ((b * hkv + h) * sm + split - sx) * g;
             #[unroll]
