@@ -1,4 +1,4 @@
-//! FlashFourierAttention decode (both paths) against dense decode attention over the full cache in the same run,
+//! FlashFourierAttention decode (all three paths: FFT, spectral sums, direct reconstruction) against dense decode attention over the full cache in the same run,
 //! at the paper's Llama-3.1-8B-like setting: Hq 32 / Hkv 8, D 128, N 512, init 4 + local 1020, the dim lists
 //! of layer 10 of the paper's file (80% of K and V columns compressed), f16 storage. Also: the prefill of one
 //! 32k-token sequence (copy + transform + stats).
@@ -8,8 +8,9 @@
 //! two paths against each other on a cache built by a real prefill and decode steps (the kernels' agreement with
 //! the f64 reference is the test suite's job, `tests/fourier.rs`).
 //!
-//! Columns: the bytes the cache holds (what a decode step must read at least), µs per call, that bytes/time as
-//! bandwidth and as % of a device copy's bandwidth measured first, a whole decode step (append + spectral attend)
+//! Columns: the bytes the cache holds (what a decode step must read at least), µs per call of each path, the FFT
+//! path's bytes/time as bandwidth and as % of a device copy's bandwidth measured first (the floor: the time a
+//! decode step needs to read the cache once at that bandwidth), a whole decode step (append + spectral attend)
 //! with the launches and device allocations + uploads it makes, dense decode over the full cache (our kernel
 //! and, when `KVSQUEEZE_SDPA_JSON` holds `benches/baselines/sdpa_decode.py`'s output of the same run, PyTorch's
 //! best SDPA backend; that script times bf16, the same bytes as f16), and the ratios. `KVSQUEEZE_BENCH=quick`
@@ -63,7 +64,7 @@ fn main() {
     println!("setting: Hq {HQ} / Hkv {HKV}, D {D}, N {n}, init {l_init} + local {l_local}, layer 10 dims: {:.1}% of K, {:.1}% of V compressed", 100.0 * fk, 100.0 * fv);
     let scale = 1.0 / (D as f32).sqrt();
 
-    // Gate: a real prefill (formed) and decode steps, then spectral == direct.
+    // Gate: a real prefill (formed) and decode steps, then spectral == direct and FFT == direct.
     {
         let l = if full { 3000 } else { 400 };
         let cfg = FourierLayerConfig::new(1, HQ, dtype, l_init, l_local, n, l + 64, dims.clone());
@@ -74,19 +75,22 @@ fn main() {
         }
         let q = random(&client, &[1, 1, HQ, D], dtype, 13, 1.5).expect("a bench-sized buffer");
         let a = cache.attend(&q, scale, FourierPath::Direct).unwrap().to_host_f64(&client).unwrap();
-        let b = cache.attend(&q, scale, FourierPath::Spectral).unwrap().to_host_f64(&client).unwrap();
         let mag = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-        let err = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
         let tol = 8.0 * 9.8e-4 * mag.max(1e-3);
-        assert!(err <= tol, "gate: spectral vs direct max error {err:.3e} > {tol:.1e}");
-        println!("gate ok: spectral vs direct after prefill {l} + 8 steps: max |Δ| {err:.2e} (max |o| {mag:.2e})");
+        for path in [FourierPath::Spectral, FourierPath::Fft] {
+            let b = cache.attend(&q, scale, path).unwrap().to_host_f64(&client).unwrap();
+            let err = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err <= tol, "gate: {path:?} vs direct max error {err:.3e} > {tol:.1e}");
+            println!("gate ok: {path:?} vs direct after prefill {l} + 8 steps: max |Δ| {err:.2e} (max |o| {mag:.2e})");
+        }
+        println!("FFT path: (F, Q) = {:?}", cache.fft_size());
     }
 
     let ceiling = copy_bandwidth(&client, if full { 2 << 30 } else { 64 << 20 }, 10).expect("copy");
     println!("copy ceiling (read+write): {:.3} TB/s", ceiling / 1e12);
     let grid: Vec<(usize, usize)> = if full { [1, 8].iter().flat_map(|&b| [8192, 32768, 131072].map(move |l| (b, l))).collect() } else { vec![(1, 1200), (2, 3000)] };
-    println!("\n| B | L | cache MB (dense MB) | spectral µs | spectral GB/s (% ceiling) | decode step µs (launches, allocs+uploads) | direct µs | dense µs (ours) | dense SDPA µs | dense / spectral | SDPA / spectral | direct / spectral |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("\n| B | L | cache MB (dense MB) | FFT µs | FFT GB/s (% ceiling) | floor µs | spectral µs | direct µs | decode step µs (launches, allocs+uploads) | dense µs (ours) | dense SDPA µs | SDPA / FFT | SDPA / spectral | dense (ours) / FFT |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // KVSQUEEZE_ROWS=B1_L32768,B8_L8192 limits the grid (for profiling one row).
     let only = std::env::var("KVSQUEEZE_ROWS").ok();
     for &(b, l) in &grid {
@@ -104,6 +108,9 @@ fn main() {
         let reps = (2e-2 / (bytes as f64 / ceiling)).clamp(5.0, 100.0) as usize;
         let spectral = time(&client, reps, &mut || {
             cache.attend(&q, scale, FourierPath::Spectral).unwrap();
+        });
+        let fft = time(&client, reps, &mut || {
+            cache.attend(&q, scale, FourierPath::Fft).unwrap();
         });
         // A whole decode step (append + spectral attend, `CompressedKvCache::step`), with what it launches and
         // allocates or uploads, counted over 10 steps.
@@ -131,22 +138,24 @@ fn main() {
         let mut out = decode_attention(&client, &q, &kd, &vd, &lens, &dcfg).unwrap();
         let dense = time(&client, reps, &mut || decode_attention_into(&client, &q, &kd, &vd, &lens, &dcfg, &mut out).unwrap());
         let sd = sdpa(b, l);
-        let bw = bytes as f64 / spectral;
-        kvsqueeze::util::check_plausible(&format!("spectral B{b} L{l}"), bw, ceiling).expect("a plausible figure");
+        let bw = bytes as f64 / fft;
+        kvsqueeze::util::check_plausible(&format!("FFT B{b} L{l}"), bw, ceiling).expect("a plausible figure");
         println!(
-            "| {b} | {l} | {:.1} ({:.1}) | {:.1} | {:.0} ({:.0}%) | {:.1} ({launches}, {allocs}) | {} | {:.1} | {} | {:.2} | {} | {} |",
+            "| {b} | {l} | {:.1} ({:.1}) | {:.1} | {:.0} ({:.0}%) | {:.1} | {:.1} | {} | {:.1} ({launches}, {allocs}) | {:.1} | {} | {} | {} | {:.2} |",
             bytes as f64 / 1e6,
             dense_bytes as f64 / 1e6,
-            spectral * 1e6,
+            fft * 1e6,
             bw / 1e9,
             100.0 * bw / ceiling,
-            step * 1e6,
+            bytes as f64 / ceiling * 1e6,
+            spectral * 1e6,
             direct.map_or("—".into(), |t| format!("{:.1}", t * 1e6)),
+            step * 1e6,
             dense * 1e6,
             sd.map_or("not measured".into(), |t| format!("{:.1}", t * 1e6)),
-            dense / spectral,
+            sd.map_or("—".into(), |t| format!("{:.2}", t / fft)),
             sd.map_or("—".into(), |t| format!("{:.2}", t / spectral)),
-            direct.map_or("—".into(), |t| format!("{:.0}", t / spectral)),
+            dense / fft,
         );
     }
     // Prefill of one sequence: copy of init/local, critical columns, transform and stats of K and V.
