@@ -153,7 +153,8 @@ struct EvalArgs {
     /// Budgets: fractions of the prefix or counts, comma-separated (default 1/4,1/16).
     #[arg(long, value_delimiter = ',')]
     budgets: Vec<String>,
-    /// Caches, comma-separated (default: all; also full-rank).
+    /// Caches, comma-separated (default: all; also full-rank, and FourierAttention sized by
+    /// `fourier:local=A;n=B` or `fourier:crit=F`, see `kvsqueeze::eval::FourierSizing`).
     #[arg(long, value_delimiter = ',')]
     policies: Vec<String>,
     /// How a selecting cache takes the prefix.
@@ -438,8 +439,11 @@ fn cmd_eval(backend: &str, a: EvalArgs) -> Result<(), Fail> {
         opts.policies = a.policies.iter().map(|p| p.trim().to_string()).collect();
     }
     for p in &opts.policies {
-        if p != "full-rank" && !ALL_POLICIES.contains(&p.as_str()) {
-            return Err(Fail::Usage(format!("unknown policy `{p}` ({}, full-rank)", ALL_POLICIES.join(", "))));
+        if let Some(Err(e)) = kvsqueeze::eval::FourierSizing::parse(p) {
+            return Err(Fail::Usage(e));
+        }
+        if p != "full-rank" && !ALL_POLICIES.contains(&p.as_str()) && !p.starts_with("fourier:") {
+            return Err(Fail::Usage(format!("unknown policy `{p}` ({}, full-rank, fourier:local=A;n=B or fourier:crit=F)", ALL_POLICIES.join(", "))));
         }
     }
     if let Some(d) = a.dtype {

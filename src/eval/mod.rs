@@ -367,6 +367,75 @@ impl Run {
     }
 }
 
+/// How a FourierAttention run splits its bytes (the fidelity study's knobs, issue 16): `fourier` is the default,
+/// `fourier:local=A;n=B` (`;` or `,` between keys) gives the exact local window and the frequency count as fractions of the budget `c`
+/// (defaults 1/4 and 1/16) with the critical columns filling the rest of the bytes, and `crit=F` fixes the exact
+/// (critical) fraction of the columns instead, `N` then filling the rest. `l_init = min(4, c/4)` always.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FourierSizing {
+    /// Local window over the budget.
+    pub local: f64,
+    /// Frequencies over the budget.
+    pub n: f64,
+    /// Critical fraction of the columns, if fixed.
+    pub crit: Option<f64>,
+}
+
+impl Default for FourierSizing {
+    fn default() -> Self {
+        FourierSizing { local: 0.25, n: 1.0 / 16.0, crit: None }
+    }
+}
+
+impl FourierSizing {
+    /// Parses `fourier` or `fourier:key=value,...` (keys `local`, `n`, `crit`); `None` for another name.
+    pub fn parse(name: &str) -> Option<Result<Self, String>> {
+        let rest = name.strip_prefix("fourier")?;
+        let mut z = FourierSizing::default();
+        if rest.is_empty() {
+            return Some(Ok(z));
+        }
+        let Some(list) = rest.strip_prefix(':') else { return Some(Err(format!("`{name}`: write fourier:local=A;n=B or fourier:crit=F"))) };
+        for kv in list.split(|c| c == ',' || c == ';').filter(|x| !x.is_empty()) {
+            let Some((k, v)) = kv.split_once('=') else { return Some(Err(format!("`{kv}` in `{name}`: want key=value"))) };
+            let Ok(x) = v.parse::<f64>() else { return Some(Err(format!("`{v}` in `{name}`: not a number"))) };
+            match k {
+                "local" if x > 0.0 && x < 1.0 => z.local = x,
+                "n" if x > 0.0 && x < 1.0 => z.n = x,
+                "crit" if (0.0..=1.0).contains(&x) => z.crit = Some(x),
+                _ => return Some(Err(format!("`{kv}` in `{name}`: keys local, n in (0, 1), crit in [0, 1]"))),
+            }
+        }
+        Some(Ok(z))
+    }
+
+    /// `(l_init, l_local, N, compressed fraction)` for a budget of `cap` entries per head over `total` tokens
+    /// in dtype bytes `e` (coefficients are f32): exact rows + `f·window` critical entries + `(1 − f)·2N·4/e`
+    /// coefficient entries fill `cap`.
+    pub fn layout(&self, cap: usize, total: usize, e: usize) -> (usize, usize, usize, f64) {
+        if cap >= total {
+            return (4, total, 1, 0.0);
+        }
+        let l_init = 4.min(cap / 4);
+        let l_local = ((cap as f64 * self.local) as usize).max(1);
+        let x = (l_init + l_local) as f64;
+        let window = total.saturating_sub(l_init + l_local).max(1) as f64;
+        let per_freq = 2.0 * 4.0 / e as f64;
+        match self.crit {
+            None => {
+                let n = ((cap as f64 * self.n) as usize).max(1);
+                let coef = per_freq * n as f64;
+                let f = ((cap as f64 - x - coef) / (window - coef)).clamp(0.0, 1.0);
+                (l_init, l_local, n, 1.0 - f)
+            }
+            Some(f) => {
+                let n = if f >= 1.0 { 1 } else { (((cap as f64 - x - f * window) / ((1.0 - f) * per_freq)).floor() as usize).max(1) };
+                (l_init, l_local, n, 1.0 - f)
+            }
+        }
+    }
+}
+
 /// Builds the caches of a run: a policy cache of `budget` entries per head, or FourierAttention of the same bytes.
 #[allow(clippy::too_many_arguments)]
 fn new_run(client: &Client, model: &Model, opts: &EvalOptions, b: usize, name: &str, budget: Budget, calib: Option<&Prefix>) -> Result<Run, String> {
@@ -376,14 +445,12 @@ fn new_run(client: &Client, model: &Model, opts: &EvalOptions, b: usize, name: &
     if cap == 0 {
         return Err(format!("budget {} of a {}-token prefix is empty", budget.label(), opts.prefix));
     }
-    let (kind, rank_rope, caches) = if name == "fourier" {
+    let (kind, rank_rope, caches) = if let Some(sizing) = FourierSizing::parse(name) {
+        let sizing = sizing?;
         let calib = calib.expect("calibration prefix for fourier");
-        let (l_init, l_local, n_freq) = if cap >= total { (4, total, 1) } else { (4.min(cap / 4), (cap / 4).max(1), (cap / 16).max(1)) };
-        let x = l_init + l_local;
-        let window = total.saturating_sub(x).max(1);
-        // Entries of `D` values per head: exact rows + f·window critical + (1 − f)·2N coefficients (f32).
-        let coef = 2.0 * n_freq as f64 * 4.0 / opts.dtype.size() as f64;
-        let f = ((cap as f64 - x as f64 - coef) / (window as f64 - coef)).clamp(0.0, 1.0);
+        let (l_init, l_local, n_freq, comp) = sizing.layout(cap, total, opts.dtype.size());
+        let f = 1.0 - comp;
+        let window = total.saturating_sub(l_init + l_local).max(1);
         let mut caches = Vec::with_capacity(c.layers);
         for l in 0..c.layers {
             let wide = |x: &[f32]| -> Vec<Vec<f64>> { x.chunks(c.kv_heads * c.head_dim).map(|r| r.iter().map(|&v| v as f64).collect()).collect() };
@@ -566,7 +633,7 @@ fn evaluate_text_str(client: &Client, model: &Model, text: &str, tokens: &[u32],
     if p + n > c.context {
         return Err(format!("prefix + scored = {} exceeds the model's context {}", p + n, c.context));
     }
-    let fourier = opts.policies.iter().any(|x| x == "fourier");
+    let fourier = opts.policies.iter().any(|x| x.starts_with("fourier"));
     let slots = opts.windows + usize::from(fourier);
     if tokens.len() < slots * need {
         return Err(format!("{text}: {} tokens, fewer than {slots} windows of {need}", tokens.len()));

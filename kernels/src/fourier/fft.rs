@@ -46,6 +46,8 @@ impl FftConfig {
 fn fft_dif(re: &mut Shared<[f32]>, im: &mut Shared<[f32]>, work: &mut [f32], tw_at: usize, #[comptime] cfg: FftConfig) {
     let t = UNIT_POS as usize;
     let half_f = comptime![cfg.size / 2];
+    // `.runtime()`: a `let mut` initialised from a comptime value stays a comptime constant in cubecl 0.11, and its
+    // updates in a runtime loop then fail validation ("Expected operand type cube.ptr, but found cube.index").
     let mut half = half_f.runtime();
     let mut step = 1usize.runtime();
     for _s in 0..comptime![cfg.stages()] {
