@@ -203,3 +203,41 @@ fn json_round_trip_and_plot() {
     assert_eq!(svg.matches("<polyline").count(), 2 * 2 * 6, "texts × panels × policies");
     assert!(!svg.contains("NaN") && !svg.contains("inf"));
 }
+
+/// The fidelity study's sizing: every accepted layout fills the budget's bytes (exact rows + critical entries +
+/// coefficient entries = the budget, to one frequency's rounding), one that cannot fit is refused, and malformed
+/// names are refused with a reason.
+#[test]
+fn fourier_sizing_fills_the_budget() {
+    use kvsqueeze::eval::FourierSizing;
+    let mut refused = 0;
+    for name in ["fourier", "fourier:local=0.5;n=0.0625", "fourier:local=0.125,n=0.25", "fourier:crit=0", "fourier:crit=0.1", "fourier:crit=0.5"] {
+        let z = FourierSizing::parse(name).unwrap().unwrap();
+        for (cap, total, e) in [(256usize, 1088usize, 4usize), (64, 1088, 4), (1024, 4608, 2), (257, 2111, 2)] {
+            let Ok((li, ll, n, comp)) = z.layout(cap, total, e) else {
+                refused += 1;
+                // Refused only when the fixed part alone overflows: the exact rows plus the fixed critical share
+                // and one frequency, or plus the requested frequencies with no critical column.
+                let x = (cap / 4).min(4) + ((cap as f64 * z.local) as usize).max(1);
+                let window = (total - x) as f64;
+                let fixed = x as f64
+                    + match z.crit {
+                        Some(f) => f * window + (1.0 - f) * 8.0 / e as f64,
+                        None => ((cap as f64 * z.n) as usize).max(1) as f64 * 8.0 / e as f64,
+                    };
+                assert!(fixed > cap as f64, "{name} refused at {cap} of {total} though its fixed part is {fixed}");
+                continue;
+            };
+            let window = (total - li - ll) as f64;
+            let per_freq = 8.0 / e as f64;
+            let used = (li + ll) as f64 + (1.0 - comp) * window + comp * per_freq * n as f64;
+            assert!((0.0..=1.0).contains(&comp), "{name} at {cap}: compressed fraction {comp}");
+            assert!(used <= cap as f64 + 1e-9 && used > cap as f64 - per_freq - 1e-9, "{name} at budget {cap} of {total}: {used} entries (l_init {li}, local {ll}, N {n}, compressed {comp})");
+        }
+    }
+    assert!(refused > 0, "crit=0.5 over a long middle cannot fit a quarter budget");
+    assert_eq!(FourierSizing::parse("h2o"), None);
+    for bad in ["fourier:", "fourier:local", "fourier:local=2", "fourier:n=x", "fourier:depth=3", "fourierx"] {
+        assert!(matches!(FourierSizing::parse(bad), Some(Err(_))), "{bad} accepted");
+    }
+}

@@ -396,6 +396,9 @@ impl FourierSizing {
             return Some(Ok(z));
         }
         let Some(list) = rest.strip_prefix(':') else { return Some(Err(format!("`{name}`: write fourier:local=A;n=B or fourier:crit=F"))) };
+        if list.is_empty() {
+            return Some(Err(format!("`{name}`: no key after `:`")));
+        }
         for kv in list.split(|c| c == ',' || c == ';').filter(|x| !x.is_empty()) {
             let Some((k, v)) = kv.split_once('=') else { return Some(Err(format!("`{kv}` in `{name}`: want key=value"))) };
             let Ok(x) = v.parse::<f64>() else { return Some(Err(format!("`{v}` in `{name}`: not a number"))) };
@@ -411,28 +414,31 @@ impl FourierSizing {
 
     /// `(l_init, l_local, N, compressed fraction)` for a budget of `cap` entries per head over `total` tokens
     /// in dtype bytes `e` (coefficients are f32): exact rows + `f·window` critical entries + `(1 − f)·2N·4/e`
-    /// coefficient entries fill `cap`.
-    pub fn layout(&self, cap: usize, total: usize, e: usize) -> (usize, usize, usize, f64) {
+    /// coefficient entries fill `cap` (to one frequency's rounding when `N` fills). A sizing whose fixed parts
+    /// (the exact rows, one frequency, a fixed critical fraction) exceed the budget is refused.
+    pub fn layout(&self, cap: usize, total: usize, e: usize) -> Result<(usize, usize, usize, f64), String> {
         if cap >= total {
-            return (4, total, 1, 0.0);
+            return Ok((4, total, 1, 0.0));
         }
         let l_init = 4.min(cap / 4);
         let l_local = ((cap as f64 * self.local) as usize).max(1);
         let x = (l_init + l_local) as f64;
         let window = total.saturating_sub(l_init + l_local).max(1) as f64;
         let per_freq = 2.0 * 4.0 / e as f64;
-        match self.crit {
+        let (n, f) = match self.crit {
             None => {
                 let n = ((cap as f64 * self.n) as usize).max(1);
                 let coef = per_freq * n as f64;
-                let f = ((cap as f64 - x - coef) / (window - coef)).clamp(0.0, 1.0);
-                (l_init, l_local, n, 1.0 - f)
+                (n, ((cap as f64 - x - coef) / (window - coef)).clamp(0.0, 1.0))
             }
-            Some(f) => {
-                let n = if f >= 1.0 { 1 } else { (((cap as f64 - x - f * window) / ((1.0 - f) * per_freq)).floor() as usize).max(1) };
-                (l_init, l_local, n, 1.0 - f)
-            }
+            Some(f) if f >= 1.0 => (1, 1.0),
+            Some(f) => ((((cap as f64 - x - f * window) / ((1.0 - f) * per_freq)).floor().max(1.0)) as usize, f),
+        };
+        let used = x + f * window + (1.0 - f) * per_freq * n as f64;
+        if used > cap as f64 + 1e-9 {
+            return Err(format!("{self:?} needs {used:.0} entries per head, more than the budget's {cap} (local {l_local}, N {n}, {:.0}% critical over a {window}-token middle)", 100.0 * f));
         }
+        Ok((l_init, l_local, n, 1.0 - f))
     }
 }
 
@@ -448,7 +454,7 @@ fn new_run(client: &Client, model: &Model, opts: &EvalOptions, b: usize, name: &
     let (kind, rank_rope, caches) = if let Some(sizing) = FourierSizing::parse(name) {
         let sizing = sizing?;
         let calib = calib.expect("calibration prefix for fourier");
-        let (l_init, l_local, n_freq, comp) = sizing.layout(cap, total, opts.dtype.size());
+        let (l_init, l_local, n_freq, comp) = sizing.layout(cap, total, opts.dtype.size())?;
         let f = 1.0 - comp;
         let window = total.saturating_sub(l_init + l_local).max(1);
         let mut caches = Vec::with_capacity(c.layers);
