@@ -115,7 +115,7 @@ pub fn fourier_transform(client: &Client, x: &DeviceTensor, n_freq: usize, windo
     crate::tensor::count_launches(1);
     // SAFETY: the kernel reads rows `< L_mid` of the validated view and writes the `2N·C` coefficients.
     unsafe {
-        with_float_type!(x.dtype, E => transform_kernel::launch_unchecked::<E>(client, count, CubeDim::new_1d(TILE as u32), arg(&x.handle, x.buffer_len), arg(&col_off, cols), arg(&coef.handle, coef.buffer_len), x.offset, x.strides[0], lmid, 0, n_freq, window as u32, TILE))
+        with_float_type!(x.dtype, E => transform_kernel::launch_unchecked::<E>(client, count, CubeDim::new_1d(TILE as u32), arg(&x.handle, x.buffer_len), arg(&col_off, cols), arg(&coef.handle, coef.buffer_len), x.offset, x.strides[0], lmid, 0, n_freq, window as u32, 1.0f32, TILE))
     }
     Ok(coef)
 }
@@ -285,14 +285,44 @@ pub struct FourierLayerConfig {
     /// Refuse a prefill, append or attend whose inputs hold NaN/±∞ ([`Error::NonFinite`], the cache unchanged;
     /// [`crate::finite`]). Off by default.
     pub check_finite: bool,
+    /// Least-squares reconstruction instead of the paper's renormalisation ([`Self::with_least_squares`]). Off
+    /// by default.
+    pub least_squares: bool,
 }
 
 impl FourierLayerConfig {
     /// A configuration.
     #[allow(clippy::too_many_arguments)]
     pub fn new(batch: usize, hq: usize, dtype: DType, l_init: usize, l_local: usize, n_freq: usize, window: usize, dims: FourierDims) -> Self {
-        FourierLayerConfig { batch, hq, dtype, l_init, l_local, n_freq, window, dims, check_finite: false }
+        FourierLayerConfig { batch, hq, dtype, l_init, l_local, n_freq, window, dims, check_finite: false, least_squares: false }
     }
+    /// Reconstructs the compressed columns by the least-squares truncated Fourier series over the window,
+    /// `x̃_t = (1/T)(C₀ + 2Σ_{n≥1} Ccos[n]·cos(ωnt) + Csin[n]·sin(ωnt))`, instead of the paper's `1/N` inverse
+    /// with its frozen mean / max-deviation renormalisation (spec §1.3 step 4); see
+    /// `kvsqueeze_reference::fourier::FourierConfig::least_squares` and the fidelity study in README.
+    pub fn with_least_squares(mut self, on: bool) -> Self {
+        self.least_squares = on;
+        self
+    }
+
+    /// The transform's weight of the `n = 0` cosine coefficient (½ in least-squares mode).
+    fn dc_weight(&self) -> f32 {
+        if self.least_squares {
+            0.5
+        } else {
+            1.0
+        }
+    }
+
+    /// The least-squares mode's scale `2N/T` (0: the paper's renormalisation).
+    fn ls_scale(&self) -> f32 {
+        if self.least_squares {
+            (2.0 * self.n_freq as f64 / self.window as f64) as f32
+        } else {
+            0.0
+        }
+    }
+
     /// Turns the non-finite check of every input on or off.
     pub fn with_check_finite(mut self, on: bool) -> Self {
         self.check_finite = on;
@@ -895,7 +925,7 @@ impl FourierLayerCache {
         // SAFETY: the host validated that the middle's rows lie inside `x`; outputs are sized for `cols`.
         unsafe {
             with_float_type!(self.cfg.dtype, E => {
-                transform_kernel::launch_unchecked::<E>(c, CubeCount::Static(n.div_ceil(TILE) as u32, cols as u32, 1), dim, arg(x, x_len), arg(col, cols), arg(coef, coef_len), x_base, t_stride, lmid, b * cols * 2 * n, n, w, TILE);
+                transform_kernel::launch_unchecked::<E>(c, CubeCount::Static(n.div_ceil(TILE) as u32, cols as u32, 1), dim, arg(x, x_len), arg(col, cols), arg(coef, coef_len), x_base, t_stride, lmid, b * cols * 2 * n, n, w, self.cfg.dc_weight(), TILE);
                 fourier_stats_partial::launch_unchecked::<E>(c, CubeCount::Static(blocks as u32, cols as u32, 1), dim, arg(x, x_len), arg(col, cols), arg(coef, coef_len), arg(part, blocks * cols * 6), x_base, t_stride, lmid, cols, b * cols * 2 * n, n, w, TILE);
             });
             fourier_stats_finalize::launch_unchecked(
@@ -908,6 +938,7 @@ impl FourierLayerCache {
                 cols,
                 lmid,
                 b * 2 * cols,
+                self.cfg.ls_scale(),
                 TILE,
             );
         }
@@ -1030,7 +1061,7 @@ impl FourierLayerCache {
                     arg(&self.ek, e_len), arg(&self.ev, e_len),
                     arg(&self.ck, bsz * tcap * ckn), arg(&self.cv, bsz * tcap * cvn), arg(&self.coef_k, bsz * ckc * 2 * n), arg(&self.coef_v, bsz * cvc * 2 * n),
                     arg(&self.state, self.state_len()), 2 * ST_ROWS * bsz,
-                    cur, next, bsz, hkv, x, tcap, li, ll, trigger, ckc, ckn, cvc, cvn, self.cfg.window as u32, d, n, TILE);
+                    cur, next, bsz, hkv, x, tcap, li, ll, trigger, ckc, ckn, cvc, cvn, self.cfg.window as u32, self.cfg.dc_weight(), d, n, TILE);
                 fourier_append_write::launch_unchecked::<E>(&c, CubeCount::Static(hkv as u32, bsz as u32, 1), CubeDim::new_1d(TILE as u32),
                     arg(&k.handle, k.buffer_len), arg(&v.handle, v.buffer_len), arg(&self.ek, e_len), arg(&self.ev, e_len), arg(&self.state, self.state_len()),
                     k.offset, v.offset, cur, bsz, hkv, x, li, d, TILE);

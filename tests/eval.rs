@@ -66,7 +66,7 @@ fn fourier_on_real_activations_matches_reference() {
         let q = rng.vec(hkv * g * d, 1.0);
         let o = dev.attend(&common::upload(cl, &q, &[1, 1, hkv * g, d], kvsqueeze::DType::F32), 0.125, FourierPath::Spectral).unwrap().to_host_f64(cl).unwrap();
         for h in 0..hkv {
-            let cfg = FourierConfig { d, l_init, l_local, n_freq: n, window, k_crit: dims.k_crit[h].clone(), v_crit: dims.v_crit[h].clone() };
+            let cfg = FourierConfig { d, l_init, l_local, n_freq: n, window, k_crit: dims.k_crit[h].clone(), v_crit: dims.v_crit[h].clone(), least_squares: false };
             let mut gold = FourierCache::<f64>::new(cfg).unwrap();
             let pick = |x: &[f64]| -> Vec<f64> { (0..p).flat_map(|t| x[(t * hkv + h) * d..][..d].to_vec()).collect() };
             let (kh, vh) = (pick(&k), pick(&v));
@@ -211,7 +211,7 @@ fn json_round_trip_and_plot() {
 fn fourier_sizing_fills_the_budget() {
     use kvsqueeze::eval::FourierSizing;
     let mut refused = 0;
-    for name in ["fourier", "fourier:local=0.5;n=0.0625", "fourier:local=0.125,n=0.25", "fourier:crit=0", "fourier:crit=0.1", "fourier:crit=0.5"] {
+    for name in ["fourier", "fourier:local=0.5;n=0.0625", "fourier:local=0.125,n=0.25", "fourier:crit=0", "fourier:crit=0.1", "fourier:crit=0.5", "fourier:crit=0;ls=1"] {
         let z = FourierSizing::parse(name).unwrap().unwrap();
         for (cap, total, e) in [(256usize, 1088usize, 4usize), (64, 1088, 4), (1024, 4608, 2), (257, 2111, 2)] {
             let Ok((li, ll, n, comp)) = z.layout(cap, total, e) else {
@@ -237,7 +237,7 @@ fn fourier_sizing_fills_the_budget() {
     }
     assert!(refused > 0, "crit=0.5 over a long middle cannot fit a quarter budget");
     assert_eq!(FourierSizing::parse("h2o"), None);
-    for bad in ["fourier:", "fourier:local", "fourier:local=2", "fourier:n=x", "fourier:depth=3", "fourierx"] {
+    for bad in ["fourier:", "fourier:local", "fourier:local=2", "fourier:n=x", "fourier:depth=3", "fourier:ls=2", "fourierx"] {
         assert!(matches!(FourierSizing::parse(bad), Some(Err(_))), "{bad} accepted");
     }
 }

@@ -59,6 +59,8 @@ struct Case {
     extra: usize,
     /// Probability (in %) that a dim is critical.
     crit_pct: u64,
+    /// Least-squares reconstruction instead of the paper's renormalisation.
+    ls: bool,
     dtype: DType,
     seed: u64,
 }
@@ -81,9 +83,9 @@ fn run(c: &Case) {
     let trigger = c.l_init + 2 * c.n + c.l_local;
     let max_mid = c.prompts.iter().map(|&l| (l + c.steps).saturating_sub(c.l_init + c.l_local)).max().unwrap();
     let window = max_mid + c.extra;
-    let cfg = FourierLayerConfig::new(bsz, hq, c.dtype, c.l_init, c.l_local, c.n, window, dims.clone());
+    let cfg = FourierLayerConfig::new(bsz, hq, c.dtype, c.l_init, c.l_local, c.n, window, dims.clone()).with_least_squares(c.ls);
     let mut dev = FourierLayerCache::new(cl, cfg.clone()).unwrap();
-    let rcfg = |h: usize| FourierConfig { d, l_init: c.l_init, l_local: c.l_local, n_freq: c.n, window, k_crit: dims.k_crit[h].clone(), v_crit: dims.v_crit[h].clone() };
+    let rcfg = |h: usize| FourierConfig { d, l_init: c.l_init, l_local: c.l_local, n_freq: c.n, window, k_crit: dims.k_crit[h].clone(), v_crit: dims.v_crit[h].clone(), least_squares: c.ls };
     let mut gold: Vec<FourierCache<f64>> = (0..bsz * hkv).map(|i| FourierCache::new(rcfg(i % hkv)).unwrap()).collect();
     let mut naive: Vec<FourierCache<f32>> = (0..bsz * hkv).map(|i| FourierCache::new(rcfg(i % hkv)).unwrap()).collect();
     let to32 = |x: &[f64]| -> Vec<f32> { x.iter().map(|&v| v as f32).collect() };
@@ -160,16 +162,17 @@ proptest! {
     fn flash_fourier_matches_reference(d in prop::sample::select(vec![8usize, 16, 32]), hkv in 1usize..3, g in prop::sample::select(vec![1usize, 4, 8]),
                                        l_init in 0usize..5, l_local in prop::sample::select(vec![1usize, 3, 16]), n in prop::sample::select(vec![1usize, 5, 16]),
                                        lens in prop::collection::vec(prop::sample::select(vec![1usize, 20, 127, 128, 129, 200, 331]), 1..4),
-                                       steps in 1usize..40, extra in 0usize..50, crit_pct in prop::sample::select(vec![0u64, 25, 100]), f16: bool, seed: u64) {
+                                       steps in 1usize..40, extra in 0usize..50, crit_pct in prop::sample::select(vec![0u64, 25, 100]), f16: bool, ls: bool, seed: u64) {
         let dtype = if f16 { DType::F16 } else { DType::F32 };
-        run(&Case { d, hkv, g, l_init, l_local, n, prompts: lens, steps, extra, crit_pct, dtype, seed });
+        run(&Case { d, hkv, g, l_init, l_local, n, prompts: lens, steps, extra, crit_pct, ls, dtype, seed });
     }
 }
 
 /// A fixed case large enough for several splits of both kinds, with the paper's split of init/local.
 #[test]
 fn flash_fourier_long_middle() {
-    run(&Case { d: 64, hkv: 2, g: 4, l_init: 4, l_local: 60, n: 64, prompts: vec![700, 1500, 90], steps: 70, extra: 5, crit_pct: 20, dtype: DType::F32, seed: 11 });
+    run(&Case { d: 64, hkv: 2, g: 4, l_init: 4, l_local: 60, n: 64, prompts: vec![700, 1500, 90], steps: 70, extra: 5, crit_pct: 20, ls: false, dtype: DType::F32, seed: 11 });
+    run(&Case { d: 32, hkv: 1, g: 8, l_init: 4, l_local: 30, n: 40, prompts: vec![900, 300], steps: 40, extra: 3, crit_pct: 10, ls: true, dtype: DType::F32, seed: 12 });
 }
 
 #[test]
@@ -229,7 +232,7 @@ fn fourier_errors() {
     assert!(matches!(dev.append(&tok, &tok), Err(Error::LengthBeyondCapacity { len: 9, capacity: 8, .. })));
     assert!(matches!(dev.append(&upload(cl, &rng.vec(2 * d, 1.0), &[2, 1, d], DType::F32), &tok), Err(Error::ShapeMismatch { .. })));
     assert_eq!(dev.lens(), vec![11]);
-    let r = FourierConfig { d, l_init: 1, l_local: 2, n_freq: 2, window: 8, k_crit: vec![0, 3], v_crit: vec![1] };
+    let r = FourierConfig { d, l_init: 1, l_local: 2, n_freq: 2, window: 8, k_crit: vec![0, 3], v_crit: vec![1], least_squares: false };
     let mut gold = FourierCache::<f64>::new(r).unwrap();
     gold.prefill(&k, &v).unwrap();
     let qv = rng.vec(2 * d, 1.0);
@@ -248,7 +251,7 @@ fn fourier_errors() {
 /// The guard is now on the reconstruction's range, in the kernel and the reference alike.
 #[test]
 fn flat_reconstruction_keeps_scale_one() {
-    run(&Case { d: 8, hkv: 1, g: 8, l_init: 2, l_local: 1, n: 1, prompts: vec![128], steps: 3, extra: 42, crit_pct: 0, dtype: DType::F16, seed: 3580259819133131016 });
+    run(&Case { d: 8, hkv: 1, g: 8, l_init: 2, l_local: 1, n: 1, prompts: vec![128], steps: 3, extra: 42, crit_pct: 0, ls: false, dtype: DType::F16, seed: 3580259819133131016 });
 }
 
 /// Continuous batching: over a churn of admissions (prompts below, at and above the trigger, into a cache whose
@@ -267,7 +270,7 @@ fn churn_of_admissions_and_retirements_matches_single_sequence_runs() {
     let dims = FourierDims::from_critical(hkv, d, per_head_crit(&mut rng, hkv, d, 30), per_head_crit(&mut rng, hkv, d, 30)).unwrap();
     let cfg = FourierLayerConfig::new(bsz, hq, DType::F32, li, ll, n, window, dims.clone());
     let mut dev = FourierLayerCache::new(cl, cfg.clone()).unwrap();
-    let rcfg = |h: usize| FourierConfig { d, l_init: li, l_local: ll, n_freq: n, window, k_crit: dims.k_crit[h].clone(), v_crit: dims.v_crit[h].clone() };
+    let rcfg = |h: usize| FourierConfig { d, l_init: li, l_local: ll, n_freq: n, window, k_crit: dims.k_crit[h].clone(), v_crit: dims.v_crit[h].clone(), least_squares: false };
     type Refs = Option<(Vec<FourierCache<f64>>, Vec<FourierCache<f32>>)>;
     let fresh = || -> Refs { Some(((0..hkv).map(|h| FourierCache::new(rcfg(h)).unwrap()).collect(), (0..hkv).map(|h| FourierCache::new(rcfg(h)).unwrap()).collect())) };
     let mut refs: Vec<Refs> = (0..bsz).map(|_| fresh()).collect();

@@ -51,12 +51,15 @@ pub struct FourierConfig {
     pub k_crit: Vec<usize>,
     /// Critical (exact) value dims.
     pub v_crit: Vec<usize>,
+    /// Reconstruct by the least-squares truncated series over the window instead of the paper's `1/N` inverse
+    /// and renormalisation ([`Spectrum::least_squares`]); `false` is the paper.
+    pub least_squares: bool,
 }
 
 impl FourierConfig {
     /// The official defaults (`l_init 4, l_local 1020, N 512`) with the given `D`, `T` and critical dims.
     pub fn paper(d: usize, window: usize, k_crit: Vec<usize>, v_crit: Vec<usize>) -> Self {
-        FourierConfig { d, l_init: 4, l_local: 1020, n_freq: 512, window, k_crit, v_crit }
+        FourierConfig { d, l_init: 4, l_local: 1020, n_freq: 512, window, k_crit, v_crit, least_squares: false }
     }
     /// Tokens held exactly before the middle is formed: `l_init + 2N + l_local`.
     pub fn trigger(&self) -> usize {
@@ -108,6 +111,11 @@ pub struct Spectrum<T> {
     /// Per column: whether the raw reconstruction is constant to rounding, i.e. its range
     /// `max x̂ − min x̂ ≤ 16·ε·max(|max x̂|, |min x̂|)` (`N = 1`, a one-token middle).
     pub flat_d: Vec<bool>,
+    /// Least-squares mode: the `n = 0` cosine row holds `C₀/2` (the transform and the update weight it by ½) and
+    /// the reconstruction is `x̃ = (2N/T)·x̂ = (1/T)(C₀ + 2Σ_{n≥1} …)` — the truncated Fourier series of the
+    /// window, the `L²`-closest `N`-frequency series when the middle fills the window — with no renormalisation
+    /// (the stats are kept but unused). `false`: the paper's `x̃ = (x̂ − avg_d)·scale + avg_u`.
+    pub least_squares: bool,
 }
 
 impl<T: Real> Spectrum<T> {
@@ -141,17 +149,29 @@ impl<T: Real> Spectrum<T> {
         let inv = T::one() / T::of(n as f64);
         x.iter().map(|&v| v * inv).collect()
     }
-    /// Renormalised reconstruction `x̃_t` of every column.
+    /// The affine map `x̃ = a·x̂ + b` of every column: the paper's `(scale, avg_u − avg_d·scale)`, or `(2N/T, 0)`
+    /// in least-squares mode.
+    pub fn affine(&self, n: usize, window: usize) -> (Vec<T>, Vec<T>) {
+        if self.least_squares {
+            let c = self.cols.len();
+            return (vec![T::of(2.0 * n as f64 / window as f64); c], vec![T::zero(); c]);
+        }
+        let a = self.scale();
+        let b = (0..a.len()).map(|j| self.avg_u[j] - self.avg_d[j] * a[j]).collect();
+        (a, b)
+    }
+    /// Reconstruction `x̃_t` of every column (renormalised, or the least-squares series).
     pub fn reconstruct(&self, t: usize, n: usize, window: usize) -> Vec<T> {
         let raw = self.raw(t, n, window);
-        let scale = self.scale();
-        (0..raw.len()).map(|j| (raw[j] - self.avg_d[j]) * scale[j] + self.avg_u[j]).collect()
+        let (a, b) = self.affine(n, window);
+        (0..raw.len()).map(|j| raw[j] * a[j] + b[j]).collect()
     }
     /// Adds one token's compressed columns `x` (`[|cols|]`) at middle index `p` (spec §1.3 step 2).
     fn update(&mut self, x: &[T], p: usize, n: usize, window: usize) {
         let c = self.cols.len();
         for f in 0..n {
             let (cs, sn) = basis(f, p, window);
+            let cs = if f == 0 && self.least_squares { cs * 0.5 } else { cs };
             let (cs, sn) = (T::of(cs), T::of(sn));
             for j in 0..c {
                 self.coef[f * c + j] = self.coef[f * c + j] + x[j] * cs;
@@ -177,11 +197,17 @@ fn stats<T: Real>(rows: &[Vec<T>]) -> (Vec<T>, Vec<T>) {
 
 /// The prefill transform of one matrix `mid: [L_mid][|cols|]` (spec §1.3 step 1), with the stats of step 4.
 pub fn transform<T: Real>(mid: &[Vec<T>], cols: Vec<usize>, n: usize, window: usize) -> Spectrum<T> {
+    transform_mode(mid, cols, n, window, false)
+}
+
+/// [`transform`] in the paper's mode or the least-squares one ([`Spectrum::least_squares`]).
+pub fn transform_mode<T: Real>(mid: &[Vec<T>], cols: Vec<usize>, n: usize, window: usize, least_squares: bool) -> Spectrum<T> {
     let c = cols.len();
     let mut coef = vec![T::zero(); 2 * n * c];
     for f in 0..n {
         for (t, row) in mid.iter().enumerate() {
             let (cs, sn) = basis(f, t, window);
+            let cs = if f == 0 && least_squares { cs * 0.5 } else { cs };
             let (cs, sn) = (T::of(cs), T::of(sn));
             for j in 0..c {
                 coef[f * c + j] = coef[f * c + j] + row[j] * cs;
@@ -190,7 +216,7 @@ pub fn transform<T: Real>(mid: &[Vec<T>], cols: Vec<usize>, n: usize, window: us
         }
     }
     let (avg_u, dev_u) = stats(mid);
-    let mut s = Spectrum { cols, coef, avg_u, dev_u, avg_d: vec![T::zero(); c], dev_d: vec![T::zero(); c], flat_d: vec![true; c] };
+    let mut s = Spectrum { cols, coef, avg_u, dev_u, avg_d: vec![T::zero(); c], dev_d: vec![T::zero(); c], flat_d: vec![true; c], least_squares };
     if c > 0 {
         let raw: Vec<Vec<T>> = (0..mid.len()).map(|t| s.raw(t, n, window)).collect();
         let (avg_d, dev_d) = stats(&raw);
@@ -333,7 +359,8 @@ impl<T: Real> FourierCache<T> {
         let kx: Vec<Vec<T>> = mid.iter().map(|(k, _)| pick(k, &kc)).collect();
         let vx: Vec<Vec<T>> = mid.iter().map(|(_, v)| pick(v, &vc)).collect();
         let (n, w) = (self.cfg.n_freq, self.cfg.window);
-        self.spec = Some((transform(&kx, kc, n, w), transform(&vx, vc, n, w)));
+        let ls = self.cfg.least_squares;
+        self.spec = Some((transform_mode(&kx, kc, n, w, ls), transform_mode(&vx, vc, n, w, ls)));
         self.mid_k = mid.iter().map(|(k, _)| pick(k, &self.cfg.k_crit)).collect();
         self.mid_v = mid.iter().map(|(_, v)| pick(v, &self.cfg.v_crit)).collect();
     }
@@ -382,9 +409,7 @@ impl<T: Real> FourierCache<T> {
         let (d, n, w) = (self.cfg.d, self.cfg.n_freq, self.cfg.window);
         let inv_n = T::one() / T::of(n as f64);
         let lm = self.mid_len();
-        let (ka, va) = (sk.scale(), sv.scale());
-        let kb: Vec<T> = (0..ka.len()).map(|j| sk.avg_u[j] - sk.avg_d[j] * ka[j]).collect();
-        let vb: Vec<T> = (0..va.len()).map(|j| sv.avg_u[j] - sv.avg_d[j] * va[j]).collect();
+        let ((ka, kb), (va, vb)) = (sk.affine(n, self.cfg.window), sv.affine(n, self.cfg.window));
         let (ck, cv) = (sk.cols.len(), sv.cols.len());
         let mut out = Vec::with_capacity(q.len());
         for qh in q.chunks(d) {

@@ -6,7 +6,7 @@ mod common;
 use common::{max_abs_diff, Rng};
 use kvsqueeze_reference::attention::{attention, default_scale, Dims};
 use kvsqueeze_reference::baselines::{snapkv_select, Pool};
-use kvsqueeze_reference::fourier::{basis, transform, FourierCache, FourierConfig};
+use kvsqueeze_reference::fourier::{basis, transform, transform_mode, FourierCache, FourierConfig};
 use kvsqueeze_reference::policy::{Layout, Policy, PolicyCache, PolicyConfig, Positions};
 use kvsqueeze_reference::rope::Rope;
 use kvsqueeze_reference::treekv::prefill_blocks;
@@ -155,7 +155,7 @@ proptest! {
     /// coefficients equal to a one-shot transform of the same middle.
     #[test]
     fn fourier_spectral_equals_direct(l_init in 0usize..4, l_local in 1usize..6, n in 1usize..6, prompt in 1usize..40,
-                                      decode in 0usize..20, g in 1usize..5, nk in 0usize..9, nv in 0usize..9, seed: u64) {
+                                      decode in 0usize..20, g in 1usize..5, nk in 0usize..9, nv in 0usize..9, ls: bool, seed: u64) {
         let d = 8;
         let mut rng = Rng(seed);
         let crit = |rng: &mut Rng, m: usize| {
@@ -165,7 +165,7 @@ proptest! {
         };
         let (kc, vc) = (crit(&mut rng, nk.min(d)), crit(&mut rng, nv.min(d)));
         let window = prompt + decode;
-        let cfg = FourierConfig { d, l_init, l_local, n_freq: n, window, k_crit: kc, v_crit: vc };
+        let cfg = FourierConfig { d, l_init, l_local, n_freq: n, window, k_crit: kc, v_crit: vc, least_squares: ls };
         let mut cache = FourierCache::<f64>::new(cfg).unwrap();
         let total = prompt + decode;
         let (k, v) = (rng.walk(total, d), rng.walk(total, d));
@@ -184,13 +184,36 @@ proptest! {
             let lm = cache.mid_len();
             let rows: Vec<Vec<f64>> = (0..lm).map(|t| sk.cols.iter().map(|&j| k[(l_init + t) * d + j]).collect()).collect();
             if !rows.is_empty() && !sk.cols.is_empty() {
-                let one_shot = transform(&rows, sk.cols.clone(), n, window);
+                let one_shot = transform_mode(&rows, sk.cols.clone(), n, window, ls);
                 prop_assert!(max_abs_diff(&one_shot.coef, &sk.coef) < 1e-9);
             }
             // Critical dims of the middle and all exact segments are reproduced exactly.
             let kt = cache.assembled(true);
             for t in (0..l_init.min(total)).chain(l_init + lm..total) {
                 prop_assert_eq!(&kt[t * d..][..d], &k[t * d..][..d]);
+            }
+        }
+    }
+
+    /// Least-squares mode is the truncated Fourier series of the window: with the middle filling `T = 2N − 1`
+    /// the `N` frequencies span every series, so it reproduces the middle exactly; with fewer it equals the
+    /// Dirichlet-kernel smoothing `(1/T)·Σ_s x_s·(1 + 2Σ_{1≤f<N} cos(ω·f·(t − s)))`, computed independently here.
+    #[test]
+    fn least_squares_is_the_truncated_series(n in 1usize..12, extra in 0usize..20, cols in 1usize..4, seed: u64) {
+        let mut rng = Rng(seed);
+        let window = 2 * n - 1 + extra;
+        let x = rng.walk(window, cols);
+        let rows: Vec<Vec<f64>> = x.chunks(cols).map(|r| r.to_vec()).collect();
+        let s = transform_mode(&rows, (0..cols).collect(), n, window, true);
+        let w = 2.0 * std::f64::consts::PI / window as f64;
+        for t in 0..window {
+            let got = s.reconstruct(t, n, window);
+            for j in 0..cols {
+                let want: f64 = (0..window).map(|u| rows[u][j] * (1.0 + (1..n).map(|f| 2.0 * (w * f as f64 * (t as f64 - u as f64)).cos()).sum::<f64>())).sum::<f64>() / window as f64;
+                prop_assert!((got[j] - want).abs() < 1e-9 * (1.0 + want.abs()), "t {} col {}: {} vs {}", t, j, got[j], want);
+                if extra == 0 {
+                    prop_assert!((got[j] - rows[t][j]).abs() < 1e-9 * (1.0 + rows[t][j].abs()), "full resolution t {}: {} vs {}", t, got[j], rows[t][j]);
+                }
             }
         }
     }

@@ -178,7 +178,7 @@ fn check_fourier(c: &Client, dt: DType) -> Result<CheckResult, Error> {
     let crit = |rng: &mut Rng| -> Vec<Vec<usize>> { (0..hkv).map(|_| (0..d).filter(|_| rng.below(4) == 0).collect()).collect() };
     let dims = FourierDims::from_critical(hkv, d, crit(&mut rng), crit(&mut rng))?;
     let mut dev = FourierLayerCache::new(c, FourierLayerConfig::new(1, hq, dt, li, ll, n, window, dims.clone()))?;
-    let rc = |h: usize| FourierConfig { d, l_init: li, l_local: ll, n_freq: n, window, k_crit: dims.k_crit[h].clone(), v_crit: dims.v_crit[h].clone() };
+    let rc = |h: usize| FourierConfig { d, l_init: li, l_local: ll, n_freq: n, window, k_crit: dims.k_crit[h].clone(), v_crit: dims.v_crit[h].clone(), least_squares: false };
     let mut gold: Vec<FourierCache<f64>> = (0..hkv).map(|h| FourierCache::new(rc(h)).expect("valid")).collect();
     let mut naive: Vec<FourierCache<f32>> = (0..hkv).map(|h| FourierCache::new(rc(h)).expect("valid")).collect();
     let feed = |x: &[f64], l: usize, h: usize| -> Vec<f64> { (0..l).flat_map(|t| x[(t * hkv + h) * d..][..d].to_vec()).collect() };

@@ -370,7 +370,8 @@ impl Run {
 /// How a FourierAttention run splits its bytes (the fidelity study's knobs, issue 16): `fourier` is the default,
 /// `fourier:local=A;n=B` (`;` or `,` between keys) gives the exact local window and the frequency count as fractions of the budget `c`
 /// (defaults 1/4 and 1/16) with the critical columns filling the rest of the bytes, and `crit=F` fixes the exact
-/// (critical) fraction of the columns instead, `N` then filling the rest. `l_init = min(4, c/4)` always.
+/// (critical) fraction of the columns instead, `N` then filling the rest; `ls=1` reconstructs by the least-squares
+/// series instead of the paper's renormalisation. `l_init = min(4, c/4)` always.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FourierSizing {
     /// Local window over the budget.
@@ -379,11 +380,14 @@ pub struct FourierSizing {
     pub n: f64,
     /// Critical fraction of the columns, if fixed.
     pub crit: Option<f64>,
+    /// Least-squares reconstruction instead of the paper's renormalisation (`ls=1`;
+    /// [`FourierLayerConfig::with_least_squares`]).
+    pub least_squares: bool,
 }
 
 impl Default for FourierSizing {
     fn default() -> Self {
-        FourierSizing { local: 0.25, n: 1.0 / 16.0, crit: None }
+        FourierSizing { local: 0.25, n: 1.0 / 16.0, crit: None, least_squares: false }
     }
 }
 
@@ -406,7 +410,8 @@ impl FourierSizing {
                 "local" if x > 0.0 && x < 1.0 => z.local = x,
                 "n" if x > 0.0 && x < 1.0 => z.n = x,
                 "crit" if (0.0..=1.0).contains(&x) => z.crit = Some(x),
-                _ => return Some(Err(format!("`{kv}` in `{name}`: keys local, n in (0, 1), crit in [0, 1]"))),
+                "ls" if x == 0.0 || x == 1.0 => z.least_squares = x == 1.0,
+                _ => return Some(Err(format!("`{kv}` in `{name}`: keys local, n in (0, 1), crit in [0, 1], ls 0 or 1"))),
             }
         }
         Some(Ok(z))
@@ -463,7 +468,7 @@ fn new_run(client: &Client, model: &Model, opts: &EvalOptions, b: usize, name: &
             let dims = FourierDims::calibrate(&[wide(&calib.k[l])], &[wide(&calib.v[l])], c.kv_heads, c.head_dim, l_init, l_local, n_freq, (1.0 - f, 1.0 - f)).map_err(|e| e.to_string())?;
             let g = c.heads / c.kv_heads;
             let hq = c.kv_heads * g.next_power_of_two();
-            let cfg = FourierLayerConfig::new(b, hq, opts.dtype, l_init, l_local, n_freq, window, dims);
+            let cfg = FourierLayerConfig::new(b, hq, opts.dtype, l_init, l_local, n_freq, window, dims).with_least_squares(sizing.least_squares);
             caches.push(FourierLayerCache::new(client, cfg).map_err(|e| e.to_string())?);
         }
         (Kind::Fourier, false, Layers::Fourier(caches))

@@ -67,10 +67,24 @@ fn exact_slot(j: usize, l_init: usize, skip: usize) -> usize {
 
 /// Prefill transform. Grid `(⌈N/tile⌉, C)`, `tile` threads: one frequency per thread, one column per cube row;
 /// the cube's threads read the same token value (a broadcast) and advance their own angle by rotation.
-/// Column `c` of token `t` is `x[x_base + col_off[c] + t·t_stride]`; writes `coef[coef_base + c·2N + …]`.
+/// Column `c` of token `t` is `x[x_base + col_off[c] + t·t_stride]`; writes `coef[coef_base + c·2N + …]`, the
+/// `n = 0` cosine coefficient times `dc` (1 for the paper's reconstruction, ½ for the least-squares one: see
+/// `kvsqueeze_reference::fourier::Spectrum::least_squares`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn fourier_transform<E: Float>(x: &[E], col_off: &[u32], coef: &mut [f32], x_base: usize, t_stride: usize, lmid: usize, coef_base: usize, n_freq: usize, window: u32, #[comptime] tile: usize) {
+pub fn fourier_transform<E: Float>(
+    x: &[E],
+    col_off: &[u32],
+    coef: &mut [f32],
+    x_base: usize,
+    t_stride: usize,
+    lmid: usize,
+    coef_base: usize,
+    n_freq: usize,
+    window: u32,
+    dc: f32,
+    #[comptime] tile: usize,
+) {
     let n = CUBE_POS_X as usize * tile + UNIT_POS as usize;
     let c = CUBE_POS_Y as usize;
     if n < n_freq {
@@ -93,7 +107,11 @@ pub fn fourier_transform<E: Float>(x: &[E], col_off: &[u32], coef: &mut [f32], x
             bs = bs * rc + bc * rs;
             bc = nc;
         }
-        coef[coef_base + c * 2 * n_freq + n] = ac;
+        let mut w = 1.0f32.runtime();
+        if n == 0 {
+            w = dc;
+        }
+        coef[coef_base + c * 2 * n_freq + n] = ac * w;
         coef[coef_base + c * 2 * n_freq + n_freq + n] = asn;
     }
 }
@@ -182,9 +200,10 @@ pub fn fourier_stats_partial<E: Float>(
 }
 
 /// Statistics, phase 2. Grid `(⌈C/tile⌉)`: thread = column; reduces the `blocks` partials and writes
-/// `ab[ab_base + c] = a`, `ab[ab_base + C + c] = b`.
+/// `ab[ab_base + c] = a`, `ab[ab_base + C + c] = b` — the paper's renormalisation, or with `ls_a > 0` the
+/// least-squares series' fixed `(a, b) = (ls_a, 0)` (`ls_a = 2N/T`).
 #[cube(launch_unchecked)]
-pub fn fourier_stats_finalize(part: &[f32], ab: &mut [f32], blocks: usize, cols: usize, lmid: usize, ab_base: usize, #[comptime] tile: usize) {
+pub fn fourier_stats_finalize(part: &[f32], ab: &mut [f32], blocks: usize, cols: usize, lmid: usize, ab_base: usize, ls_a: f32, #[comptime] tile: usize) {
     let c = CUBE_POS_X as usize * tile + UNIT_POS as usize;
     if c < cols {
         let mut su = 0.0f32.runtime();
@@ -213,8 +232,13 @@ pub fn fourier_stats_finalize(part: &[f32], ab: &mut [f32], blocks: usize, cols:
         if hd - ld > 16.0 * f32::EPSILON * max(f32::abs(hd), f32::abs(ld)) && dev_d > 0.0 {
             a = dev_u / dev_d;
         }
+        let mut bb = avg_u - a * avg_d;
+        if ls_a > 0.0 {
+            a = ls_a;
+            bb = 0.0;
+        }
         ab[ab_base + c] = a;
-        ab[ab_base + cols + c] = avg_u - a * avg_d;
+        ab[ab_base + cols + c] = bb;
     }
 }
 
@@ -275,6 +299,7 @@ pub fn fourier_append<E: Float>(
     cvc: usize,
     cvn: usize,
     window: u32,
+    dc: f32,
     #[comptime] d: usize,
     #[comptime] n_freq: usize,
     #[comptime] tile: usize,
@@ -350,6 +375,10 @@ pub fn fourier_append<E: Float>(
             if n < n_freq {
                 let (c, s) = basis(n as u32, mid as u32, window);
                 cs[n] = c;
+                if n == 0 {
+                    // The DC weight of the transform (`dc`, see `fourier_transform`).
+                    cs[n] = c * dc;
+                }
                 sn[n] = s;
             }
         }
