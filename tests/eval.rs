@@ -211,7 +211,7 @@ fn json_round_trip_and_plot() {
 fn fourier_sizing_fills_the_budget() {
     use kvsqueeze::eval::FourierSizing;
     let mut refused = 0;
-    for name in ["fourier", "fourier:local=0.5;n=0.0625", "fourier:local=0.125,n=0.25", "fourier:crit=0", "fourier:crit=0.1", "fourier:crit=0.5", "fourier:crit=0;ls=1"] {
+    for name in ["fourier", "fourier:local=0.5;n=0.0625", "fourier:local=0.125,n=0.25", "fourier:crit=0", "fourier:crit=0.1", "fourier:crit=0.5", "fourier:crit=0;ls=0"] {
         let z = FourierSizing::parse(name).unwrap().unwrap();
         for (cap, total, e) in [(256usize, 1088usize, 4usize), (64, 1088, 4), (1024, 4608, 2), (257, 2111, 2)] {
             let Ok((li, ll, n, comp)) = z.layout(cap, total, e) else {
@@ -237,6 +237,8 @@ fn fourier_sizing_fills_the_budget() {
     }
     assert!(refused > 0, "crit=0.5 over a long middle cannot fit a quarter budget");
     assert_eq!(FourierSizing::parse("h2o"), None);
+    assert!(FourierSizing::parse("fourier").unwrap().unwrap().least_squares, "the study's best setting is the default");
+    assert!(!FourierSizing::parse("fourier:ls=0").unwrap().unwrap().least_squares);
     for bad in ["fourier:", "fourier:local", "fourier:local=2", "fourier:n=x", "fourier:depth=3", "fourier:ls=2", "fourierx"] {
         assert!(matches!(FourierSizing::parse(bad), Some(Err(_))), "{bad} accepted");
     }

@@ -23,7 +23,9 @@
 //! pairs dims `2i, 2i+1`, the kernels' pair `i, i + D/2`: Q and K are permuted (`even dims, then odd dims`) before
 //! they reach a rank-RoPE cache, which leaves every score unchanged. Budgets count KV entries per head; FourierAttention
 //! is sized to the same bytes (sinks 4, local window `c/4`, `N = c/16` frequencies, the critical fraction that
-//! fills the rest, dims calibrated on the model's own keys and values from a held-out window of the same text).
+//! fills the rest, dims calibrated on the model's own keys and values from a held-out window of the same text) and
+//! reconstructed by the least-squares series, the fidelity study's best setting ([`FourierSizing`]; `fourier:ls=0`
+//! is the paper's renormalisation).
 //! Its kernels need a power-of-two GQA group: the 9 query heads are padded to 12 with zero queries, whose outputs
 //! are dropped.
 
@@ -367,7 +369,9 @@ impl Run {
     }
 }
 
-/// How a FourierAttention run splits its bytes (the fidelity study's knobs, issue 16): `fourier` is the default,
+/// How a FourierAttention run splits its bytes and reconstructs (the fidelity study's knobs, issue 16): `fourier` is
+/// the default — the study's best setting: least-squares reconstruction (`ls=1`; `fourier:ls=0` is the paper's
+/// renormalisation, which inflates the low-passed columns of this model past their own mean's error: README),
 /// `fourier:local=A;n=B` (`;` or `,` between keys) gives the exact local window and the frequency count as fractions of the budget `c`
 /// (defaults 1/4 and 1/16) with the critical columns filling the rest of the bytes, and `crit=F` fixes the exact
 /// (critical) fraction of the columns instead, `N` then filling the rest; `ls=1` reconstructs by the least-squares
@@ -387,12 +391,12 @@ pub struct FourierSizing {
 
 impl Default for FourierSizing {
     fn default() -> Self {
-        FourierSizing { local: 0.25, n: 1.0 / 16.0, crit: None, least_squares: false }
+        FourierSizing { local: 0.25, n: 1.0 / 16.0, crit: None, least_squares: true }
     }
 }
 
 impl FourierSizing {
-    /// Parses `fourier` or `fourier:key=value,...` (keys `local`, `n`, `crit`); `None` for another name.
+    /// Parses `fourier` or `fourier:key=value;...` (keys `local`, `n`, `crit`, `ls`); `None` for another name.
     pub fn parse(name: &str) -> Option<Result<Self, String>> {
         let rest = name.strip_prefix("fourier")?;
         let mut z = FourierSizing::default();
