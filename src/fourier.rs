@@ -384,8 +384,12 @@ struct FftPlan {
 
 impl FftPlan {
     /// The smallest transform `F ≥ 4N` (power of two, at least 8) whose blocks cover the window in at most
-    /// `MAX_SPLITS/2` splits; `None` when its `8·F` bytes of shared memory exceed `smem`.
+    /// `MAX_SPLITS/2` splits; `None` when its `8·F` bytes of shared memory exceed `smem` (or the `rows = B·Hq`
+    /// query rows exceed a grid dimension).
     fn new(n: usize, window: usize, rows: usize, smem: usize, max_units: usize) -> Option<Self> {
+        if rows > u16::MAX as usize {
+            return None;
+        }
         let mut f = (4 * n).next_power_of_two().max(8);
         while window.div_ceil(f - n + 1) > kvsqueeze_kernels::fourier::MAX_SPLITS / 2 {
             f *= 2;
@@ -592,8 +596,8 @@ struct Work {
 }
 
 impl Work {
-    /// The layout for `seg_max` splits per segment, with `pq` projection entries (0 on the direct path) and a
-    /// reconstruction of `mkv_len` elements.
+    /// The layout for `splits = (all, middle)` split partials, with `pq` projection entries (0 on the direct
+    /// path), an FFT region of `fft_len` elements and a reconstruction of `mkv_len` elements.
     #[allow(clippy::too_many_arguments)]
     fn new(basis: usize, pq_len: usize, qb_off: usize, b: usize, hkv: usize, g: usize, d: usize, n2: usize, splits: (usize, usize), fft_len: usize, mkv_len: usize) -> Self {
         let (s_all, s_mid) = splits;
@@ -1219,7 +1223,13 @@ impl FourierLayerCache {
         // The FFT path's middle splits are its blocks (the moments kernel turns each split's scores into the
         // split's frequency partials).
         let fft = match (path, self.scratch.fft) {
-            (FourierPath::Fft, None) => return Err(Error::DeviceLimit(format!("the FFT path needs {} B of shared memory", 8 * (4 * n).next_power_of_two().max(8)))),
+            (FourierPath::Fft, None) => {
+                return Err(Error::DeviceLimit(format!(
+                    "the FFT path needs 8·F bytes of shared memory for its transform length F ≥ 4N = {} (and at most 65535 query rows B·Hq); the device has {} B",
+                    4 * n,
+                    self.client.properties().hardware.max_shared_memory_size
+                )))
+            }
             (FourierPath::Fft, Some(f)) if max_m > 0 => Some(f),
             _ => None,
         };

@@ -243,6 +243,24 @@ fn fourier_errors() {
         assert!(parity && err < 1e-4, "{path:?} after refused ops: {err}");
     }
     assert!(matches!(dev.attend(&q, f32::NAN, FourierPath::Direct), Err(Error::Config(_))));
+    // A transform too long for the device's shared memory: the FFT path is refused before any launch, the other
+    // paths still serve the cache.
+    // (N = 1025 needs F = 8192, 64 KiB: beyond lavapipe's 32 KiB and WebGPU's 16 KiB, within an H100's 227 KiB.)
+    let big = FourierLayerConfig::new(1, 1, DType::F32, 1, 1, 1025, 9000, FourierDims::uniform(1, d, &[0], &[0]).unwrap());
+    let mut wide = FourierLayerCache::new(cl, big).unwrap();
+    wide.prefill(0, &upload(cl, &k[..3 * d], &[3, 1, d], DType::F32), &upload(cl, &v[..3 * d], &[3, 1, d], DType::F32)).unwrap();
+    let q1 = upload(cl, &qv[..d], &[1, 1, 1, d], DType::F32);
+    let fits = 8 * 8192 <= cl.properties().hardware.max_shared_memory_size;
+    assert_eq!(wide.fft_size(), if fits { Some((8192, 8192 - 1025 + 1)) } else { None });
+    let l0 = kvsqueeze::tensor::device_launches();
+    let got = wide.attend(&q1, 0.5, FourierPath::Fft);
+    if fits {
+        assert!(got.is_ok(), "FFT path within shared memory: {:?}", got.err());
+    } else {
+        assert!(matches!(got, Err(Error::DeviceLimit(_))), "FFT path beyond shared memory");
+        assert_eq!(kvsqueeze::tensor::device_launches(), l0, "a refused FFT attend launched");
+    }
+    assert!(wide.attend(&q1, 0.5, FourierPath::Spectral).is_ok());
     assert!(matches!(dev.attend(&upload(cl, &[0.5; 8], &[1, 1, 1, d], DType::F32), 1.0, FourierPath::Direct), Err(Error::ShapeMismatch { .. })));
 }
 
