@@ -407,7 +407,7 @@ impl FourierSizing {
         if list.is_empty() {
             return Some(Err(format!("`{name}`: no key after `:`")));
         }
-        for kv in list.split(|c| c == ',' || c == ';').filter(|x| !x.is_empty()) {
+        for kv in list.split([',', ';']).filter(|x| !x.is_empty()) {
             let Some((k, v)) = kv.split_once('=') else { return Some(Err(format!("`{kv}` in `{name}`: want key=value"))) };
             let Ok(x) = v.parse::<f64>() else { return Some(Err(format!("`{v}` in `{name}`: not a number"))) };
             match k {
