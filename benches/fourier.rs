@@ -10,7 +10,8 @@
 //!
 //! Columns: the bytes the cache holds (what a decode step must read at least), µs per call of each path, the FFT
 //! path's bytes/time as bandwidth and as % of a device copy's bandwidth measured first (the floor: the time a
-//! decode step needs to read the cache once at that bandwidth), a whole decode step (append + spectral attend)
+//! decode step needs to read the cache once at that bandwidth), a whole decode step (append + attend by
+//! `step_path`: FFT where the device holds its transform)
 //! with the launches and device allocations + uploads it makes, dense decode over the full cache (our kernel
 //! and, when `KVSQUEEZE_SDPA_JSON` holds `benches/baselines/sdpa_decode.py`'s output of the same run, PyTorch's
 //! best SDPA backend; that script times bf16, the same bytes as f16), and the ratios. `KVSQUEEZE_BENCH=quick`
@@ -112,7 +113,7 @@ fn main() {
         let fft = time(&client, reps, &mut || {
             cache.attend(&q, scale, FourierPath::Fft).unwrap();
         });
-        // A whole decode step (append + spectral attend, `CompressedKvCache::step`), with what it launches and
+        // A whole decode step (append + attend by `step_path`, `CompressedKvCache::step`), with what it launches and
         // allocates or uploads, counted over 10 steps.
         let (k1, v1) = (random(&client, &[b, HKV, D], dtype, 21, 1.5).expect("a bench-sized buffer"), random(&client, &[b, HKV, D], dtype, 22, 1.0).expect("a bench-sized buffer"));
         let (l0, a0) = (device_launches(), device_allocations());
