@@ -35,7 +35,7 @@ use cubecl::client::Client;
 use cubecl::features::{Plane, TypeUsage};
 use cubecl::ir::AddressType;
 use cubecl::prelude::*;
-use kvsqueeze_kernels::attention::{decode_combine, decode_split, mass_finalize, SplitConfig};
+use kvsqueeze_kernels::attention::{decode_combine, decode_lanes, decode_split, mass_finalize, LanesConfig, SplitConfig};
 use kvsqueeze_kernels::util::copy_range;
 
 /// Options of [`decode_attention`].
@@ -115,6 +115,13 @@ pub struct Plan {
     pub unroll: bool,
     /// K tiles staged through shared memory (GPUs, when it fits).
     pub stage_k: bool,
+    /// The plane layout ([`kvsqueeze_kernels::attention::decode_lanes`]) in use: lanes per key row (0: the tiled
+    /// kernel, the portable path).
+    pub lanes: usize,
+    /// With `lanes`: planes per cube.
+    pub warps: usize,
+    /// With `lanes`: keys per lane group and iteration.
+    pub keys: usize,
     /// Kernel launches (1 to 3).
     pub launches: usize,
     /// Index width: 32-bit unless some buffer holds 2³² elements or more.
@@ -283,10 +290,48 @@ impl KvLayout {
 fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: bool) -> Result<Plan, Error> {
     let hw = &client.properties().hardware;
     let r_total = p.hq / p.hkv * p.lq;
+    let vec = vector_width(p, kv, rope);
+    // Plane reductions and unrolled loads where cubecl advertises plane ops, or when forced for testing
+    // ([`crate::runtime::force_gpu_paths`]).
+    let forced = crate::runtime::force_gpu_paths();
+    let plane_ops = forced || client.features().plane.contains(Plane::Ops);
+    let plane_size = hw.plane_size_max as usize;
+    let fixed_plane = hw.plane_size_min == hw.plane_size_max;
+    let tab = if rope { p.d / 2 * 6 } else { 0 };
+    let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
+    let tune = crate::runtime::decode_tuning();
+    // The plane layout where the device has plane shuffles of one fixed size and the head splits into a power of
+    // two of lanes per key (fewest vectors per lane first; an even count with RoPE).
+    let lanes = (plane_ops && fixed_plane && plane_size >= 2)
+        .then(|| {
+            let dv = p.d / vec;
+            let prefer = tune.map_or(0, |t| t.0);
+            [prefer, 2, 4, 1, 3, 6, 8].into_iter().find(|&vpl| vpl > 0 && dv % vpl == 0 && (dv / vpl).is_power_of_two() && dv / vpl <= plane_size && (!rope || vpl % 2 == 0))
+        })
+        .flatten();
+    if let Some(vpl) = lanes {
+        let (warps, keys) = tune.map_or((4, 2), |t| (t.1, t.2));
+        let lk = p.d / vec / vpl;
+        // Registers: the rows' query and accumulator at the lane's `VPL·N` dims, at most 64 floats each.
+        let per_row = vpl * vec;
+        let rows = r_total.next_power_of_two().min((64 / per_row).max(1));
+        let smem = 4 * (2 * warps * rows + warps * rows * p.d + 2 * rows + tab.max(1));
+        if smem <= hw.max_shared_memory_size && warps * plane_size <= hw.max_units_per_cube as usize {
+            let n_rb = r_total.div_ceil(rows);
+            let kc = warps * plane_size / lk * keys;
+            // About eight cubes per SM over the whole grid, splits of at least four iterations.
+            let splits = split_count(cfg, p, p.b * p.hkv * n_rb, 8 * sms, 4 * kc, kc)?;
+            let chunk = p.max_len.div_ceil(splits).div_ceil(kc) * kc;
+            let n_splits = p.max_len.div_ceil(chunk);
+            let single = n_splits == 1 && (!cfg.mass || n_rb == 1) && !(cfg.mass && cfg.lse);
+            let address = address_of(client, p, kv, n_splits, single, cfg.mass, rope)?;
+            let launches = if single { 1 } else { 2 + cfg.mass as usize };
+            return Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: warps * plane_size, plane: true, unroll: true, stage_k: false, lanes: lk, warps, keys, launches, address });
+        }
+    }
     let mut rows = r_total.next_power_of_two().min(16);
     // Shared memory: q and the lane reduction (rows·D each), the probabilities and the max reduction
     // (rows·tile each), two small vectors, and with RoPE the angle table (`D/2·6`).
-    let tab = if rope { p.d / 2 * 6 } else { 0 };
     let smem = |rows: usize| 4 * (2 * rows * p.d + 2 * rows * TILE + 2 * rows + tab);
     while rows > 1 && smem(rows) > hw.max_shared_memory_size {
         rows /= 2;
@@ -295,40 +340,42 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
         return Err(Error::DeviceLimit(format!("needs {} B of shared memory, the device has {}", smem(rows), hw.max_shared_memory_size)));
     }
     let n_rb = r_total.div_ceil(rows);
-    let base_cubes = p.b * p.hkv * n_rb;
-    let n_splits = match cfg.splits {
-        Some(0) => return Err(Error::Config("splits must be at least 1")),
-        Some(n) => n.min(p.max_len.div_ceil(TILE)).max(1),
-        None => {
-            // About eight cubes per SM (memory latency needs many loads in flight), but never splits shorter
-            // than two tiles.
-            let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
-            let want = (8 * sms).div_ceil(base_cubes);
-            want.min(p.max_len.div_ceil(2 * TILE)).max(1)
-        }
-    };
+    // About eight cubes per SM (memory latency needs many loads in flight), but never splits shorter than two
+    // tiles.
+    let n_splits = split_count(cfg, p, p.b * p.hkv * n_rb, 8 * sms, 2 * TILE, TILE)?;
     let chunk = p.max_len.div_ceil(n_splits).div_ceil(TILE) * TILE;
     let n_splits = p.max_len.div_ceil(chunk);
-    // Plane reductions and unrolled loads where cubecl advertises plane ops, or when forced for testing
-    // ([`crate::runtime::force_gpu_paths`]).
-    let forced = crate::runtime::force_gpu_paths();
-    let plane = (forced || client.features().plane.contains(Plane::Ops)) && hw.plane_size_min == hw.plane_size_max && TILE % hw.plane_size_max as usize == 0;
+    let plane = plane_ops && fixed_plane && TILE % plane_size == 0;
     // One launch writes `o` and at most one f32 output (the binding limit, see the module docs).
     let single = n_splits == 1 && (!cfg.mass || n_rb == 1) && !(cfg.mass && cfg.lse);
     let launches = if single { 1 } else { 2 + cfg.mass as usize };
-    // The largest element count any kernel indexes: the inputs' buffers and the scratch (scores, partials).
-    let work = WorkLayout::new(p, n_splits, single, cfg.mass, rope).len;
+    let address = address_of(client, p, kv, n_splits, single, cfg.mass, rope)?;
+    let unroll = plane_ops;
+    let staged = TILE * (p.d / vec + 1) * vec * p.dtype.size();
+    let stage_k = unroll && smem(rows) + staged <= hw.max_shared_memory_size;
+    Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: TILE, plane, unroll, stage_k, lanes: 0, warps: 0, keys: 0, launches, address })
+}
+
+/// The split count: `cfg.splits` (at most one split per `grain` keys, the kernel's step), or enough splits for
+/// `target` cubes over `base` cubes per split, never shorter than `min_chunk` keys.
+fn split_count(cfg: &DecodeConfig, p: &Problem, base: usize, target: usize, min_chunk: usize, grain: usize) -> Result<usize, Error> {
+    match cfg.splits {
+        Some(0) => Err(Error::Config("splits must be at least 1")),
+        Some(n) => Ok(n.min(p.max_len.div_ceil(grain)).max(1)),
+        None => Ok(target.div_ceil(base).min(p.max_len.div_ceil(min_chunk)).max(1)),
+    }
+}
+
+/// The index width for the inputs' buffers and the scratch (scores, partials, packed positions).
+fn address_of(client: &Client, p: &Problem, kv: &KvLayout, n_splits: usize, single: bool, mass: bool, rope: bool) -> Result<AddressType, Error> {
+    let work = WorkLayout::new(p, n_splits, single, mass, rope).len;
     let packed = if rope { p.b * (1 + p.lq + p.hkv * p.lcap) } else { 0 };
     let largest = kv.largest.max(work).max(packed);
     let address = AddressType::from_len(largest);
     if !client.features().supports_address(address) {
         return Err(Error::DeviceLimit(format!("{largest} elements need {address} indexing, which this device lacks")));
     }
-    let unroll = forced || client.features().plane.contains(Plane::Ops);
-    let vec = vector_width(p, kv, rope);
-    let staged = TILE * (p.d / vec + 1) * vec * p.dtype.size();
-    let stage_k = unroll && smem(rows) + staged <= hw.max_shared_memory_size;
-    Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: TILE, plane, unroll, stage_k, launches, address })
+    Ok(address)
 }
 
 /// Dense decode attention over a (possibly ragged, possibly strided) batch, allocating the outputs; see the
@@ -718,53 +765,76 @@ fn launch_typed<E: Float + CubeElement>(
     let count = CubeCount::Static(plan.n_splits as u32, p.hkv as u32, (p.b * plan.n_row_blocks) as u32);
     let finalize = !single && mass.is_some();
     crate::tensor::count_launches(if single { 1 } else { 2 + usize::from(finalize) });
-    // SAFETY: every index the kernel forms is inside a validated view or an allocation sized above.
+    // Both layouts of phase 1 take the same arguments.
+    macro_rules! launch_split {
+        ($kernel:ident, $cfg:expr) => {
+            $kernel::launch_unchecked::<E>(
+                client,
+                count,
+                CubeDim::new_1d(plan.tile as u32),
+                plan.address,
+                vw,
+                buf(q),
+                buf(k),
+                buf(v),
+                buf(ints.buf),
+                if single { buf(o) } else { buf(dummy) },
+                buf(stat.unwrap_or(dummy)),
+                buf(work),
+                ints.lens,
+                ints.q_pos,
+                ints.k_pos,
+                ints.kp_strides.0,
+                ints.kp_strides.1,
+                q.offset,
+                q.strides[0],
+                q.strides[1],
+                q.strides[2],
+                o.offset,
+                stat.map_or(0, |t| t.offset),
+                at.sc,
+                at.op,
+                at.ml,
+                k.offset / vw,
+                k.strides[0] / vw,
+                k.strides[1] / vw,
+                k.strides[2] / vw,
+                v.offset / vw,
+                v.strides[0] / vw,
+                v.strides[1] / vw,
+                v.strides[2] / vw,
+                p.hkv,
+                g,
+                p.lq,
+                p.lcap,
+                plan.chunk,
+                plan.n_splits,
+                plan.n_row_blocks,
+                scale,
+                $cfg,
+            )
+        };
+    }
+    // SAFETY: every index the kernels form is inside a validated view or an allocation sized above.
     unsafe {
-        decode_split::launch_unchecked::<E>(
-            client,
-            count,
-            CubeDim::new_1d(plan.tile as u32),
-            plan.address,
-            vw,
-            buf(q),
-            buf(k),
-            buf(v),
-            buf(ints.buf),
-            if single { buf(o) } else { buf(dummy) },
-            buf(stat.unwrap_or(dummy)),
-            buf(work),
-            ints.lens,
-            ints.q_pos,
-            ints.k_pos,
-            ints.kp_strides.0,
-            ints.kp_strides.1,
-            q.offset,
-            q.strides[0],
-            q.strides[1],
-            q.strides[2],
-            o.offset,
-            stat.map_or(0, |t| t.offset),
-            at.sc,
-            at.op,
-            at.ml,
-            k.offset / vw,
-            k.strides[0] / vw,
-            k.strides[1] / vw,
-            k.strides[2] / vw,
-            v.offset / vw,
-            v.strides[0] / vw,
-            v.strides[1] / vw,
-            v.strides[2] / vw,
-            p.hkv,
-            g,
-            p.lq,
-            p.lcap,
-            plan.chunk,
-            plan.n_splits,
-            plan.n_row_blocks,
-            scale,
-            scfg,
-        );
+        if plan.lanes > 0 {
+            let lcfg = LanesConfig {
+                d: p.d,
+                vec: vw,
+                lanes: plan.lanes,
+                plane: plan.tile / plan.warps,
+                warps: plan.warps,
+                keys: plan.keys,
+                rows: plan.rows,
+                single,
+                lse: single && lse.is_some(),
+                mass: mass.is_some(),
+                rope,
+            };
+            launch_split!(decode_lanes, lcfg);
+        } else {
+            launch_split!(decode_split, scfg);
+        }
         if !single {
             decode_combine::launch_unchecked::<E>(
                 client,

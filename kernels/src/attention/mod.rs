@@ -33,6 +33,9 @@
 use crate::rope::rope_cos_sin;
 use cubecl::prelude::*;
 
+mod lanes;
+pub use lanes::{decode_lanes, LanesConfig};
+
 /// The masked-score sentinel: the most negative finite f32 (WGSL has no infinity literal). A slot with this
 /// score weighs exactly 0; a row whose every slot is masked keeps `m = NEG`, `l = 0`.
 pub const NEG: f32 = f32::MIN;
