@@ -35,7 +35,7 @@ use cubecl::client::Client;
 use cubecl::features::{Plane, TypeUsage};
 use cubecl::ir::AddressType;
 use cubecl::prelude::*;
-use kvsqueeze_kernels::attention::{decode_combine, decode_lanes, decode_split, mass_finalize, LanesConfig, SplitConfig};
+use kvsqueeze_kernels::attention::{decode_combine, decode_lanes, decode_split, mass_finalize, LanesConfig, SplitConfig, MAX_SPLITS};
 use kvsqueeze_kernels::util::copy_range;
 
 /// Options of [`decode_attention`].
@@ -176,7 +176,7 @@ pub fn dtype_supported(client: &Client, dtype: DType) -> bool {
 }
 
 /// The kernels decode attention launches.
-pub(crate) const KERNELS: [&str; 4] = ["decode_split", "decode_combine", "mass_finalize", "copy_range"];
+pub(crate) const KERNELS: [&str; 5] = ["decode_split", "decode_lanes", "decode_combine", "mass_finalize", "copy_range"];
 
 /// Checks every input (see the module docs for the contract); nothing is launched.
 pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32]) -> Result<Problem, Error> {
@@ -310,7 +310,7 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
         })
         .flatten();
     if let Some(vpl) = lanes {
-        let (warps, keys) = tune.map_or((4, 2), |t| (t.1, t.2));
+        let (warps, keys, per_sm) = tune.map_or((4, 2, 8), |t| (t.1, t.2, t.3));
         let lk = p.d / vec / vpl;
         // Registers: the rows' query and accumulator at the lane's `VPL·N` dims, at most 64 floats each.
         let per_row = vpl * vec;
@@ -320,7 +320,7 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
             let n_rb = r_total.div_ceil(rows);
             let kc = warps * plane_size / lk * keys;
             // About eight cubes per SM over the whole grid, splits of at least four iterations.
-            let splits = split_count(cfg, p, p.b * p.hkv * n_rb, 8 * sms, 4 * kc, kc)?;
+            let splits = split_count(cfg, p, p.b * p.hkv * n_rb, per_sm * sms, 4 * kc, kc)?;
             let chunk = p.max_len.div_ceil(splits).div_ceil(kc) * kc;
             let n_splits = p.max_len.div_ceil(chunk);
             let single = n_splits == 1 && (!cfg.mass || n_rb == 1) && !(cfg.mass && cfg.lse);
@@ -357,12 +357,12 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
 }
 
 /// The split count: `cfg.splits` (at most one split per `grain` keys, the kernel's step), or enough splits for
-/// `target` cubes over `base` cubes per split, never shorter than `min_chunk` keys.
+/// `target` cubes over `base` cubes per split, never shorter than `min_chunk` keys; at most [`MAX_SPLITS`].
 fn split_count(cfg: &DecodeConfig, p: &Problem, base: usize, target: usize, min_chunk: usize, grain: usize) -> Result<usize, Error> {
     match cfg.splits {
         Some(0) => Err(Error::Config("splits must be at least 1")),
-        Some(n) => Ok(n.min(p.max_len.div_ceil(grain)).max(1)),
-        None => Ok(target.div_ceil(base).min(p.max_len.div_ceil(min_chunk)).max(1)),
+        Some(n) => Ok(n.min(p.max_len.div_ceil(grain)).clamp(1, MAX_SPLITS)),
+        None => Ok(target.div_ceil(base).min(p.max_len.div_ceil(min_chunk)).clamp(1, MAX_SPLITS)),
     }
 }
 

@@ -129,16 +129,17 @@ pub fn force_gpu_paths() -> bool {
     *FORCED.get_or_init(|| std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1"))
 }
 
-/// `KVSQUEEZE_DECODE_TUNE=vpl,warps,keys`: overrides the plane decode kernel's vectors per lane (tried first, if
-/// the head allows it), planes per cube and keys per lane group and iteration — for tuning runs on a new device
-/// (the bench prints the plan that ran). Read once per process; unset or malformed: the defaults `(2, 4, 2)`.
-pub fn decode_tuning() -> Option<(usize, usize, usize)> {
-    static TUNE: std::sync::OnceLock<Option<(usize, usize, usize)>> = std::sync::OnceLock::new();
+/// `KVSQUEEZE_DECODE_TUNE=vpl,warps,keys,cubes`: overrides the plane decode kernel's vectors per lane (tried
+/// first, if the head allows it), planes per cube, keys per lane group and iteration, and the cubes per SM its
+/// split count aims at — for tuning runs on a new device (the bench prints the plan that ran). Read once per
+/// process; unset or malformed: the defaults `(2, 4, 2, 8)`.
+pub fn decode_tuning() -> Option<(usize, usize, usize, usize)> {
+    static TUNE: std::sync::OnceLock<Option<(usize, usize, usize, usize)>> = std::sync::OnceLock::new();
     *TUNE.get_or_init(|| {
         let v = std::env::var("KVSQUEEZE_DECODE_TUNE").ok()?;
         let n: Vec<usize> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
         match n[..] {
-            [vpl, warps, keys] if vpl > 0 && (1..=8).contains(&warps) && (1..=8).contains(&keys) => Some((vpl, warps, keys)),
+            [vpl, warps, keys, cubes] if vpl > 0 && (1..=8).contains(&warps) && (1..=8).contains(&keys) && (1..=256).contains(&cubes) => Some((vpl, warps, keys, cubes)),
             _ => None,
         }
     })

@@ -488,9 +488,13 @@ pub fn decode_split<E: Float, N: Size>(
     }
 }
 
+/// Most splits [`decode_combine()`] merges (its weights live in shared memory); plans never make more.
+pub const MAX_SPLITS: usize = 512;
+
 /// Phase 2: merges the splits of one query row. Grid `(Hkv·G·Lq, B)`, `D` threads (one per output dim).
 /// Writes `o`, `lse` (when `write_lse`), and the row's global `(m, l)` into `work` at `rml_off` for
-/// [`mass_finalize()`].
+/// [`mass_finalize()`]. The splits' maxima and weights are spread over the threads (no thread walks every split
+/// twice); each thread then sums its dim over the splits with the weights from shared memory.
 #[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_combine<E: Float>(
@@ -516,17 +520,43 @@ pub fn decode_combine<E: Float>(
     let kvh = grow / r_total;
     let row = grow % r_total;
     let base = b * hkv * r_total + grow;
-    let mut m = NEG.runtime();
-    for sp in 0..n_splits {
-        m = max(m, work[ml_off + (base * n_splits + sp) * 2]);
+    let mut red = Shared::<[f32]>::new_slice(d);
+    let mut w_s = Shared::<[f32]>::new_slice(MAX_SPLITS);
+    let mut m_t = NEG.runtime();
+    let mut sp = dd;
+    while sp < n_splits {
+        m_t = max(m_t, work[ml_off + (base * n_splits + sp) * 2]);
+        sp += d;
     }
+    red[dd] = m_t;
+    sync_cube();
+    let mut m = NEG.runtime();
+    for i in 0..d {
+        m = max(m, red[i]);
+    }
+    sync_cube();
+    let mut l_t = 0.0f32.runtime();
+    let mut sp = dd;
+    while sp < n_splits {
+        let ms = work[ml_off + (base * n_splits + sp) * 2];
+        let mut w = 0.0f32.runtime();
+        if !(ms == NEG) {
+            w = f32::exp(ms - m);
+            l_t += work[ml_off + (base * n_splits + sp) * 2 + 1] * w;
+        }
+        w_s[sp] = w;
+        sp += d;
+    }
+    red[dd] = l_t;
+    sync_cube();
     let mut l = 0.0f32.runtime();
+    for i in 0..d {
+        l += red[i];
+    }
     let mut acc = 0.0f32.runtime();
     for sp in 0..n_splits {
-        let ms = work[ml_off + (base * n_splits + sp) * 2];
-        if !(ms == NEG) {
-            let w = f32::exp(ms - m);
-            l += work[ml_off + (base * n_splits + sp) * 2 + 1] * w;
+        let w = w_s[sp];
+        if !(w == 0.0) {
             acc += work[op_off + (base * n_splits + sp) * d + dd] * w;
         }
     }
