@@ -122,6 +122,8 @@ pub struct Plan {
     pub warps: usize,
     /// With `lanes`: keys per lane group and iteration.
     pub keys: usize,
+    /// With `lanes`: the next iteration's loads issued before this one's arithmetic.
+    pub prefetch: bool,
     /// Kernel launches (1 to 3).
     pub launches: usize,
     /// Index width: 32-bit unless some buffer holds 2³² elements or more.
@@ -305,12 +307,11 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
     let lanes = (plane_ops && fixed_plane && plane_size >= 2)
         .then(|| {
             let dv = p.d / vec;
-            let prefer = tune.map_or(0, |t| t.0);
-            [prefer, 2, 4, 1, 3, 6, 8].into_iter().find(|&vpl| vpl > 0 && dv % vpl == 0 && (dv / vpl).is_power_of_two() && dv / vpl <= plane_size && (!rope || vpl % 2 == 0))
+            [tune.vpl, 2, 4, 1, 3, 6, 8].into_iter().find(|&vpl| vpl > 0 && dv % vpl == 0 && (dv / vpl).is_power_of_two() && dv / vpl <= plane_size && (!rope || vpl % 2 == 0))
         })
         .flatten();
     if let Some(vpl) = lanes {
-        let (warps, keys, per_sm) = tune.map_or((4, 2, 8), |t| (t.1, t.2, t.3));
+        let (warps, keys, per_sm) = (tune.warps, tune.keys, tune.cubes_per_sm);
         let lk = p.d / vec / vpl;
         // Registers: the rows' query and accumulator at the lane's `VPL·N` dims, at most 64 floats each.
         let per_row = vpl * vec;
@@ -326,7 +327,23 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
             let single = n_splits == 1 && (!cfg.mass || n_rb == 1) && !(cfg.mass && cfg.lse);
             let address = address_of(client, p, kv, n_splits, single, cfg.mass, rope)?;
             let launches = if single { 1 } else { 2 + cfg.mass as usize };
-            return Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: warps * plane_size, plane: true, unroll: true, stage_k: false, lanes: lk, warps, keys, launches, address });
+            return Ok(Plan {
+                n_splits,
+                chunk,
+                rows,
+                n_row_blocks: n_rb,
+                vec,
+                tile: warps * plane_size,
+                plane: true,
+                unroll: true,
+                stage_k: false,
+                lanes: lk,
+                warps,
+                keys,
+                prefetch: tune.prefetch,
+                launches,
+                address,
+            });
         }
     }
     let mut rows = r_total.next_power_of_two().min(16);
@@ -353,7 +370,7 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
     let unroll = plane_ops;
     let staged = TILE * (p.d / vec + 1) * vec * p.dtype.size();
     let stage_k = unroll && smem(rows) + staged <= hw.max_shared_memory_size;
-    Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: TILE, plane, unroll, stage_k, lanes: 0, warps: 0, keys: 0, launches, address })
+    Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: TILE, plane, unroll, stage_k, lanes: 0, warps: 0, keys: 0, prefetch: false, launches, address })
 }
 
 /// The split count: `cfg.splits` (at most one split per `grain` keys, the kernel's step), or enough splits for
@@ -830,6 +847,7 @@ fn launch_typed<E: Float + CubeElement>(
                 lse: single && lse.is_some(),
                 mass: mass.is_some(),
                 rope,
+                prefetch: plan.prefetch,
             };
             launch_split!(decode_lanes, lcfg);
         } else {

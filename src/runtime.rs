@@ -129,19 +129,43 @@ pub fn force_gpu_paths() -> bool {
     *FORCED.get_or_init(|| std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1"))
 }
 
-/// `KVSQUEEZE_DECODE_TUNE=vpl,warps,keys,cubes`: overrides the plane decode kernel's vectors per lane (tried
-/// first, if the head allows it), planes per cube, keys per lane group and iteration, and the cubes per SM its
-/// split count aims at — for tuning runs on a new device (the bench prints the plan that ran). Read once per
-/// process; unset or malformed: the defaults `(2, 4, 2, 8)`.
-pub fn decode_tuning() -> Option<(usize, usize, usize, usize)> {
-    static TUNE: std::sync::OnceLock<Option<(usize, usize, usize, usize)>> = std::sync::OnceLock::new();
+/// The plane decode kernel's shape ([`crate::attention::Plan`] prints what ran).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeTuning {
+    /// Vectors per lane, tried first where the head allows it.
+    pub vpl: usize,
+    /// Planes per cube.
+    pub warps: usize,
+    /// Keys per lane group and iteration.
+    pub keys: usize,
+    /// Cubes per SM the split count aims at.
+    pub cubes_per_sm: usize,
+    /// Issue the next iteration's loads before this one's arithmetic.
+    pub prefetch: bool,
+}
+
+impl Default for DecodeTuning {
+    fn default() -> Self {
+        DecodeTuning { vpl: 2, warps: 4, keys: 2, cubes_per_sm: 8, prefetch: false }
+    }
+}
+
+/// `KVSQUEEZE_DECODE_TUNE=vpl,warps,keys,cubes,prefetch` overrides [`DecodeTuning::default`] — for tuning runs on a
+/// new device (the bench prints the plan that ran). Read once per process; malformed values are ignored.
+pub fn decode_tuning() -> DecodeTuning {
+    static TUNE: std::sync::OnceLock<DecodeTuning> = std::sync::OnceLock::new();
     *TUNE.get_or_init(|| {
-        let v = std::env::var("KVSQUEEZE_DECODE_TUNE").ok()?;
-        let n: Vec<usize> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
-        match n[..] {
-            [vpl, warps, keys, cubes] if vpl > 0 && (1..=8).contains(&warps) && (1..=8).contains(&keys) && (1..=256).contains(&cubes) => Some((vpl, warps, keys, cubes)),
-            _ => None,
-        }
+        let parse = || -> Option<DecodeTuning> {
+            let v = std::env::var("KVSQUEEZE_DECODE_TUNE").ok()?;
+            let n: Vec<usize> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
+            match n[..] {
+                [vpl, warps, keys, cubes, pf] if vpl > 0 && (1..=8).contains(&warps) && (1..=8).contains(&keys) && (1..=256).contains(&cubes) => {
+                    Some(DecodeTuning { vpl, warps, keys, cubes_per_sm: cubes, prefetch: pf == 1 })
+                }
+                _ => None,
+            }
+        };
+        parse().unwrap_or_default()
     })
 }
 

@@ -53,12 +53,47 @@ pub struct LanesConfig {
     pub mass: bool,
     /// Rotate the (pre-RoPE) query and keys in the kernel; needs `D/(vec·lanes)` even.
     pub rope: bool,
+    /// Issue the next iteration's loads before this iteration's arithmetic (twice the load registers).
+    pub prefetch: bool,
 }
 
 impl LanesConfig {
     /// Keys a cube takes per iteration (split lengths are multiples of it).
     pub fn keys_per_iteration(&self) -> usize {
         self.warps * self.plane / self.lanes * self.keys
+    }
+}
+
+/// This lane's K and V vectors of the `U` keys of its group at `base` (keys at or past `end` are not loaded).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_keys<E: Float, N: Size>(
+    k: &[Vector<E, N>],
+    v: &[Vector<E, N>],
+    kb: &mut Array<Vector<E, N>>,
+    vb: &mut Array<Vector<E, N>>,
+    kbase: usize,
+    vbase: usize,
+    k_sl: usize,
+    v_sl: usize,
+    base: usize,
+    end: usize,
+    grp: usize,
+    ln: usize,
+    #[comptime] cfg: LanesConfig,
+) {
+    let vpl = comptime![cfg.d / cfg.vec / cfg.lanes];
+    let gpp = comptime![cfg.plane / cfg.lanes];
+    #[unroll]
+    for u in 0..cfg.keys {
+        let j = base + u * gpp + grp;
+        if j < end {
+            #[unroll]
+            for i in 0..vpl {
+                kb[u * vpl + i] = k[kbase + j * k_sl + ln + i * cfg.lanes];
+                vb[u * vpl + i] = v[vbase + j * v_sl + ln + i * cfg.lanes];
+            }
+        }
     }
 }
 
@@ -207,19 +242,23 @@ pub fn decode_lanes<E: Float, N: Size>(
     let vbase = v_off + b * v_sb + kvh * v_sh;
     let sbase = (b * hkv + kvh) * r_total + row0;
 
+    // With `prefetch`, the next iteration's loads are issued before this one's arithmetic (into `kn`/`vn`).
+    let mut kn = Array::<Vector<E, N>>::new(comptime![if cfg.prefetch { cfg.keys * cfg.d / cfg.vec / cfg.lanes } else { 1 }]);
+    let mut vn = Array::<Vector<E, N>>::new(comptime![if cfg.prefetch { cfg.keys * cfg.d / cfg.vec / cfg.lanes } else { 1 }]);
     let mut base = start + w * kw;
+    if comptime![cfg.prefetch] {
+        load_keys::<E, N>(k, v, &mut kn, &mut vn, kbase, vbase, k_sl, v_sl, base, end, grp, ln, cfg);
+    }
     while base < end {
-        // Every K and V load of the iteration first.
-        #[unroll]
-        for u in 0..nk {
-            let j = base + u * gpp + grp;
-            if j < end {
-                #[unroll]
-                for i in 0..vpl {
-                    kb[u * vpl + i] = k[kbase + j * k_sl + ln + i * lk];
-                    vb[u * vpl + i] = v[vbase + j * v_sl + ln + i * lk];
-                }
+        if comptime![cfg.prefetch] {
+            #[unroll]
+            for x in 0..comptime![cfg.keys * cfg.d / cfg.vec / cfg.lanes] {
+                kb[x] = kn[x];
+                vb[x] = vn[x];
             }
+            load_keys::<E, N>(k, v, &mut kn, &mut vn, kbase, vbase, k_sl, v_sl, base + kc, end, grp, ln, cfg);
+        } else {
+            load_keys::<E, N>(k, v, &mut kb, &mut vb, kbase, vbase, k_sl, v_sl, base, end, grp, ln, cfg);
         }
         // Scores: this lane's dims, then the group's sum.
         #[unroll]
@@ -298,13 +337,18 @@ pub fn decode_lanes<E: Float, N: Size>(
             for u in 0..nk {
                 tm = max(tm, s[u * rows + r]);
             }
-            let m_new = max(m_r[r], plane_max(tm));
-            let mut alpha = 1.0f32.runtime();
-            if !(m_new == NEG) {
-                alpha = f32::exp(m_r[r] - m_new);
+            // Every lane of a group holds its keys' scores: the maximum over the groups is enough.
+            let mut mask = comptime![cfg.lanes as u32].runtime();
+            #[unroll]
+            for _step in 0..shuffles_out {
+                tm = max(tm, plane_shuffle_xor(tm, mask));
+                mask *= 2;
             }
-            m_r[r] = m_new;
-            if !(alpha == 1.0) {
+            let m_new = max(m_r[r], tm);
+            // Uniform over the plane; an unchanged maximum needs no rescale (NEG → finite gives alpha = 0).
+            if m_new > m_r[r] {
+                let alpha = f32::exp(m_r[r] - m_new);
+                m_r[r] = m_new;
                 l_r[r] *= alpha;
                 #[unroll]
                 for x in 0..comptime![cfg.d / cfg.lanes] {
