@@ -35,7 +35,7 @@ use cubecl::client::Client;
 use cubecl::features::{Plane, TypeUsage};
 use cubecl::ir::AddressType;
 use cubecl::prelude::*;
-use kvsqueeze_kernels::attention::{decode_combine, decode_lanes, decode_split, mass_finalize, LanesConfig, SplitConfig, MAX_SPLITS};
+use kvsqueeze_kernels::attention::{decode_combine, decode_split, mass_finalize, SplitConfig, MAX_SPLITS};
 use kvsqueeze_kernels::util::copy_range;
 
 /// Options of [`decode_attention`].
@@ -115,15 +115,8 @@ pub struct Plan {
     pub unroll: bool,
     /// K tiles staged through shared memory (GPUs, when it fits).
     pub stage_k: bool,
-    /// The plane layout ([`kvsqueeze_kernels::attention::decode_lanes`]) in use: lanes per key row (0: the tiled
-    /// kernel, the portable path).
-    pub lanes: usize,
-    /// With `lanes`: planes per cube.
-    pub warps: usize,
-    /// With `lanes`: keys per lane group and iteration.
-    pub keys: usize,
-    /// With `lanes`: the next iteration's loads issued before this one's arithmetic.
-    pub prefetch: bool,
+    /// Each tile's V loads issued with its K loads (see [`crate::runtime::DecodeTuning`]).
+    pub early_v: bool,
     /// Kernel launches (1 to 3).
     pub launches: usize,
     /// Index width: 32-bit unless some buffer holds 2³² elements or more.
@@ -178,7 +171,7 @@ pub fn dtype_supported(client: &Client, dtype: DType) -> bool {
 }
 
 /// The kernels decode attention launches.
-pub(crate) const KERNELS: [&str; 5] = ["decode_split", "decode_lanes", "decode_combine", "mass_finalize", "copy_range"];
+pub(crate) const KERNELS: [&str; 4] = ["decode_split", "decode_combine", "mass_finalize", "copy_range"];
 
 /// Checks every input (see the module docs for the contract); nothing is launched.
 pub(crate) fn validate(client: &Client, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, lens: &[u32]) -> Result<Problem, Error> {
@@ -302,50 +295,6 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
     let tab = if rope { p.d / 2 * 6 } else { 0 };
     let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
     let tune = crate::runtime::decode_tuning();
-    // The plane layout where the device has plane shuffles of one fixed size and the head splits into a power of
-    // two of lanes per key (fewest vectors per lane first; an even count with RoPE).
-    let lanes = (plane_ops && fixed_plane && plane_size >= 2)
-        .then(|| {
-            let dv = p.d / vec;
-            [tune.vpl, 2, 4, 1, 3, 6, 8].into_iter().find(|&vpl| vpl > 0 && dv % vpl == 0 && (dv / vpl).is_power_of_two() && dv / vpl <= plane_size && (!rope || vpl % 2 == 0))
-        })
-        .flatten();
-    if let Some(vpl) = lanes {
-        let (warps, keys, per_sm) = (tune.warps, tune.keys, tune.cubes_per_sm);
-        let lk = p.d / vec / vpl;
-        // Registers: the rows' query and accumulator at the lane's `VPL·N` dims, at most 64 floats each.
-        let per_row = vpl * vec;
-        let rows = r_total.next_power_of_two().min((64 / per_row).max(1));
-        let smem = 4 * (2 * warps * rows + warps * rows * p.d + 2 * rows + tab.max(1));
-        if smem <= hw.max_shared_memory_size && warps * plane_size <= hw.max_units_per_cube as usize {
-            let n_rb = r_total.div_ceil(rows);
-            let kc = warps * plane_size / lk * keys;
-            // About eight cubes per SM over the whole grid, splits of at least four iterations.
-            let splits = split_count(cfg, p, p.b * p.hkv * n_rb, per_sm * sms, 4 * kc, kc)?;
-            let chunk = p.max_len.div_ceil(splits).div_ceil(kc) * kc;
-            let n_splits = p.max_len.div_ceil(chunk);
-            let single = n_splits == 1 && (!cfg.mass || n_rb == 1) && !(cfg.mass && cfg.lse);
-            let address = address_of(client, p, kv, n_splits, single, cfg.mass, rope)?;
-            let launches = if single { 1 } else { 2 + cfg.mass as usize };
-            return Ok(Plan {
-                n_splits,
-                chunk,
-                rows,
-                n_row_blocks: n_rb,
-                vec,
-                tile: warps * plane_size,
-                plane: true,
-                unroll: true,
-                stage_k: false,
-                lanes: lk,
-                warps,
-                keys,
-                prefetch: tune.prefetch,
-                launches,
-                address,
-            });
-        }
-    }
     let mut rows = r_total.next_power_of_two().min(16);
     // Shared memory: q and the lane reduction (rows·D each), the probabilities and the max reduction
     // (rows·tile each), two small vectors, and with RoPE the angle table (`D/2·6`).
@@ -357,9 +306,9 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
         return Err(Error::DeviceLimit(format!("needs {} B of shared memory, the device has {}", smem(rows), hw.max_shared_memory_size)));
     }
     let n_rb = r_total.div_ceil(rows);
-    // About eight cubes per SM (memory latency needs many loads in flight), but never splits shorter than two
-    // tiles.
-    let n_splits = split_count(cfg, p, p.b * p.hkv * n_rb, 8 * sms, 2 * TILE, TILE)?;
+    // Several cubes per SM (memory latency needs many loads in flight; `DecodeTuning::cubes_per_sm`), but never
+    // splits shorter than two tiles.
+    let n_splits = split_count(cfg, p, p.b * p.hkv * n_rb, tune.cubes_per_sm * sms, 2 * TILE, TILE)?;
     let chunk = p.max_len.div_ceil(n_splits).div_ceil(TILE) * TILE;
     let n_splits = p.max_len.div_ceil(chunk);
     let plane = plane_ops && fixed_plane && TILE % plane_size == 0;
@@ -369,8 +318,9 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
     let address = address_of(client, p, kv, n_splits, single, cfg.mass, rope)?;
     let unroll = plane_ops;
     let staged = TILE * (p.d / vec + 1) * vec * p.dtype.size();
-    let stage_k = unroll && smem(rows) + staged <= hw.max_shared_memory_size;
-    Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: TILE, plane, unroll, stage_k, lanes: 0, warps: 0, keys: 0, prefetch: false, launches, address })
+    let stage_k = unroll && tune.stage_k && smem(rows) + staged <= hw.max_shared_memory_size;
+    let early_v = unroll && tune.early_v;
+    Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: TILE, plane, unroll, stage_k, early_v, launches, address })
 }
 
 /// The split count: `cfg.splits` (at most one split per `grain` keys, the kernel's step), or enough splits for
@@ -775,6 +725,7 @@ fn launch_typed<E: Float + CubeElement>(
         unroll: plan.unroll,
         stage_k: plan.stage_k,
         rope,
+        early_v: plan.early_v,
     };
     let scale = scale.unwrap_or(1.0 / (p.d as f32).sqrt());
     // The single launch's f32 output: the lse or the mass (the plan never makes one launch write both).
@@ -782,77 +733,53 @@ fn launch_typed<E: Float + CubeElement>(
     let count = CubeCount::Static(plan.n_splits as u32, p.hkv as u32, (p.b * plan.n_row_blocks) as u32);
     let finalize = !single && mass.is_some();
     crate::tensor::count_launches(if single { 1 } else { 2 + usize::from(finalize) });
-    // Both layouts of phase 1 take the same arguments.
-    macro_rules! launch_split {
-        ($kernel:ident, $cfg:expr) => {
-            $kernel::launch_unchecked::<E>(
-                client,
-                count,
-                CubeDim::new_1d(plan.tile as u32),
-                plan.address,
-                vw,
-                buf(q),
-                buf(k),
-                buf(v),
-                buf(ints.buf),
-                if single { buf(o) } else { buf(dummy) },
-                buf(stat.unwrap_or(dummy)),
-                buf(work),
-                ints.lens,
-                ints.q_pos,
-                ints.k_pos,
-                ints.kp_strides.0,
-                ints.kp_strides.1,
-                q.offset,
-                q.strides[0],
-                q.strides[1],
-                q.strides[2],
-                o.offset,
-                stat.map_or(0, |t| t.offset),
-                at.sc,
-                at.op,
-                at.ml,
-                k.offset / vw,
-                k.strides[0] / vw,
-                k.strides[1] / vw,
-                k.strides[2] / vw,
-                v.offset / vw,
-                v.strides[0] / vw,
-                v.strides[1] / vw,
-                v.strides[2] / vw,
-                p.hkv,
-                g,
-                p.lq,
-                p.lcap,
-                plan.chunk,
-                plan.n_splits,
-                plan.n_row_blocks,
-                scale,
-                $cfg,
-            )
-        };
-    }
     // SAFETY: every index the kernels form is inside a validated view or an allocation sized above.
     unsafe {
-        if plan.lanes > 0 {
-            let lcfg = LanesConfig {
-                d: p.d,
-                vec: vw,
-                lanes: plan.lanes,
-                plane: plan.tile / plan.warps,
-                warps: plan.warps,
-                keys: plan.keys,
-                rows: plan.rows,
-                single,
-                lse: single && lse.is_some(),
-                mass: mass.is_some(),
-                rope,
-                prefetch: plan.prefetch,
-            };
-            launch_split!(decode_lanes, lcfg);
-        } else {
-            launch_split!(decode_split, scfg);
-        }
+        decode_split::launch_unchecked::<E>(
+            client,
+            count,
+            CubeDim::new_1d(plan.tile as u32),
+            plan.address,
+            vw,
+            buf(q),
+            buf(k),
+            buf(v),
+            buf(ints.buf),
+            if single { buf(o) } else { buf(dummy) },
+            buf(stat.unwrap_or(dummy)),
+            buf(work),
+            ints.lens,
+            ints.q_pos,
+            ints.k_pos,
+            ints.kp_strides.0,
+            ints.kp_strides.1,
+            q.offset,
+            q.strides[0],
+            q.strides[1],
+            q.strides[2],
+            o.offset,
+            stat.map_or(0, |t| t.offset),
+            at.sc,
+            at.op,
+            at.ml,
+            k.offset / vw,
+            k.strides[0] / vw,
+            k.strides[1] / vw,
+            k.strides[2] / vw,
+            v.offset / vw,
+            v.strides[0] / vw,
+            v.strides[1] / vw,
+            v.strides[2] / vw,
+            p.hkv,
+            g,
+            p.lq,
+            p.lcap,
+            plan.chunk,
+            plan.n_splits,
+            plan.n_row_blocks,
+            scale,
+            scfg,
+        );
         if !single {
             decode_combine::launch_unchecked::<E>(
                 client,

@@ -129,29 +129,26 @@ pub fn force_gpu_paths() -> bool {
     *FORCED.get_or_init(|| std::env::var("KVSQUEEZE_FORCE_GPU_PATHS").is_ok_and(|v| v == "1"))
 }
 
-/// The plane decode kernel's shape ([`crate::attention::Plan`] prints what ran).
+/// Launch choices of the decode kernel that only a run on the device can settle ([`crate::attention::Plan`] prints
+/// what ran).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeTuning {
-    /// Vectors per lane, tried first where the head allows it.
-    pub vpl: usize,
-    /// Planes per cube.
-    pub warps: usize,
-    /// Keys per lane group and iteration.
-    pub keys: usize,
-    /// Cubes per SM the split count aims at.
+    /// Cubes per SM the split count aims at (more: smaller splits, a smaller last partial wave).
     pub cubes_per_sm: usize,
-    /// Issue the next iteration's loads before this one's arithmetic.
-    pub prefetch: bool,
+    /// Stage K tiles through shared memory where it fits (GPU paths only).
+    pub stage_k: bool,
+    /// Issue each tile's V loads with its K loads (GPU paths only).
+    pub early_v: bool,
 }
 
 impl Default for DecodeTuning {
     fn default() -> Self {
-        DecodeTuning { vpl: 2, warps: 4, keys: 2, cubes_per_sm: 8, prefetch: false }
+        DecodeTuning { cubes_per_sm: 8, stage_k: true, early_v: false }
     }
 }
 
-/// `KVSQUEEZE_DECODE_TUNE=vpl,warps,keys,cubes,prefetch` overrides [`DecodeTuning::default`] — for tuning runs on a
-/// new device (the bench prints the plan that ran). Read once per process; malformed values are ignored.
+/// `KVSQUEEZE_DECODE_TUNE=cubes,stage_k,early_v` (e.g. `8,1,0`) overrides [`DecodeTuning::default`] — for tuning
+/// runs on a new device. Read once per process; a malformed value is ignored.
 pub fn decode_tuning() -> DecodeTuning {
     static TUNE: std::sync::OnceLock<DecodeTuning> = std::sync::OnceLock::new();
     *TUNE.get_or_init(|| {
@@ -159,9 +156,7 @@ pub fn decode_tuning() -> DecodeTuning {
             let v = std::env::var("KVSQUEEZE_DECODE_TUNE").ok()?;
             let n: Vec<usize> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
             match n[..] {
-                [vpl, warps, keys, cubes, pf] if vpl > 0 && (1..=8).contains(&warps) && (1..=8).contains(&keys) && (1..=256).contains(&cubes) => {
-                    Some(DecodeTuning { vpl, warps, keys, cubes_per_sm: cubes, prefetch: pf == 1 })
-                }
+                [cubes, stage, early] if (1..=256).contains(&cubes) && stage <= 1 && early <= 1 => Some(DecodeTuning { cubes_per_sm: cubes, stage_k: stage == 1, early_v: early == 1 }),
                 _ => None,
             }
         };

@@ -40,7 +40,6 @@ pub mod weightedkv;
 /// against the kernel signatures by `tests/bindings.rs`.
 pub const BINDINGS: &[(&str, u32)] = &[
     ("decode_split", 7),
-    ("decode_lanes", 7),
     ("decode_combine", 3),
     ("mass_finalize", 3),
     ("fourier_transform", 3),

@@ -33,9 +33,6 @@
 use crate::rope::rope_cos_sin;
 use cubecl::prelude::*;
 
-mod lanes;
-pub use lanes::{decode_lanes, LanesConfig};
-
 /// The masked-score sentinel: the most negative finite f32 (WGSL has no infinity literal). A slot with this
 /// score weighs exactly 0; a row whose every slot is masked keeps `m = NEG`, `l = 0`.
 pub const NEG: f32 = f32::MIN;
@@ -68,6 +65,9 @@ pub struct SplitConfig {
     /// Rotate the (pre-RoPE) query and keys in the kernel, rotate-half layout, from `q_pos`/`k_pos` and the
     /// angle table of [`crate::rope`]; needs `vec` to divide `D/2`.
     pub rope: bool,
+    /// Issue each tile's V loads (into registers) together with its K loads, before the scores, so that their
+    /// latency overlaps the score arithmetic (`⌈tile/KL⌉` vectors of registers more per thread).
+    pub early_v: bool,
 }
 
 /// A sequence's length as the kernels use it: `lens[b]` when it is in `[lq, lcap]`, else 0 (an inactive slot of a
@@ -278,9 +278,21 @@ pub fn decode_split<E: Float, N: Size>(
     let vbase = v_off + b * v_sb + kvh * v_sh;
     let sbase = (b * hkv + kvh) * r_total + row0;
 
+    let v_iters = comptime![cfg.tile.div_ceil(cfg.tile / (cfg.d / cfg.vec))];
+    let mut vr = Array::<Vector<E, N>>::new(comptime![if cfg.early_v { cfg.tile.div_ceil(cfg.tile / (cfg.d / cfg.vec)) } else { 1 }]);
     let mut tile_start = start;
     while tile_start < end {
         let j = tile_start + t;
+        if comptime![cfg.early_v] {
+            let tile_len = min(tile, end - tile_start);
+            #[unroll(cfg.unroll)]
+            for it in 0..v_iters {
+                let jj = my_kl + it * kl_n;
+                if my_kl < kl_n && jj < tile_len {
+                    vr[it] = v[vbase + (tile_start + jj) * v_sl + my_dv];
+                }
+            }
+        }
         #[unroll]
         for r in 0..rows {
             s[r] = 0.0;
@@ -385,10 +397,10 @@ pub fn decode_split<E: Float, N: Size>(
             let tile_len = min(tile, end - tile_start);
             // Unrolled (on GPUs) over the tile's keys of this lane, so the V loads are issued together.
             #[unroll(cfg.unroll)]
-            for it in 0..comptime![cfg.tile.div_ceil(cfg.tile / (cfg.d / cfg.vec))] {
+            for it in 0..v_iters {
                 let jj = my_kl + it * kl_n;
                 if jj < tile_len {
-                    let vv = v[vbase + (tile_start + jj) * v_sl + my_dv];
+                    let vv = if comptime![cfg.early_v] { vr[it] } else { v[vbase + (tile_start + jj) * v_sl + my_dv] };
                     #[unroll]
                     for r in 0..rows {
                         let p = p_s[r * tile + jj];
