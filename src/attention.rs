@@ -319,7 +319,7 @@ fn plan(client: &Client, p: &Problem, kv: &KvLayout, cfg: &DecodeConfig, rope: b
     let unroll = plane_ops;
     let staged = TILE * (p.d / vec + 1) * vec * p.dtype.size();
     let stage_k = unroll && tune.stage_k && smem(rows) + staged <= hw.max_shared_memory_size;
-    let early_v = unroll && tune.early_v;
+    let early_v = unroll && tune.early_v.unwrap_or(n_splits * p.b * p.hkv * n_rb <= 2 * sms);
     Ok(Plan { n_splits, chunk, rows, n_row_blocks: n_rb, vec, tile: TILE, plane, unroll, stage_k, early_v, launches, address })
 }
 

@@ -137,18 +137,23 @@ pub struct DecodeTuning {
     pub cubes_per_sm: usize,
     /// Stage K tiles through shared memory where it fits (GPU paths only).
     pub stage_k: bool,
-    /// Issue each tile's V loads with its K loads (GPU paths only).
-    pub early_v: bool,
+    /// Issue each tile's V loads with its K loads (GPU paths only): `None` where the grid is at most two cubes
+    /// per SM (latency-bound problems, e.g. B = 1 at 4k), else off.
+    pub early_v: Option<bool>,
 }
 
+/// The defaults, from a sweep on an H100 (bf16, Hq 32 / Hkv 8, D 128; README, issue 15): 32 cubes per SM took
+/// 10% off B = 8 at 32k and 128k against 8 (+3% at B = 32, 32k); early V loads took 27% off B = 1 at 4k and cost
+/// 6–21% on every grid of several waves; K staging on.
 impl Default for DecodeTuning {
     fn default() -> Self {
-        DecodeTuning { cubes_per_sm: 8, stage_k: true, early_v: false }
+        DecodeTuning { cubes_per_sm: 32, stage_k: true, early_v: None }
     }
 }
 
-/// `KVSQUEEZE_DECODE_TUNE=cubes,stage_k,early_v` (e.g. `8,1,0`) overrides [`DecodeTuning::default`] — for tuning
-/// runs on a new device. Read once per process; a malformed value is ignored.
+/// `KVSQUEEZE_DECODE_TUNE=cubes,stage_k,early_v` (e.g. `8,1,0`; `early_v` 0 off, 1 on, 2 automatic) overrides
+/// [`DecodeTuning::default`] — for tuning runs on a new device. Read once per process; a malformed value is
+/// ignored.
 pub fn decode_tuning() -> DecodeTuning {
     static TUNE: std::sync::OnceLock<DecodeTuning> = std::sync::OnceLock::new();
     *TUNE.get_or_init(|| {
@@ -156,7 +161,9 @@ pub fn decode_tuning() -> DecodeTuning {
             let v = std::env::var("KVSQUEEZE_DECODE_TUNE").ok()?;
             let n: Vec<usize> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
             match n[..] {
-                [cubes, stage, early] if (1..=256).contains(&cubes) && stage <= 1 && early <= 1 => Some(DecodeTuning { cubes_per_sm: cubes, stage_k: stage == 1, early_v: early == 1 }),
+                [cubes, stage, early] if (1..=256).contains(&cubes) && stage <= 1 && early <= 2 => {
+                    Some(DecodeTuning { cubes_per_sm: cubes, stage_k: stage == 1, early_v: (early < 2).then_some(early == 1) })
+                }
                 _ => None,
             }
         };
