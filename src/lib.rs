@@ -11,6 +11,8 @@ pub use kvsqueeze_kernels as kernels;
 pub use kvsqueeze_reference as reference;
 
 pub mod attention;
+#[cfg(feature = "burn")]
+pub mod burn;
 mod error;
 #[cfg(feature = "eval")]
 pub mod eval;
