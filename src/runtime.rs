@@ -137,8 +137,8 @@ pub struct DecodeTuning {
     pub cubes_per_sm: usize,
     /// Stage K tiles through shared memory where it fits (GPU paths only).
     pub stage_k: bool,
-    /// Issue each tile's V loads with its K loads (GPU paths only): `None` where the grid is at most two cubes
-    /// per SM (latency-bound problems, e.g. B = 1 at 4k), else off.
+    /// Issue each tile's V loads with its K loads (GPU paths only). `None`: on where the grid is at most two
+    /// cubes per SM (latency-bound problems, e.g. B = 1 at 4k), off elsewhere.
     pub early_v: Option<bool>,
 }
 
