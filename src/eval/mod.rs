@@ -29,7 +29,9 @@
 //! Its kernels need a power-of-two GQA group: the 9 query heads are padded to 12 with zero queries, whose outputs
 //! are dropped.
 
+pub mod burn_model;
 pub mod model;
+pub mod stream;
 pub mod tokenizer;
 
 use crate::fourier::{FourierDims, FourierLayerCache, FourierLayerConfig};
@@ -477,20 +479,7 @@ fn new_run(client: &Client, model: &Model, opts: &EvalOptions, b: usize, name: &
         }
         (Kind::Fourier, false, Layers::Fourier(caches))
     } else {
-        let policy = match name {
-            "full" | "full-rank" => Policy::Full,
-            _ => crate::policy::parse_policy(name).ok_or_else(|| format!("unknown policy `{name}`"))?,
-        };
-        let rank_rope = matches!(policy, Policy::StreamingLlm | Policy::TreeKv { .. } | Policy::WeightedKv) || name == "full-rank";
-        let layout = if policy == Policy::Full { Layout { sinks: 0, middle: cap, recent: 0 } } else { budget_layout(cap) };
-        let mut caches = Vec::with_capacity(c.layers);
-        for _ in 0..c.layers {
-            let mut cfg = PolicyCacheConfig::new(policy, layout, b, c.heads, c.kv_heads, c.head_dim, opts.dtype);
-            if rank_rope {
-                cfg = cfg.with_rope(c.rope_base);
-            }
-            caches.push(PolicyCache::new(client, cfg).map_err(|e| e.to_string())?);
-        }
+        let (policy, rank_rope, caches) = policy_caches(client, c, name, b, cap, opts.dtype, c.rope_base)?;
         (Kind::Policy(policy), rank_rope, Layers::Policy(caches))
     };
     Ok(Run {
@@ -511,6 +500,30 @@ fn new_run(client: &Client, model: &Model, opts: &EvalOptions, b: usize, name: &
         max_len: 0,
         logp: Vec::new(),
     })
+}
+
+/// One policy cache per layer of `cfg` for the cache `name` (a [`crate::policy::CACHE_NAMES`] entry but `fourier`,
+/// or `full-rank`: Full with in-kernel RoPE by cache rank) at budget `cap` entries per head, batch `b`. Full holds
+/// `cap` tokens in one region; the evicting policies get [`budget_layout`]. Returns the policy and whether its
+/// caches rotate keys by cache rank inside attention (base `rope_base`; then q and k reach them unrotated, in the
+/// rotate-half layout): StreamingLLM, TreeKV, WeightedKV and `full-rank` do (spec §6); Full, H2O and TOVA keep
+/// true positions (keys rotated by the model).
+pub fn policy_caches(client: &Client, cfg: &model::ModelConfig, name: &str, b: usize, cap: usize, dtype: DType, rope_base: f64) -> Result<(Policy, bool, Vec<PolicyCache>), String> {
+    let policy = match name {
+        "full" | "full-rank" => Policy::Full,
+        _ => crate::policy::parse_policy(name).ok_or_else(|| format!("unknown policy `{name}`"))?,
+    };
+    let rank_rope = matches!(policy, Policy::StreamingLlm | Policy::TreeKv { .. } | Policy::WeightedKv) || name == "full-rank";
+    let layout = if policy == Policy::Full { Layout { sinks: 0, middle: cap, recent: 0 } } else { budget_layout(cap) };
+    let mut caches = Vec::with_capacity(cfg.layers);
+    for _ in 0..cfg.layers {
+        let mut pc = PolicyCacheConfig::new(policy, layout, b, cfg.heads, cfg.kv_heads, cfg.head_dim, dtype);
+        if rank_rope {
+            pc = pc.with_rope(rope_base);
+        }
+        caches.push(PolicyCache::new(client, pc).map_err(|e| e.to_string())?);
+    }
+    Ok((policy, rank_rope, caches))
 }
 
 /// `[B][P][H][D]` → `[B][H][P][D]`, optionally with the dims of every row in RoPE halves order.

@@ -38,6 +38,32 @@ pub struct ModelConfig {
     pub vocab: usize,
 }
 
+impl ModelConfig {
+    /// The shape from a GGUF header (llama architecture only).
+    pub fn from_gguf(content: &Content) -> Result<ModelConfig, String> {
+        let md = |k: &str| content.metadata.get(k).ok_or_else(|| format!("GGUF metadata has no `{k}`"));
+        let arch = md("general.architecture")?.to_string().map_err(err)?.clone();
+        if arch != "llama" {
+            return Err(format!("architecture `{arch}`: only llama is supported"));
+        }
+        let u = |k: &str| -> Result<usize, String> { md(&format!("llama.{k}"))?.to_u32().map(|x| x as usize).map_err(err) };
+        let f = |k: &str| -> Result<f64, String> { md(&format!("llama.{k}"))?.to_f32().map(|x| x as f64).map_err(err) };
+        let (hidden, heads) = (u("embedding_length")?, u("attention.head_count")?);
+        let embed = content.tensor_infos.get("token_embd.weight").ok_or("GGUF has no `token_embd.weight`")?;
+        Ok(ModelConfig {
+            layers: u("block_count")?,
+            hidden,
+            heads,
+            kv_heads: u("attention.head_count_kv")?,
+            head_dim: hidden / heads,
+            rope_base: f("rope.freq_base").unwrap_or(10_000.0),
+            context: u("context_length")?,
+            eps: f("attention.layer_norm_rms_epsilon")?,
+            vocab: embed.shape.dims()[0],
+        })
+    }
+}
+
 /// One layer's attention inputs for the `t` new tokens of every sequence: `(B, H, t, D)` each, contiguous.
 pub struct AttentionInputs<'a> {
     /// Queries before RoPE.
@@ -99,29 +125,11 @@ impl Model {
     fn load_str(path: &Path) -> Result<(Model, Content), String> {
         let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let content = Content::read(&mut file).map_err(|e| format!("{}: not a GGUF file ({e})", path.display()))?;
-        let md = |k: &str| content.metadata.get(k).ok_or_else(|| format!("GGUF metadata has no `{k}`"));
-        let arch = md("general.architecture")?.to_string().map_err(err)?.clone();
-        if arch != "llama" {
-            return Err(format!("architecture `{arch}`: only llama is supported"));
-        }
-        let u = |k: &str| -> Result<usize, String> { md(&format!("llama.{k}"))?.to_u32().map(|x| x as usize).map_err(err) };
-        let f = |k: &str| -> Result<f64, String> { md(&format!("llama.{k}"))?.to_f32().map(|x| x as f64).map_err(err) };
-        let (hidden, heads) = (u("embedding_length")?, u("attention.head_count")?);
+        let cfg = ModelConfig::from_gguf(&content)?;
         let device = Device::Cpu;
         let mut tensor = |name: &str| -> Result<Tensor, String> { content.tensor(&mut file, name, &device).and_then(|q| q.dequantize(&device)).map_err(|e| format!("tensor {name}: {e}")) };
         let embed_w = tensor("token_embd.weight")?;
-        let vocab = embed_w.dims()[0];
-        let cfg = ModelConfig {
-            layers: u("block_count")?,
-            hidden,
-            heads,
-            kv_heads: u("attention.head_count_kv")?,
-            head_dim: hidden / heads,
-            rope_base: f("rope.freq_base").unwrap_or(10_000.0),
-            context: u("context_length")?,
-            eps: f("attention.layer_norm_rms_epsilon")?,
-            vocab,
-        };
+        let hidden = cfg.hidden;
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
             let mut w = |n: &str| tensor(&format!("blk.{l}.{n}.weight"));

@@ -30,6 +30,7 @@ pub fn skip(what: &str, why: &str) {
 pub fn eps(dtype: DType) -> f64 {
     dtype.eps()
 }
+#[allow(unused_imports)]
 pub use kvsqueeze::reference::testing::Rng;
 
 /// Rounds every value to `dtype` (the inputs the kernel and every reference then share).

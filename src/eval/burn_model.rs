@@ -1,0 +1,337 @@
+//! The GGUF llama (SmolLM2-135M) as a burn model on burn's CubeCL backend, with every layer's attention through
+//! one of our caches ([`CompressedKvCache::step`]) — the engine embedding of issue 14, on CUDA, wgpu or the CPU
+//! runtime, whichever [`crate::runtime::device`] opened.
+//!
+//! Everything stays on the device: the token ids, the positions, the hidden states. A decode step is burn's
+//! launches (embedding row, RMSNorm, projections, SwiGLU, output head) and the caches' own; q, k, v reach a cache
+//! as [`from_burn`] views of burn's tensors and its output comes back through [`to_burn`], without a copy. Nothing
+//! is read back by [`BurnModel::step`]: the caller decides what to read (the sampled tokens, a step's NLL) and
+//! when (`generate` and the stream protocol read in blocks).
+//!
+//! ## Layout and RoPE
+//! Weights are dequantized to f32 once at load and stored as `[in, out]` so that a projection is one matmul of
+//! the `[B, in]` rows. The GGUF's Q/K rows pair dims `2i, 2i+1` (llama.cpp's permutation); here their rows are
+//! reordered per head to `even dims, then odd dims`, the rotate-half layout our kernels use, so that one layout
+//! serves both RoPE places (a consistent permutation of q and k leaves every score unchanged):
+//! - [`Rope::Model`]: the model rotates q and k at their true positions (table of [`RopeTable`], any base, e.g.
+//!   LongLLaDA's NTK-scaled one) and the cache stores rotated keys — Full, H2O, TOVA;
+//! - [`Rope::Cache`]: q and k go unrotated to a cache built `with_rope`, which rotates inside attention by cache
+//!   rank — StreamingLLM, TreeKV, WeightedKV.
+//!
+//! The rotation is `q·cos + (q R)·sin` with `R` the rotate-half matrix folded into a second copy of the Q/K
+//! weights at load (`W R`), so RoPE costs one more matmul and two multiplies instead of slices and a concat.
+
+use super::model::ModelConfig;
+use crate::burn::{from_burn, to_burn};
+use crate::policy::CompressedKvCache;
+use crate::tensor::DType;
+use crate::Error;
+use burn_backend::ops::{ActivationOps, FloatTensorOps, IntTensorOps};
+use burn_backend::{FloatDType, IntDType, Scalar, Shape, Slice, TensorData};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeBackend as Cb;
+use candle_core::quantized::gguf_file::Content;
+use std::path::Path;
+
+/// A burn tensor on the CubeCL backend (float or int).
+pub type BTensor = CubeTensor;
+
+struct Layer {
+    attn_norm: BTensor,
+    wq: BTensor,
+    wq_rot: BTensor,
+    wk: BTensor,
+    wk_rot: BTensor,
+    wv: BTensor,
+    wo: BTensor,
+    ffn_norm: BTensor,
+    gate: BTensor,
+    up: BTensor,
+    down: BTensor,
+}
+
+/// SmolLM2 (any dense GGUF llama) on burn's CubeCL backend, f32 weights.
+pub struct BurnModel {
+    /// Its shape.
+    pub cfg: ModelConfig,
+    device: cubecl::Device,
+    embed: BTensor,
+    head: BTensor,
+    norm: BTensor,
+    layers: Vec<Layer>,
+}
+
+/// cos and sin of every (position, dim) for the rotate-half layout, `[positions, D]` f32 each, on the device.
+pub struct RopeTable {
+    cos: BTensor,
+    sin: BTensor,
+    len: usize,
+}
+
+impl RopeTable {
+    /// Positions the table covers (`0..len`).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it covers no position.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Where q and k are rotated (see the module docs).
+pub enum Rope<'a> {
+    /// By the model at the true positions `pos`, from this table.
+    Model(&'a RopeTable),
+    /// By the cache, inside attention.
+    Cache,
+}
+
+fn upload(device: &cubecl::Device, data: Vec<f32>, shape: &[usize]) -> BTensor {
+    Cb::float_from_data(TensorData::new(data, shape.to_vec()), device)
+}
+
+/// Device int tensor (i32) of `data`.
+pub fn upload_ids(device: &cubecl::Device, data: &[u32], shape: &[usize]) -> BTensor {
+    Cb::int_from_data(TensorData::new(data.iter().map(|&x| x as i32).collect::<Vec<i32>>(), shape.to_vec()), device)
+}
+
+/// Reads a float tensor back (blocks until the device has computed it).
+pub fn read_f32(t: BTensor) -> Result<Vec<f32>, Error> {
+    let data = cubecl::future::block_on(Cb::float_into_data(t)).map_err(|e| Error::Device(format!("{e:?}")))?;
+    Ok(data.as_slice::<f32>().map_err(|e| Error::Device(format!("{e:?}")))?.to_vec())
+}
+
+/// Reads an int tensor back as u32 (blocks).
+pub fn read_ids(t: BTensor) -> Result<Vec<u32>, Error> {
+    let data = cubecl::future::block_on(Cb::int_into_data(t)).map_err(|e| Error::Device(format!("{e:?}")))?;
+    Ok(data.as_slice::<i32>().map_err(|e| Error::Device(format!("{e:?}")))?.iter().map(|&x| x as u32).collect())
+}
+
+fn mm(x: &BTensor, w: &BTensor) -> BTensor {
+    Cb::float_matmul(x.clone(), w.clone())
+}
+
+fn reshape(x: BTensor, shape: &[usize]) -> BTensor {
+    Cb::float_reshape(x, Shape::from(shape.to_vec()))
+}
+
+/// `[out, in]` row-major → `[in, out]`.
+fn transpose(w: &[f32], out: usize, inp: usize) -> Vec<f32> {
+    let mut t = vec![0.0; w.len()];
+    for o in 0..out {
+        for i in 0..inp {
+            t[i * out + o] = w[o * inp + i];
+        }
+    }
+    t
+}
+
+/// Rows of a Q/K weight `[heads·D, in]`: per head, `even dims, then odd dims` (`rot = false`), or that layout
+/// times the rotate-half matrix (`rot = true`: row `j < D/2` is minus row `j + D/2`, row `j ≥ D/2` is row
+/// `j − D/2`, so that `x (W R)ᵀ = rotate_half(x Wᵀ)`).
+fn halves_rows(w: &[f32], heads: usize, d: usize, inp: usize, rot: bool) -> Vec<f32> {
+    let half = d / 2;
+    let mut out = Vec::with_capacity(w.len());
+    for h in 0..heads {
+        for j in 0..d {
+            // The halves-layout row j is the interleaved row src(j).
+            let src = |j: usize| if j < half { 2 * j } else { 2 * (j - half) + 1 };
+            let (row, sign) = match (rot, j < half) {
+                (false, _) => (src(j), 1.0),
+                (true, true) => (src(j + half), -1.0),
+                (true, false) => (src(j - half), 1.0),
+            };
+            out.extend(w[(h * d + row) * inp..(h * d + row + 1) * inp].iter().map(|&x| sign * x));
+        }
+    }
+    out
+}
+
+/// A GGUF tensor dequantized to f32 on the host: (data row-major, dims).
+fn read_tensor(content: &Content, file: &mut std::fs::File, name: &str) -> Result<(Vec<f32>, Vec<usize>), String> {
+    let cpu = candle_core::Device::Cpu;
+    let t = content.tensor(file, name, &cpu).and_then(|q| q.dequantize(&cpu)).map_err(|e| format!("tensor {name}: {e}"))?;
+    let dims = t.dims().to_vec();
+    Ok((t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| format!("tensor {name}: {e}"))?, dims))
+}
+
+impl BurnModel {
+    /// Loads the GGUF at `path` onto `device` (weights dequantized to f32 by candle on the host, once) and
+    /// returns the model and the header (for the tokenizer).
+    pub fn load(path: &Path, device: &cubecl::Device) -> Result<(BurnModel, Content), Error> {
+        Self::load_str(path, device).map_err(Error::Model)
+    }
+
+    fn load_str(path: &Path, device: &cubecl::Device) -> Result<(BurnModel, Content), String> {
+        let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let content = Content::read(&mut file).map_err(|e| format!("{}: not a GGUF file ({e})", path.display()))?;
+        let cfg = ModelConfig::from_gguf(&content)?;
+        if cfg.head_dim % 2 != 0 || cfg.heads % cfg.kv_heads != 0 {
+            return Err(format!("head dim {} must be even and {} query heads a multiple of {} KV heads", cfg.head_dim, cfg.heads, cfg.kv_heads));
+        }
+        let (h, d) = (cfg.hidden, cfg.head_dim);
+        let mut read = |name: &str| read_tensor(&content, &mut file, name);
+        let mut linear = |name: &str, out: usize, inp: usize| -> Result<Vec<f32>, String> {
+            let (w, dims) = read(name)?;
+            // A vector (norm weight) is asked for as `[n, 1]`.
+            if dims != [out, inp] && !(inp == 1 && dims == [out]) {
+                return Err(format!("tensor {name}: shape {dims:?}, expected [{out}, {inp}]"));
+            }
+            Ok(w)
+        };
+        let embed_w = linear("token_embd.weight", cfg.vocab, h)?;
+        let mut layers = Vec::with_capacity(cfg.layers);
+        let (qo, ko) = (cfg.heads * d, cfg.kv_heads * d);
+        for l in 0..cfg.layers {
+            let n = |s: &str| format!("blk.{l}.{s}.weight");
+            let wq = linear(&n("attn_q"), qo, h)?;
+            let wk = linear(&n("attn_k"), ko, h)?;
+            let wv = linear(&n("attn_v"), ko, h)?;
+            let wo = linear(&n("attn_output"), h, qo)?;
+            let inter = content.tensor_infos.get(&n("ffn_gate")).ok_or("GGUF has no `ffn_gate`")?.shape.dims()[0];
+            let gate = linear(&n("ffn_gate"), inter, h)?;
+            let up = linear(&n("ffn_up"), inter, h)?;
+            let down = linear(&n("ffn_down"), h, inter)?;
+            let attn_norm = linear(&n("attn_norm"), h, 1)?;
+            let ffn_norm = linear(&n("ffn_norm"), h, 1)?;
+            let lin = |w: Vec<f32>, out: usize, inp: usize| upload(device, transpose(&w, out, inp), &[inp, out]);
+            layers.push(Layer {
+                attn_norm: upload(device, attn_norm, &[1, h]),
+                wq: lin(halves_rows(&wq, cfg.heads, d, h, false), qo, h),
+                wq_rot: lin(halves_rows(&wq, cfg.heads, d, h, true), qo, h),
+                wk: lin(halves_rows(&wk, cfg.kv_heads, d, h, false), ko, h),
+                wk_rot: lin(halves_rows(&wk, cfg.kv_heads, d, h, true), ko, h),
+                wv: lin(wv, ko, h),
+                wo: lin(wo, h, qo),
+                ffn_norm: upload(device, ffn_norm, &[1, h]),
+                gate: lin(gate, inter, h),
+                up: lin(up, inter, h),
+                down: lin(down, h, inter),
+            });
+        }
+        let norm = linear("output_norm.weight", h, 1)?;
+        // Tied output head when the file has no `output.weight`.
+        let head = if content.tensor_infos.contains_key("output.weight") { linear("output.weight", cfg.vocab, h)? } else { embed_w.clone() };
+        let model = BurnModel {
+            embed: upload(device, embed_w, &[cfg.vocab, h]),
+            head: upload(device, transpose(&head, cfg.vocab, h), &[h, cfg.vocab]),
+            norm: upload(device, norm, &[1, h]),
+            layers,
+            device: device.clone(),
+            cfg,
+        };
+        Ok((model, content))
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &cubecl::Device {
+        &self.device
+    }
+
+    /// RoPE table for positions `0..len` at base `base` (angles in f64, rounded once).
+    pub fn rope_table(&self, base: f64, len: usize) -> RopeTable {
+        let d = self.cfg.head_dim;
+        let half = d / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(len * d), Vec::with_capacity(len * d));
+        for p in 0..len {
+            for j in 0..d {
+                let a = p as f64 * base.powf(-2.0 * (j % half) as f64 / d as f64);
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        RopeTable { cos: upload(&self.device, cos, &[len, d]), sin: upload(&self.device, sin, &[len, d]), len }
+    }
+
+    fn rms(&self, x: BTensor, w: &BTensor) -> BTensor {
+        let ms = Cb::float_mean_dim(Cb::float_mul(x.clone(), x.clone()), 1);
+        let r = Cb::float_recip(Cb::float_sqrt(Cb::float_add_scalar(ms, Scalar::from(self.cfg.eps as f32))));
+        Cb::float_mul(Cb::float_mul(x, r), w.clone())
+    }
+
+    /// One decode step of every sequence: `tokens` `[B]` int (this step's input ids), `pos` `[B]` int (their true
+    /// positions, read only by [`Rope::Model`]; must be `< table.len`, which is not checked on the device), one cache
+    /// per layer (`caches[l]`, all of batch `B`, this model's heads and head dim, dtype `dtype`). Returns the
+    /// logits `[B, vocab]` f32. Launches only: no upload, no read-back, no allocation beyond burn's own.
+    pub fn step<C: CompressedKvCache>(&self, tokens: &BTensor, pos: &BTensor, rope: &Rope, caches: &mut [C], dtype: DType) -> Result<BTensor, Error> {
+        let c = &self.cfg;
+        let b = tokens.meta.shape()[0];
+        if tokens.meta.shape().len() != 1 || pos.meta.shape().to_vec() != vec![b] {
+            return Err(Error::ShapeMismatch { tensor: "pos", expected: vec![b], got: pos.meta.shape().to_vec() });
+        }
+        if caches.len() != c.layers {
+            return Err(Error::Config("one cache per layer"));
+        }
+        let (hq, hkv, d) = (c.heads, c.kv_heads, c.head_dim);
+        let trig = match rope {
+            Rope::Model(t) => {
+                let row = |tab: &BTensor| reshape(Cb::float_select(tab.clone(), 0, pos.clone()), &[b, 1, d]);
+                Some((row(&t.cos), row(&t.sin)))
+            }
+            Rope::Cache => None,
+        };
+        let to_cache = |x: BTensor, shape: &[usize]| -> Result<crate::DeviceTensor, Error> {
+            let x = reshape(x, shape);
+            let x = match dtype {
+                DType::F32 => x,
+                DType::F16 => Cb::float_cast(x, FloatDType::F16),
+                DType::BF16 => Cb::float_cast(x, FloatDType::BF16),
+                DType::U32 => return Err(Error::Config("a cache of u32 values")),
+            };
+            from_burn(&x)
+        };
+        let mut x = Cb::float_select(self.embed.clone(), 0, tokens.clone()); // [B, H]
+        for (l, w) in self.layers.iter().enumerate() {
+            let h = self.rms(x.clone(), &w.attn_norm);
+            let (q, k) = match &trig {
+                Some((cos, sin)) => {
+                    let rot = |a: BTensor, r: BTensor, heads: usize| {
+                        let (a, r) = (reshape(a, &[b, heads, d]), reshape(r, &[b, heads, d]));
+                        Cb::float_add(Cb::float_mul(a, cos.clone()), Cb::float_mul(r, sin.clone()))
+                    };
+                    (rot(mm(&h, &w.wq), mm(&h, &w.wq_rot), hq), rot(mm(&h, &w.wk), mm(&h, &w.wk_rot), hkv))
+                }
+                None => (mm(&h, &w.wq), mm(&h, &w.wk)),
+            };
+            let v = mm(&h, &w.wv);
+            let (qd, kd, vd) = (to_cache(q, &[b, 1, hq, d])?, to_cache(k, &[b, hkv, d])?, to_cache(v, &[b, hkv, d])?);
+            let o = caches[l].step(&qd, &kd, &vd)?;
+            let o = to_burn(&self.device, &o)?;
+            let o = if dtype == DType::F32 { o } else { Cb::float_cast(o, FloatDType::F32) };
+            x = Cb::float_add(x, mm(&reshape(o, &[b, hq * d]), &w.wo));
+            let h = self.rms(x.clone(), &w.ffn_norm);
+            let g = mm(&h, &w.gate);
+            let ff = Cb::float_mul(Cb::float_mul(g.clone(), Cb::sigmoid(g)), mm(&h, &w.up));
+            x = Cb::float_add(x, mm(&ff, &w.down));
+        }
+        Ok(mm(&self.rms(x, &self.norm), &self.head))
+    }
+}
+
+/// Greedy choice: `logits [B, V]` → `[B]` int ids, on the device.
+pub fn argmax(logits: BTensor) -> BTensor {
+    let b = logits.meta.shape()[0];
+    Cb::int_reshape(Cb::float_argmax(logits, 1, IntDType::I32), Shape::from(vec![b]))
+}
+
+/// `−log softmax(logits)[target]` per row: `logits [B, V]`, `target [B, 1]` int → `[B, 1]`, on the device.
+pub fn nll(logits: BTensor, target: &BTensor) -> BTensor {
+    let m = Cb::float_max_dim(logits.clone(), 1);
+    let z = Cb::float_sub(logits, m);
+    let zt = Cb::float_gather(1, z.clone(), target.clone());
+    Cb::float_sub(Cb::float_log(Cb::float_sum_dim(Cb::float_exp(z), 1)), zt)
+}
+
+/// Row `i` of a `[rows, B]` int tensor as `[B]` (a view, no launch).
+pub fn row(ids: &BTensor, i: usize) -> BTensor {
+    let b = ids.meta.shape()[1];
+    let s = [Slice { start: i as isize, end: Some(i as isize + 1), step: 1 }, Slice { start: 0, end: None, step: 1 }];
+    Cb::int_reshape(Cb::int_slice(ids.clone(), &s), Shape::from(vec![b]))
+}
+
+/// `pos + 1`, on the device.
+pub fn advance(pos: &BTensor) -> BTensor {
+    Cb::int_add_scalar(pos.clone(), Scalar::from(1i32))
+}

@@ -1,0 +1,211 @@
+//! Generation and the long-context stream protocol on the burn model ([`super::burn_model`]), every layer's
+//! attention through one of our caches; everything on the device.
+//!
+//! **Stream protocol** (issue 14; TreeKV's PG19 setting): each text is streamed through the cache token by token
+//! from its first token — no prefix selected at once — and the NLL of every next token is kept; perplexity is
+//! reported over the whole stream and per bucket of `bucket` tokens. The texts run as one batch (one sequence
+//! each). Caches: `full` (true positions; the model's RoPE base, or `full-ntk`: LongLLaDA's NTK-scaled base for
+//! the stream's length, spec §4.1) and the policy caches at a budget (StreamingLLM, TreeKV and WeightedKV rotate
+//! keys by cache rank inside attention; H2O and TOVA keep true positions — [`super::policy_caches`]). Past the
+//! model's trained context (8192 for SmolLM2) Full at true positions sees positions it was never trained on.
+//!
+//! Per step nothing is read back: the NLLs stay on the device and are read every [`READ_EVERY`] tokens.
+
+use super::burn_model::{advance, argmax, nll, read_f32, read_ids, row, upload_ids, BTensor, BurnModel, Rope};
+use super::policy_caches;
+use crate::policy::CompressedKvCache;
+use crate::tensor::DType;
+use crate::Error;
+use burn_backend::ops::{FloatTensorOps, IntTensorOps};
+use burn_backend::Shape;
+use burn_cubecl::CubeBackend as Cb;
+use cubecl::client::Client;
+use std::time::Instant;
+
+/// Steps between two read-backs of the stream's NLLs.
+pub const READ_EVERY: usize = 256;
+
+/// One cache of a stream run or a generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheSpec {
+    /// A [`crate::policy::CACHE_NAMES`] policy (not `fourier`), `full-rank`, or `full-ntk` (Full at an NTK-scaled base).
+    pub name: String,
+    /// Entries per KV head; `None` for Full (it holds the whole stream).
+    pub budget: Option<usize>,
+}
+
+impl CacheSpec {
+    /// `name` or `name@budget`.
+    pub fn label(&self) -> String {
+        match self.budget {
+            Some(b) => format!("{}@{b}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+/// The RoPE base a cache runs at for a stream of `len` tokens: the model's, or for `full-ntk` LongLLaDA's
+/// `λ·β0` with the model's trained context as `T_train` (the base is unchanged when `len` is within it).
+pub fn rope_base(model: &BurnModel, spec: &CacheSpec, len: usize) -> f64 {
+    let c = &model.cfg;
+    if spec.name == "full-ntk" && len > c.context {
+        crate::rope::ntk_scaled_base(c.head_dim, c.rope_base, c.context, len)
+    } else {
+        c.rope_base
+    }
+}
+
+/// A cache per layer for `spec`, batch `b`, a stream of `len` tokens: (caches, whether they rotate by rank, base).
+fn caches_for(client: &Client, model: &BurnModel, spec: &CacheSpec, b: usize, len: usize, dtype: DType) -> Result<(Vec<crate::policy::PolicyCache>, bool, f64), Error> {
+    let base = rope_base(model, spec, len);
+    let name = if spec.name == "full-ntk" { "full" } else { spec.name.as_str() };
+    let cap = match (name.starts_with("full"), spec.budget) {
+        (true, None) => len,
+        (false, Some(c)) => c,
+        (true, Some(_)) => return Err(Error::Config("Full takes no budget (it holds the whole stream)")),
+        (false, None) => return Err(Error::Config("an evicting cache needs a budget")),
+    };
+    let (_, rank, caches) = policy_caches(client, &model.cfg, name, b, cap, dtype, base).map_err(Error::Model)?;
+    Ok((caches, rank, base))
+}
+
+/// What one cache did over the streams.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamRun {
+    /// The cache.
+    pub spec: CacheSpec,
+    /// RoPE base used.
+    pub rope_base: f64,
+    /// Per stream, the NLL (nats) of tokens `1..=len` given their past.
+    pub nll: Vec<Vec<f32>>,
+    /// Bytes the device holds for the caches (all layers).
+    pub physical_bytes: usize,
+    /// Wall seconds of the stream (steps and read-backs).
+    pub secs: f64,
+}
+
+impl StreamRun {
+    /// Perplexity of every stream's tokens `from..to` (0-based among the scored tokens), pooled over streams.
+    pub fn ppl(&self, from: usize, to: usize) -> f64 {
+        let (mut s, mut n) = (0.0, 0usize);
+        for v in &self.nll {
+            for &x in &v[from.min(v.len())..to.min(v.len())] {
+                s += x as f64;
+                n += 1;
+            }
+        }
+        (s / n.max(1) as f64).exp()
+    }
+}
+
+/// Streams `streams` (equal lengths `len + 1` token ids; one sequence each) through the model with `spec`'s caches
+/// (see the module docs); `progress` gets a line every [`READ_EVERY`] steps.
+pub fn stream(client: &Client, model: &BurnModel, spec: &CacheSpec, streams: &[Vec<u32>], dtype: DType, progress: &mut dyn FnMut(&str)) -> Result<StreamRun, Error> {
+    let b = streams.len();
+    let total = streams.first().map(Vec::len).unwrap_or(0);
+    if b == 0 || total < 2 || streams.iter().any(|s| s.len() != total) {
+        return Err(Error::Config("streams must be at least one, of equal lengths ≥ 2"));
+    }
+    let len = total - 1;
+    let (mut caches, rank, base) = caches_for(client, model, spec, b, len, dtype)?;
+    let device = model.device();
+    // Token ids as `[len + 1, B]`: step t reads row t (inputs) and row t + 1 (targets), views without a launch.
+    let ids: Vec<u32> = (0..total).flat_map(|t| streams.iter().map(move |s| s[t])).collect();
+    let ids = upload_ids(device, &ids, &[total, b]);
+    let table = (!rank).then(|| model.rope_table(base, len));
+    let rope = match &table {
+        Some(t) => Rope::Model(t),
+        None => Rope::Cache,
+    };
+    let mut pos = upload_ids(device, &vec![0; b], &[b]);
+    let mut nlls = vec![Vec::with_capacity(len); b];
+    let mut pending: Vec<BTensor> = Vec::with_capacity(READ_EVERY);
+    let t0 = Instant::now();
+    for t in 0..len {
+        let logits = model.step(&row(&ids, t), &pos, &rope, &mut caches, dtype)?;
+        let target = Cb::int_reshape(row(&ids, t + 1), Shape::from(vec![b, 1]));
+        pending.push(nll(logits, &target));
+        pos = advance(&pos);
+        if pending.len() == READ_EVERY || t + 1 == len {
+            let k = pending.len();
+            let got = read_f32(Cb::float_cat(std::mem::take(&mut pending), 1))?; // [B, k]
+            for (s, out) in nlls.iter_mut().enumerate() {
+                out.extend_from_slice(&got[s * k..(s + 1) * k]);
+            }
+            let done = t + 1;
+            let recent: f64 = nlls.iter().map(|v| v[v.len() - k..].iter().map(|&x| x as f64).sum::<f64>()).sum::<f64>() / (k * b) as f64;
+            progress(&format!("{}: {done}/{len} tokens, last {k}: ppl {:.2}, {:.1} tokens/s per sequence", spec.label(), recent.exp(), done as f64 / t0.elapsed().as_secs_f64()));
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let physical_bytes = caches.iter().map(CompressedKvCache::physical_bytes).sum();
+    Ok(StreamRun { spec: spec.clone(), rope_base: base, nll: nlls, physical_bytes, secs })
+}
+
+/// A generation's tokens and timings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// Per sequence, the generated ids (the prompt excluded).
+    pub tokens: Vec<Vec<u32>>,
+    /// Seconds to feed the prompt (token by token through the caches), to the last prompt token's logits.
+    pub prompt_secs: f64,
+    /// Seconds of the generated steps (from the first generated token's step to the last token read back).
+    pub decode_secs: f64,
+    /// Bytes the device holds for the caches (all layers) at the end.
+    pub physical_bytes: usize,
+    /// RoPE base used.
+    pub rope_base: f64,
+}
+
+impl Generation {
+    /// Generated tokens per second over all sequences.
+    pub fn tokens_per_s(&self) -> f64 {
+        let n: usize = self.tokens.iter().map(Vec::len).sum();
+        n as f64 / self.decode_secs.max(1e-12)
+    }
+}
+
+/// Greedy generation: `prompt` (one for every one of `batch` sequences) is fed token by token through `spec`'s
+/// caches, then `new_tokens` tokens are generated, each the argmax of the last logits, chosen and fed back on the
+/// device (read back once at the end).
+pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[u32], batch: usize, new_tokens: usize, dtype: DType) -> Result<Generation, Error> {
+    if prompt.is_empty() || batch == 0 || new_tokens == 0 {
+        return Err(Error::Config("a generation needs a prompt, a batch and at least one new token"));
+    }
+    let len = prompt.len() + new_tokens;
+    let (mut caches, rank, base) = caches_for(client, model, spec, batch, len, dtype)?;
+    let device = model.device();
+    let ids: Vec<u32> = prompt.iter().flat_map(|&t| std::iter::repeat_n(t, batch)).collect();
+    let ids = upload_ids(device, &ids, &[prompt.len(), batch]);
+    let table = (!rank).then(|| model.rope_table(base, len));
+    let rope = match &table {
+        Some(t) => Rope::Model(t),
+        None => Rope::Cache,
+    };
+    let mut pos = upload_ids(device, &vec![0; batch], &[batch]);
+    let t0 = Instant::now();
+    let mut logits = None;
+    for t in 0..prompt.len() {
+        logits = Some(model.step(&row(&ids, t), &pos, &rope, &mut caches, dtype)?);
+        pos = advance(&pos);
+    }
+    let mut next = argmax(logits.expect("a prompt token"));
+    // Wait for the prompt (one id read back) so that the decode timing starts from an idle queue.
+    read_ids(next.clone())?;
+    let prompt_secs = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut out = vec![next.clone()];
+    for _ in 1..new_tokens {
+        let logits = model.step(&next, &pos, &rope, &mut caches, dtype)?;
+        pos = advance(&pos);
+        next = argmax(logits);
+        out.push(next.clone());
+    }
+    let k = out.len();
+    let cat = Cb::int_cat(out.into_iter().map(|t| Cb::int_reshape(t, Shape::from(vec![1, batch]))).collect(), 0); // [k, B]
+    let flat = read_ids(cat)?;
+    let decode_secs = t1.elapsed().as_secs_f64();
+    let tokens = (0..batch).map(|s| (0..k).map(|t| flat[t * batch + s]).collect()).collect();
+    let physical_bytes = caches.iter().map(CompressedKvCache::physical_bytes).sum();
+    Ok(Generation { tokens, prompt_secs, decode_secs, physical_bytes, rope_base: base })
+}

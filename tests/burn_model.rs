@@ -1,0 +1,108 @@
+//! The burn model (feature `eval`, `kvsqueeze::eval::burn_model`): SmolLM2 on burn's CubeCL backend with every
+//! layer's attention through our caches equals candle's CPU forward (an independent implementation, checked
+//! against llama.cpp's perplexity), token by token; greedy generation picks candle's argmax; the batch rows are
+//! independent sequences. Needs the GGUF (`scripts/fetch_eval_assets.sh`): a missing model fails, never skips.
+#![cfg(feature = "eval")]
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use kvsqueeze::eval::burn_model::BurnModel;
+use kvsqueeze::eval::find_gguf;
+use kvsqueeze::eval::model::{log_softmax, DenseHook, Model};
+use kvsqueeze::eval::stream::{generate, stream, CacheSpec};
+use kvsqueeze::eval::tokenizer::Tokenizer;
+use kvsqueeze::DType;
+use std::sync::OnceLock;
+
+struct Models {
+    candle: Model,
+    burn: BurnModel,
+    tok: Tokenizer,
+}
+
+fn models() -> &'static Models {
+    static M: OnceLock<Models> = OnceLock::new();
+    M.get_or_init(|| {
+        let path = find_gguf(None).unwrap_or_else(|e| panic!("{e}"));
+        let (candle, content) = Model::load(&path).unwrap();
+        let device = kvsqueeze::runtime::device().unwrap();
+        let (burn, _) = BurnModel::load(&path, &device).unwrap();
+        assert_eq!(burn.cfg, candle.cfg);
+        Models { candle, burn, tok: Tokenizer::from_gguf(&content).unwrap() }
+    })
+}
+
+fn text_ids(file: &str, skip_chars: usize, n: usize) -> Vec<u32> {
+    let t = std::fs::read_to_string(format!("{}/data/texts/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let ids = models().tok.encode(&t[skip_chars..skip_chars + 8 * n]).unwrap();
+    assert!(ids.len() > n, "text too short");
+    ids[..n].to_vec()
+}
+
+/// candle's logits `[T][V]` for `ids` in one dense forward pass from position 0.
+fn candle_logits(ids: &[u32]) -> Vec<Vec<f32>> {
+    let m = &models().candle;
+    let t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+    let lp = log_softmax(&m.forward(&t, 0, &mut DenseHook::default(), 0).unwrap()).unwrap();
+    lp.squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+}
+
+/// Streaming two texts (one sequence each) through Full — at true positions with the model's RoPE, and with the
+/// kernels' RoPE by cache rank (`full-rank`, = the true position for Full) — gives candle's NLL for every token.
+/// Tolerance: f32 on both sides, sums in other orders (matmul tiles, attention splits), compounded over 30 layers:
+/// the cache-path test of `tests/eval.rs` bounds the same compounding at 1e-4 of the perplexity; per token we
+/// allow 2e-3 nats (the rank-RoPE path adds the kernels' documented angle error, 2.5e-6 rad).
+#[test]
+fn burn_model_streams_like_candle() {
+    let ms = models();
+    let n = 40;
+    let streams = [text_ids("prideprejudice.txt", 20_000, n + 1), text_ids("sensesensibility.txt", 30_000, n + 1)];
+    let want: Vec<Vec<f32>> = streams
+        .iter()
+        .map(|s| {
+            let lp = candle_logits(s);
+            (0..n).map(|t| -lp[t][s[t + 1] as usize]).collect()
+        })
+        .collect();
+    for name in ["full", "full-rank"] {
+        let run = stream(common::client(), &ms.burn, &CacheSpec { name: name.into(), budget: None }, &streams, DType::F32, &mut |_| {}).unwrap();
+        assert_eq!(run.nll.len(), 2);
+        let mut worst: f32 = 0.0;
+        for (s, (got, want)) in run.nll.iter().zip(&want).enumerate() {
+            assert_eq!(got.len(), n);
+            for t in 0..n {
+                let d = (got[t] - want[t]).abs();
+                assert!(d <= 2e-3, "{name}, stream {s}, token {t}: NLL {} vs candle {}", got[t], want[t]);
+                worst = worst.max(d);
+            }
+        }
+        let ppl_want = (want.iter().flatten().map(|&x| x as f64).sum::<f64>() / (2 * n) as f64).exp();
+        let rel = (run.ppl(0, n) - ppl_want).abs() / ppl_want;
+        eprintln!("{name}: worst |ΔNLL| {worst:.2e}, ppl {:.4} vs candle {ppl_want:.4} (relative {rel:.1e})", run.ppl(0, n));
+        assert!(rel < 1e-4, "{name}: ppl {} vs candle {ppl_want}", run.ppl(0, n));
+        assert!(run.ppl(0, n) > 1.5 && run.ppl(0, n) < 200.0, "a real text's perplexity");
+    }
+}
+
+/// Greedy generation through Full picks, at every step, candle's argmax given the prompt and the tokens generated
+/// so far (unless candle's top two are within 1e-3 nats — a tie that f32 order may break either way); both batch
+/// rows generate the same; an evicting cache smaller than the prompt generates valid ids of the vocabulary.
+#[test]
+fn greedy_generation_follows_candle() {
+    let ms = models();
+    let prompt = text_ids("prideprejudice.txt", 50_000, 24);
+    let g = generate(common::client(), &ms.burn, &CacheSpec { name: "full".into(), budget: None }, &prompt, 2, 8, DType::F32).unwrap();
+    assert_eq!(g.tokens[0], g.tokens[1], "the batch rows are the same sequence");
+    let all: Vec<u32> = prompt.iter().chain(&g.tokens[0]).copied().collect();
+    let lp = candle_logits(&all);
+    for (i, &tok) in g.tokens[0].iter().enumerate() {
+        let row = &lp[prompt.len() - 1 + i];
+        let best = row.iter().cloned().fold(f32::MIN, f32::max);
+        assert!(best - row[tok as usize] <= 1e-3, "step {i}: generated {tok} at {} nats below candle's best", best - row[tok as usize]);
+    }
+    eprintln!("prompt …{:?} → {:?}", ms.tok.decode(&prompt[16..]).unwrap(), ms.tok.decode(&g.tokens[0]).unwrap());
+    let small = generate(common::client(), &ms.burn, &CacheSpec { name: "streaming-llm".into(), budget: Some(16) }, &prompt, 1, 4, DType::F32).unwrap();
+    assert!(small.tokens[0].len() == 4 && small.tokens[0].iter().all(|&t| (t as usize) < ms.burn.cfg.vocab));
+    assert!(small.physical_bytes < g.physical_bytes);
+}
