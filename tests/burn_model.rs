@@ -66,7 +66,7 @@ fn burn_model_streams_like_candle() {
         })
         .collect();
     for name in ["full", "full-rank"] {
-        let run = stream(common::client(), &ms.burn, &CacheSpec { name: name.into(), budget: None }, &streams, DType::F32, &mut |_| {}).unwrap();
+        let run = stream(common::client(), &ms.burn, &CacheSpec::new(name, None), &streams, DType::F32, &mut |_| {}).unwrap();
         assert_eq!(run.nll.len(), 2);
         let mut worst: f32 = 0.0;
         for (s, (got, want)) in run.nll.iter().zip(&want).enumerate() {
@@ -92,7 +92,7 @@ fn burn_model_streams_like_candle() {
 fn greedy_generation_follows_candle() {
     let ms = models();
     let prompt = text_ids("prideprejudice.txt", 50_000, 24);
-    let g = generate(common::client(), &ms.burn, &CacheSpec { name: "full".into(), budget: None }, &prompt, 2, 8, DType::F32).unwrap();
+    let g = generate(common::client(), &ms.burn, &CacheSpec::new("full", None), &prompt, 2, 8, DType::F32).unwrap();
     assert_eq!(g.tokens[0], g.tokens[1], "the batch rows are the same sequence");
     let all: Vec<u32> = prompt.iter().chain(&g.tokens[0]).copied().collect();
     let lp = candle_logits(&all);
@@ -102,7 +102,7 @@ fn greedy_generation_follows_candle() {
         assert!(best - row[tok as usize] <= 1e-3, "step {i}: generated {tok} at {} nats below candle's best", best - row[tok as usize]);
     }
     eprintln!("prompt …{:?} → {:?}", ms.tok.decode(&prompt[16..]).unwrap(), ms.tok.decode(&g.tokens[0]).unwrap());
-    let small = generate(common::client(), &ms.burn, &CacheSpec { name: "streaming-llm".into(), budget: Some(16) }, &prompt, 1, 4, DType::F32).unwrap();
+    let small = generate(common::client(), &ms.burn, &CacheSpec::new("streaming-llm", Some(16)), &prompt, 1, 4, DType::F32).unwrap();
     assert!(small.tokens[0].len() == 4 && small.tokens[0].iter().all(|&t| (t as usize) < ms.burn.cfg.vocab));
     assert!(small.physical_bytes < g.physical_bytes);
 }

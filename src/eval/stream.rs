@@ -32,23 +32,36 @@ pub struct CacheSpec {
     pub name: String,
     /// Entries per KV head; `None` for Full (it holds the whole stream).
     pub budget: Option<usize>,
+    /// RoPE base instead of the one [`rope_base`] picks.
+    pub rope_base: Option<f64>,
 }
 
 impl CacheSpec {
-    /// `name` or `name@budget`.
+    /// A cache by name, with a budget (`None` for Full) and the default RoPE base.
+    pub fn new(name: &str, budget: Option<usize>) -> Self {
+        CacheSpec { name: name.to_string(), budget, rope_base: None }
+    }
+
+    /// `name`, `name@budget`, and `/base=B` when the base is set.
     pub fn label(&self) -> String {
-        match self.budget {
+        let mut s = match self.budget {
             Some(b) => format!("{}@{b}", self.name),
             None => self.name.clone(),
+        };
+        if let Some(b) = self.rope_base {
+            s += &format!("/base={b}");
         }
+        s
     }
 }
 
-/// The RoPE base a cache runs at for a stream of `len` tokens: the model's, or for `full-ntk` LongLLaDA's
-/// `λ·β0` with the model's trained context as `T_train` (the base is unchanged when `len` is within it).
+/// The RoPE base a cache runs at for a stream of `len` tokens: `spec.rope_base` when set, else the model's, or for
+/// `full-ntk` LongLLaDA's `λ·β0` with the model's trained context as `T_train` (unchanged when `len` is within it).
 pub fn rope_base(model: &BurnModel, spec: &CacheSpec, len: usize) -> f64 {
     let c = &model.cfg;
-    if spec.name == "full-ntk" && len > c.context {
+    if let Some(b) = spec.rope_base {
+        b
+    } else if spec.name == "full-ntk" && len > c.context {
         crate::rope::ntk_scaled_base(c.head_dim, c.rope_base, c.context, len)
     } else {
         c.rope_base
@@ -58,6 +71,9 @@ pub fn rope_base(model: &BurnModel, spec: &CacheSpec, len: usize) -> f64 {
 /// A cache per layer for `spec`, batch `b`, a stream of `len` tokens: (caches, whether they rotate by rank, base).
 fn caches_for(client: &Client, model: &BurnModel, spec: &CacheSpec, b: usize, len: usize, dtype: DType) -> Result<(Vec<crate::policy::PolicyCache>, bool, f64), Error> {
     let base = rope_base(model, spec, len);
+    if !(base.is_finite() && base > 1.0) {
+        return Err(Error::Config("RoPE base must be finite and > 1"));
+    }
     let name = if spec.name == "full-ntk" { "full" } else { spec.name.as_str() };
     let cap = match (name.starts_with("full"), spec.budget) {
         (true, None) => len,
@@ -208,4 +224,112 @@ pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[
     let tokens = (0..batch).map(|s| (0..k).map(|t| flat[t * batch + s]).collect()).collect();
     let physical_bytes = caches.iter().map(CompressedKvCache::physical_bytes).sum();
     Ok(Generation { tokens, prompt_secs, decode_secs, physical_bytes, rope_base: base })
+}
+
+/// The buckets of a table over `len` tokens: `[0, b)`, `[b, 2b)`, then doubling (`[2b, 4b)`, …) up to `len`.
+pub fn table_ranges(len: usize, b: usize) -> Vec<(usize, usize)> {
+    let mut r = vec![(0, b.min(len))];
+    let mut lo = b;
+    while lo < len {
+        let hi = if lo == b { 2 * b } else { 2 * lo };
+        r.push((lo, hi.min(len)));
+        lo = hi;
+    }
+    r
+}
+
+/// Markdown table: per run, bytes, perplexity over the stream and over [`table_ranges`], tokens/s.
+pub fn table(runs: &[StreamRun], bucket: usize) -> String {
+    let len = runs.iter().map(|r| r.nll.first().map_or(0, Vec::len)).max().unwrap_or(0);
+    let ranges = table_ranges(len, bucket);
+    let mut s = String::from("| cache | RoPE base | cache MB | PPL (all) |");
+    for (a, b) in &ranges {
+        s += &format!(" PPL {}k–{}k |", a / 1000, (b + 500) / 1000);
+    }
+    s += " tokens/s per sequence |\n|---|---|---|---|";
+    s += &"---|".repeat(ranges.len() + 1);
+    s += "\n";
+    for r in runs {
+        let n = r.nll.first().map_or(0, Vec::len);
+        s += &format!("| {} | {} | {:.1} | {:.2} |", r.spec.label(), r.rope_base, r.physical_bytes as f64 / 1e6, r.ppl(0, n));
+        for &(a, b) in &ranges {
+            s += &format!(" {:.2} |", r.ppl(a, b));
+        }
+        s += &format!(" {:.1} |\n", n as f64 / r.secs.max(1e-12));
+    }
+    s
+}
+
+/// JSON: every run with its per-bucket perplexity (`bucket` tokens) and per-stream NLL sums per bucket.
+pub fn to_json(runs: &[StreamRun], bucket: usize) -> serde_json::Value {
+    serde_json::Value::Array(
+        runs.iter()
+            .map(|r| {
+                let n = r.nll.first().map_or(0, Vec::len);
+                let buckets: Vec<f64> = (0..n.div_ceil(bucket)).map(|i| r.ppl(i * bucket, (i + 1) * bucket)).collect();
+                serde_json::json!({
+                    "cache": r.spec.name, "budget": r.spec.budget, "label": r.spec.label(), "rope_base": r.rope_base,
+                    "physical_bytes": r.physical_bytes, "tokens": n, "streams": r.nll.len(), "secs": r.secs,
+                    "ppl": r.ppl(0, n), "bucket": bucket, "ppl_per_bucket": buckets,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// A plot (SVG): perplexity per bucket against the position in the stream (log scale), one panel per budget
+/// (the budget-free caches — Full, Full-NTK — drawn in every panel), a line per cache; a dashed line at the
+/// model's trained context.
+pub fn svg(runs: &[StreamRun], bucket: usize, trained: usize) -> String {
+    let mut budgets: Vec<usize> = runs.iter().filter_map(|r| r.spec.budget).collect();
+    budgets.sort();
+    budgets.dedup();
+    if budgets.is_empty() {
+        budgets.push(0);
+    }
+    let mut names: Vec<String> = runs.iter().map(|r| r.spec.name.clone()).collect();
+    names.dedup();
+    let colors = ["#000000", "#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"];
+    let (pw, ph, m) = (480.0, 300.0, 70.0);
+    let len = runs.iter().map(|r| r.nll.first().map_or(0, Vec::len)).max().unwrap_or(1).max(1);
+    let series = |r: &StreamRun| -> Vec<(f64, f64)> { (0..len.div_ceil(bucket)).map(|i| (((i as f64) + 0.5) * bucket as f64, r.ppl(i * bucket, (i + 1) * bucket))).collect() };
+    let all: Vec<f64> = runs.iter().flat_map(|r| series(r).into_iter().map(|p| p.1.max(1.0).log10())).filter(|v| v.is_finite()).collect();
+    let lo = all.iter().cloned().fold(f64::MAX, f64::min).min(1.0) - 0.05;
+    let hi = all.iter().cloned().fold(lo + 0.1, f64::max) + 0.05;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+        budgets.len() as f64 * (pw + m) + m + 150.0,
+        ph + 2.0 * m
+    );
+    for (pi, &bgt) in budgets.iter().enumerate() {
+        let (x0, y0) = (m + pi as f64 * (pw + m), 30.0);
+        let px = |t: f64| x0 + t / len as f64 * pw;
+        let py = |v: f64| y0 + ph - (v.max(1.0).log10() - lo) / (hi - lo) * ph;
+        out += &format!("<rect x=\"{x0}\" y=\"{y0}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#444\"/>\n");
+        let title = if bgt == 0 { "perplexity per bucket".to_string() } else { format!("budget {bgt} entries per head: perplexity per {bucket}-token bucket") };
+        out += &format!("<text x=\"{x0}\" y=\"{}\">{title} (log scale)</text>\n", y0 - 8.0);
+        for k in 0..=4 {
+            let v = 10f64.powf(lo + (hi - lo) * k as f64 / 4.0);
+            out += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.1}</text>\n", x0 - 3.0, py(v) + 4.0);
+        }
+        for k in 0..=4 {
+            let t = len as f64 * k as f64 / 4.0;
+            out += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{:.0}k</text>\n", px(t), y0 + ph + 14.0, t / 1000.0);
+        }
+        out += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">position in the stream (tokens)</text>\n", x0 + pw / 2.0, y0 + ph + 30.0);
+        if trained < len {
+            out += &format!("<line x1=\"{0:.1}\" y1=\"{y0}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#999\" stroke-dasharray=\"4 3\"/><text x=\"{2:.1}\" y=\"{3}\" fill=\"#666\">trained context</text>\n", px(trained as f64), y0 + ph, px(trained as f64) + 3.0, y0 + 12.0);
+        }
+        for r in runs.iter().filter(|r| r.spec.budget.is_none() || r.spec.budget == Some(bgt)) {
+            let ci = names.iter().position(|n| *n == r.spec.name).unwrap_or(0);
+            let pts: Vec<String> = series(r).iter().map(|&(t, v)| format!("{:.1},{:.1}", px(t), py(v))).collect();
+            out += &format!("<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\"/>\n", pts.join(" "), colors[ci % colors.len()]);
+        }
+    }
+    let lx = budgets.len() as f64 * (pw + m) + m;
+    for (ci, n) in names.iter().enumerate() {
+        let y = 40.0 + 16.0 * ci as f64;
+        out += &format!("<rect x=\"{lx}\" y=\"{}\" width=\"12\" height=\"4\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{n}</text>\n", y - 4.0, colors[ci % colors.len()], lx + 16.0, y);
+    }
+    out + "</svg>\n"
 }
