@@ -522,11 +522,7 @@ fn cmd_generate(backend: &str, a: GenerateArgs) -> Result<(), Fail> {
     for name in &a.policy {
         let name = name.trim();
         check_cache_name(name, false)?;
-        let budget = if name.starts_with("full") {
-            None
-        } else {
-            Some(a.budget.filter(|&b| b > 0).ok_or_else(|| Fail::Usage(format!("`{name}` needs --budget N (entries per KV head)")))?)
-        };
+        let budget = if name.starts_with("full") { None } else { Some(a.budget.filter(|&b| b > 0).ok_or_else(|| Fail::Usage(format!("`{name}` needs --budget N (entries per KV head)")))?) };
         let mut spec = CacheSpec::new(name, budget);
         spec.rope_base = a.rope_base;
         caches.push(spec);

@@ -43,7 +43,16 @@ fn load(backend: &str, gguf: Option<&std::path::Path>) -> Result<(cubecl::client
     let (model, content) = BurnModel::load(&path, &device).map_err(|e| e.to_string())?;
     let tok = Tokenizer::from_gguf(&content).map_err(|e| e.to_string())?;
     let c = &model.cfg;
-    eprintln!("model: {} ({} layers, {}/{} heads, D {}, trained context {}), on the device in {:.1} s", path.display(), c.layers, c.heads, c.kv_heads, c.head_dim, c.context, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "model: {} ({} layers, {}/{} heads, D {}, trained context {}), on the device in {:.1} s",
+        path.display(),
+        c.layers,
+        c.heads,
+        c.kv_heads,
+        c.head_dim,
+        c.context,
+        t0.elapsed().as_secs_f64()
+    );
     Ok((client, model, tok))
 }
 
@@ -109,12 +118,20 @@ pub fn run_stream(backend: &str, o: &StreamOptions) -> Result<(), String> {
         }
         streams.push(ids[..o.tokens + 1].to_vec());
     }
-    let mut runs: Vec<StreamRun> = Vec::new();
-    for spec in &o.caches {
-        runs.push(stream(&client, &model, spec, &streams, o.dtype, &mut |line| eprintln!("{line}")).map_err(|e| format!("{}: {e}", spec.label()))?);
-    }
+    let runs: Vec<StreamRun> = stream(&client, &model, &o.caches, &streams, o.dtype, &mut |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
+    let secs = runs.first().map_or(0.0, |r| r.secs);
     let names: Vec<String> = o.texts.iter().map(|p| p.file_stem().map_or_else(|| p.display().to_string(), |s| s.to_string_lossy().into_owned())).collect();
-    println!("stream: {} tokens of {} from their first token, dtype {:?}, device {}, model trained to {}", o.tokens, names.join(" + "), o.dtype, kvsqueeze::attention::device_name(&client), model.cfg.context);
+    println!(
+        "stream: {} tokens of {} from their first token, every cache in one batch of {} sequences ({:.1} s, {:.1} steps/s), dtype {:?}, device {}, model trained to {}",
+        o.tokens,
+        names.join(" + "),
+        runs.len() * streams.len(),
+        secs,
+        o.tokens as f64 / secs.max(1e-12),
+        o.dtype,
+        kvsqueeze::attention::device_name(&client),
+        model.cfg.context
+    );
     print!("{}", table(&runs, o.bucket));
     if let Some(f) = json_out {
         let doc = serde_json::json!({"settings": {"tokens": o.tokens, "texts": names, "dtype": format!("{:?}", o.dtype), "device": kvsqueeze::attention::device_name(&client), "trained_context": model.cfg.context}, "runs": to_json(&runs, o.bucket)});

@@ -13,10 +13,14 @@
 //! the `[B, in]` rows. The GGUF's Q/K rows pair dims `2i, 2i+1` (llama.cpp's permutation); here their rows are
 //! reordered per head to `even dims, then odd dims`, the rotate-half layout our kernels use, so that one layout
 //! serves both RoPE places (a consistent permutation of q and k leaves every score unchanged):
-//! - [`Rope::Model`]: the model rotates q and k at their true positions (table of [`RopeTable`], any base, e.g.
-//!   LongLLaDA's NTK-scaled one) and the cache stores rotated keys — Full, H2O, TOVA;
-//! - [`Rope::Cache`]: q and k go unrotated to a cache built `with_rope`, which rotates inside attention by cache
-//!   rank — StreamingLLM, TreeKV, WeightedKV.
+//! - the model rotates q and k at their true positions (a [`RopeTable`] segment of any base, e.g. LongLLaDA's
+//!   NTK-scaled one) and the cache stores rotated keys — Full, H2O, TOVA;
+//! - or q and k go unrotated (the table's identity segment) to a cache built `with_rope`, which rotates inside
+//!   attention by cache rank — StreamingLLM, TreeKV, WeightedKV.
+//!
+//! Caches of different policies, budgets and RoPE places can share one batch ([`CacheGroup`]: consecutive rows
+//! per cache): the model's launches are shared, which is what makes the stream protocol over every cache one
+//! pass.
 //!
 //! The rotation is `q·cos + (q R)·sin` with `R` the rotate-half matrix folded into a second copy of the Q/K
 //! weights at load (`W R`), so RoPE costs one more matmul and two multiplies instead of slices and a concat.
@@ -61,15 +65,19 @@ pub struct BurnModel {
     layers: Vec<Layer>,
 }
 
-/// cos and sin of every (position, dim) for the rotate-half layout, `[positions, D]` f32 each, on the device.
+/// cos and sin of every (segment, position, dim) for the rotate-half layout, `[segments·len, D]` f32 each, on the
+/// device. A segment is one RoPE base, or the identity (cos 1, sin 0: q and k pass unrotated, for a cache that
+/// rotates by rank itself); a row of the batch reads row `segment·len + position` (see [`BurnModel::step`]), so
+/// that caches of different RoPE bases and places share one batch.
 pub struct RopeTable {
     cos: BTensor,
     sin: BTensor,
     len: usize,
+    segments: usize,
 }
 
 impl RopeTable {
-    /// Positions the table covers (`0..len`).
+    /// Positions per segment (`0..len`).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -78,14 +86,14 @@ impl RopeTable {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-}
 
-/// Where q and k are rotated (see the module docs).
-pub enum Rope<'a> {
-    /// By the model at the true positions `pos`, from this table.
-    Model(&'a RopeTable),
-    /// By the cache, inside attention.
-    Cache,
+    /// The table row of `position` in `segment`, for the `rope_rows` of [`BurnModel::step`].
+    pub fn row(&self, segment: usize, position: usize) -> Result<u32, Error> {
+        if segment >= self.segments || position >= self.len {
+            return Err(Error::Config("RoPE table row out of range"));
+        }
+        u32::try_from(segment * self.len + position).map_err(|_| Error::Config("RoPE table row beyond u32"))
+    }
 }
 
 fn upload(device: &cubecl::Device, data: Vec<f32>, shape: &[usize]) -> BTensor {
@@ -230,19 +238,24 @@ impl BurnModel {
         &self.device
     }
 
-    /// RoPE table for positions `0..len` at base `base` (angles in f64, rounded once).
-    pub fn rope_table(&self, base: f64, len: usize) -> RopeTable {
+    /// RoPE table of positions `0..len` for each segment: `Some(base)` rotates at that base (angles in f64, rounded
+    /// once), `None` is the identity.
+    pub fn rope_table(&self, segments: &[Option<f64>], len: usize) -> RopeTable {
         let d = self.cfg.head_dim;
         let half = d / 2;
-        let (mut cos, mut sin) = (Vec::with_capacity(len * d), Vec::with_capacity(len * d));
-        for p in 0..len {
-            for j in 0..d {
-                let a = p as f64 * base.powf(-2.0 * (j % half) as f64 / d as f64);
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
+        let n = segments.len() * len * d;
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for seg in segments {
+            for p in 0..len {
+                for j in 0..d {
+                    let a = seg.map_or(0.0, |base| p as f64 * base.powf(-2.0 * (j % half) as f64 / d as f64));
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
             }
         }
-        RopeTable { cos: upload(&self.device, cos, &[len, d]), sin: upload(&self.device, sin, &[len, d]), len }
+        let rows = segments.len() * len;
+        RopeTable { cos: upload(&self.device, cos, &[rows, d]), sin: upload(&self.device, sin, &[rows, d]), len, segments: segments.len() }
     }
 
     fn rms(&self, x: BTensor, w: &BTensor) -> BTensor {
@@ -251,55 +264,59 @@ impl BurnModel {
         Cb::float_mul(Cb::float_mul(x, r), w.clone())
     }
 
-    /// One decode step of every sequence: `tokens` `[B]` int (this step's input ids), `pos` `[B]` int (their true
-    /// positions, read only by [`Rope::Model`]; must be `< table.len`, which is not checked on the device), one cache
-    /// per layer (`caches[l]`, all of batch `B`, this model's heads and head dim, dtype `dtype`). Returns the
-    /// logits `[B, vocab]` f32. Launches only: no upload, no read-back, no allocation beyond burn's own.
-    pub fn step<C: CompressedKvCache>(&self, tokens: &BTensor, pos: &BTensor, rope: &Rope, caches: &mut [C], dtype: DType) -> Result<BTensor, Error> {
+    /// One decode step of every sequence: `tokens` `[B]` int (this step's input ids), `rope_rows` `[B]` int (each
+    /// row's [`RopeTable::row`]: its segment and true position; values are not checked on the device), and the
+    /// caches as groups of consecutive batch rows (`groups[i].rows` rows each, summing to `B`; `layers[l]` is layer
+    /// `l`'s cache, of batch `rows`, this model's heads and head dim, dtype `dtype`). Returns the logits `[B, vocab]`
+    /// f32. Launches only: no upload, no read-back; with several groups, one concatenation per layer of their
+    /// outputs.
+    pub fn step<C: CompressedKvCache>(&self, tokens: &BTensor, rope_rows: &BTensor, table: &RopeTable, groups: &mut [CacheGroup<C>], dtype: DType) -> Result<BTensor, Error> {
         let c = &self.cfg;
         let b = tokens.meta.shape()[0];
-        if tokens.meta.shape().len() != 1 || pos.meta.shape().to_vec() != vec![b] {
-            return Err(Error::ShapeMismatch { tensor: "pos", expected: vec![b], got: pos.meta.shape().to_vec() });
+        if tokens.meta.shape().len() != 1 || rope_rows.meta.shape().to_vec() != vec![b] {
+            return Err(Error::ShapeMismatch { tensor: "rope_rows", expected: vec![b], got: rope_rows.meta.shape().to_vec() });
         }
-        if caches.len() != c.layers {
-            return Err(Error::Config("one cache per layer"));
+        if groups.iter().map(|g| g.rows).sum::<usize>() != b || groups.iter().any(|g| g.layers.len() != c.layers || g.rows == 0) {
+            return Err(Error::Config("cache groups must cover the batch, one cache per layer each"));
+        }
+        if dtype == DType::U32 {
+            return Err(Error::Config("a cache of u32 values"));
         }
         let (hq, hkv, d) = (c.heads, c.kv_heads, c.head_dim);
-        let trig = match rope {
-            Rope::Model(t) => {
-                let row = |tab: &BTensor| reshape(Cb::float_select(tab.clone(), 0, pos.clone()), &[b, 1, d]);
-                Some((row(&t.cos), row(&t.sin)))
-            }
-            Rope::Cache => None,
+        let trig = |tab: &BTensor| reshape(Cb::float_select(tab.clone(), 0, rope_rows.clone()), &[b, 1, d]);
+        let (cos, sin) = (trig(&table.cos), trig(&table.sin));
+        let cast = |x: BTensor, to: DType| match to {
+            DType::F16 => Cb::float_cast(x, FloatDType::F16),
+            DType::BF16 => Cb::float_cast(x, FloatDType::BF16),
+            _ => Cb::float_cast(x, FloatDType::F32),
         };
-        let to_cache = |x: BTensor, shape: &[usize]| -> Result<crate::DeviceTensor, Error> {
-            let x = reshape(x, shape);
-            let x = match dtype {
-                DType::F32 => x,
-                DType::F16 => Cb::float_cast(x, FloatDType::F16),
-                DType::BF16 => Cb::float_cast(x, FloatDType::BF16),
-                DType::U32 => return Err(Error::Config("a cache of u32 values")),
-            };
-            from_burn(&x)
+        // `x·cos + (x R)·sin` per head: `[B, heads·D]` twice → `[B, heads, D]`.
+        let rotate = |a: BTensor, r: BTensor, heads: usize| Cb::float_add(Cb::float_mul(reshape(a, &[b, heads, d]), cos.clone()), Cb::float_mul(reshape(r, &[b, heads, d]), sin.clone()));
+        // Rows `r0..r0 + n` of a contiguous `[B, …]` tensor, as a contiguous view `[n, …]`.
+        let rows = |x: &crate::DeviceTensor, r0: usize, n: usize| -> crate::DeviceTensor {
+            let mut sh = x.shape.clone();
+            let per: usize = sh[1..].iter().product();
+            sh[0] = n;
+            x.view(&sh, &crate::tensor::contiguous_strides(&sh), x.offset + r0 * per)
         };
         let mut x = Cb::float_select(self.embed.clone(), 0, tokens.clone()); // [B, H]
         for (l, w) in self.layers.iter().enumerate() {
             let h = self.rms(x.clone(), &w.attn_norm);
-            let (q, k) = match &trig {
-                Some((cos, sin)) => {
-                    let rot = |a: BTensor, r: BTensor, heads: usize| {
-                        let (a, r) = (reshape(a, &[b, heads, d]), reshape(r, &[b, heads, d]));
-                        Cb::float_add(Cb::float_mul(a, cos.clone()), Cb::float_mul(r, sin.clone()))
-                    };
-                    (rot(mm(&h, &w.wq), mm(&h, &w.wq_rot), hq), rot(mm(&h, &w.wk), mm(&h, &w.wk_rot), hkv))
-                }
-                None => (mm(&h, &w.wq), mm(&h, &w.wk)),
-            };
-            let v = mm(&h, &w.wv);
-            let (qd, kd, vd) = (to_cache(q, &[b, 1, hq, d])?, to_cache(k, &[b, hkv, d])?, to_cache(v, &[b, hkv, d])?);
-            let o = caches[l].step(&qd, &kd, &vd)?;
-            let o = to_burn(&self.device, &o)?;
-            let o = if dtype == DType::F32 { o } else { Cb::float_cast(o, FloatDType::F32) };
+            let q = reshape(rotate(mm(&h, &w.wq), mm(&h, &w.wq_rot), hq), &[b, 1, hq, d]);
+            let k = rotate(mm(&h, &w.wk), mm(&h, &w.wk_rot), hkv);
+            let v = reshape(mm(&h, &w.wv), &[b, hkv, d]);
+            let (q, k, v) = if dtype == DType::F32 { (q, k, v) } else { (cast(q, dtype), cast(k, dtype), cast(v, dtype)) };
+            let (qd, kd, vd) = (from_burn(&q)?, from_burn(&k)?, from_burn(&v)?);
+            let mut outs = Vec::with_capacity(groups.len());
+            let mut r0 = 0;
+            for g in groups.iter_mut() {
+                let n = g.rows;
+                let o = g.layers[l].step(&rows(&qd, r0, n), &rows(&kd, r0, n), &rows(&vd, r0, n))?;
+                outs.push(to_burn(&self.device, &o)?);
+                r0 += n;
+            }
+            let o = if outs.len() == 1 { outs.pop().expect("one group") } else { Cb::float_cat(outs, 0) };
+            let o = if dtype == DType::F32 { o } else { cast(o, DType::F32) };
             x = Cb::float_add(x, mm(&reshape(o, &[b, hq * d]), &w.wo));
             let h = self.rms(x.clone(), &w.ffn_norm);
             let g = mm(&h, &w.gate);
@@ -308,6 +325,14 @@ impl BurnModel {
         }
         Ok(mm(&self.rms(x, &self.norm), &self.head))
     }
+}
+
+/// The caches of `rows` consecutive batch rows of [`BurnModel::step`]: one per layer.
+pub struct CacheGroup<C> {
+    /// Batch rows (the caches' batch).
+    pub rows: usize,
+    /// `layers[l]`: layer `l`'s cache.
+    pub layers: Vec<C>,
 }
 
 /// Greedy choice: `logits [B, V]` → `[B]` int ids, on the device.

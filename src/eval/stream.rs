@@ -11,9 +11,9 @@
 //!
 //! Per step nothing is read back: the NLLs stay on the device and are read every [`READ_EVERY`] tokens.
 
-use super::burn_model::{advance, argmax, nll, read_f32, read_ids, row, upload_ids, BTensor, BurnModel, Rope};
+use super::burn_model::{advance, argmax, nll, read_f32, read_ids, row, upload_ids, BTensor, BurnModel, CacheGroup, RopeTable};
 use super::policy_caches;
-use crate::policy::CompressedKvCache;
+use crate::policy::{CompressedKvCache, PolicyCache};
 use crate::tensor::DType;
 use crate::Error;
 use burn_backend::ops::{FloatTensorOps, IntTensorOps};
@@ -68,21 +68,42 @@ pub fn rope_base(model: &BurnModel, spec: &CacheSpec, len: usize) -> f64 {
     }
 }
 
-/// A cache per layer for `spec`, batch `b`, a stream of `len` tokens: (caches, whether they rotate by rank, base).
-fn caches_for(client: &Client, model: &BurnModel, spec: &CacheSpec, b: usize, len: usize, dtype: DType) -> Result<(Vec<crate::policy::PolicyCache>, bool, f64), Error> {
-    let base = rope_base(model, spec, len);
-    if !(base.is_finite() && base > 1.0) {
-        return Err(Error::Config("RoPE base must be finite and > 1"));
+/// Each spec's caches (one per layer, batch `b`) for a stream of `len` tokens, as consecutive row groups, with the
+/// RoPE table they share and every row's first table row: (groups, table, rope rows `[B]`, bases).
+fn setup(client: &Client, model: &BurnModel, specs: &[CacheSpec], b: usize, len: usize, dtype: DType) -> Result<(Vec<CacheGroup<PolicyCache>>, RopeTable, Vec<u32>, Vec<f64>), Error> {
+    let mut segments: Vec<Option<f64>> = Vec::new();
+    let mut groups = Vec::with_capacity(specs.len());
+    let mut seg_of = Vec::with_capacity(specs.len());
+    let mut bases = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let base = rope_base(model, spec, len);
+        if !(base.is_finite() && base > 1.0) {
+            return Err(Error::Config("RoPE base must be finite and > 1"));
+        }
+        let name = if spec.name == "full-ntk" { "full" } else { spec.name.as_str() };
+        let cap = match (name.starts_with("full"), spec.budget) {
+            (true, None) => len,
+            (false, Some(c)) => c,
+            (true, Some(_)) => return Err(Error::Config("Full takes no budget (it holds the whole stream)")),
+            (false, None) => return Err(Error::Config("an evicting cache needs a budget")),
+        };
+        let (_, rank, layers) = policy_caches(client, &model.cfg, name, b, cap, dtype, base).map_err(Error::Model)?;
+        // A rank-RoPE cache rotates q and k itself: its rows read the identity segment.
+        let seg = if rank { None } else { Some(base) };
+        let k = segments.iter().position(|s| *s == seg).unwrap_or_else(|| {
+            segments.push(seg);
+            segments.len() - 1
+        });
+        seg_of.push(k);
+        bases.push(base);
+        groups.push(CacheGroup { rows: b, layers });
     }
-    let name = if spec.name == "full-ntk" { "full" } else { spec.name.as_str() };
-    let cap = match (name.starts_with("full"), spec.budget) {
-        (true, None) => len,
-        (false, Some(c)) => c,
-        (true, Some(_)) => return Err(Error::Config("Full takes no budget (it holds the whole stream)")),
-        (false, None) => return Err(Error::Config("an evicting cache needs a budget")),
-    };
-    let (_, rank, caches) = policy_caches(client, &model.cfg, name, b, cap, dtype, base).map_err(Error::Model)?;
-    Ok((caches, rank, base))
+    let table = model.rope_table(&segments, len);
+    let mut rows = Vec::with_capacity(b * specs.len());
+    for &k in &seg_of {
+        rows.extend(std::iter::repeat_n(table.row(k, 0)?, b));
+    }
+    Ok((groups, table, rows, bases))
 }
 
 /// What one cache did over the streams.
@@ -114,48 +135,61 @@ impl StreamRun {
     }
 }
 
-/// Streams `streams` (equal lengths `len + 1` token ids; one sequence each) through the model with `spec`'s caches
-/// (see the module docs); `progress` gets a line every [`READ_EVERY`] steps.
-pub fn stream(client: &Client, model: &BurnModel, spec: &CacheSpec, streams: &[Vec<u32>], dtype: DType, progress: &mut dyn FnMut(&str)) -> Result<StreamRun, Error> {
-    let b = streams.len();
+/// Streams `streams` (equal lengths `len + 1` token ids; one sequence each) through the model once per spec —
+/// all specs in one batch (`specs.len() · streams.len()` rows: the model's launches are shared) — and returns a run
+/// per spec (see the module docs); `progress` gets a line every [`READ_EVERY`] steps. `secs` of every run is the
+/// whole batch's time.
+pub fn stream(client: &Client, model: &BurnModel, specs: &[CacheSpec], streams: &[Vec<u32>], dtype: DType, progress: &mut dyn FnMut(&str)) -> Result<Vec<StreamRun>, Error> {
+    let n_s = streams.len();
     let total = streams.first().map(Vec::len).unwrap_or(0);
-    if b == 0 || total < 2 || streams.iter().any(|s| s.len() != total) {
-        return Err(Error::Config("streams must be at least one, of equal lengths ≥ 2"));
+    if n_s == 0 || specs.is_empty() || total < 2 || streams.iter().any(|s| s.len() != total) {
+        return Err(Error::Config("a stream run needs caches and streams of equal lengths ≥ 2"));
     }
     let len = total - 1;
-    let (mut caches, rank, base) = caches_for(client, model, spec, b, len, dtype)?;
+    let (mut groups, table, rope_rows, bases) = setup(client, model, specs, n_s, len, dtype)?;
+    let b = n_s * specs.len();
     let device = model.device();
     // Token ids as `[len + 1, B]`: step t reads row t (inputs) and row t + 1 (targets), views without a launch.
-    let ids: Vec<u32> = (0..total).flat_map(|t| streams.iter().map(move |s| s[t])).collect();
+    let ids: Vec<u32> = (0..total).flat_map(|t| (0..specs.len()).flat_map(move |_| streams.iter().map(move |s| s[t]))).collect();
     let ids = upload_ids(device, &ids, &[total, b]);
-    let table = (!rank).then(|| model.rope_table(base, len));
-    let rope = match &table {
-        Some(t) => Rope::Model(t),
-        None => Rope::Cache,
-    };
-    let mut pos = upload_ids(device, &vec![0; b], &[b]);
+    let mut rope_rows = upload_ids(device, &rope_rows, &[b]);
     let mut nlls = vec![Vec::with_capacity(len); b];
     let mut pending: Vec<BTensor> = Vec::with_capacity(READ_EVERY);
     let t0 = Instant::now();
     for t in 0..len {
-        let logits = model.step(&row(&ids, t), &pos, &rope, &mut caches, dtype)?;
+        let logits = model.step(&row(&ids, t), &rope_rows, &table, &mut groups, dtype)?;
         let target = Cb::int_reshape(row(&ids, t + 1), Shape::from(vec![b, 1]));
         pending.push(nll(logits, &target));
-        pos = advance(&pos);
+        rope_rows = advance(&rope_rows);
         if pending.len() == READ_EVERY || t + 1 == len {
             let k = pending.len();
             let got = read_f32(Cb::float_cat(std::mem::take(&mut pending), 1))?; // [B, k]
-            for (s, out) in nlls.iter_mut().enumerate() {
-                out.extend_from_slice(&got[s * k..(s + 1) * k]);
+            for (r, out) in nlls.iter_mut().enumerate() {
+                out.extend_from_slice(&got[r * k..(r + 1) * k]);
             }
             let done = t + 1;
-            let recent: f64 = nlls.iter().map(|v| v[v.len() - k..].iter().map(|&x| x as f64).sum::<f64>()).sum::<f64>() / (k * b) as f64;
-            progress(&format!("{}: {done}/{len} tokens, last {k}: ppl {:.2}, {:.1} tokens/s per sequence", spec.label(), recent.exp(), done as f64 / t0.elapsed().as_secs_f64()));
+            let mut line = format!("{done}/{len} tokens, {:.1} steps/s; last {k} ppl:", done as f64 / t0.elapsed().as_secs_f64());
+            for (i, spec) in specs.iter().enumerate() {
+                let s: f64 = nlls[i * n_s..(i + 1) * n_s].iter().map(|v| v[v.len() - k..].iter().map(|&x| x as f64).sum::<f64>()).sum();
+                line += &format!(" {} {:.2}", spec.label(), (s / (k * n_s) as f64).exp());
+            }
+            progress(&line);
         }
     }
     let secs = t0.elapsed().as_secs_f64();
-    let physical_bytes = caches.iter().map(CompressedKvCache::physical_bytes).sum();
-    Ok(StreamRun { spec: spec.clone(), rope_base: base, nll: nlls, physical_bytes, secs })
+    let mut nlls = nlls.into_iter();
+    Ok(specs
+        .iter()
+        .zip(groups)
+        .zip(bases)
+        .map(|((spec, g), rope_base)| StreamRun {
+            spec: spec.clone(),
+            rope_base,
+            nll: nlls.by_ref().take(n_s).collect(),
+            physical_bytes: g.layers.iter().map(CompressedKvCache::physical_bytes).sum(),
+            secs,
+        })
+        .collect())
 }
 
 /// A generation's tokens and timings.
@@ -189,20 +223,15 @@ pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[
         return Err(Error::Config("a generation needs a prompt, a batch and at least one new token"));
     }
     let len = prompt.len() + new_tokens;
-    let (mut caches, rank, base) = caches_for(client, model, spec, batch, len, dtype)?;
+    let (mut groups, table, rope_rows, bases) = setup(client, model, std::slice::from_ref(spec), batch, len, dtype)?;
     let device = model.device();
     let ids: Vec<u32> = prompt.iter().flat_map(|&t| std::iter::repeat_n(t, batch)).collect();
     let ids = upload_ids(device, &ids, &[prompt.len(), batch]);
-    let table = (!rank).then(|| model.rope_table(base, len));
-    let rope = match &table {
-        Some(t) => Rope::Model(t),
-        None => Rope::Cache,
-    };
-    let mut pos = upload_ids(device, &vec![0; batch], &[batch]);
+    let mut pos = upload_ids(device, &rope_rows, &[batch]);
     let t0 = Instant::now();
     let mut logits = None;
     for t in 0..prompt.len() {
-        logits = Some(model.step(&row(&ids, t), &pos, &rope, &mut caches, dtype)?);
+        logits = Some(model.step(&row(&ids, t), &pos, &table, &mut groups, dtype)?);
         pos = advance(&pos);
     }
     let mut next = argmax(logits.expect("a prompt token"));
@@ -212,7 +241,7 @@ pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[
     let t1 = Instant::now();
     let mut out = vec![next.clone()];
     for _ in 1..new_tokens {
-        let logits = model.step(&next, &pos, &rope, &mut caches, dtype)?;
+        let logits = model.step(&next, &pos, &table, &mut groups, dtype)?;
         pos = advance(&pos);
         next = argmax(logits);
         out.push(next.clone());
@@ -222,8 +251,8 @@ pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[
     let flat = read_ids(cat)?;
     let decode_secs = t1.elapsed().as_secs_f64();
     let tokens = (0..batch).map(|s| (0..k).map(|t| flat[t * batch + s]).collect()).collect();
-    let physical_bytes = caches.iter().map(CompressedKvCache::physical_bytes).sum();
-    Ok(Generation { tokens, prompt_secs, decode_secs, physical_bytes, rope_base: base })
+    let physical_bytes = groups[0].layers.iter().map(CompressedKvCache::physical_bytes).sum();
+    Ok(Generation { tokens, prompt_secs, decode_secs, physical_bytes, rope_base: bases[0] })
 }
 
 /// The buckets of a table over `len` tokens: `[0, b)`, `[b, 2b)`, then doubling (`[2b, 4b)`, …) up to `len`.
@@ -246,8 +275,8 @@ pub fn table(runs: &[StreamRun], bucket: usize) -> String {
     for (a, b) in &ranges {
         s += &format!(" PPL {}k–{}k |", a / 1000, (b + 500) / 1000);
     }
-    s += " tokens/s per sequence |\n|---|---|---|---|";
-    s += &"---|".repeat(ranges.len() + 1);
+    s += "\n|---|---|---|---|";
+    s += &"---|".repeat(ranges.len());
     s += "\n";
     for r in runs {
         let n = r.nll.first().map_or(0, Vec::len);
@@ -255,7 +284,7 @@ pub fn table(runs: &[StreamRun], bucket: usize) -> String {
         for &(a, b) in &ranges {
             s += &format!(" {:.2} |", r.ppl(a, b));
         }
-        s += &format!(" {:.1} |\n", n as f64 / r.secs.max(1e-12));
+        s += "\n";
     }
     s
 }
@@ -318,7 +347,13 @@ pub fn svg(runs: &[StreamRun], bucket: usize, trained: usize) -> String {
         }
         out += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">position in the stream (tokens)</text>\n", x0 + pw / 2.0, y0 + ph + 30.0);
         if trained < len {
-            out += &format!("<line x1=\"{0:.1}\" y1=\"{y0}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#999\" stroke-dasharray=\"4 3\"/><text x=\"{2:.1}\" y=\"{3}\" fill=\"#666\">trained context</text>\n", px(trained as f64), y0 + ph, px(trained as f64) + 3.0, y0 + 12.0);
+            out += &format!(
+                "<line x1=\"{0:.1}\" y1=\"{y0}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#999\" stroke-dasharray=\"4 3\"/><text x=\"{2:.1}\" y=\"{3}\" fill=\"#666\">trained context</text>\n",
+                px(trained as f64),
+                y0 + ph,
+                px(trained as f64) + 3.0,
+                y0 + 12.0
+            );
         }
         for r in runs.iter().filter(|r| r.spec.budget.is_none() || r.spec.budget == Some(bgt)) {
             let ci = names.iter().position(|n| *n == r.spec.name).unwrap_or(0);
