@@ -70,8 +70,27 @@ fn cli_errors_are_one_line_and_exit_non_zero() {
     assert_eq!(fails(&["check", "--backend", "metal2"]).0, 2);
     assert_eq!(fails(&["devices", "--frob"]).0, 2);
     assert_eq!(fails(&["compare", "--dtype", "f64"]).0, 2);
+    // The burn model's commands: bad caches and missing budgets are usage errors before any model is loaded.
+    if cfg!(feature = "eval") {
+        for args in [
+            &["generate", "--policy", "lru"][..],
+            &["generate", "--policy", "h2o"],
+            &["generate", "--policy", "fourier", "--budget", "8"],
+            &["generate", "--tokens", "0"],
+            &["generate", "--rope-base", "1e6", "--ntk-factor", "4"],
+            &["stream", "--caches", "full,fourier"],
+            &["stream", "--budgets", "0"],
+            &["stream", "--tokens", "0"],
+        ] {
+            let (code, line) = fails(args);
+            assert!(code == 2, "{args:?}: {code} {line}");
+        }
+    } else {
+        let (code, line) = fails(&["generate"]);
+        assert!(code == 1 && line.contains("--features eval"), "{line}");
+    }
     // Help on every subcommand, long and short, on stdout with exit 0.
-    for cmd in ["compare", "check", "bench", "replay", "eval", "devices", "demo"] {
+    for cmd in ["compare", "check", "bench", "replay", "eval", "generate", "stream", "devices", "demo"] {
         for flag in ["--help", "-h"] {
             let out = run(&[cmd, flag]);
             let text = String::from_utf8_lossy(&out.stdout);
