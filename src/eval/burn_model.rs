@@ -117,8 +117,23 @@ pub fn read_ids(t: BTensor) -> Result<Vec<u32>, Error> {
     Ok(data.as_slice::<i32>().map_err(|e| Error::Device(format!("{e:?}")))?.iter().map(|&x| x as u32).collect())
 }
 
-fn mm(x: &BTensor, w: &BTensor) -> BTensor {
-    Cb::float_matmul(x.clone(), w.clone())
+/// `x [M, K] · w [K, N]` in f32 by cubek's plain unit routine (one thread per output tile, f32 all through).
+/// Not burn's `float_matmul`: its automatic choice takes the tensor-core routine where the device has one, which
+/// may compute f32 products in TF32 (cubek may lower the stage type) — and on the H100 its outputs for batch
+/// rows past the first were wrong at `M = 2` (`data/bench/2026-12-07-h100-model-batch-rows.md`); the unit routine
+/// is the one every device without tensor cores (lavapipe) already runs, where the model equals candle's forward.
+/// The decode step's matmuls are `M = B` rows against the weights: bandwidth-bound, no use for tensor cores.
+fn mm(x: &BTensor, w: &BTensor) -> Result<BTensor, Error> {
+    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+    use cubek::matmul::{multi_level, strategy::Strategy};
+    let (m, n) = (x.meta.shape()[0], w.meta.shape()[1]);
+    let out = Cb::float_empty(Shape::from(vec![m, n]), &x.device, FloatDType::F32);
+    let st = burn_backend::cubecl::dtype_to_storage_type(burn_backend::DType::F32);
+    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: st, rhs: st, out: st });
+    let strategy = Strategy::MultiLevel(multi_level::Strategy::SimpleUnit(Default::default()));
+    let (lhs, rhs) = (cubek::std::InputBinding::new(x.clone().binding(), st), cubek::std::InputBinding::new(w.clone().binding(), st));
+    cubek::matmul::launch::launch_ref(&strategy, &x.client, lhs, rhs, out.clone().binding(), &mut dtypes).map_err(|e| Error::Device(format!("matmul: {e:?}")))?;
+    Ok(out)
 }
 
 fn reshape(x: BTensor, shape: &[usize]) -> BTensor {
@@ -302,9 +317,9 @@ impl BurnModel {
         let mut x = Cb::float_select(self.embed.clone(), 0, tokens.clone()); // [B, H]
         for (l, w) in self.layers.iter().enumerate() {
             let h = self.rms(x.clone(), &w.attn_norm);
-            let q = reshape(rotate(mm(&h, &w.wq), mm(&h, &w.wq_rot), hq), &[b, 1, hq, d]);
-            let k = rotate(mm(&h, &w.wk), mm(&h, &w.wk_rot), hkv);
-            let v = reshape(mm(&h, &w.wv), &[b, hkv, d]);
+            let q = reshape(rotate(mm(&h, &w.wq)?, mm(&h, &w.wq_rot)?, hq), &[b, 1, hq, d]);
+            let k = rotate(mm(&h, &w.wk)?, mm(&h, &w.wk_rot)?, hkv);
+            let v = reshape(mm(&h, &w.wv)?, &[b, hkv, d]);
             let (q, k, v) = if dtype == DType::F32 { (q, k, v) } else { (cast(q, dtype), cast(k, dtype), cast(v, dtype)) };
             let (qd, kd, vd) = (from_burn(&q)?, from_burn(&k)?, from_burn(&v)?);
             let mut outs = Vec::with_capacity(groups.len());
@@ -317,13 +332,13 @@ impl BurnModel {
             }
             let o = if outs.len() == 1 { outs.pop().expect("one group") } else { Cb::float_cat(outs, 0) };
             let o = if dtype == DType::F32 { o } else { cast(o, DType::F32) };
-            x = Cb::float_add(x, mm(&reshape(o, &[b, hq * d]), &w.wo));
+            x = Cb::float_add(x, mm(&reshape(o, &[b, hq * d]), &w.wo)?);
             let h = self.rms(x.clone(), &w.ffn_norm);
-            let g = mm(&h, &w.gate);
-            let ff = Cb::float_mul(Cb::float_mul(g.clone(), Cb::sigmoid(g)), mm(&h, &w.up));
-            x = Cb::float_add(x, mm(&ff, &w.down));
+            let g = mm(&h, &w.gate)?;
+            let ff = Cb::float_mul(Cb::float_mul(g.clone(), Cb::sigmoid(g)), mm(&h, &w.up)?);
+            x = Cb::float_add(x, mm(&ff, &w.down)?);
         }
-        Ok(mm(&self.rms(x, &self.norm), &self.head))
+        mm(&self.rms(x, &self.norm), &self.head)
     }
 }
 

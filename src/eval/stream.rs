@@ -273,7 +273,7 @@ pub fn table(runs: &[StreamRun], bucket: usize) -> String {
     let ranges = table_ranges(len, bucket);
     let mut s = String::from("| cache | RoPE base | cache MB | PPL (all) |");
     for (a, b) in &ranges {
-        s += &format!(" PPL {}k–{}k |", a / 1000, (b + 500) / 1000);
+        s += &format!(" PPL {a}–{b} |");
     }
     s += "\n|---|---|---|---|";
     s += &"---|".repeat(ranges.len());
