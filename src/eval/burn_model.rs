@@ -117,12 +117,12 @@ pub fn read_ids(t: BTensor) -> Result<Vec<u32>, Error> {
     Ok(data.as_slice::<i32>().map_err(|e| Error::Device(format!("{e:?}")))?.iter().map(|&x| x as u32).collect())
 }
 
-/// `x [M, K] · w [K, N]` in f32 by cubek's plain unit routine (one thread per output tile, f32 all through).
-/// Not burn's `float_matmul`: its automatic choice takes the tensor-core routine where the device has one, which
-/// may compute f32 products in TF32 (cubek may lower the stage type) — and on the H100 its outputs for batch
-/// rows past the first were wrong at `M = 2` (`data/bench/2026-12-07-h100-model-batch-rows.md`); the unit routine
-/// is the one every device without tensor cores (lavapipe) already runs, where the model equals candle's forward.
-/// The decode step's matmuls are `M = B` rows against the weights: bandwidth-bound, no use for tensor cores.
+/// `x [M, K] · w [K, N]` by cubek's plain unit routine (no tensor cores, f32 all through), not burn's
+/// `float_matmul`: that one's automatic choice takes cubek's tensor-core routine wherever the device has tensor
+/// cores, which may lower an f32 product to TF32 — and on the H100, while the model used it, batch rows past the
+/// first came out wrong (suspected cause, not yet verified there: `data/bench/2026-12-07-h100-model-batch-rows.md`).
+/// The unit routine is the one lavapipe always ran, where the model equals candle's forward. A decode step's
+/// matmuls are `M = B` rows against the weights: bandwidth-bound, little for tensor cores to win.
 fn mm(x: &BTensor, w: &BTensor) -> Result<BTensor, Error> {
     use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
     use cubek::matmul::{multi_level, strategy::Strategy};
