@@ -604,10 +604,8 @@ fn cmd_eval(backend: &str, a: EvalArgs) -> Result<(), Fail> {
     }
     opts.prefill = if a.prefill == "stream" { Prefill::Stream } else { Prefill::Select };
     if texts.is_empty() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/texts");
         for name in ["prideprejudice", "sensesensibility"] {
-            let local = std::path::Path::new("data/texts").join(format!("{name}.txt"));
-            texts.push((name.to_string(), if local.is_file() { local } else { root.join(format!("{name}.txt")) }));
+            texts.push((name.to_string(), dev_text(name)));
         }
     }
     let gguf = find_gguf(a.gguf.as_deref()).map_err(|e| Fail::Refused(e.to_string()))?;
