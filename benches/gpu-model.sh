@@ -8,6 +8,10 @@
 #   join                     join carry-gguf*/gguf.part* into assets/ and check it
 #   generate ARGS…           kvsqueeze --backend cuda generate ARGS…
 #   stream ARGS…             kvsqueeze --backend cuda stream ARGS…
+#   test ARGS…               the CUDA build of tests/burn_model.rs, carried as carry-test/burn_model.xz (built with
+#                            `cargo test --release --features "cuda eval" --no-run --target-dir target/cuda
+#                            --test burn_model`); it reads the texts from the build's CARGO_MANIFEST_DIR, which
+#                            is linked to this checkout first
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,5 +28,9 @@ case "$stage" in
   generate|stream)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
     "$BIN" --backend cuda "$stage" --gguf "$G" "$@" ;;
+  test)
+    mkdir -p /work && ln -sfn "$PWD" /work/main
+    xz -dc carry-test/burn_model.xz > /tmp/burn_model-test && chmod +x /tmp/burn_model-test
+    KVSQUEEZE_DEVICE=cuda KVSQUEEZE_REQUIRE_ALL=1 /tmp/burn_model-test --test-threads=1 --nocapture "$@" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
