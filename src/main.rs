@@ -169,6 +169,12 @@ struct GenerateArgs {
     /// RoPE base = this × the model's (LongLLaDA's λ; `kvsqueeze::rope::ntk_scale_factor` computes it).
     #[arg(long)]
     ntk_factor: Option<f64>,
+    /// Sample from softmax(logits / T) instead of taking the argmax (Gumbel-max on the device).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Seed of the sampling (with --temperature).
+    #[arg(long, default_value_t = 0, requires = "temperature")]
+    seed: u64,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
 }
@@ -518,6 +524,11 @@ fn cmd_generate(backend: &str, a: GenerateArgs) -> Result<(), Fail> {
     if a.tokens == 0 || a.batch == 0 {
         return Err(Fail::Usage("--tokens and --batch must be at least 1".into()));
     }
+    let sampling = match a.temperature {
+        None => kvsqueeze::eval::stream::Sampling::Greedy,
+        Some(t) if t.is_finite() && t > 0.0 => kvsqueeze::eval::stream::Sampling::Temperature { temperature: t, seed: a.seed },
+        Some(t) => return Err(Fail::Usage(format!("--temperature must be finite and > 0, got {t}"))),
+    };
     let mut caches = Vec::new();
     for name in &a.policy {
         let name = name.trim();
@@ -528,7 +539,7 @@ fn cmd_generate(backend: &str, a: GenerateArgs) -> Result<(), Fail> {
         caches.push(spec);
     }
     let context = a.context.map(|n| (a.text.clone().unwrap_or_else(|| dev_text("prideprejudice")), n));
-    let o = cli::model::GenerateOptions { gguf: a.gguf, caches, prompt: a.prompt, context, tokens: a.tokens, batch: a.batch, ntk_factor: a.ntk_factor, dtype: a.dtype.into() };
+    let o = cli::model::GenerateOptions { gguf: a.gguf, caches, prompt: a.prompt, context, tokens: a.tokens, batch: a.batch, ntk_factor: a.ntk_factor, sampling, dtype: a.dtype.into() };
     cli::model::run_generate(backend, &o).map_err(Fail::Refused)
 }
 

@@ -78,6 +78,8 @@ fn cli_errors_are_one_line_and_exit_non_zero() {
             &["generate", "--policy", "fourier", "--budget", "8"],
             &["generate", "--tokens", "0"],
             &["generate", "--rope-base", "1e6", "--ntk-factor", "4"],
+            &["generate", "--temperature", "0"],
+            &["generate", "--seed", "3"],
             &["stream", "--caches", "full,fourier"],
             &["stream", "--budgets", "0"],
             &["stream", "--tokens", "0"],

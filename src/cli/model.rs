@@ -2,7 +2,7 @@
 //! attention through our caches (`kvsqueeze::eval::burn_model`, `kvsqueeze::eval::stream`).
 
 use kvsqueeze::eval::burn_model::BurnModel;
-use kvsqueeze::eval::stream::{generate, stream, svg, table, to_json, CacheSpec, StreamRun};
+use kvsqueeze::eval::stream::{generate, stream, svg, table, to_json, CacheSpec, Sampling, StreamRun};
 use kvsqueeze::eval::tokenizer::Tokenizer;
 use kvsqueeze::DType;
 use std::path::PathBuf;
@@ -19,6 +19,7 @@ pub struct GenerateOptions {
     pub batch: usize,
     /// RoPE base = this × the model's, for every cache (LongLLaDA's λ).
     pub ntk_factor: Option<f64>,
+    pub sampling: Sampling,
     pub dtype: DType,
 }
 
@@ -70,6 +71,7 @@ pub fn run_generate(backend: &str, o: &GenerateOptions) -> Result<(), String> {
         }
         None => tok.encode(&o.prompt).map_err(|e| e.to_string())?,
     };
+    println!("sampling: {:?}", o.sampling);
     println!("| cache | RoPE base | cache MB | prompt tokens | prompt s | generated (B × n) | decode s | tokens/s | ms per step |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut texts = Vec::new();
@@ -79,7 +81,7 @@ pub fn run_generate(backend: &str, o: &GenerateOptions) -> Result<(), String> {
             spec.rope_base = Some(f * model.cfg.rope_base);
         }
         let spec = &spec;
-        let g = generate(&client, &model, spec, &prompt, o.batch, o.tokens, o.dtype).map_err(|e| format!("{}: {e}", spec.label()))?;
+        let g = generate(&client, &model, spec, &prompt, o.batch, o.tokens, o.sampling, o.dtype).map_err(|e| format!("{}: {e}", spec.label()))?;
         println!(
             "| {} | {} | {:.1} | {} | {:.2} | {} × {} | {:.3} | {:.1} | {:.2} |",
             spec.label(),

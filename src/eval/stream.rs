@@ -17,7 +17,7 @@ use crate::policy::{CompressedKvCache, PolicyCache};
 use crate::tensor::DType;
 use crate::Error;
 use burn_backend::ops::{FloatTensorOps, IntTensorOps};
-use burn_backend::Shape;
+use burn_backend::{Backend, Distribution, FloatDType, Scalar, Shape};
 use burn_cubecl::CubeBackend as Cb;
 use cubecl::client::Client;
 use std::time::Instant;
@@ -215,12 +215,47 @@ impl Generation {
     }
 }
 
-/// Greedy generation: `prompt` (one for every one of `batch` sequences) is fed token by token through `spec`'s
-/// caches, then `new_tokens` tokens are generated, each the argmax of the last logits, chosen and fed back on the
+/// How [`generate`] picks each next token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (argmax of the logits).
+    Greedy,
+    /// A draw from `softmax(logits / temperature)`, by the Gumbel-max trick on the device — the argmax of
+    /// `logits / temperature + g` with `g = −ln(−ln u)`, `u` uniform — so no probabilities are read back and no
+    /// host random number is drawn per step; `seed` seeds the device generator once (cubek's, process-wide).
+    Temperature {
+        /// `> 0`; towards 0 it is greedy.
+        temperature: f64,
+        /// Seed of the device generator.
+        seed: u64,
+    },
+}
+
+/// The next token of every row, `[B]` int, on the device.
+fn choose(logits: BTensor, sampling: Sampling) -> BTensor {
+    match sampling {
+        Sampling::Greedy => argmax(logits),
+        Sampling::Temperature { temperature, .. } => {
+            let u = Cb::float_random(logits.meta.shape().clone(), Distribution::Uniform(0.0, 1.0), &logits.device, FloatDType::F32);
+            // u = 0 gives g = −∞ (never chosen), never a NaN.
+            let g = Cb::float_neg(Cb::float_log(Cb::float_neg(Cb::float_log(u))));
+            argmax(Cb::float_add(Cb::float_mul_scalar(logits, Scalar::from((1.0 / temperature) as f32)), g))
+        }
+    }
+}
+
+/// Generation: `prompt` (one for every one of `batch` sequences) is fed token by token through `spec`'s caches,
+/// then `new_tokens` tokens are generated, each chosen from the last logits by `sampling` and fed back on the
 /// device (read back once at the end).
-pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[u32], batch: usize, new_tokens: usize, dtype: DType) -> Result<Generation, Error> {
+pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[u32], batch: usize, new_tokens: usize, sampling: Sampling, dtype: DType) -> Result<Generation, Error> {
     if prompt.is_empty() || batch == 0 || new_tokens == 0 {
         return Err(Error::Config("a generation needs a prompt, a batch and at least one new token"));
+    }
+    if let Sampling::Temperature { temperature, seed } = sampling {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(Error::Config("temperature must be finite and > 0"));
+        }
+        Cb::seed(model.device(), seed);
     }
     let len = prompt.len() + new_tokens;
     let (mut groups, table, rope_rows, bases) = setup(client, model, std::slice::from_ref(spec), batch, len, dtype)?;
@@ -234,7 +269,7 @@ pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[
         logits = Some(model.step(&row(&ids, t), &pos, &table, &mut groups, dtype)?);
         pos = advance(&pos);
     }
-    let mut next = argmax(logits.expect("a prompt token"));
+    let mut next = choose(logits.expect("a prompt token"), sampling);
     // Wait for the prompt (one id read back) so that the decode timing starts from an idle queue.
     read_ids(next.clone())?;
     let prompt_secs = t0.elapsed().as_secs_f64();
@@ -243,7 +278,7 @@ pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[
     for _ in 1..new_tokens {
         let logits = model.step(&next, &pos, &table, &mut groups, dtype)?;
         pos = advance(&pos);
-        next = argmax(logits);
+        next = choose(logits, sampling);
         out.push(next.clone());
     }
     let k = out.len();
