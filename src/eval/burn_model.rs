@@ -286,6 +286,38 @@ impl BurnModel {
     /// f32. Launches only: no upload, no read-back; with several groups, one concatenation per layer of their
     /// outputs.
     pub fn step<C: CompressedKvCache>(&self, tokens: &BTensor, rope_rows: &BTensor, table: &RopeTable, groups: &mut [CacheGroup<C>], dtype: DType) -> Result<BTensor, Error> {
+        self.forward(tokens, rope_rows, table, groups, dtype, &mut None)
+    }
+
+    /// [`BurnModel::step`], also returning every intermediate of the first `layers` layers, in order, named
+    /// `(name, layer, tensor)`: `embed`, then per layer `attn_norm`, `q_lin`, `q_rot_lin`, `k_lin`, `k_rot_lin`,
+    /// `q`, `k`, `v`, `attn`, `attn_res`, `ffn_norm`, `gate`, `up`, `swiglu`, `ffn_res`. A diagnostic (it keeps
+    /// every tensor alive, so burn cannot reuse their buffers in place): find the first op whose result is wrong
+    /// on a device (`tests/burn_model.rs`, `batch_rows_stay_apart`).
+    pub fn step_trace<C: CompressedKvCache>(
+        &self,
+        tokens: &BTensor,
+        rope_rows: &BTensor,
+        table: &RopeTable,
+        groups: &mut [CacheGroup<C>],
+        dtype: DType,
+        layers: usize,
+    ) -> Result<(BTensor, Vec<(&'static str, usize, BTensor)>), Error> {
+        let mut trace = Some((layers, Vec::new()));
+        let logits = self.forward(tokens, rope_rows, table, groups, dtype, &mut trace)?;
+        Ok((logits, trace.map(|t| t.1).unwrap_or_default()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn forward<C: CompressedKvCache>(
+        &self,
+        tokens: &BTensor,
+        rope_rows: &BTensor,
+        table: &RopeTable,
+        groups: &mut [CacheGroup<C>],
+        dtype: DType,
+        trace: &mut Option<(usize, Vec<(&'static str, usize, BTensor)>)>,
+    ) -> Result<BTensor, Error> {
         let c = &self.cfg;
         let b = tokens.meta.shape()[0];
         if tokens.meta.shape().len() != 1 || rope_rows.meta.shape().to_vec() != vec![b] {
@@ -307,19 +339,35 @@ impl BurnModel {
         };
         // `x·cos + (x R)·sin` per head: `[B, heads·D]` twice → `[B, heads, D]`.
         let rotate = |a: BTensor, r: BTensor, heads: usize| Cb::float_add(Cb::float_mul(reshape(a, &[b, heads, d]), cos.clone()), Cb::float_mul(reshape(r, &[b, heads, d]), sin.clone()));
-        // Rows `r0..r0 + n` of a contiguous `[B, …]` tensor, as a contiguous view `[n, …]`.
+        // Rows `r0..r0 + n` of a `[B, …]` tensor, as a view `[n, …]` with its strides.
         let rows = |x: &crate::DeviceTensor, r0: usize, n: usize| -> crate::DeviceTensor {
             let mut sh = x.shape.clone();
-            let per: usize = sh[1..].iter().product();
             sh[0] = n;
-            x.view(&sh, &crate::tensor::contiguous_strides(&sh), x.offset + r0 * per)
+            x.view(&sh, &x.strides, x.offset + r0 * x.strides[0])
         };
         let mut x = Cb::float_select(self.embed.clone(), 0, tokens.clone()); // [B, H]
+        let mut keep = |name: &'static str, l: usize, t: &BTensor| {
+            if let Some((n, v)) = trace.as_mut() {
+                if l < *n {
+                    v.push((name, l, t.clone()));
+                }
+            }
+        };
+        keep("embed", 0, &x);
         for (l, w) in self.layers.iter().enumerate() {
             let h = self.rms(x.clone(), &w.attn_norm);
-            let q = reshape(rotate(mm(&h, &w.wq)?, mm(&h, &w.wq_rot)?, hq), &[b, 1, hq, d]);
-            let k = rotate(mm(&h, &w.wk)?, mm(&h, &w.wk_rot)?, hkv);
+            keep("attn_norm", l, &h);
+            let (ql, qr, kl, kr) = (mm(&h, &w.wq)?, mm(&h, &w.wq_rot)?, mm(&h, &w.wk)?, mm(&h, &w.wk_rot)?);
+            keep("q_lin", l, &ql);
+            keep("q_rot_lin", l, &qr);
+            keep("k_lin", l, &kl);
+            keep("k_rot_lin", l, &kr);
+            let q = reshape(rotate(ql, qr, hq), &[b, 1, hq, d]);
+            let k = rotate(kl, kr, hkv);
             let v = reshape(mm(&h, &w.wv)?, &[b, hkv, d]);
+            keep("q", l, &q);
+            keep("k", l, &k);
+            keep("v", l, &v);
             let (q, k, v) = if dtype == DType::F32 { (q, k, v) } else { (cast(q, dtype), cast(k, dtype), cast(v, dtype)) };
             let (qd, kd, vd) = (from_burn(&q)?, from_burn(&k)?, from_burn(&v)?);
             let mut outs = Vec::with_capacity(groups.len());
@@ -332,11 +380,18 @@ impl BurnModel {
             }
             let o = if outs.len() == 1 { outs.pop().expect("one group") } else { Cb::float_cat(outs, 0) };
             let o = if dtype == DType::F32 { o } else { cast(o, DType::F32) };
+            keep("attn", l, &o);
             x = Cb::float_add(x, mm(&reshape(o, &[b, hq * d]), &w.wo)?);
+            keep("attn_res", l, &x);
             let h = self.rms(x.clone(), &w.ffn_norm);
-            let g = mm(&h, &w.gate)?;
-            let ff = Cb::float_mul(Cb::float_mul(g.clone(), Cb::sigmoid(g)), mm(&h, &w.up)?);
+            keep("ffn_norm", l, &h);
+            let (g, u) = (mm(&h, &w.gate)?, mm(&h, &w.up)?);
+            keep("gate", l, &g);
+            keep("up", l, &u);
+            let ff = Cb::float_mul(Cb::float_mul(g.clone(), Cb::sigmoid(g)), u);
+            keep("swiglu", l, &ff);
             x = Cb::float_add(x, mm(&ff, &w.down)?);
+            keep("ffn_res", l, &x);
         }
         mm(&self.rms(x, &self.norm), &self.head)
     }
