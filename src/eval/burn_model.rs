@@ -32,6 +32,7 @@ use crate::tensor::DType;
 use crate::Error;
 use burn_backend::ops::{ActivationOps, FloatTensorOps, IntTensorOps};
 use burn_backend::{FloatDType, IntDType, Scalar, Shape, Slice, TensorData};
+use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend as Cb;
 use candle_core::quantized::gguf_file::Content;
@@ -118,16 +119,17 @@ pub fn read_ids(t: BTensor) -> Result<Vec<u32>, Error> {
 }
 
 /// `x [M, K] · w [K, N]` by cubek's plain unit routine (no tensor cores, f32 all through), not burn's
-/// `float_matmul`: that one's automatic choice takes cubek's tensor-core routine wherever the device has tensor
-/// cores, which may lower an f32 product to TF32 — and on the H100, while the model used it, batch rows past the
-/// first came out wrong (suspected cause, not yet verified there: `data/bench/2026-12-07-h100-model-batch-rows.md`).
-/// The unit routine is the one lavapipe always ran, where the model equals candle's forward. A decode step's
-/// matmuls are `M = B` rows against the weights: bandwidth-bound, little for tensor cores to win.
+/// `float_matmul`, whose automatic choice takes cubek's tensor-core routine wherever the device has tensor cores and
+/// may lower an f32 product to TF32. The unit routine is the one lavapipe runs, where the model equals candle's
+/// forward; a decode step's matmuls are `M = B` rows against the weights: bandwidth-bound, little for tensor cores to
+/// win. (The rows that came out wrong on the H100 at B ≥ 2, `data/bench/2026-12-07-h100-model-batch-rows.md`, were
+/// not the matmul's doing but pitched rows read as contiguous: see `forward`.)
 fn mm(x: &BTensor, w: &BTensor) -> Result<BTensor, Error> {
     use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
     use cubek::matmul::{multi_level, strategy::Strategy};
     let (m, n) = (x.meta.shape()[0], w.meta.shape()[1]);
-    let out = Cb::float_empty(Shape::from(vec![m, n]), &x.device, FloatDType::F32);
+    // Contiguous rows: burn's own allocation (`float_empty`) may pitch rows on CUDA (see `forward`).
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::from(vec![m, n]), burn_backend::DType::F32);
     let st = burn_backend::cubecl::dtype_to_storage_type(burn_backend::DType::F32);
     let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: st, rhs: st, out: st });
     let strategy = Strategy::MultiLevel(multi_level::Strategy::SimpleUnit(Default::default()));
@@ -369,6 +371,11 @@ impl BurnModel {
             keep("k", l, &k);
             keep("v", l, &v);
             let (q, k, v) = if dtype == DType::F32 { (q, k, v) } else { (cast(q, dtype), cast(k, dtype), cast(v, dtype)) };
+            // The caches take k and v contiguous (and q as any view). burn allocates a fresh tensor in the device's
+            // preferred layout, which on CUDA pitches rows (a row stride past the row's length: `[2, 192]` f32 came
+            // out with its rows apart); `into_contiguous` copies only such a tensor and is free otherwise — with
+            // `mm`'s contiguous outputs and burn's in-place elementwise ops, q, k and v are contiguous already.
+            let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
             let (qd, kd, vd) = (from_burn(&q)?, from_burn(&k)?, from_burn(&v)?);
             let mut outs = Vec::with_capacity(groups.len());
             let mut r0 = 0;
