@@ -11,6 +11,9 @@
 #   join                     join the stashed GGUF parts into assets/ and check it
 #   generate ARGS…           kvsqueeze --backend cuda generate ARGS…
 #   stream ARGS…             kvsqueeze --backend cuda stream ARGS…
+#   rows                     the same text as a batch of one and of two sequences: the perplexities must agree
+#   stream-fit SECS ARGS…    a 512-token probe of `stream ARGS…` for its steps/s, then the stream at the longest
+#                            multiple of 1024 tokens (≤ 16384) that fits SECS; JSON, SVG and log under $OUT
 #   test ARGS…               the CUDA build of tests/burn_model.rs, carried as carry-test/burn_model.xz (built with
 #                            `cargo test --release --features "cuda eval" --no-run --target-dir target/cuda
 #                            --test burn_model`); it reads the texts from the build's CARGO_MANIFEST_DIR, which
@@ -37,6 +40,20 @@ case "$stage" in
   generate|stream)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
     "$BIN" --backend cuda "$stage" --gguf "$G" "$@" ;;
+  rows)
+    P=data/texts/prideprejudice.txt
+    a=$("$BIN" --backend cuda stream --gguf "$G" --tokens 128 --caches full --text $P 2>&1 | tee "$OUT/rows-b1.log" | grep '^| full ' | cut -d'|' -f5)
+    b=$("$BIN" --backend cuda stream --gguf "$G" --tokens 128 --caches full --text $P --text $P 2>&1 | tee "$OUT/rows-b2.log" | grep '^| full ' | cut -d'|' -f5)
+    echo "perplexity, one sequence: $a; the same text twice: $b"
+    [ "$a" = "$b" ] && echo "rows agree" || { echo "ROWS DIFFER"; exit 1; } ;;
+  stream-fit)
+    secs=$1; shift
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
+    "$BIN" --backend cuda stream --gguf "$G" --tokens 512 "$@" > "$OUT/probe.log" 2>&1
+    r=$(grep -o '[0-9.]* steps/s' "$OUT/probe.log" | tail -1 | cut -d' ' -f1)
+    n=$(python3 -c "print(max(1024, min(16384, int($r * $secs / 1024) * 1024)))")
+    echo "probe: $r steps/s at 512 tokens → $n tokens"
+    "$BIN" --backend cuda stream --gguf "$G" --tokens "$n" --json "$OUT/stream-$n.json" --svg "$OUT/stream-$n.svg" "$@" 2>&1 | tee "$OUT/stream-$n.log" | tail -14 ;;
   test)
     mkdir -p /work && ln -sfn "$PWD" /work/main
     KVSQUEEZE_DEVICE=cuda KVSQUEEZE_REQUIRE_ALL=1 "$KEEP/burn_model" --test-threads=1 --nocapture "$@" ;;

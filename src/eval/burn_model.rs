@@ -23,7 +23,8 @@
 //! pass.
 //!
 //! The rotation is `q·cos + (q R)·sin` with `R` the rotate-half matrix folded into a second copy of the Q/K
-//! weights at load (`W R`), so RoPE costs one more matmul and two multiplies instead of slices and a concat.
+//! weights at load (`W R`), so RoPE costs wider matmul columns and two multiplies instead of slices and a concat.
+//! Q, Q R, K, K R and V are one matmul of the stacked weights, gate and up another.
 
 use super::model::ModelConfig;
 use crate::burn::{from_burn, to_burn};
@@ -43,15 +44,12 @@ pub type BTensor = CubeTensor;
 
 struct Layer {
     attn_norm: BTensor,
-    wq: BTensor,
-    wq_rot: BTensor,
-    wk: BTensor,
-    wk_rot: BTensor,
-    wv: BTensor,
+    /// `[W_q | W_q R | W_k | W_k R | W_v]`, `[hidden, 2·q + 3·kv]`: the five projections in one matmul.
+    qkv: BTensor,
     wo: BTensor,
     ffn_norm: BTensor,
-    gate: BTensor,
-    up: BTensor,
+    /// `[W_gate | W_up]`, `[hidden, 2·inter]`.
+    gate_up: BTensor,
     down: BTensor,
 }
 
@@ -222,17 +220,15 @@ impl BurnModel {
             let attn_norm = linear(&n("attn_norm"), h, 1)?;
             let ffn_norm = linear(&n("ffn_norm"), h, 1)?;
             let lin = |w: Vec<f32>, out: usize, inp: usize| upload(device, transpose(&w, out, inp), &[inp, out]);
+            // Stacking `[out, in]` rows is stacking the outputs: one matmul gives all of them side by side.
+            let qkv = [halves_rows(&wq, cfg.heads, d, h, false), halves_rows(&wq, cfg.heads, d, h, true), halves_rows(&wk, cfg.kv_heads, d, h, false), halves_rows(&wk, cfg.kv_heads, d, h, true), wv]
+                .concat();
             layers.push(Layer {
                 attn_norm: upload(device, attn_norm, &[1, h]),
-                wq: lin(halves_rows(&wq, cfg.heads, d, h, false), qo, h),
-                wq_rot: lin(halves_rows(&wq, cfg.heads, d, h, true), qo, h),
-                wk: lin(halves_rows(&wk, cfg.kv_heads, d, h, false), ko, h),
-                wk_rot: lin(halves_rows(&wk, cfg.kv_heads, d, h, true), ko, h),
-                wv: lin(wv, ko, h),
+                qkv: lin(qkv, 2 * qo + 3 * ko, h),
                 wo: lin(wo, h, qo),
                 ffn_norm: upload(device, ffn_norm, &[1, h]),
-                gate: lin(gate, inter, h),
-                up: lin(up, inter, h),
+                gate_up: lin([gate, up].concat(), 2 * inter, h),
                 down: lin(down, h, inter),
             });
         }
@@ -347,6 +343,11 @@ impl BurnModel {
             sh[0] = n;
             x.view(&sh, &x.strides, x.offset + r0 * x.strides[0])
         };
+        // Columns `c0..c0 + n` of a `[B, N]` tensor: a view (no launch).
+        let cols = |x: &BTensor, c0: usize, n: usize| {
+            let all = Slice { start: 0, end: None, step: 1 };
+            Cb::float_slice(x.clone(), &[all, Slice { start: c0 as isize, end: Some((c0 + n) as isize), step: 1 }])
+        };
         let mut x = Cb::float_select(self.embed.clone(), 0, tokens.clone()); // [B, H]
         let mut keep = |name: &'static str, l: usize, t: &BTensor| {
             if let Some((n, v)) = trace.as_mut() {
@@ -359,14 +360,16 @@ impl BurnModel {
         for (l, w) in self.layers.iter().enumerate() {
             let h = self.rms(x.clone(), &w.attn_norm);
             keep("attn_norm", l, &h);
-            let (ql, qr, kl, kr) = (mm(&h, &w.wq)?, mm(&h, &w.wq_rot)?, mm(&h, &w.wk)?, mm(&h, &w.wk_rot)?);
+            let qkv = mm(&h, &w.qkv)?;
+            let (qo, ko) = (hq * d, hkv * d);
+            let (ql, qr, kl, kr, v) = (cols(&qkv, 0, qo), cols(&qkv, qo, qo), cols(&qkv, 2 * qo, ko), cols(&qkv, 2 * qo + ko, ko), cols(&qkv, 2 * qo + 2 * ko, ko));
             keep("q_lin", l, &ql);
             keep("q_rot_lin", l, &qr);
             keep("k_lin", l, &kl);
             keep("k_rot_lin", l, &kr);
             let q = reshape(rotate(ql, qr, hq), &[b, 1, hq, d]);
             let k = rotate(kl, kr, hkv);
-            let v = reshape(mm(&h, &w.wv)?, &[b, hkv, d]);
+            let v = reshape(v, &[b, hkv, d]);
             keep("q", l, &q);
             keep("k", l, &k);
             keep("v", l, &v);
@@ -392,7 +395,9 @@ impl BurnModel {
             keep("attn_res", l, &x);
             let h = self.rms(x.clone(), &w.ffn_norm);
             keep("ffn_norm", l, &h);
-            let (g, u) = (mm(&h, &w.gate)?, mm(&h, &w.up)?);
+            let gu = mm(&h, &w.gate_up)?;
+            let inter = gu.meta.shape()[1] / 2;
+            let (g, u) = (cols(&gu, 0, inter), cols(&gu, inter, inter));
             keep("gate", l, &g);
             keep("up", l, &u);
             let ff = Cb::float_mul(Cb::float_mul(g.clone(), Cb::sigmoid(g)), u);
