@@ -42,12 +42,12 @@ use std::path::Path;
 /// A burn tensor on the CubeCL backend (float or int).
 pub type BTensor = CubeTensor;
 
+/// One decoder layer. The RMSNorm weights are folded into the rows of the matmul that follows each norm
+/// (`(x̂ ⊙ w) W = x̂ (diag(w) W)`), so a norm is only `x · (mean(x²) + ε)^(−1/2)`.
 struct Layer {
-    attn_norm: BTensor,
     /// `[W_q | W_q R | W_k | W_k R | W_v]`, `[hidden, 2·q + 3·kv]`: the five projections in one matmul.
     qkv: BTensor,
     wo: BTensor,
-    ffn_norm: BTensor,
     /// `[W_gate | W_up]`, `[hidden, 2·inter]`.
     gate_up: BTensor,
     down: BTensor,
@@ -59,8 +59,8 @@ pub struct BurnModel {
     pub cfg: ModelConfig,
     device: cubecl::Device,
     embed: BTensor,
+    /// The output norm's weight folded in.
     head: BTensor,
-    norm: BTensor,
     layers: Vec<Layer>,
 }
 
@@ -141,6 +141,16 @@ fn reshape(x: BTensor, shape: &[usize]) -> BTensor {
 }
 
 /// `[out, in]` row-major → `[in, out]`.
+/// `W [out, in]` with column `i` scaled by `norm[i]`: the norm's weight moved into the matmul after it.
+fn fold_norm(mut w: Vec<f32>, norm: &[f32]) -> Vec<f32> {
+    for row in w.chunks_exact_mut(norm.len()) {
+        for (x, n) in row.iter_mut().zip(norm) {
+            *x *= n;
+        }
+    }
+    w
+}
+
 fn transpose(w: &[f32], out: usize, inp: usize) -> Vec<f32> {
     let mut t = vec![0.0; w.len()];
     for o in 0..out {
@@ -223,26 +233,14 @@ impl BurnModel {
             // Stacking `[out, in]` rows is stacking the outputs: one matmul gives all of them side by side.
             let qkv = [halves_rows(&wq, cfg.heads, d, h, false), halves_rows(&wq, cfg.heads, d, h, true), halves_rows(&wk, cfg.kv_heads, d, h, false), halves_rows(&wk, cfg.kv_heads, d, h, true), wv]
                 .concat();
-            layers.push(Layer {
-                attn_norm: upload(device, attn_norm, &[1, h]),
-                qkv: lin(qkv, 2 * qo + 3 * ko, h),
-                wo: lin(wo, h, qo),
-                ffn_norm: upload(device, ffn_norm, &[1, h]),
-                gate_up: lin([gate, up].concat(), 2 * inter, h),
-                down: lin(down, h, inter),
-            });
+            let (qkv, gate_up) = (fold_norm(qkv, &attn_norm), fold_norm([gate, up].concat(), &ffn_norm));
+            layers.push(Layer { qkv: lin(qkv, 2 * qo + 3 * ko, h), wo: lin(wo, h, qo), gate_up: lin(gate_up, 2 * inter, h), down: lin(down, h, inter) });
         }
         let norm = linear("output_norm.weight", h, 1)?;
         // Tied output head when the file has no `output.weight`.
         let head = if content.tensor_infos.contains_key("output.weight") { linear("output.weight", cfg.vocab, h)? } else { embed_w.clone() };
-        let model = BurnModel {
-            embed: upload(device, embed_w, &[cfg.vocab, h]),
-            head: upload(device, transpose(&head, cfg.vocab, h), &[h, cfg.vocab]),
-            norm: upload(device, norm, &[1, h]),
-            layers,
-            device: device.clone(),
-            cfg,
-        };
+        let model =
+            BurnModel { embed: upload(device, embed_w, &[cfg.vocab, h]), head: upload(device, transpose(&fold_norm(head, &norm), cfg.vocab, h), &[h, cfg.vocab]), layers, device: device.clone(), cfg };
         Ok((model, content))
     }
 
@@ -271,10 +269,10 @@ impl BurnModel {
         RopeTable { cos: upload(&self.device, cos, &[rows, d]), sin: upload(&self.device, sin, &[rows, d]), len, segments: segments.len() }
     }
 
-    fn rms(&self, x: BTensor, w: &BTensor) -> BTensor {
+    /// RMSNorm without its weight (folded into the next matmul): `x · (mean(x²) + ε)^(−1/2)` per row.
+    fn rms(&self, x: BTensor) -> BTensor {
         let ms = Cb::float_mean_dim(Cb::float_mul(x.clone(), x.clone()), 1);
-        let r = Cb::float_recip(Cb::float_sqrt(Cb::float_add_scalar(ms, Scalar::from(self.cfg.eps as f32))));
-        Cb::float_mul(Cb::float_mul(x, r), w.clone())
+        Cb::float_mul(x, Cb::float_powf_scalar(Cb::float_add_scalar(ms, Scalar::from(self.cfg.eps as f32)), Scalar::from(-0.5f32)))
     }
 
     /// One decode step of every sequence: `tokens` `[B]` int (this step's input ids), `rope_rows` `[B]` int (each
@@ -288,7 +286,8 @@ impl BurnModel {
     }
 
     /// [`BurnModel::step`], also returning every intermediate of the first `layers` layers, in order, named
-    /// `(name, layer, tensor)`: `embed`, then per layer `attn_norm`, `q_lin`, `q_rot_lin`, `k_lin`, `k_rot_lin`,
+    /// `(name, layer, tensor)`: `embed`, then per layer `attn_norm` (the normalized rows; the weight is in the
+    /// matmul), `q_lin`, `q_rot_lin`, `k_lin`, `k_rot_lin`,
     /// `q`, `k`, `v`, `attn`, `attn_res`, `ffn_norm`, `gate`, `up`, `swiglu`, `ffn_res`. A diagnostic (it keeps
     /// every tensor alive, so burn cannot reuse their buffers in place): find the first op whose result is wrong
     /// on a device (`tests/burn_model.rs`, `batch_rows_stay_apart`).
@@ -358,7 +357,7 @@ impl BurnModel {
         };
         keep("embed", 0, &x);
         for (l, w) in self.layers.iter().enumerate() {
-            let h = self.rms(x.clone(), &w.attn_norm);
+            let h = self.rms(x.clone());
             keep("attn_norm", l, &h);
             let qkv = mm(&h, &w.qkv)?;
             let (qo, ko) = (hq * d, hkv * d);
@@ -393,7 +392,7 @@ impl BurnModel {
             keep("attn", l, &o);
             x = Cb::float_add(x, mm(&reshape(o, &[b, hq * d]), &w.wo)?);
             keep("attn_res", l, &x);
-            let h = self.rms(x.clone(), &w.ffn_norm);
+            let h = self.rms(x.clone());
             keep("ffn_norm", l, &h);
             let gu = mm(&h, &w.gate_up)?;
             let inter = gu.meta.shape()[1] / 2;
@@ -405,7 +404,7 @@ impl BurnModel {
             x = Cb::float_add(x, mm(&ff, &w.down)?);
             keep("ffn_res", l, &x);
         }
-        mm(&self.rms(x, &self.norm), &self.head)
+        mm(&self.rms(x), &self.head)
     }
 }
 
