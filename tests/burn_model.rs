@@ -184,3 +184,44 @@ fn batch_rows_stay_apart() {
     }
     assert!(failures.is_empty(), "batch rows part, first at {}", failures.join("\n"));
 }
+
+/// A step replayed from device graphs (`BurnModel::step_graphed`) gives the plain step's logits, step after step,
+/// with two cache groups (so the graphs hold the concatenation of the groups' outputs) and an evicting cache
+/// whose state changes every step (budget below the stream). The graphs replay the same kernels on the same
+/// values: the logits must agree to the last bits (bound 1e-5 of their largest magnitude).
+#[test]
+fn graphed_steps_equal_plain_steps() {
+    use kvsqueeze::eval::burn_model::{read_f32, upload_ids, CacheGroup};
+    let m = &models().burn;
+    let (n, rows) = (10, 2);
+    let texts = [text_ids("prideprejudice.txt", 20_000, n), text_ids("sensesensibility.txt", 30_000, n)];
+    let table = m.rope_table(&[Some(m.cfg.rope_base)], 16);
+    let groups = || {
+        ["full", "h2o"]
+            .iter()
+            .map(|name| {
+                let cap = if *name == "full" { 16 } else { 6 };
+                let (_, _, layers) = kvsqueeze::eval::policy_caches(common::client(), &m.cfg, name, rows, cap, DType::F32, m.cfg.rope_base).unwrap();
+                CacheGroup { rows, layers }
+            })
+            .collect::<Vec<_>>()
+    };
+    let (mut plain, mut graphed) = (groups(), groups());
+    let mut graph = None;
+    for t in 0..n {
+        let ids: Vec<u32> = (0..2 * rows).map(|r| texts[r % 2][t]).collect();
+        let tokens = upload_ids(m.device(), &ids, &[2 * rows]);
+        let pos = upload_ids(m.device(), &vec![table.row(0, t).unwrap(); 2 * rows], &[2 * rows]);
+        let want = read_f32(m.step(&tokens, &pos, &table, &mut plain, DType::F32).unwrap()).unwrap();
+        let got = read_f32(m.step_graphed(&tokens, &pos, &table, &mut graphed, DType::F32, &mut graph).unwrap()).unwrap();
+        assert!(graph.is_some(), "the first call records the graphs");
+        let scale = want.iter().fold(0f32, |s, x| s.max(x.abs()));
+        let diff = want.iter().zip(&got).fold(0f32, |s, (a, b)| s.max((a - b).abs()));
+        assert!(got.iter().all(|x| x.is_finite()) && diff <= 1e-5 * scale, "step {t}: graphed logits off by {diff:e} (scale {scale})");
+    }
+    // Other caches return other output buffers: the graphs refuse them rather than read freed memory.
+    let mut other = groups();
+    let tokens = upload_ids(m.device(), &vec![texts[0][0]; 2 * rows], &[2 * rows]);
+    let pos = upload_ids(m.device(), &vec![table.row(0, 0).unwrap(); 2 * rows], &[2 * rows]);
+    assert!(m.step_graphed(&tokens, &pos, &table, &mut other, DType::F32, &mut graph).is_err());
+}

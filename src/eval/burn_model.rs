@@ -30,7 +30,8 @@ use super::model::ModelConfig;
 use crate::burn::{from_burn, to_burn};
 use crate::policy::CompressedKvCache;
 use crate::tensor::DType;
-use crate::Error;
+use crate::{DeviceTensor, Error};
+use cubecl::client::Graph;
 use burn_backend::ops::{ActivationOps, FloatTensorOps, IntTensorOps};
 use burn_backend::{FloatDType, IntDType, Scalar, Shape, Slice, TensorData};
 use burn_cubecl::kernel::into_contiguous;
@@ -282,7 +283,7 @@ impl BurnModel {
     /// f32. Launches only: no upload, no read-back; with several groups, one concatenation per layer of their
     /// outputs.
     pub fn step<C: CompressedKvCache>(&self, tokens: &BTensor, rope_rows: &BTensor, table: &RopeTable, groups: &mut [CacheGroup<C>], dtype: DType) -> Result<BTensor, Error> {
-        self.forward(tokens, rope_rows, table, groups, dtype, &mut None)
+        self.forward(tokens, rope_rows, table, groups, dtype, &mut None, None)
     }
 
     /// [`BurnModel::step`], also returning every intermediate of the first `layers` layers, in order, named
@@ -301,8 +302,102 @@ impl BurnModel {
         layers: usize,
     ) -> Result<(BTensor, Vec<(&'static str, usize, BTensor)>), Error> {
         let mut trace = Some((layers, Vec::new()));
-        let logits = self.forward(tokens, rope_rows, table, groups, dtype, &mut trace)?;
+        let logits = self.forward(tokens, rope_rows, table, groups, dtype, &mut trace, None)?;
         Ok((logits, trace.map(|t| t.1).unwrap_or_default()))
+    }
+
+    /// Checks a step's arguments; returns the batch.
+    fn check_step<C>(&self, tokens: &BTensor, rope_rows: &BTensor, groups: &[CacheGroup<C>], dtype: DType) -> Result<usize, Error> {
+        let b = tokens.meta.shape()[0];
+        if tokens.meta.shape().len() != 1 || rope_rows.meta.shape().to_vec() != vec![b] {
+            return Err(Error::ShapeMismatch { tensor: "rope_rows", expected: vec![b], got: rope_rows.meta.shape().to_vec() });
+        }
+        if groups.iter().map(|g| g.rows).sum::<usize>() != b || groups.iter().any(|g| g.layers.len() != self.cfg.layers || g.rows == 0) {
+            return Err(Error::Config("cache groups must cover the batch, one cache per layer each"));
+        }
+        if dtype == DType::U32 {
+            return Err(Error::Config("a cache of u32 values"));
+        }
+        Ok(b)
+    }
+
+    /// Every row's cos and sin, `[B, 1, D]` each.
+    fn trig(&self, table: &RopeTable, rope_rows: &BTensor) -> (BTensor, BTensor) {
+        let (b, d) = (rope_rows.meta.shape()[0], self.cfg.head_dim);
+        let trig = |tab: &BTensor| reshape(Cb::float_select(tab.clone(), 0, rope_rows.clone()), &[b, 1, d]);
+        (trig(&table.cos), trig(&table.sin))
+    }
+
+    /// Layer `l` up to its cache: RMSNorm, the projections, RoPE → q `[B, 1, Hq, D]`, k and v `[B, Hkv, D]`,
+    /// contiguous, in the caches' dtype.
+    fn pre(&self, l: usize, x: &BTensor, cos: &BTensor, sin: &BTensor, dtype: DType, keep: Keep) -> Result<(BTensor, BTensor, BTensor), Error> {
+        let (b, hq, hkv, d) = (x.meta.shape()[0], self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        // `x·cos + (x R)·sin` per head: `[B, heads·D]` twice → `[B, heads, D]`.
+        let rotate = |a: BTensor, r: BTensor, heads: usize| Cb::float_add(Cb::float_mul(reshape(a, &[b, heads, d]), cos.clone()), Cb::float_mul(reshape(r, &[b, heads, d]), sin.clone()));
+        let h = self.rms(x.clone());
+        keep("attn_norm", l, &h);
+        let qkv = mm(&h, &self.layers[l].qkv)?;
+        let (qo, ko) = (hq * d, hkv * d);
+        let (ql, qr, kl, kr, v) = (cols(&qkv, 0, qo), cols(&qkv, qo, qo), cols(&qkv, 2 * qo, ko), cols(&qkv, 2 * qo + ko, ko), cols(&qkv, 2 * qo + 2 * ko, ko));
+        keep("q_lin", l, &ql);
+        keep("q_rot_lin", l, &qr);
+        keep("k_lin", l, &kl);
+        keep("k_rot_lin", l, &kr);
+        let q = reshape(rotate(ql, qr, hq), &[b, 1, hq, d]);
+        let k = rotate(kl, kr, hkv);
+        let v = reshape(v, &[b, hkv, d]);
+        keep("q", l, &q);
+        keep("k", l, &k);
+        keep("v", l, &v);
+        let (q, k, v) = if dtype == DType::F32 { (q, k, v) } else { (cast(q, dtype), cast(k, dtype), cast(v, dtype)) };
+        // The caches take k and v contiguous (and q as any view). burn allocates a fresh tensor in the device's
+        // preferred layout, which on CUDA pitches rows (a row stride past the row's length: `[2, 192]` f32 came
+        // out with its rows apart); `into_contiguous` copies only such a tensor and is free otherwise — with
+        // `mm`'s contiguous outputs and burn's in-place elementwise ops, q, k and v are contiguous already.
+        Ok((into_contiguous(q), into_contiguous(k), into_contiguous(v)))
+    }
+
+    /// Layer `l`'s caches, one step: each group reads its rows of q, k, v; returns each group's output.
+    fn attend<C: CompressedKvCache>(&self, l: usize, groups: &mut [CacheGroup<C>], q: &BTensor, k: &BTensor, v: &BTensor) -> Result<Vec<DeviceTensor>, Error> {
+        // Rows `r0..r0 + n` of a `[B, …]` tensor, as a view `[n, …]` with its strides.
+        let rows = |x: &DeviceTensor, r0: usize, n: usize| -> DeviceTensor {
+            let mut sh = x.shape.clone();
+            sh[0] = n;
+            x.view(&sh, &x.strides, x.offset + r0 * x.strides[0])
+        };
+        let (qd, kd, vd) = (from_burn(q)?, from_burn(k)?, from_burn(v)?);
+        let mut outs = Vec::with_capacity(groups.len());
+        let mut r0 = 0;
+        for g in groups.iter_mut() {
+            let n = g.rows;
+            outs.push(g.layers[l].step(&rows(&qd, r0, n), &rows(&kd, r0, n), &rows(&vd, r0, n))?);
+            r0 += n;
+        }
+        Ok(outs)
+    }
+
+    /// Layer `l` from its caches' outputs: output projection and residual, RMSNorm, SwiGLU MLP and residual.
+    fn post(&self, l: usize, x: BTensor, outs: &[DeviceTensor], dtype: DType, keep: Keep) -> Result<BTensor, Error> {
+        let (b, hq, d) = (x.meta.shape()[0], self.cfg.heads, self.cfg.head_dim);
+        let w = &self.layers[l];
+        let mut outs = outs.iter().map(|o| to_burn(&self.device, o)).collect::<Result<Vec<_>, _>>()?;
+        let o = if outs.len() == 1 { outs.pop().expect("one group") } else { Cb::float_cat(outs, 0) };
+        let o = if dtype == DType::F32 { o } else { cast(o, DType::F32) };
+        keep("attn", l, &o);
+        let x = Cb::float_add(x, mm(&reshape(o, &[b, hq * d]), &w.wo)?);
+        keep("attn_res", l, &x);
+        let h = self.rms(x.clone());
+        keep("ffn_norm", l, &h);
+        let gu = mm(&h, &w.gate_up)?;
+        let inter = gu.meta.shape()[1] / 2;
+        let (g, u) = (cols(&gu, 0, inter), cols(&gu, inter, inter));
+        keep("gate", l, &g);
+        keep("up", l, &u);
+        let ff = Cb::float_mul(Cb::float_mul(g.clone(), Cb::sigmoid(g)), u);
+        keep("swiglu", l, &ff);
+        let x = Cb::float_add(x, mm(&ff, &w.down)?);
+        keep("ffn_res", l, &x);
+        Ok(x)
     }
 
     #[allow(clippy::type_complexity)]
@@ -314,40 +409,10 @@ impl BurnModel {
         groups: &mut [CacheGroup<C>],
         dtype: DType,
         trace: &mut Option<(usize, Vec<(&'static str, usize, BTensor)>)>,
+        mut cache_outs: Option<&mut Vec<Vec<DeviceTensor>>>,
     ) -> Result<BTensor, Error> {
-        let c = &self.cfg;
-        let b = tokens.meta.shape()[0];
-        if tokens.meta.shape().len() != 1 || rope_rows.meta.shape().to_vec() != vec![b] {
-            return Err(Error::ShapeMismatch { tensor: "rope_rows", expected: vec![b], got: rope_rows.meta.shape().to_vec() });
-        }
-        if groups.iter().map(|g| g.rows).sum::<usize>() != b || groups.iter().any(|g| g.layers.len() != c.layers || g.rows == 0) {
-            return Err(Error::Config("cache groups must cover the batch, one cache per layer each"));
-        }
-        if dtype == DType::U32 {
-            return Err(Error::Config("a cache of u32 values"));
-        }
-        let (hq, hkv, d) = (c.heads, c.kv_heads, c.head_dim);
-        let trig = |tab: &BTensor| reshape(Cb::float_select(tab.clone(), 0, rope_rows.clone()), &[b, 1, d]);
-        let (cos, sin) = (trig(&table.cos), trig(&table.sin));
-        let cast = |x: BTensor, to: DType| match to {
-            DType::F16 => Cb::float_cast(x, FloatDType::F16),
-            DType::BF16 => Cb::float_cast(x, FloatDType::BF16),
-            _ => Cb::float_cast(x, FloatDType::F32),
-        };
-        // `x·cos + (x R)·sin` per head: `[B, heads·D]` twice → `[B, heads, D]`.
-        let rotate = |a: BTensor, r: BTensor, heads: usize| Cb::float_add(Cb::float_mul(reshape(a, &[b, heads, d]), cos.clone()), Cb::float_mul(reshape(r, &[b, heads, d]), sin.clone()));
-        // Rows `r0..r0 + n` of a `[B, …]` tensor, as a view `[n, …]` with its strides.
-        let rows = |x: &crate::DeviceTensor, r0: usize, n: usize| -> crate::DeviceTensor {
-            let mut sh = x.shape.clone();
-            sh[0] = n;
-            x.view(&sh, &x.strides, x.offset + r0 * x.strides[0])
-        };
-        // Columns `c0..c0 + n` of a `[B, N]` tensor: a view (no launch).
-        let cols = |x: &BTensor, c0: usize, n: usize| {
-            let all = Slice { start: 0, end: None, step: 1 };
-            Cb::float_slice(x.clone(), &[all, Slice { start: c0 as isize, end: Some((c0 + n) as isize), step: 1 }])
-        };
-        let mut x = Cb::float_select(self.embed.clone(), 0, tokens.clone()); // [B, H]
+        self.check_step(tokens, rope_rows, groups, dtype)?;
+        let (cos, sin) = self.trig(table, rope_rows);
         let mut keep = |name: &'static str, l: usize, t: &BTensor| {
             if let Some((n, v)) = trace.as_mut() {
                 if l < *n {
@@ -355,57 +420,129 @@ impl BurnModel {
                 }
             }
         };
+        let mut x = Cb::float_select(self.embed.clone(), 0, tokens.clone()); // [B, H]
         keep("embed", 0, &x);
-        for (l, w) in self.layers.iter().enumerate() {
-            let h = self.rms(x.clone());
-            keep("attn_norm", l, &h);
-            let qkv = mm(&h, &w.qkv)?;
-            let (qo, ko) = (hq * d, hkv * d);
-            let (ql, qr, kl, kr, v) = (cols(&qkv, 0, qo), cols(&qkv, qo, qo), cols(&qkv, 2 * qo, ko), cols(&qkv, 2 * qo + ko, ko), cols(&qkv, 2 * qo + 2 * ko, ko));
-            keep("q_lin", l, &ql);
-            keep("q_rot_lin", l, &qr);
-            keep("k_lin", l, &kl);
-            keep("k_rot_lin", l, &kr);
-            let q = reshape(rotate(ql, qr, hq), &[b, 1, hq, d]);
-            let k = rotate(kl, kr, hkv);
-            let v = reshape(v, &[b, hkv, d]);
-            keep("q", l, &q);
-            keep("k", l, &k);
-            keep("v", l, &v);
-            let (q, k, v) = if dtype == DType::F32 { (q, k, v) } else { (cast(q, dtype), cast(k, dtype), cast(v, dtype)) };
-            // The caches take k and v contiguous (and q as any view). burn allocates a fresh tensor in the device's
-            // preferred layout, which on CUDA pitches rows (a row stride past the row's length: `[2, 192]` f32 came
-            // out with its rows apart); `into_contiguous` copies only such a tensor and is free otherwise — with
-            // `mm`'s contiguous outputs and burn's in-place elementwise ops, q, k and v are contiguous already.
-            let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
-            let (qd, kd, vd) = (from_burn(&q)?, from_burn(&k)?, from_burn(&v)?);
-            let mut outs = Vec::with_capacity(groups.len());
-            let mut r0 = 0;
-            for g in groups.iter_mut() {
-                let n = g.rows;
-                let o = g.layers[l].step(&rows(&qd, r0, n), &rows(&kd, r0, n), &rows(&vd, r0, n))?;
-                outs.push(to_burn(&self.device, &o)?);
-                r0 += n;
+        for l in 0..self.layers.len() {
+            let (q, k, v) = self.pre(l, &x, &cos, &sin, dtype, &mut keep)?;
+            let outs = self.attend(l, groups, &q, &k, &v)?;
+            x = self.post(l, x, &outs, dtype, &mut keep)?;
+            if let Some(sink) = cache_outs.as_deref_mut() {
+                sink.push(outs);
             }
-            let o = if outs.len() == 1 { outs.pop().expect("one group") } else { Cb::float_cat(outs, 0) };
-            let o = if dtype == DType::F32 { o } else { cast(o, DType::F32) };
-            keep("attn", l, &o);
-            x = Cb::float_add(x, mm(&reshape(o, &[b, hq * d]), &w.wo)?);
-            keep("attn_res", l, &x);
-            let h = self.rms(x.clone());
-            keep("ffn_norm", l, &h);
-            let gu = mm(&h, &w.gate_up)?;
-            let inter = gu.meta.shape()[1] / 2;
-            let (g, u) = (cols(&gu, 0, inter), cols(&gu, inter, inter));
-            keep("gate", l, &g);
-            keep("up", l, &u);
-            let ff = Cb::float_mul(Cb::float_mul(g.clone(), Cb::sigmoid(g)), u);
-            keep("swiglu", l, &ff);
-            x = Cb::float_add(x, mm(&ff, &w.down)?);
-            keep("ffn_res", l, &x);
         }
         mm(&self.rms(x), &self.head)
     }
+
+    /// [`BurnModel::step`] with the model's launches replayed from device graphs (cubecl's graph capture: one
+    /// dispatch per graph on CUDA, pre-resolved dispatches on wgpu): per layer, everything before the caches (norm,
+    /// projections, RoPE) is one graph and everything after (output projection, MLP) another; the caches step live
+    /// between them, and the embedding row and the output head run as plain launches. `graph` starts `None`: that
+    /// call is a plain step (the warm-up) that then records the graphs into it; later calls replay them. A graph
+    /// belongs to this batch, dtype and these caches: it reads the caches' output buffers, so a call whose caches
+    /// return another buffer (other caches, or a cache that reallocated) is refused with an error before any
+    /// replay of that layer's second graph — record again from `None`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_graphed<C: CompressedKvCache>(&self, tokens: &BTensor, rope_rows: &BTensor, table: &RopeTable, groups: &mut [CacheGroup<C>], dtype: DType, graph: &mut Option<StepGraph>) -> Result<BTensor, Error> {
+        let b = self.check_step(tokens, rope_rows, groups, dtype)?;
+        let Some(g) = graph.as_ref() else {
+            let mut outs = Vec::with_capacity(self.layers.len());
+            let logits = self.forward(tokens, rope_rows, table, groups, dtype, &mut None, Some(&mut outs))?;
+            *graph = Some(self.record(b, dtype, outs)?);
+            return Ok(logits);
+        };
+        if g.rows != b || g.dtype != dtype {
+            return Err(Error::Config("a step graph replays the batch and dtype it was recorded with"));
+        }
+        let client = &self.embed.client;
+        let x0 = Cb::float_select(self.embed.clone(), 0, tokens.clone());
+        let (cos, sin) = self.trig(table, rope_rows);
+        for (src, dst) in [(x0, &g.x), (cos, &g.cos), (sin, &g.sin)] {
+            cubecl::std::tensor::copy_into(client, src.binding(), dst.clone().binding(), burn_backend::cubecl::dtype_to_storage_type(burn_backend::DType::F32));
+        }
+        let same = |a: &DeviceTensor, b: &DeviceTensor| a.handle.memory.descriptor() == b.handle.memory.descriptor() && a.offset == b.offset && a.shape == b.shape && a.strides == b.strides;
+        let replay = |graph: &Graph| {
+            // SAFETY: every buffer the graph reads or writes is alive — its inputs and outputs are held by `g`, the
+            // caches' outputs it reads were checked to be the recorded ones, and cubecl guards the pages inside it
+            // for its lifetime — and is used by this thread's stream only.
+            unsafe { graph.replay() }.map_err(|e| Error::Device(format!("graph replay: {e:?}")))
+        };
+        for l in 0..self.layers.len() {
+            let (q, k, v) = &g.qkv[l];
+            replay(&g.pre[l])?;
+            let outs = self.attend(l, groups, q, k, v)?;
+            if outs.len() != g.outs[l].len() || outs.iter().zip(&g.outs[l]).any(|(a, b)| !same(a, b)) {
+                return Err(Error::Config("a cache's output buffer is not the one the step graph was recorded with"));
+            }
+            replay(&g.post[l])?;
+        }
+        mm(&self.rms(g.last.clone()), &self.head)
+    }
+
+    /// Records the per-layer graphs of [`BurnModel::step_graphed`], after a warm-up step whose caches returned
+    /// `outs` (`[layer][group]`).
+    fn record(&self, b: usize, dtype: DType, outs: Vec<Vec<DeviceTensor>>) -> Result<StepGraph, Error> {
+        let (h, d) = (self.cfg.hidden, self.cfg.head_dim);
+        let client = self.embed.client.clone();
+        let fixed = |shape: &[usize]| burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), self.device.clone(), Shape::from(shape.to_vec()), burn_backend::DType::F32);
+        let (x0, cos, sin) = (fixed(&[b, h]), fixed(&[b, 1, d]), fixed(&[b, 1, d]));
+        let (mut pre, mut post, mut qkv) = (Vec::new(), Vec::new(), Vec::new());
+        let mut x = x0.clone();
+        for (l, o) in outs.iter().enumerate() {
+            let (t, g) = record(&client, || self.pre(l, &x, &cos, &sin, dtype, &mut |_, _, _| {}))?;
+            qkv.push(t);
+            pre.push(g);
+            let (next, g) = record(&client, || self.post(l, x.clone(), o, dtype, &mut |_, _, _| {}))?;
+            post.push(g);
+            x = next;
+        }
+        Ok(StepGraph { rows: b, dtype, x: x0, cos, sin, pre, post, qkv, outs, last: x })
+    }
+}
+
+/// Runs `f` once (the warm-up: it leaves in the pools what the recording allocates from), then records it as a
+/// device graph; the recording's results are the graph's outputs, rewritten by every replay.
+fn record<T>(client: &cubecl::client::Client, f: impl Fn() -> Result<T, Error>) -> Result<(T, Graph), Error> {
+    let dev = |e: cubecl::server::ServerError| Error::Device(format!("graph capture: {e:?}"));
+    client.graph_prepare().map_err(dev)?;
+    let warm = f();
+    let started = warm.is_ok() && client.start_capture().is_ok();
+    let out = if started { f() } else { warm.and(Err(Error::Device("graph capture: the stream refused to start recording".into()))) };
+    let graph = client.stop_capture().map_err(dev);
+    Ok((out?, graph?))
+}
+
+/// The device graphs of [`BurnModel::step_graphed`] and the buffers they read and write.
+pub struct StepGraph {
+    rows: usize,
+    dtype: DType,
+    /// The embedding rows, cos and sin: written before the first layer's graph by a copy.
+    x: BTensor,
+    cos: BTensor,
+    sin: BTensor,
+    pre: Vec<Graph>,
+    post: Vec<Graph>,
+    /// Each layer's q, k, v (outputs of its first graph, inputs of its caches).
+    qkv: Vec<(BTensor, BTensor, BTensor)>,
+    /// Each layer's cache outputs (inputs of its second graph).
+    outs: Vec<Vec<DeviceTensor>>,
+    /// The last layer's output.
+    last: BTensor,
+}
+
+type Keep<'a> = &'a mut dyn FnMut(&'static str, usize, &BTensor);
+
+fn cast(x: BTensor, to: DType) -> BTensor {
+    match to {
+        DType::F16 => Cb::float_cast(x, FloatDType::F16),
+        DType::BF16 => Cb::float_cast(x, FloatDType::BF16),
+        _ => Cb::float_cast(x, FloatDType::F32),
+    }
+}
+
+/// Columns `c0..c0 + n` of a `[B, N]` tensor: a view (no launch).
+fn cols(x: &BTensor, c0: usize, n: usize) -> BTensor {
+    let all = Slice { start: 0, end: None, step: 1 };
+    Cb::float_slice(x.clone(), &[all, Slice { start: c0 as isize, end: Some((c0 + n) as isize), step: 1 }])
 }
 
 /// The caches of `rows` consecutive batch rows of [`BurnModel::step`]: one per layer.
