@@ -177,6 +177,9 @@ struct GenerateArgs {
     seed: u64,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
+    /// Replay the model's launches from device graphs recorded at the first step (`BurnModel::step_graphed`).
+    #[arg(long)]
+    graph: bool,
 }
 
 #[derive(Args)]
@@ -203,6 +206,9 @@ struct StreamArgs {
     bucket: usize,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
+    /// Replay the model's launches from device graphs recorded at the first step (`BurnModel::step_graphed`).
+    #[arg(long)]
+    graph: bool,
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -539,7 +545,8 @@ fn cmd_generate(backend: &str, a: GenerateArgs) -> Result<(), Fail> {
         caches.push(spec);
     }
     let context = a.context.map(|n| (a.text.clone().unwrap_or_else(|| dev_text("prideprejudice")), n));
-    let o = cli::model::GenerateOptions { gguf: a.gguf, caches, prompt: a.prompt, context, tokens: a.tokens, batch: a.batch, ntk_factor: a.ntk_factor, sampling, dtype: a.dtype.into() };
+    let o =
+        cli::model::GenerateOptions { gguf: a.gguf, caches, prompt: a.prompt, context, tokens: a.tokens, batch: a.batch, ntk_factor: a.ntk_factor, sampling, dtype: a.dtype.into(), graph: a.graph };
     cli::model::run_generate(backend, &o).map_err(Fail::Refused)
 }
 
@@ -565,7 +572,7 @@ fn cmd_stream(backend: &str, a: StreamArgs) -> Result<(), Fail> {
         }
     }
     let texts = if a.texts.is_empty() { vec![dev_text("prideprejudice"), dev_text("sensesensibility")] } else { a.texts };
-    let o = cli::model::StreamOptions { gguf: a.gguf, caches, texts, tokens: a.tokens, bucket: a.bucket, dtype: a.dtype.into(), json: a.json, svg: a.svg };
+    let o = cli::model::StreamOptions { gguf: a.gguf, caches, texts, tokens: a.tokens, bucket: a.bucket, dtype: a.dtype.into(), graph: a.graph, json: a.json, svg: a.svg };
     cli::model::run_stream(backend, &o).map_err(Fail::Refused)
 }
 

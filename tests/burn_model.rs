@@ -68,7 +68,7 @@ fn burn_model_streams_like_candle() {
         })
         .collect();
     let specs = [CacheSpec::new("full", None), CacheSpec::new("full-rank", None), CacheSpec::new("h2o", Some(n + 8)), CacheSpec::new("streaming-llm", Some(n + 8))];
-    let runs = stream(common::client(), &ms.burn, &specs, &streams, DType::F32, &mut |_| {}).unwrap();
+    let runs = stream(common::client(), &ms.burn, &specs, &streams, DType::F32, false, &mut |_| {}).unwrap();
     assert_eq!(runs.len(), specs.len());
     for run in &runs {
         let name = run.spec.label();
@@ -97,7 +97,7 @@ fn burn_model_streams_like_candle() {
 fn greedy_generation_follows_candle() {
     let ms = models();
     let prompt = text_ids("prideprejudice.txt", 50_000, 16);
-    let g = generate(common::client(), &ms.burn, &CacheSpec::new("full", None), &prompt, 2, 6, Sampling::Greedy, DType::F32).unwrap();
+    let g = generate(common::client(), &ms.burn, &CacheSpec::new("full", None), &prompt, 2, 6, Sampling::Greedy, DType::F32, false).unwrap();
     assert_eq!(g.tokens[0], g.tokens[1], "the batch rows are the same sequence");
     let all: Vec<u32> = prompt.iter().chain(&g.tokens[0]).copied().collect();
     let lp = candle_logits(&all);
@@ -107,7 +107,7 @@ fn greedy_generation_follows_candle() {
         assert!(best - row[tok as usize] <= 1e-3, "step {i}: generated {tok} at {} nats below candle's best", best - row[tok as usize]);
     }
     eprintln!("prompt …{:?} → {:?}", ms.tok.decode(&prompt[8..]).unwrap(), ms.tok.decode(&g.tokens[0]).unwrap());
-    let small = generate(common::client(), &ms.burn, &CacheSpec::new("streaming-llm", Some(8)), &prompt, 1, 4, Sampling::Greedy, DType::F32).unwrap();
+    let small = generate(common::client(), &ms.burn, &CacheSpec::new("streaming-llm", Some(8)), &prompt, 1, 4, Sampling::Greedy, DType::F32, false).unwrap();
     assert!(small.tokens[0].len() == 4 && small.tokens[0].iter().all(|&t| (t as usize) < ms.burn.cfg.vocab));
     assert!(small.physical_bytes < g.physical_bytes);
 }
@@ -121,7 +121,7 @@ fn sampling_is_seeded_and_greedy_when_cold() {
     let ms = models();
     let prompt = text_ids("prideprejudice.txt", 50_000, 8);
     let full = CacheSpec::new("full", None);
-    let gen = |b: usize, s: Sampling| generate(common::client(), &ms.burn, &full, &prompt, b, 4, s, DType::F32).unwrap().tokens;
+    let gen = |b: usize, s: Sampling| generate(common::client(), &ms.burn, &full, &prompt, b, 4, s, DType::F32, false).unwrap().tokens;
     let greedy = gen(1, Sampling::Greedy).remove(0);
     assert_eq!(gen(1, Sampling::Temperature { temperature: 1e-6, seed: 7 })[0], greedy);
     let (a, b) = (gen(8, Sampling::Temperature { temperature: 1.0, seed: 11 }), gen(8, Sampling::Temperature { temperature: 1.0, seed: 11 }));
@@ -130,7 +130,7 @@ fn sampling_is_seeded_and_greedy_when_cold() {
     assert!(a.iter().any(|row| *row != greedy), "8 rows sampled at T = 1 all followed the greedy path");
     eprintln!("greedy {greedy:?}, sampled at T = 1: {a:?}");
     for t in [0.0, -1.0, f64::NAN] {
-        let r = generate(common::client(), &ms.burn, &full, &prompt, 1, 2, Sampling::Temperature { temperature: t, seed: 0 }, DType::F32);
+        let r = generate(common::client(), &ms.burn, &full, &prompt, 1, 2, Sampling::Temperature { temperature: t, seed: 0 }, DType::F32, false);
         assert!(matches!(r, Err(kvsqueeze::Error::Config(_))), "temperature {t} accepted");
     }
 }

@@ -21,6 +21,8 @@ pub struct GenerateOptions {
     pub ntk_factor: Option<f64>,
     pub sampling: Sampling,
     pub dtype: DType,
+    /// Replay the model's launches from device graphs.
+    pub graph: bool,
 }
 
 /// What `stream` does.
@@ -31,6 +33,8 @@ pub struct StreamOptions {
     pub tokens: usize,
     pub bucket: usize,
     pub dtype: DType,
+    /// Replay the model's launches from device graphs.
+    pub graph: bool,
     pub json: Option<PathBuf>,
     pub svg: Option<PathBuf>,
 }
@@ -81,7 +85,7 @@ pub fn run_generate(backend: &str, o: &GenerateOptions) -> Result<(), String> {
             spec.rope_base = Some(f * model.cfg.rope_base);
         }
         let spec = &spec;
-        let g = generate(&client, &model, spec, &prompt, o.batch, o.tokens, o.sampling, o.dtype).map_err(|e| format!("{}: {e}", spec.label()))?;
+        let g = generate(&client, &model, spec, &prompt, o.batch, o.tokens, o.sampling, o.dtype, o.graph).map_err(|e| format!("{}: {e}", spec.label()))?;
         println!(
             "| {} | {} | {:.1} | {} | {:.2} | {} × {} | {:.3} | {:.1} | {:.2} |",
             spec.label(),
@@ -120,7 +124,7 @@ pub fn run_stream(backend: &str, o: &StreamOptions) -> Result<(), String> {
         }
         streams.push(ids[..o.tokens + 1].to_vec());
     }
-    let runs: Vec<StreamRun> = stream(&client, &model, &o.caches, &streams, o.dtype, &mut |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
+    let runs: Vec<StreamRun> = stream(&client, &model, &o.caches, &streams, o.dtype, o.graph, &mut |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
     let secs = runs.first().map_or(0.0, |r| r.secs);
     let names: Vec<String> = o.texts.iter().map(|p| p.file_stem().map_or_else(|| p.display().to_string(), |s| s.to_string_lossy().into_owned())).collect();
     println!(

@@ -31,13 +31,13 @@ use crate::burn::{from_burn, to_burn};
 use crate::policy::CompressedKvCache;
 use crate::tensor::DType;
 use crate::{DeviceTensor, Error};
-use cubecl::client::Graph;
 use burn_backend::ops::{ActivationOps, FloatTensorOps, IntTensorOps};
 use burn_backend::{FloatDType, IntDType, Scalar, Shape, Slice, TensorData};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend as Cb;
 use candle_core::quantized::gguf_file::Content;
+use cubecl::client::Graph;
 use std::path::Path;
 
 /// A burn tensor on the CubeCL backend (float or int).
@@ -442,7 +442,15 @@ impl BurnModel {
     /// return another buffer (other caches, or a cache that reallocated) is refused with an error before any
     /// replay of that layer's second graph — record again from `None`.
     #[allow(clippy::too_many_arguments)]
-    pub fn step_graphed<C: CompressedKvCache>(&self, tokens: &BTensor, rope_rows: &BTensor, table: &RopeTable, groups: &mut [CacheGroup<C>], dtype: DType, graph: &mut Option<StepGraph>) -> Result<BTensor, Error> {
+    pub fn step_graphed<C: CompressedKvCache>(
+        &self,
+        tokens: &BTensor,
+        rope_rows: &BTensor,
+        table: &RopeTable,
+        groups: &mut [CacheGroup<C>],
+        dtype: DType,
+        graph: &mut Option<StepGraph>,
+    ) -> Result<BTensor, Error> {
         let b = self.check_step(tokens, rope_rows, groups, dtype)?;
         let Some(g) = graph.as_ref() else {
             let mut outs = Vec::with_capacity(self.layers.len());
@@ -496,6 +504,34 @@ impl BurnModel {
             x = next;
         }
         Ok(StepGraph { rows: b, dtype, x: x0, cos, sin, pre, post, qkv, outs, last: x })
+    }
+}
+
+/// How a decode loop steps the model: plainly ([`BurnModel::step`]) or from device graphs recorded at its first
+/// step ([`BurnModel::step_graphed`]).
+pub enum Stepper {
+    /// Every launch issued every step.
+    Plain,
+    /// The model's launches replayed from graphs (recorded by the first step).
+    Graphed(Option<StepGraph>),
+}
+
+impl Stepper {
+    /// `Graphed` when `graph`, else `Plain`.
+    pub fn new(graph: bool) -> Self {
+        if graph {
+            Stepper::Graphed(None)
+        } else {
+            Stepper::Plain
+        }
+    }
+
+    /// One step of `model` (see [`BurnModel::step`]).
+    pub fn step<C: CompressedKvCache>(&mut self, model: &BurnModel, tokens: &BTensor, rope_rows: &BTensor, table: &RopeTable, groups: &mut [CacheGroup<C>], dtype: DType) -> Result<BTensor, Error> {
+        match self {
+            Stepper::Plain => model.step(tokens, rope_rows, table, groups, dtype),
+            Stepper::Graphed(g) => model.step_graphed(tokens, rope_rows, table, groups, dtype, g),
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 //!
 //! Per step nothing is read back: the NLLs stay on the device and are read every [`READ_EVERY`] tokens.
 
-use super::burn_model::{advance, argmax, nll, read_f32, read_ids, row, upload_ids, BTensor, BurnModel, CacheGroup, RopeTable};
+use super::burn_model::{advance, argmax, nll, read_f32, read_ids, row, upload_ids, BTensor, BurnModel, CacheGroup, RopeTable, Stepper};
 use super::policy_caches;
 use crate::policy::{CompressedKvCache, PolicyCache};
 use crate::tensor::DType;
@@ -139,7 +139,7 @@ impl StreamRun {
 /// all specs in one batch (`specs.len() · streams.len()` rows: the model's launches are shared) — and returns a run
 /// per spec (see the module docs); `progress` gets a line every [`READ_EVERY`] steps. `secs` of every run is the
 /// whole batch's time.
-pub fn stream(client: &Client, model: &BurnModel, specs: &[CacheSpec], streams: &[Vec<u32>], dtype: DType, progress: &mut dyn FnMut(&str)) -> Result<Vec<StreamRun>, Error> {
+pub fn stream(client: &Client, model: &BurnModel, specs: &[CacheSpec], streams: &[Vec<u32>], dtype: DType, graph: bool, progress: &mut dyn FnMut(&str)) -> Result<Vec<StreamRun>, Error> {
     let n_s = streams.len();
     let total = streams.first().map(Vec::len).unwrap_or(0);
     if n_s == 0 || specs.is_empty() || total < 2 || streams.iter().any(|s| s.len() != total) {
@@ -155,9 +155,10 @@ pub fn stream(client: &Client, model: &BurnModel, specs: &[CacheSpec], streams: 
     let mut rope_rows = upload_ids(device, &rope_rows, &[b]);
     let mut nlls = vec![Vec::with_capacity(len); b];
     let mut pending: Vec<BTensor> = Vec::with_capacity(READ_EVERY);
+    let mut stepper = Stepper::new(graph);
     let t0 = Instant::now();
     for t in 0..len {
-        let logits = model.step(&row(&ids, t), &rope_rows, &table, &mut groups, dtype)?;
+        let logits = stepper.step(model, &row(&ids, t), &rope_rows, &table, &mut groups, dtype)?;
         let target = Cb::int_reshape(row(&ids, t + 1), Shape::from(vec![b, 1]));
         pending.push(nll(logits, &target));
         rope_rows = advance(&rope_rows);
@@ -247,7 +248,8 @@ fn choose(logits: BTensor, sampling: Sampling) -> BTensor {
 /// Generation: `prompt` (one for every one of `batch` sequences) is fed token by token through `spec`'s caches,
 /// then `new_tokens` tokens are generated, each chosen from the last logits by `sampling` and fed back on the
 /// device (read back once at the end).
-pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[u32], batch: usize, new_tokens: usize, sampling: Sampling, dtype: DType) -> Result<Generation, Error> {
+#[allow(clippy::too_many_arguments)]
+pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[u32], batch: usize, new_tokens: usize, sampling: Sampling, dtype: DType, graph: bool) -> Result<Generation, Error> {
     if prompt.is_empty() || batch == 0 || new_tokens == 0 {
         return Err(Error::Config("a generation needs a prompt, a batch and at least one new token"));
     }
@@ -263,10 +265,11 @@ pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[
     let ids: Vec<u32> = prompt.iter().flat_map(|&t| std::iter::repeat_n(t, batch)).collect();
     let ids = upload_ids(device, &ids, &[prompt.len(), batch]);
     let mut pos = upload_ids(device, &rope_rows, &[batch]);
+    let mut stepper = Stepper::new(graph);
     let t0 = Instant::now();
     let mut logits = None;
     for t in 0..prompt.len() {
-        logits = Some(model.step(&row(&ids, t), &pos, &table, &mut groups, dtype)?);
+        logits = Some(stepper.step(model, &row(&ids, t), &pos, &table, &mut groups, dtype)?);
         pos = advance(&pos);
     }
     let mut next = choose(logits.expect("a prompt token"), sampling);
@@ -276,7 +279,7 @@ pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[
     let t1 = Instant::now();
     let mut out = vec![next.clone()];
     for _ in 1..new_tokens {
-        let logits = model.step(&next, &pos, &table, &mut groups, dtype)?;
+        let logits = stepper.step(model, &next, &pos, &table, &mut groups, dtype)?;
         pos = advance(&pos);
         next = choose(logits, sampling);
         out.push(next.clone());
