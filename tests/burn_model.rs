@@ -224,4 +224,8 @@ fn graphed_steps_equal_plain_steps() {
     let tokens = upload_ids(m.device(), &vec![texts[0][0]; 2 * rows], &[2 * rows]);
     let pos = upload_ids(m.device(), &vec![table.row(0, 0).unwrap(); 2 * rows], &[2 * rows]);
     assert!(m.step_graphed(&tokens, &pos, &table, &mut other, DType::F32, &mut graph).is_err());
+    // A graph replays its own batch and dtype only.
+    let (_, _, layers) = kvsqueeze::eval::policy_caches(common::client(), &m.cfg, "full", 1, 16, DType::F32, m.cfg.rope_base).unwrap();
+    let one = |x: u32| upload_ids(m.device(), &[x], &[1]);
+    assert!(m.step_graphed(&one(texts[0][0]), &one(table.row(0, 0).unwrap()), &table, &mut [CacheGroup { rows: 1, layers }], DType::F32, &mut graph).is_err());
 }
