@@ -513,7 +513,7 @@ pub enum Stepper {
     /// Every launch issued every step.
     Plain,
     /// The model's launches replayed from graphs (recorded by the first step).
-    Graphed(Option<StepGraph>),
+    Graphed(Option<Box<StepGraph>>),
 }
 
 impl Stepper {
@@ -530,7 +530,12 @@ impl Stepper {
     pub fn step<C: CompressedKvCache>(&mut self, model: &BurnModel, tokens: &BTensor, rope_rows: &BTensor, table: &RopeTable, groups: &mut [CacheGroup<C>], dtype: DType) -> Result<BTensor, Error> {
         match self {
             Stepper::Plain => model.step(tokens, rope_rows, table, groups, dtype),
-            Stepper::Graphed(g) => model.step_graphed(tokens, rope_rows, table, groups, dtype, g),
+            Stepper::Graphed(g) => {
+                let mut graph = g.take().map(|b| *b);
+                let out = model.step_graphed(tokens, rope_rows, table, groups, dtype, &mut graph);
+                *g = graph.map(Box::new);
+                out
+            }
         }
     }
 }
