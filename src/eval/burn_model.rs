@@ -122,12 +122,12 @@ pub fn read_ids(t: BTensor) -> Result<Vec<u32>, Error> {
 /// may lower an f32 product to TF32. The unit routine is the one lavapipe runs, where the model equals candle's
 /// forward; a decode step's matmuls are `M = B` rows against the weights: bandwidth-bound, little for tensor cores to
 /// win. (The rows that came out wrong on the H100 at B ≥ 2, `data/bench/2026-12-07-h100-model-batch-rows.md`, were
-/// not the matmul's doing but pitched rows read as contiguous: see `forward`.)
+/// not the matmul's doing but rows of q/k/v read as contiguous when they were not: see `pre`.)
 fn mm(x: &BTensor, w: &BTensor) -> Result<BTensor, Error> {
     use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
     use cubek::matmul::{multi_level, strategy::Strategy};
     let (m, n) = (x.meta.shape()[0], w.meta.shape()[1]);
-    // Contiguous rows: burn's own allocation (`float_empty`) may pitch rows on CUDA (see `forward`).
+    // Contiguous rows: burn's own allocation (`float_empty`) may pitch rows on CUDA (see `pre`).
     let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::from(vec![m, n]), burn_backend::DType::F32);
     let st = burn_backend::cubecl::dtype_to_storage_type(burn_backend::DType::F32);
     let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: st, rhs: st, out: st });
@@ -141,7 +141,6 @@ fn reshape(x: BTensor, shape: &[usize]) -> BTensor {
     Cb::float_reshape(x, Shape::from(shape.to_vec()))
 }
 
-/// `[out, in]` row-major → `[in, out]`.
 /// `W [out, in]` with column `i` scaled by `norm[i]`: the norm's weight moved into the matmul after it.
 fn fold_norm(mut w: Vec<f32>, norm: &[f32]) -> Vec<f32> {
     for row in w.chunks_exact_mut(norm.len()) {
@@ -152,6 +151,7 @@ fn fold_norm(mut w: Vec<f32>, norm: &[f32]) -> Vec<f32> {
     w
 }
 
+/// `[out, in]` row-major → `[in, out]`.
 fn transpose(w: &[f32], out: usize, inp: usize) -> Vec<f32> {
     let mut t = vec![0.0; w.len()];
     for o in 0..out {
@@ -351,9 +351,10 @@ impl BurnModel {
         keep("v", l, &v);
         let (q, k, v) = if dtype == DType::F32 { (q, k, v) } else { (cast(q, dtype), cast(k, dtype), cast(v, dtype)) };
         // The caches take k and v contiguous (and q as any view). burn allocates a fresh tensor in the device's
-        // preferred layout, which on CUDA pitches rows (a row stride past the row's length: `[2, 192]` f32 came
-        // out with its rows apart); `into_contiguous` copies only such a tensor and is free otherwise — with
-        // `mm`'s contiguous outputs and burn's in-place elementwise ops, q, k and v are contiguous already.
+        // preferred layout (cubecl's `Optimized`), which on CUDA may pitch rows (a row stride past the row's
+        // length): on the H100, k of a batch of two came out not contiguous and the cache refused it.
+        // `into_contiguous` copies only such a tensor and is free otherwise — with `mm`'s contiguous outputs and
+        // burn's in-place elementwise ops, q, k and v are usually contiguous already.
         Ok((into_contiguous(q), into_contiguous(k), into_contiguous(v)))
     }
 
