@@ -138,7 +138,7 @@ impl StreamRun {
 /// Streams `streams` (equal lengths `len + 1` token ids; one sequence each) through the model once per spec —
 /// all specs in one batch (`specs.len() · streams.len()` rows: the model's launches are shared) — and returns a run
 /// per spec (see the module docs); `progress` gets a line every [`READ_EVERY`] steps. `secs` of every run is the
-/// whole batch's time.
+/// whole batch's time. `graph`: the model's launches replayed from device graphs ([`Stepper::Graphed`]).
 pub fn stream(client: &Client, model: &BurnModel, specs: &[CacheSpec], streams: &[Vec<u32>], dtype: DType, graph: bool, progress: &mut dyn FnMut(&str)) -> Result<Vec<StreamRun>, Error> {
     let n_s = streams.len();
     let total = streams.first().map(Vec::len).unwrap_or(0);
@@ -247,7 +247,7 @@ fn choose(logits: BTensor, sampling: Sampling) -> BTensor {
 
 /// Generation: `prompt` (one for every one of `batch` sequences) is fed token by token through `spec`'s caches,
 /// then `new_tokens` tokens are generated, each chosen from the last logits by `sampling` and fed back on the
-/// device (read back once at the end).
+/// device (read back once at the end). `graph`: as for [`stream`].
 #[allow(clippy::too_many_arguments)]
 pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[u32], batch: usize, new_tokens: usize, sampling: Sampling, dtype: DType, graph: bool) -> Result<Generation, Error> {
     if prompt.is_empty() || batch == 0 || new_tokens == 0 {
