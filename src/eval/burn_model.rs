@@ -300,7 +300,7 @@ impl BurnModel {
         groups: &mut [CacheGroup<C>],
         dtype: DType,
         layers: usize,
-    ) -> Result<(BTensor, Vec<(&'static str, usize, BTensor)>), Error> {
+    ) -> Result<(BTensor, Trace), Error> {
         let mut trace = Some((layers, Vec::new()));
         let logits = self.forward(tokens, rope_rows, table, groups, dtype, &mut trace, None)?;
         Ok((logits, trace.map(|t| t.1).unwrap_or_default()))
@@ -401,7 +401,6 @@ impl BurnModel {
         Ok(x)
     }
 
-    #[allow(clippy::type_complexity)]
     fn forward<C: CompressedKvCache>(
         &self,
         tokens: &BTensor,
@@ -409,7 +408,7 @@ impl BurnModel {
         table: &RopeTable,
         groups: &mut [CacheGroup<C>],
         dtype: DType,
-        trace: &mut Option<(usize, Vec<(&'static str, usize, BTensor)>)>,
+        trace: &mut Option<(usize, Trace)>,
         mut cache_outs: Option<&mut Vec<Vec<DeviceTensor>>>,
     ) -> Result<BTensor, Error> {
         self.check_step(tokens, rope_rows, groups, dtype)?;
@@ -572,6 +571,9 @@ pub struct StepGraph {
 }
 
 type Keep<'a> = &'a mut dyn FnMut(&'static str, usize, &BTensor);
+
+/// Intermediates of [`BurnModel::step_trace`]: `(name, layer, tensor)` in order.
+pub type Trace = Vec<(&'static str, usize, BTensor)>;
 
 fn cast(x: BTensor, to: DType) -> BTensor {
     match to {
