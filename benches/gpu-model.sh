@@ -12,8 +12,10 @@
 #   generate ARGS…           kvsqueeze --backend cuda generate ARGS…
 #   stream ARGS…             kvsqueeze --backend cuda stream ARGS…
 #   rows                     the same text as a batch of one and of two sequences: the perplexities must agree
-#   stream-fit SECS ARGS…    a 512-token probe of `stream ARGS…` for its steps/s, then the stream at the longest
-#                            multiple of 1024 tokens (≤ 16384) that fits SECS; JSON, SVG and log under $OUT
+#   stream-fit SECS ARGS…    a 1024-token probe of `stream ARGS…` for its steps/s over its last 512 steps, then
+#                            the stream at the longest multiple of 1024 tokens (≤ 16384) that fits SECS; JSON,
+#                            SVG and log under $OUT
+#   speed CONTEXT ARGS…      `generate --context CONTEXT --batch 8 --tokens 128 ARGS…`, plain and with --graph
 #   test ARGS…               the CUDA build of tests/burn_model.rs, carried as carry-test/burn_model.xz (built with
 #                            `cargo test --release --features "cuda eval" --no-run --target-dir target/cuda
 #                            --test burn_model`); it reads the texts from the build's CARGO_MANIFEST_DIR, which
@@ -49,11 +51,23 @@ case "$stage" in
   stream-fit)
     secs=$1; shift
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
-    "$BIN" --backend cuda stream --gguf "$G" --tokens 512 "$@" > "$OUT/probe.log" 2>&1
-    r=$(grep -o '[0-9.]* steps/s' "$OUT/probe.log" | tail -1 | cut -d' ' -f1)
+    "$BIN" --backend cuda stream --gguf "$G" --tokens 1024 "$@" > "$OUT/probe.log" 2>&1
+    # The progress lines give the rate since the start (compile and warm-up included): take the last 512 steps'.
+    r=$(python3 -c "
+import re
+rows = re.findall(r'(\d+)/1024 tokens, ([\d.]+) steps/s', open('$OUT/probe.log').read())
+(a, ra), (b, rb) = [(int(n), float(r)) for n, r in rows][-3], [(int(n), float(r)) for n, r in rows][-1]
+print(round((b - a) / (b / rb - a / ra), 1))")
     n=$(python3 -c "print(max(1024, min(16384, int($r * $secs / 1024) * 1024)))")
-    echo "probe: $r steps/s at 512 tokens → $n tokens"
+    echo "probe: $r steps/s over the last 512 of 1024 tokens → $n tokens"
     "$BIN" --backend cuda stream --gguf "$G" --tokens "$n" --json "$OUT/stream-$n.json" --svg "$OUT/stream-$n.svg" "$@" 2>&1 | tee "$OUT/stream-$n.log" | tail -14 ;;
+  speed)
+    ctx=$1; shift
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
+    for g in "" --graph; do
+      echo "== generate --context $ctx --batch 8 --tokens 128 $* $g"
+      "$BIN" --backend cuda generate --gguf "$G" --context "$ctx" --batch 8 --tokens 128 "$@" $g 2>&1 | tee "$OUT/speed-$ctx${g:+-graph}.log" | grep '^|'
+    done ;;
   test)
     mkdir -p /work && ln -sfn "$PWD" /work/main
     KVSQUEEZE_DEVICE=cuda KVSQUEEZE_REQUIRE_ALL=1 "$KEEP/burn_model" --test-threads=1 --nocapture "$@" ;;
