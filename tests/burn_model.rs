@@ -219,7 +219,7 @@ fn graphed_steps_equal_plain_steps() {
         let diff = want.iter().zip(&got).fold(0f32, |s, (a, b)| s.max((a - b).abs()));
         assert!(got.iter().all(|x| x.is_finite()) && diff <= 1e-5 * scale, "step {t}: graphed logits off by {diff:e} (scale {scale})");
     }
-    // Other caches return other output buffers: the graphs refuse them rather than read freed memory.
+    // Other caches return other output buffers: the graphs (which read the recorded caches' buffers) refuse them.
     let mut other = groups();
     let tokens = upload_ids(m.device(), &vec![texts[0][0]; 2 * rows], &[2 * rows]);
     let pos = upload_ids(m.device(), &vec![table.row(0, 0).unwrap(); 2 * rows], &[2 * rows]);

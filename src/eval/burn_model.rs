@@ -25,6 +25,11 @@
 //! The rotation is `q·cos + (q R)·sin` with `R` the rotate-half matrix folded into a second copy of the Q/K
 //! weights at load (`W R`), so RoPE costs wider matmul columns and two multiplies instead of slices and a concat.
 //! Q, Q R, K, K R and V are one matmul of the stacked weights, gate and up another.
+//!
+//! ## Launches
+//! A plain step issues about 30 launches per layer. [`BurnModel::step_graphed`] (and [`Stepper`]) replays the
+//! model's part of each layer from two device graphs recorded at the first step, with the caches stepping live
+//! between them.
 
 use super::model::ModelConfig;
 use crate::burn::{from_burn, to_burn};
