@@ -513,12 +513,13 @@ impl BurnModel {
 }
 
 /// How a decode loop steps the model: plainly ([`BurnModel::step`]) or from device graphs recorded at its first
-/// step ([`BurnModel::step_graphed`]).
+/// step ([`BurnModel::step_graphed`]). One per loop, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Stepper {
     /// Every launch issued every step.
     Plain,
     /// The model's launches replayed from graphs (recorded by the first step).
-    Graphed(Option<Box<StepGraph>>),
+    Graphed(Option<StepGraph>),
 }
 
 impl Stepper {
@@ -535,12 +536,7 @@ impl Stepper {
     pub fn step<C: CompressedKvCache>(&mut self, model: &BurnModel, tokens: &BTensor, rope_rows: &BTensor, table: &RopeTable, groups: &mut [CacheGroup<C>], dtype: DType) -> Result<BTensor, Error> {
         match self {
             Stepper::Plain => model.step(tokens, rope_rows, table, groups, dtype),
-            Stepper::Graphed(g) => {
-                let mut graph = g.take().map(|b| *b);
-                let out = model.step_graphed(tokens, rope_rows, table, groups, dtype, &mut graph);
-                *g = graph.map(Box::new);
-                out
-            }
+            Stepper::Graphed(g) => model.step_graphed(tokens, rope_rows, table, groups, dtype, g),
         }
     }
 }
