@@ -53,6 +53,11 @@ pub trait CompressedKvCache {
     fn physical_bytes(&self) -> usize;
     /// The original positions kept, `[B][Hkv][len]` in cache order (reads back from the device).
     fn kept_positions(&self) -> Result<Vec<Vec<Vec<usize>>>, Error>;
+    /// The buffer every [`CompressedKvCache::step`] returns, when it is one fixed buffer (what a recorded device
+    /// graph may read: `BurnModel::step_graphed`); `None` when steps may return different buffers.
+    fn step_output(&self) -> Option<&DeviceTensor> {
+        None
+    }
 }
 
 /// Every cache's name on the command line and in reports (`compare`, `eval`, `replay`): the policy caches, then
@@ -735,6 +740,10 @@ impl CompressedKvCache for PolicyCache {
 
     /// Per sequence and KV head, the original positions kept in cache order (a retired sequence: empty). Reads
     /// back `order`, `seq` and `pos`.
+    fn step_output(&self) -> Option<&DeviceTensor> {
+        Some(&self.plan.output().o)
+    }
+
     fn kept_positions(&self) -> Result<Vec<Vec<Vec<usize>>>, Error> {
         let PolicyCacheConfig { batch, hkv, layout, .. } = self.cfg;
         let cap1 = layout.capacity() + 1;

@@ -288,7 +288,7 @@ impl BurnModel {
     /// f32. Launches only: no upload, no read-back; with several groups, one concatenation per layer of their
     /// outputs.
     pub fn step<C: CompressedKvCache>(&self, tokens: &BTensor, rope_rows: &BTensor, table: &RopeTable, groups: &mut [CacheGroup<C>], dtype: DType) -> Result<BTensor, Error> {
-        self.forward(tokens, rope_rows, table, groups, dtype, &mut None, None)
+        self.forward(tokens, rope_rows, table, groups, dtype, &mut None)
     }
 
     /// [`BurnModel::step`], also returning every intermediate of the first `layers` layers, in order, named
@@ -307,7 +307,7 @@ impl BurnModel {
         layers: usize,
     ) -> Result<(BTensor, Trace), Error> {
         let mut trace = Some((layers, Vec::new()));
-        let logits = self.forward(tokens, rope_rows, table, groups, dtype, &mut trace, None)?;
+        let logits = self.forward(tokens, rope_rows, table, groups, dtype, &mut trace)?;
         Ok((logits, trace.map(|t| t.1).unwrap_or_default()))
     }
 
@@ -414,7 +414,6 @@ impl BurnModel {
         groups: &mut [CacheGroup<C>],
         dtype: DType,
         trace: &mut Option<(usize, Trace)>,
-        mut cache_outs: Option<&mut Vec<Vec<DeviceTensor>>>,
     ) -> Result<BTensor, Error> {
         self.check_step(tokens, rope_rows, groups, dtype)?;
         let (cos, sin) = self.trig(table, rope_rows);
@@ -431,9 +430,6 @@ impl BurnModel {
             let (q, k, v) = self.pre(l, &x, &cos, &sin, dtype, &mut keep)?;
             let outs = self.attend(l, groups, &q, &k, &v)?;
             x = self.post(l, x, &outs, dtype, &mut keep)?;
-            if let Some(sink) = cache_outs.as_deref_mut() {
-                sink.push(outs);
-            }
         }
         mm(&self.rms(x), &self.head)
     }
@@ -443,9 +439,9 @@ impl BurnModel {
     /// projections, RoPE) is one graph and everything after (output projection, MLP) another; the caches step live
     /// between them, and the embedding row and the output head run as plain launches. `graph` starts `None`: that
     /// call is a plain step (the warm-up) that then records the graphs into it; later calls replay them. A graph
-    /// belongs to this batch, dtype and these caches: it reads the caches' output buffers, so a call whose caches
-    /// return another buffer (other caches, or a cache that reallocated) is refused with an error before any
-    /// replay of that layer's second graph — record again from `None`.
+    /// belongs to this batch, dtype and these caches: it reads the caches' output buffers, so a call with other
+    /// caches (or caches without one fixed output buffer, [`CompressedKvCache::step_output`]) is refused with an
+    /// error before any launch — record again from `None`. Recording also needs that fixed buffer.
     #[allow(clippy::too_many_arguments)]
     pub fn step_graphed<C: CompressedKvCache>(
         &self,
@@ -458,13 +454,24 @@ impl BurnModel {
     ) -> Result<BTensor, Error> {
         let b = self.check_step(tokens, rope_rows, groups, dtype)?;
         let Some(g) = graph.as_ref() else {
+            let logits = self.forward(tokens, rope_rows, table, groups, dtype, &mut None)?;
             let mut outs = Vec::with_capacity(self.layers.len());
-            let logits = self.forward(tokens, rope_rows, table, groups, dtype, &mut None, Some(&mut outs))?;
+            for l in 0..self.layers.len() {
+                let o = groups.iter().map(|g| g.layers[l].step_output().cloned().ok_or(Error::Config("a cache without one fixed output buffer cannot be read by a step graph")));
+                outs.push(o.collect::<Result<Vec<_>, _>>()?);
+            }
             *graph = Some(self.record(b, dtype, outs)?);
             return Ok(logits);
         };
         if g.rows != b || g.dtype != dtype {
             return Err(Error::Config("a step graph replays the batch and dtype it was recorded with"));
+        }
+        // The graphs read the recorded caches' output buffers: refuse other caches before any of them steps.
+        let same = |a: &DeviceTensor, b: &DeviceTensor| a.handle.memory.descriptor() == b.handle.memory.descriptor() && a.offset == b.offset && a.shape == b.shape && a.strides == b.strides;
+        for (l, recorded) in g.outs.iter().enumerate() {
+            if groups.len() != recorded.len() || groups.iter().zip(recorded).any(|(gr, r)| !gr.layers[l].step_output().is_some_and(|o| same(o, r))) {
+                return Err(Error::Config("these caches are not the ones the step graph was recorded with"));
+            }
         }
         let client = &self.embed.client;
         let x0 = Cb::float_select(self.embed.clone(), 0, tokens.clone());
@@ -472,27 +479,24 @@ impl BurnModel {
         for (src, dst) in [(x0, &g.x), (cos, &g.cos), (sin, &g.sin)] {
             cubecl::std::tensor::copy_into(client, src.binding(), dst.clone().binding(), burn_backend::cubecl::dtype_to_storage_type(burn_backend::DType::F32));
         }
-        let same = |a: &DeviceTensor, b: &DeviceTensor| a.handle.memory.descriptor() == b.handle.memory.descriptor() && a.offset == b.offset && a.shape == b.shape && a.strides == b.strides;
         let replay = |graph: &Graph| {
             // SAFETY: every buffer the graph reads or writes is alive — its inputs and outputs are held by `g`, the
-            // caches' outputs it reads were checked to be the recorded ones, and cubecl guards the pages inside it
+            // caches' outputs it reads were checked above to be the recorded ones (`step_output`: the buffer every
+            // step returns), and cubecl guards the pages inside it
             // for its lifetime — and is used by this thread's stream only.
             unsafe { graph.replay() }.map_err(|e| Error::Device(format!("graph replay: {e:?}")))
         };
         for l in 0..self.layers.len() {
             let (q, k, v) = &g.qkv[l];
             replay(&g.pre[l])?;
-            let outs = self.attend(l, groups, q, k, v)?;
-            if outs.len() != g.outs[l].len() || outs.iter().zip(&g.outs[l]).any(|(a, b)| !same(a, b)) {
-                return Err(Error::Config("a cache's output buffer is not the one the step graph was recorded with"));
-            }
+            self.attend(l, groups, q, k, v)?;
             replay(&g.post[l])?;
         }
         mm(&self.rms(g.last.clone()), &self.head)
     }
 
-    /// Records the per-layer graphs of [`BurnModel::step_graphed`], after a warm-up step whose caches returned
-    /// `outs` (`[layer][group]`).
+    /// Records the per-layer graphs of [`BurnModel::step_graphed`], after a warm-up step; `outs` (`[layer][group]`)
+    /// are the caches' fixed output buffers.
     fn record(&self, b: usize, dtype: DType, outs: Vec<Vec<DeviceTensor>>) -> Result<StepGraph, Error> {
         let (h, d) = (self.cfg.hidden, self.cfg.head_dim);
         let client = self.embed.client.clone();
