@@ -58,6 +58,22 @@ pub trait CompressedKvCache {
     fn step_output(&self) -> Option<&DeviceTensor> {
         None
     }
+    /// For a step recorded into a device graph (`BurnModel::step_graphed`): the host checks a step makes before
+    /// launching (capacity, position limits), then the parity of the next step — a cache whose steps alternate
+    /// between two launch sequences is recorded once per parity. `Err` when this cache's steps cannot be recorded
+    /// (the default) or the next step would be refused.
+    fn graph_parity(&self) -> Result<usize, Error> {
+        Err(Error::Config("this cache's steps cannot be recorded into a device graph"))
+    }
+    /// Issues the launches of one step at `parity` ([`CompressedKvCache::graph_parity`]) with no host bookkeeping:
+    /// called while a device graph records (nothing runs), so no host state may change. `q`, `k`, `v` as for
+    /// [`CompressedKvCache::step`].
+    fn record_step(&mut self, _q: &DeviceTensor, _k: &DeviceTensor, _v: &DeviceTensor, _parity: usize) -> Result<(), Error> {
+        Err(Error::Config("this cache's steps cannot be recorded into a device graph"))
+    }
+    /// The host bookkeeping of one step replayed from a device graph (after [`CompressedKvCache::graph_parity`]
+    /// allowed it): what [`CompressedKvCache::step`] does after its launches.
+    fn note_replayed(&mut self) {}
 }
 
 /// Every cache's name on the command line and in reports (`compare`, `eval`, `replay`): the policy caches, then
@@ -643,6 +659,78 @@ impl PolicyCache {
 
     /// A K/V input of the cache's kernels: `shape`, the cache's dtype, contiguous from any element offset (which the
     /// kernels honour).
+    /// The shapes, dtypes and layouts of one step's inputs.
+    fn check_step(&self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<(), Error> {
+        let PolicyCacheConfig { batch, hq, hkv, d, .. } = self.cfg;
+        self.check_query("q", q, vec![batch, 1, hq, d])?;
+        self.check("k", k, vec![batch, hkv, d])?;
+        self.check("v", v, vec![batch, hkv, d])
+    }
+
+    /// What the host mirror refuses before a step: the Full policy past its capacity, positions past u32.
+    fn host_limits(&self) -> Result<(), Error> {
+        let cap = self.cfg.layout.capacity();
+        for (b, s) in self.host.iter().enumerate() {
+            if let Some(s) = s {
+                if self.cfg.policy == Policy::Full && s.len >= cap {
+                    return Err(Error::LengthBeyondCapacity { batch: b, len: s.len + 1, capacity: cap });
+                }
+                if s.seen >= u32::MAX as usize {
+                    return Err(Error::Config("a sequence's positions reached the u32 limit"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a step may be recorded into a device graph (see [`CompressedKvCache::graph_parity`]).
+    fn recordable(&self) -> Result<(), Error> {
+        if self.cfg.check_finite {
+            return Err(Error::Config("a cache that checks its inputs for non-finite values reads back every step: it cannot be recorded"));
+        }
+        Ok(())
+    }
+
+    /// A step's launches — append, decode attention (planned at `new`), policy step — reading the `cur` half of
+    /// `seq` and writing the other; returns the attention output and mass (the plan's fixed buffers).
+    fn launch_step(&mut self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, cur: usize) -> Result<(DeviceTensor, DeviceTensor), Error> {
+        let PolicyCacheConfig { policy, layout, batch, hkv, d, .. } = self.cfg;
+        let cap1 = layout.capacity() + 1;
+        let c = &self.client;
+        let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
+        let (cur_base, next_base) = (cur * batch * SEQ_WORDS, (1 - cur) * batch * SEQ_WORDS);
+        crate::tensor::count_launches(1);
+        // SAFETY: every buffer is sized by `new` from the validated configuration; the inputs were checked by the
+        // caller (`check_step`).
+        unsafe {
+            let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
+            with_float_type!(self.cfg.dtype, E => policy_append::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.ints), b(&self.fl), k.offset, v.offset, self.order.offset, self.rank.offset, self.pos.offset, self.free.offset, self.seq.offset, self.att.offset, self.count.offset, cur_base, batch, hkv, cap1, d))
+        }
+        // Cache-rank positions: the slot → rank array is exactly `[B, Hkv, c+1]` positions; the query sits at the
+        // newest rank (`att`'s second row, written by the append).
+        let positions = self.cfg.rope.map(|_| (&self.att_qpos, &self.rank));
+        let out = self.plan.run(q, &self.k, &self.v, &self.att_lens, positions)?;
+        let (o, mass) = (out.o.clone(), out.mass.clone().ok_or(Error::Config("the plan writes no mass"))?);
+        crate::tensor::count_launches(1);
+        // SAFETY: as above; `mass` is the plan's `[B, Hkv, 1, c+1]` output.
+        unsafe {
+            let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
+            with_float_type!(self.cfg.dtype, E => policy_step::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(self.step_threads as u32), b(&mass), b(&self.v), b(&self.ints), b(&self.fl), self.order.offset, self.rank.offset, self.free.offset, self.seq.offset, self.count.offset, cur_base, next_base, batch, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), self.step_threads))
+        }
+        Ok((o, mass))
+    }
+
+    /// The host mirror of a step: the parity flips, every active sequence's length and position advance.
+    fn advance(&mut self) {
+        let cap = self.cfg.layout.capacity();
+        let policy = self.cfg.policy;
+        self.cur = 1 - self.cur;
+        for s in self.host.iter_mut().flatten() {
+            s.len = if policy != Policy::Full && s.len + 1 > cap { cap } else { s.len + 1 };
+            s.seen += 1;
+        }
+    }
+
     fn check(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
         self.check_query(name, t, shape)?;
         if !t.is_contiguous() {
@@ -674,54 +762,17 @@ impl CompressedKvCache for PolicyCache {
     /// upload and no read-back; lengths, positions and counters advance on the device. The output is the cache's
     /// own buffer, overwritten by the next step.
     fn step(&mut self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<DeviceTensor, Error> {
-        let PolicyCacheConfig { policy, layout, batch, hq, hkv, d, .. } = self.cfg;
-        self.check_query("q", q, vec![batch, 1, hq, d])?;
-        self.check("k", k, vec![batch, hkv, d])?;
-        self.check("v", v, vec![batch, hkv, d])?;
-        let cap = layout.capacity();
-        let cap1 = cap + 1;
-        for (b, s) in self.host.iter().enumerate() {
-            if let Some(s) = s {
-                if policy == Policy::Full && s.len >= cap {
-                    return Err(Error::LengthBeyondCapacity { batch: b, len: s.len + 1, capacity: cap });
-                }
-                if s.seen >= u32::MAX as usize {
-                    return Err(Error::Config("a sequence's positions reached the u32 limit"));
-                }
-            }
-        }
+        self.check_step(q, k, v)?;
+        self.host_limits()?;
         crate::finite::check_inputs(&self.client, self.cfg.check_finite, &[("q", q), ("k", k), ("v", v)])?;
-        let c = &self.client;
-        let grid = CubeCount::Static(hkv as u32, batch as u32, 1);
-        let (cur_base, next_base) = (self.cur * batch * SEQ_WORDS, (1 - self.cur) * batch * SEQ_WORDS);
-        crate::tensor::count_launches(1);
-        // SAFETY: every buffer is sized by `new` from the validated configuration; the inputs were checked above.
-        unsafe {
-            let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
-            with_float_type!(self.cfg.dtype, E => policy_append::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(d as u32), b(k), b(v), b(&self.k), b(&self.v), b(&self.ints), b(&self.fl), k.offset, v.offset, self.order.offset, self.rank.offset, self.pos.offset, self.free.offset, self.seq.offset, self.att.offset, self.count.offset, cur_base, batch, hkv, cap1, d))
-        }
-        // Cache-rank positions: the slot → rank array is exactly `[B, Hkv, c+1]` positions; the query sits at the
-        // newest rank (`att`'s second row, written by the append).
-        let positions = self.cfg.rope.map(|_| (&self.att_qpos, &self.rank));
-        let out = self.plan.run(q, &self.k, &self.v, &self.att_lens, positions)?;
-        let (o, mass) = (out.o.clone(), out.mass.clone().ok_or(Error::Config("the plan writes no mass"))?);
-        crate::tensor::count_launches(1);
-        // SAFETY: as above; `mass` is the plan's `[B, Hkv, 1, c+1]` output.
-        unsafe {
-            let b = |t: &DeviceTensor| BufferArg::from_raw_parts(t.handle.clone(), t.buffer_len);
-            with_float_type!(self.cfg.dtype, E => policy_step::launch_unchecked::<E>(c, grid.clone(), CubeDim::new_1d(self.step_threads as u32), b(&mass), b(&self.v), b(&self.ints), b(&self.fl), self.order.offset, self.rank.offset, self.free.offset, self.seq.offset, self.count.offset, cur_base, next_base, batch, hkv, cap1, d, layout.sinks, layout.middle, layout.recent, rule(policy), self.step_threads))
-        }
+        let (o, mass) = self.launch_step(q, k, v, self.cur)?;
         if !self.stepped {
             // The first step compiles this cache's kernels: a compile or launch failure surfaces here. Later steps
             // launch the same variants on the same buffers and are not checked (no host round trip per step).
-            crate::tensor::check_written(c, &[&o, &mass, &self.ints])?;
+            crate::tensor::check_written(&self.client, &[&o, &mass, &self.ints])?;
             self.stepped = true;
         }
-        self.cur = 1 - self.cur;
-        for s in self.host.iter_mut().flatten() {
-            s.len = if policy != Policy::Full && s.len + 1 > cap { cap } else { s.len + 1 };
-            s.seen += 1;
-        }
+        self.advance();
         Ok(o)
     }
 
@@ -742,6 +793,31 @@ impl CompressedKvCache for PolicyCache {
     /// back `order`, `seq` and `pos`.
     fn step_output(&self) -> Option<&DeviceTensor> {
         Some(&self.plan.output().o)
+    }
+
+    /// Recordable unless the cache checks its inputs for non-finite values (a read-back per step); a step is
+    /// recorded once a plain step has run (it checks the kernels). The parity is which half of the double-buffered
+    /// `seq` the step reads.
+    fn graph_parity(&self) -> Result<usize, Error> {
+        self.recordable()?;
+        self.host_limits()?;
+        Ok(self.cur)
+    }
+
+    fn record_step(&mut self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, parity: usize) -> Result<(), Error> {
+        self.recordable()?;
+        if !self.stepped {
+            return Err(Error::Config("a cache's step is recorded after its first plain step (which checks its kernels)"));
+        }
+        self.check_step(q, k, v)?;
+        if parity > 1 {
+            return Err(Error::Config("a step's parity is 0 or 1"));
+        }
+        self.launch_step(q, k, v, parity).map(|_| ())
+    }
+
+    fn note_replayed(&mut self) {
+        self.advance();
     }
 
     fn kept_positions(&self) -> Result<Vec<Vec<Vec<usize>>>, Error> {

@@ -219,13 +219,21 @@ fn graphed_steps_equal_plain_steps() {
         let diff = want.iter().zip(&got).fold(0f32, |s, (a, b)| s.max((a - b).abs()));
         assert!(got.iter().all(|x| x.is_finite()) && diff <= 1e-5 * scale, "step {t}: graphed logits off by {diff:e} (scale {scale})");
     }
+    // The replayed steps kept the caches' host bookkeeping with their device state: lengths and kept positions
+    // (read from the device) equal the plain path's.
+    use kvsqueeze::policy::CompressedKvCache;
+    for (p, g) in plain.iter().zip(&graphed) {
+        for (a, b) in p.layers.iter().zip(&g.layers) {
+            assert_eq!((a.len(), a.kept_positions().unwrap()), (b.len(), b.kept_positions().unwrap()));
+        }
+    }
     // Other caches have other output buffers: the graphs (which read the recorded caches' buffers) refuse them
     // before any cache steps.
     let mut other = groups();
     let tokens = upload_ids(m.device(), &vec![texts[0][0]; 2 * rows], &[2 * rows]);
     let pos = upload_ids(m.device(), &vec![table.row(0, 0).unwrap(); 2 * rows], &[2 * rows]);
     assert!(m.step_graphed(&tokens, &pos, &table, &mut other, DType::F32, &mut graph).is_err());
-    assert!(other.iter().all(|g| g.layers.iter().all(kvsqueeze::policy::CompressedKvCache::is_empty)), "a refused step left the other caches untouched");
+    assert!(other.iter().all(|g| g.layers.iter().all(CompressedKvCache::is_empty)), "a refused step left the other caches untouched");
     // A graph replays its own batch and dtype only.
     let (_, _, layers) = kvsqueeze::eval::policy_caches(common::client(), &m.cfg, "full", 1, 16, DType::F32, m.cfg.rope_base).unwrap();
     let one = |x: u32| upload_ids(m.device(), &[x], &[1]);

@@ -27,9 +27,9 @@
 //! Q, Q R, K, K R and V are one matmul of the stacked weights, gate and up another.
 //!
 //! ## Launches
-//! A plain step issues about 30 launches per layer. [`BurnModel::step_graphed`] (and [`Stepper`]) replays the
-//! model's part of each layer from two device graphs recorded at the first step, with the caches stepping live
-//! between them.
+//! A plain step issues about 30 launches per layer, plus each cache's three or four. [`BurnModel::step_graphed`]
+//! (and [`Stepper`]) replays a whole step — the model's launches and the caches' — from one device graph (two,
+//! one per parity of the caches' double-buffered state) recorded at the first step.
 
 use super::model::ModelConfig;
 use crate::burn::{from_burn, to_burn};
@@ -364,7 +364,9 @@ impl BurnModel {
     }
 
     /// Layer `l`'s caches, one step: each group reads its rows of q, k, v; returns each group's output.
-    fn attend<C: CompressedKvCache>(&self, l: usize, groups: &mut [CacheGroup<C>], q: &BTensor, k: &BTensor, v: &BTensor) -> Result<Vec<DeviceTensor>, Error> {
+    /// With `record`, the caches' launches of a step at that parity are issued instead (recording a graph) and
+    /// the outputs are their fixed buffers.
+    fn attend<C: CompressedKvCache>(&self, l: usize, groups: &mut [CacheGroup<C>], q: &BTensor, k: &BTensor, v: &BTensor, record: Option<usize>) -> Result<Vec<DeviceTensor>, Error> {
         // Rows `r0..r0 + n` of a `[B, …]` tensor, as a view `[n, …]` with its strides.
         let rows = |x: &DeviceTensor, r0: usize, n: usize| -> DeviceTensor {
             let mut sh = x.shape.clone();
@@ -376,7 +378,15 @@ impl BurnModel {
         let mut r0 = 0;
         for g in groups.iter_mut() {
             let n = g.rows;
-            outs.push(g.layers[l].step(&rows(&qd, r0, n), &rows(&kd, r0, n), &rows(&vd, r0, n))?);
+            let c = &mut g.layers[l];
+            let (q, k, v) = (rows(&qd, r0, n), rows(&kd, r0, n), rows(&vd, r0, n));
+            outs.push(match record {
+                None => c.step(&q, &k, &v)?,
+                Some(p) => {
+                    c.record_step(&q, &k, &v, p)?;
+                    c.step_output().cloned().ok_or(Error::Config("a cache without one fixed output buffer cannot be read by a step graph"))?
+                }
+            });
             r0 += n;
         }
         Ok(outs)
@@ -428,20 +438,25 @@ impl BurnModel {
         keep("embed", 0, &x);
         for l in 0..self.layers.len() {
             let (q, k, v) = self.pre(l, &x, &cos, &sin, dtype, &mut keep)?;
-            let outs = self.attend(l, groups, &q, &k, &v)?;
+            let outs = self.attend(l, groups, &q, &k, &v, None)?;
             x = self.post(l, x, &outs, dtype, &mut keep)?;
         }
         mm(&self.rms(x), &self.head)
     }
 
-    /// [`BurnModel::step`] with the model's launches replayed from device graphs (cubecl's graph capture: one
-    /// dispatch per graph on CUDA, pre-resolved dispatches on wgpu): per layer, everything before the caches (norm,
-    /// projections, RoPE) is one graph and everything after (output projection, MLP) another; the caches step live
-    /// between them, and the embedding row and the output head run as plain launches. `graph` starts `None`: that
-    /// call is a plain step (the warm-up) that then records the graphs into it; later calls replay them. A graph
-    /// belongs to this batch, dtype and these caches: it reads the caches' output buffers, so a call with other
-    /// caches (or caches without one fixed output buffer, [`CompressedKvCache::step_output`]) is refused with an
-    /// error before any launch — record again from `None`. Recording also needs that fixed buffer.
+    /// [`BurnModel::step`] replayed from device graphs (cubecl's graph capture: one dispatch per graph on CUDA,
+    /// pre-resolved dispatches on wgpu). A graph holds a whole step — every layer's launches and its caches'
+    /// ([`CompressedKvCache::record_step`]) — so a step is a few plain launches (the embedding row, cos and sin
+    /// copied into the graph's inputs; the output head) and one replay. The caches' launches differ by the parity
+    /// of their double-buffered state ([`CompressedKvCache::graph_parity`]), so two graphs are recorded, one per
+    /// parity, and the caches' host bookkeeping follows each replay ([`CompressedKvCache::note_replayed`]).
+    ///
+    /// `graph` starts `None`: that call is a plain step (it also checks every cache's kernels) and then records
+    /// both graphs into it; later calls replay them. A graph belongs to this batch, dtype and these caches (it
+    /// reads their fixed output buffers, [`CompressedKvCache::step_output`], and steps their buffers): a call with
+    /// other caches, with caches that cannot be recorded or at different parities, or with a step a cache would
+    /// refuse (a Full cache at capacity) is refused with an error before any launch — record again from `None`
+    /// for other caches. A replay that the device refuses leaves the caches' device state unknown.
     #[allow(clippy::too_many_arguments)]
     pub fn step_graphed<C: CompressedKvCache>(
         &self,
@@ -454,66 +469,114 @@ impl BurnModel {
     ) -> Result<BTensor, Error> {
         let b = self.check_step(tokens, rope_rows, groups, dtype)?;
         let Some(g) = graph.as_ref() else {
-            let logits = self.forward(tokens, rope_rows, table, groups, dtype, &mut None)?;
+            // Everything recording needs is checked before the plain step launches anything.
             let mut outs = Vec::with_capacity(self.layers.len());
             for l in 0..self.layers.len() {
                 let o = groups.iter().map(|g| g.layers[l].step_output().cloned().ok_or(Error::Config("a cache without one fixed output buffer cannot be read by a step graph")));
                 outs.push(o.collect::<Result<Vec<_>, _>>()?);
             }
-            *graph = Some(self.record(b, dtype, outs)?);
+            parity(groups)?;
+            let logits = self.forward(tokens, rope_rows, table, groups, dtype, &mut None)?;
+            *graph = Some(self.record(b, dtype, outs, groups)?);
             return Ok(logits);
         };
         if g.rows != b || g.dtype != dtype {
             return Err(Error::Config("a step graph replays the batch and dtype it was recorded with"));
         }
-        // The graphs read the recorded caches' output buffers: refuse other caches before any of them steps.
+        // The graphs step the recorded caches' buffers: refuse other caches before any launch.
         let same = |a: &DeviceTensor, b: &DeviceTensor| a.handle.memory.descriptor() == b.handle.memory.descriptor() && a.offset == b.offset && a.shape == b.shape && a.strides == b.strides;
         for (l, recorded) in g.outs.iter().enumerate() {
             if groups.len() != recorded.len() || groups.iter().zip(recorded).any(|(gr, r)| !gr.layers[l].step_output().is_some_and(|o| same(o, r))) {
                 return Err(Error::Config("these caches are not the ones the step graph was recorded with"));
             }
         }
+        let p = parity(groups)?;
         let client = &self.embed.client;
         let x0 = Cb::float_select(self.embed.clone(), 0, tokens.clone());
         let (cos, sin) = self.trig(table, rope_rows);
         for (src, dst) in [(x0, &g.x), (cos, &g.cos), (sin, &g.sin)] {
             cubecl::std::tensor::copy_into(client, src.binding(), dst.clone().binding(), burn_backend::cubecl::dtype_to_storage_type(burn_backend::DType::F32));
         }
-        let replay = |graph: &Graph| {
-            // SAFETY: every buffer the graph reads or writes is alive — its inputs and outputs are held by `g`, the
-            // caches' outputs it reads were checked above to be the recorded ones (`step_output`: the buffer every
-            // step returns), and cubecl guards the pages inside it
-            // for its lifetime — and is used by this thread's stream only.
-            unsafe { graph.replay() }.map_err(|e| Error::Device(format!("graph replay: {e:?}")))
-        };
-        for l in 0..self.layers.len() {
-            let (q, k, v) = &g.qkv[l];
-            replay(&g.pre[l])?;
-            self.attend(l, groups, q, k, v)?;
-            replay(&g.post[l])?;
+        // SAFETY: every buffer the graph reads or writes is alive — its inputs, outputs and intermediates are held
+        // by `g`, and the caches it steps were checked above to be the recorded ones (their buffers live as long
+        // as they do; a cache never reallocates) — and is used by this thread's stream only.
+        unsafe { g.steps[p].replay() }.map_err(|e| Error::Device(format!("graph replay: {e:?}")))?;
+        for gr in groups.iter_mut() {
+            for c in gr.layers.iter_mut() {
+                c.note_replayed();
+            }
         }
-        mm(&self.rms(g.last.clone()), &self.head)
+        mm(&self.rms(g.last[p].clone()), &self.head)
     }
 
-    /// Records the per-layer graphs of [`BurnModel::step_graphed`], after a warm-up step; `outs` (`[layer][group]`)
-    /// are the caches' fixed output buffers.
-    fn record(&self, b: usize, dtype: DType, outs: Vec<Vec<DeviceTensor>>) -> Result<StepGraph, Error> {
+    /// Records the two step graphs of [`BurnModel::step_graphed`] (cache parity 0 and 1); `outs` (`[layer][group]`)
+    /// are the caches' fixed output buffers. Each recording follows a warm-up run of the model's launches alone
+    /// (they write fresh buffers only: nothing observable changes), which leaves in the pools what the recording
+    /// allocates from; the caches allocate nothing when they step.
+    fn record<C: CompressedKvCache>(&self, b: usize, dtype: DType, outs: Vec<Vec<DeviceTensor>>, groups: &mut [CacheGroup<C>]) -> Result<StepGraph, Error> {
         let (h, d) = (self.cfg.hidden, self.cfg.head_dim);
         let client = self.embed.client.clone();
         let fixed = |shape: &[usize]| burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), self.device.clone(), Shape::from(shape.to_vec()), burn_backend::DType::F32);
-        let (x0, cos, sin) = (fixed(&[b, h]), fixed(&[b, 1, d]), fixed(&[b, 1, d]));
-        let (mut pre, mut post, mut qkv) = (Vec::new(), Vec::new(), Vec::new());
-        let mut x = x0.clone();
-        for (l, o) in outs.iter().enumerate() {
-            let (t, g) = record(&client, || self.pre(l, &x, &cos, &sin, dtype, &mut |_, _, _| {}))?;
-            qkv.push(t);
-            pre.push(g);
-            let (next, g) = record(&client, || self.post(l, x.clone(), o, dtype, &mut |_, _, _| {}))?;
-            post.push(g);
-            x = next;
+        let (x, cos, sin) = (fixed(&[b, h]), fixed(&[b, 1, d]), fixed(&[b, 1, d]));
+        let mut held = Vec::new();
+        let mut steps = Vec::with_capacity(2);
+        let mut last = Vec::with_capacity(2);
+        for parity in 0..2 {
+            let dev = |e: cubecl::server::ServerError| Error::Device(format!("graph capture: {e:?}"));
+            client.graph_prepare().map_err(dev)?;
+            let warm = self.chain(&x, &cos, &sin, dtype, &outs, groups, None);
+            let started = warm.is_ok() && client.start_capture().is_ok();
+            let recorded =
+                if started { self.chain(&x, &cos, &sin, dtype, &outs, groups, Some(parity)) } else { warm.and(Err(Error::Device("graph capture: the stream refused to start recording".into()))) };
+            // The capture ends whatever happened inside it.
+            let graph = client.stop_capture().map_err(dev);
+            let (out, mut kept) = recorded?;
+            steps.push(graph?);
+            last.push(out);
+            held.append(&mut kept);
         }
-        Ok(StepGraph { rows: b, dtype, x: x0, cos, sin, pre, post, qkv, outs, last: x })
+        let (steps, last) = (steps.try_into().map_err(|_| Error::Config("two graphs"))?, last.try_into().map_err(|_| Error::Config("two graphs"))?);
+        Ok(StepGraph { rows: b, dtype, x, cos, sin, steps, last, outs, _held: held })
     }
+
+    /// A step's layers from the hidden rows `x`: the model's launches, and with `parity` the caches' launches at
+    /// that parity ([`CompressedKvCache::record_step`]: only while recording). Returns the last layer's output
+    /// and every intermediate.
+    #[allow(clippy::too_many_arguments)]
+    fn chain<C: CompressedKvCache>(
+        &self,
+        x: &BTensor,
+        cos: &BTensor,
+        sin: &BTensor,
+        dtype: DType,
+        outs: &[Vec<DeviceTensor>],
+        groups: &mut [CacheGroup<C>],
+        parity: Option<usize>,
+    ) -> Result<(BTensor, Vec<BTensor>), Error> {
+        let mut x = x.clone();
+        let mut held = Vec::new();
+        for (l, o) in outs.iter().enumerate() {
+            let (q, k, v) = self.pre(l, &x, cos, sin, dtype, &mut |_, _, _| {})?;
+            if let Some(p) = parity {
+                self.attend(l, groups, &q, &k, &v, Some(p))?;
+            }
+            held.extend([q, k, v, x.clone()]);
+            x = self.post(l, x, o, dtype, &mut |_, _, _| {})?;
+        }
+        Ok((x, held))
+    }
+}
+
+/// The step parity shared by every cache of `groups` ([`CompressedKvCache::graph_parity`]).
+fn parity<C: CompressedKvCache>(groups: &[CacheGroup<C>]) -> Result<usize, Error> {
+    let mut all = groups.iter().flat_map(|g| g.layers.iter()).map(|c| c.graph_parity());
+    let first = all.next().ok_or(Error::Config("no caches"))??;
+    for p in all {
+        if p? != first {
+            return Err(Error::Config("a step graph steps caches that share one parity (they have taken different numbers of steps)"));
+        }
+    }
+    Ok(first)
 }
 
 /// How a decode loop steps the model: plainly ([`BurnModel::step`]) or from device graphs recorded at its first
@@ -522,7 +585,7 @@ impl BurnModel {
 pub enum Stepper {
     /// Every launch issued every step.
     Plain,
-    /// The model's launches replayed from graphs (recorded by the first step).
+    /// Whole steps replayed from device graphs (recorded by the first step).
     Graphed(Option<StepGraph>),
 }
 
@@ -545,34 +608,22 @@ impl Stepper {
     }
 }
 
-/// Runs `f` once (the warm-up: it leaves in the pools what the recording allocates from), then records it as a
-/// device graph; the recording's results are the graph's outputs, rewritten by every replay.
-fn record<T>(client: &cubecl::client::Client, f: impl Fn() -> Result<T, Error>) -> Result<(T, Graph), Error> {
-    let dev = |e: cubecl::server::ServerError| Error::Device(format!("graph capture: {e:?}"));
-    client.graph_prepare().map_err(dev)?;
-    let warm = f();
-    let started = warm.is_ok() && client.start_capture().is_ok();
-    let out = if started { f() } else { warm.and(Err(Error::Device("graph capture: the stream refused to start recording".into()))) };
-    let graph = client.stop_capture().map_err(dev);
-    Ok((out?, graph?))
-}
-
 /// The device graphs of [`BurnModel::step_graphed`] and the buffers they read and write.
 pub struct StepGraph {
     rows: usize,
     dtype: DType,
-    /// The embedding rows, cos and sin: written before the first layer's graph by a copy.
+    /// The embedding rows, cos and sin: written before each replay by a copy.
     x: BTensor,
     cos: BTensor,
     sin: BTensor,
-    pre: Vec<Graph>,
-    post: Vec<Graph>,
-    /// Each layer's q, k, v (outputs of its first graph, inputs of its caches).
-    qkv: Vec<(BTensor, BTensor, BTensor)>,
-    /// Each layer's cache outputs (inputs of its second graph).
+    /// A whole step at cache parity 0 and 1.
+    steps: [Graph; 2],
+    /// Each graph's last layer output.
+    last: [BTensor; 2],
+    /// The caches' fixed output buffers the graphs read, `[layer][group]`.
     outs: Vec<Vec<DeviceTensor>>,
-    /// The last layer's output.
-    last: BTensor,
+    /// The recordings' intermediates (q, k, v, hidden rows), held as long as the graphs.
+    _held: Vec<BTensor>,
 }
 
 type Keep<'a> = &'a mut dyn FnMut(&'static str, usize, &BTensor);
