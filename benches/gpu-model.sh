@@ -13,7 +13,7 @@
 #   stream ARGS…             kvsqueeze --backend cuda stream ARGS…
 #   rows                     the same text as a batch of one and of two sequences: the perplexities must agree
 #   stream-fit SECS ARGS…    a 1024-token probe of `stream ARGS…` for its steps/s over its last 512 steps, then
-#                            the stream at the longest multiple of 1024 tokens (≤ 16384) that fits SECS; JSON,
+#                            the stream at the longest multiple of 1024 tokens (≤ 32768) that fits SECS; JSON,
 #                            SVG and log under $OUT
 #   speed CONTEXT ARGS…      `generate --context CONTEXT --batch 8 --tokens 128 ARGS…`, plain and with --graph
 #   test ARGS…               the CUDA build of tests/burn_model.rs, carried as carry-test/burn_model.xz (built with
@@ -58,7 +58,7 @@ import re
 rows = re.findall(r'(\d+)/1024 tokens, ([\d.]+) steps/s', open('$OUT/probe.log').read())
 (a, ra), (b, rb) = [(int(n), float(r)) for n, r in rows][-3], [(int(n), float(r)) for n, r in rows][-1]
 print(round((b - a) / (b / rb - a / ra), 1))")
-    n=$(python3 -c "print(max(1024, min(16384, int($r * $secs / 1024) * 1024)))")
+    n=$(python3 -c "print(max(1024, min(32768, int($r * $secs / 1024) * 1024)))")
     echo "probe: $r steps/s over the last 512 of 1024 tokens → $n tokens"
     "$BIN" --backend cuda stream --gguf "$G" --tokens "$n" --json "$OUT/stream-$n.json" --svg "$OUT/stream-$n.svg" "$@" 2>&1 | tee "$OUT/stream-$n.log" | tail -14 ;;
   speed)

@@ -177,7 +177,7 @@ struct GenerateArgs {
     seed: u64,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
-    /// Replay the model's launches from device graphs recorded at the first step (`BurnModel::step_graphed`).
+    /// Replay whole steps (the model's and the caches' launches) from device graphs recorded at the first step (`BurnModel::step_graphed`).
     #[arg(long)]
     graph: bool,
 }
@@ -206,7 +206,7 @@ struct StreamArgs {
     bucket: usize,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
-    /// Replay the model's launches from device graphs recorded at the first step (`BurnModel::step_graphed`).
+    /// Replay whole steps (the model's and the caches' launches) from device graphs recorded at the first step (`BurnModel::step_graphed`).
     #[arg(long)]
     graph: bool,
     /// Write the results as JSON.

@@ -21,7 +21,7 @@ pub struct GenerateOptions {
     pub ntk_factor: Option<f64>,
     pub sampling: Sampling,
     pub dtype: DType,
-    /// Replay the model's launches from device graphs.
+    /// Replay whole steps (model and caches) from device graphs.
     pub graph: bool,
 }
 
@@ -33,7 +33,7 @@ pub struct StreamOptions {
     pub tokens: usize,
     pub bucket: usize,
     pub dtype: DType,
-    /// Replay the model's launches from device graphs.
+    /// Replay whole steps (model and caches) from device graphs.
     pub graph: bool,
     pub json: Option<PathBuf>,
     pub svg: Option<PathBuf>,
