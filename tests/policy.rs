@@ -609,3 +609,68 @@ fn churn_of_admissions_and_retirements_matches_single_sequence_runs() {
     }
     assert_eq!(total_steps, 2500);
 }
+
+/// Device graphs (`BurnModel::step_graphed` records whole model steps this way): a cache's steps recorded once per
+/// parity (`record_step`, nothing runs) and replayed against fixed input buffers refreshed between replays give,
+/// with `graph_parity` before and `note_replayed` after each replay, exactly the outputs, lengths and kept
+/// positions of plain steps; a Full cache at capacity and a cache that checks its inputs are refused before any
+/// launch, and a step is recorded only after a plain one.
+#[test]
+fn recorded_steps_replay_as_plain_steps() {
+    let cl = client();
+    let (b, hkv, g, d) = (3, 2, 4, 16);
+    let hq = hkv * g;
+    let (n, cap) = (14, 12);
+    for (policy, rope) in [(Policy::TreeKv { select_left: false }, Some(10_000.0)), (Policy::H2o, None), (Policy::Full, None)] {
+        let mut cfg = PolicyCacheConfig::new(policy, Layout { sinks: 2, middle: 6, recent: 4 }, b, hq, hkv, d, DType::F32);
+        if let Some(base) = rope {
+            cfg = cfg.with_rope(base);
+        }
+        let (mut plain, mut rec) = (PolicyCache::new(cl, cfg.clone()).unwrap(), PolicyCache::new(cl, cfg.clone()).unwrap());
+        for c in [&mut plain, &mut rec] {
+            c.retire(1).unwrap();
+        }
+        let mut rng = common::Rng(11);
+        let shapes = [vec![b, 1, hq, d], vec![b, hkv, d], vec![b, hkv, d]];
+        let fixed: Vec<_> = shapes.iter().map(|s| poisoned(cl, s, DType::F32)).collect();
+        let fresh = |rng: &mut common::Rng| {
+            for (t, s) in fixed.iter().zip(&shapes) {
+                let x: Vec<f32> = rng.vec(s.iter().product(), 1.5).iter().map(|&v| v as f32).collect();
+                cl.write(&t.handle, cubecl::bytes::Bytes::from_elems(x));
+            }
+        };
+        let (q, k, v) = (&fixed[0], &fixed[1], &fixed[2]);
+        assert!(rec.record_step(q, k, v, 0).is_err(), "{policy:?}: recording before a plain step is refused");
+        fresh(&mut rng);
+        plain.step(q, k, v).unwrap();
+        rec.step(q, k, v).unwrap();
+        let mut graphs = Vec::new();
+        for parity in 0..2 {
+            cl.graph_prepare().unwrap();
+            cl.start_capture().unwrap();
+            let r = rec.record_step(q, k, v, parity);
+            graphs.push(cl.stop_capture().unwrap());
+            r.unwrap();
+        }
+        assert_eq!(rec.len(), 1, "recording left the host state alone");
+        for t in 1..n {
+            fresh(&mut rng);
+            let want = plain.step(q, k, v);
+            let parity = rec.graph_parity();
+            if policy == Policy::Full && t >= cap {
+                assert!(want.is_err() && parity.is_err(), "{policy:?} step {t}: past capacity both refuse");
+                continue;
+            }
+            let want = want.unwrap().to_host_f64(cl).unwrap();
+            // SAFETY: the graph's buffers (the cache's and `fixed`) are alive and used by this thread only.
+            unsafe { graphs[parity.unwrap()].replay() }.unwrap();
+            rec.note_replayed();
+            let got = rec.step_output().unwrap().to_host_f64(cl).unwrap();
+            let diff = got.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(got == want, "{policy:?} step {t}: a replayed step is off a plain one by {diff:e}");
+            assert_eq!((rec.len(), rec.kept_positions().unwrap()), (plain.len(), plain.kept_positions().unwrap()), "{policy:?} step {t}");
+        }
+        let checking = PolicyCache::new(cl, cfg.with_check_finite(true)).unwrap();
+        assert!(checking.graph_parity().is_err(), "a cache that reads its inputs back cannot be recorded");
+    }
+}
