@@ -15,6 +15,7 @@
 #   stream-fit SECS ARGS…    a 1024-token probe of `stream ARGS…` for its steps/s over its last 512 steps, then
 #                            the stream at the longest multiple of 1024 tokens (≤ 32768) that fits SECS; JSON,
 #                            SVG and log under $OUT
+#   graph-check              a short stream plain and with --graph: the tables must agree
 #   speed CONTEXT ARGS…      `generate --context CONTEXT --batch 8 --tokens 128 ARGS…`, plain and with --graph
 #   test ARGS…               the CUDA build of tests/burn_model.rs, carried as carry-test/burn_model.xz (built with
 #                            `cargo test --release --features "cuda eval" --no-run --target-dir target/cuda
@@ -48,6 +49,15 @@ case "$stage" in
     b=$("$BIN" --backend cuda stream --gguf "$G" --tokens 128 --caches full --text $P --text $P 2>&1 | tee "$OUT/rows-b2.log" | grep '^| full ' | cut -d'|' -f5)
     echo "perplexity, one sequence: $a; the same text twice: $b"
     [ "$a" = "$b" ] && echo "rows agree" || { echo "ROWS DIFFER"; exit 1; } ;;
+  graph-check)
+    # Plain steps and whole-step graph replays must give the same perplexities (two texts, Full and two evicting
+    # caches whose state changes every step).
+    args=(--tokens 256 --caches full,h2o,treekv --budgets 64)
+    "$BIN" --backend cuda stream --gguf "$G" "${args[@]}" > "$OUT/graph-check-plain.log" 2>&1
+    "$BIN" --backend cuda stream --gguf "$G" "${args[@]}" --graph > "$OUT/graph-check-graph.log" 2>&1
+    a=$(grep '^| ' "$OUT/graph-check-plain.log"); b=$(grep '^| ' "$OUT/graph-check-graph.log")
+    echo "$a"; echo "$b"
+    [ -n "$a" ] && [ "$a" = "$b" ] && echo "plain and graphed tables agree" || { echo "PLAIN AND GRAPHED DIFFER"; exit 1; } ;;
   stream-fit)
     secs=$1; shift
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
