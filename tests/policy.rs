@@ -626,7 +626,7 @@ fn recorded_steps_replay_as_plain_steps() {
         if let Some(base) = rope {
             cfg = cfg.with_rope(base);
         }
-        let (mut plain, mut rec) = (PolicyCache::new(cl, cfg.clone()).unwrap(), PolicyCache::new(cl, cfg.clone()).unwrap());
+        let (mut plain, mut rec) = (PolicyCache::new(cl, cfg).unwrap(), PolicyCache::new(cl, cfg).unwrap());
         for c in [&mut plain, &mut rec] {
             c.retire(1).unwrap();
         }
