@@ -180,6 +180,10 @@ struct GenerateArgs {
     /// Replay whole steps (the model's and the caches' launches) from device graphs recorded at the first step (`BurnModel::step_graphed`).
     #[arg(long)]
     graph: bool,
+    /// How the prompt enters the caches: `stream` (token by token through the model and the caches' decode steps)
+    /// or `select` (one dense causal pass, then each cache's prompt selection, `BurnModel::prefill`).
+    #[arg(long, value_parser = ["select", "stream"], default_value = "stream")]
+    prefill: String,
 }
 
 #[derive(Args)]
@@ -545,8 +549,19 @@ fn cmd_generate(backend: &str, a: GenerateArgs) -> Result<(), Fail> {
         caches.push(spec);
     }
     let context = a.context.map(|n| (a.text.clone().unwrap_or_else(|| dev_text("prideprejudice")), n));
-    let o =
-        cli::model::GenerateOptions { gguf: a.gguf, caches, prompt: a.prompt, context, tokens: a.tokens, batch: a.batch, ntk_factor: a.ntk_factor, sampling, dtype: a.dtype.into(), graph: a.graph };
+    let o = cli::model::GenerateOptions {
+        gguf: a.gguf,
+        caches,
+        prompt: a.prompt,
+        context,
+        tokens: a.tokens,
+        batch: a.batch,
+        ntk_factor: a.ntk_factor,
+        sampling,
+        dtype: a.dtype.into(),
+        graph: a.graph,
+        prefill: if a.prefill == "select" { kvsqueeze::eval::Prefill::Select } else { kvsqueeze::eval::Prefill::Stream },
+    };
     cli::model::run_generate(backend, &o).map_err(Fail::Refused)
 }
 

@@ -8,10 +8,10 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use kvsqueeze::eval::burn_model::BurnModel;
-use kvsqueeze::eval::find_gguf;
 use kvsqueeze::eval::model::{log_softmax, DenseHook, Model};
 use kvsqueeze::eval::stream::{generate, stream, CacheSpec, Sampling};
 use kvsqueeze::eval::tokenizer::Tokenizer;
+use kvsqueeze::eval::{find_gguf, Prefill};
 use kvsqueeze::DType;
 use std::sync::OnceLock;
 
@@ -97,7 +97,7 @@ fn burn_model_streams_like_candle() {
 fn greedy_generation_follows_candle() {
     let ms = models();
     let prompt = text_ids("prideprejudice.txt", 50_000, 16);
-    let g = generate(common::client(), &ms.burn, &CacheSpec::new("full", None), &prompt, 2, 6, Sampling::Greedy, DType::F32, false).unwrap();
+    let g = generate(common::client(), &ms.burn, &CacheSpec::new("full", None), &prompt, 2, 6, Sampling::Greedy, DType::F32, false, Prefill::Stream).unwrap();
     assert_eq!(g.tokens[0], g.tokens[1], "the batch rows are the same sequence");
     let all: Vec<u32> = prompt.iter().chain(&g.tokens[0]).copied().collect();
     let lp = candle_logits(&all);
@@ -107,7 +107,7 @@ fn greedy_generation_follows_candle() {
         assert!(best - row[tok as usize] <= 1e-3, "step {i}: generated {tok} at {} nats below candle's best", best - row[tok as usize]);
     }
     eprintln!("prompt …{:?} → {:?}", ms.tok.decode(&prompt[8..]).unwrap(), ms.tok.decode(&g.tokens[0]).unwrap());
-    let small = generate(common::client(), &ms.burn, &CacheSpec::new("streaming-llm", Some(8)), &prompt, 1, 4, Sampling::Greedy, DType::F32, false).unwrap();
+    let small = generate(common::client(), &ms.burn, &CacheSpec::new("streaming-llm", Some(8)), &prompt, 1, 4, Sampling::Greedy, DType::F32, false, Prefill::Stream).unwrap();
     assert!(small.tokens[0].len() == 4 && small.tokens[0].iter().all(|&t| (t as usize) < ms.burn.cfg.vocab));
     assert!(small.physical_bytes < g.physical_bytes);
 }
@@ -121,7 +121,7 @@ fn sampling_is_seeded_and_greedy_when_cold() {
     let ms = models();
     let prompt = text_ids("prideprejudice.txt", 50_000, 8);
     let full = CacheSpec::new("full", None);
-    let gen = |b: usize, s: Sampling| generate(common::client(), &ms.burn, &full, &prompt, b, 4, s, DType::F32, false).unwrap().tokens;
+    let gen = |b: usize, s: Sampling| generate(common::client(), &ms.burn, &full, &prompt, b, 4, s, DType::F32, false, Prefill::Stream).unwrap().tokens;
     let greedy = gen(1, Sampling::Greedy).remove(0);
     assert_eq!(gen(1, Sampling::Temperature { temperature: 1e-6, seed: 7 })[0], greedy);
     let (a, b) = (gen(8, Sampling::Temperature { temperature: 1.0, seed: 11 }), gen(8, Sampling::Temperature { temperature: 1.0, seed: 11 }));
@@ -130,7 +130,7 @@ fn sampling_is_seeded_and_greedy_when_cold() {
     assert!(a.iter().any(|row| *row != greedy), "8 rows sampled at T = 1 all followed the greedy path");
     eprintln!("greedy {greedy:?}, sampled at T = 1: {a:?}");
     for t in [0.0, -1.0, f64::NAN] {
-        let r = generate(common::client(), &ms.burn, &full, &prompt, 1, 2, Sampling::Temperature { temperature: t, seed: 0 }, DType::F32, false);
+        let r = generate(common::client(), &ms.burn, &full, &prompt, 1, 2, Sampling::Temperature { temperature: t, seed: 0 }, DType::F32, false, Prefill::Stream);
         assert!(matches!(r, Err(kvsqueeze::Error::Config(_))), "temperature {t} accepted");
     }
 }
@@ -238,4 +238,63 @@ fn graphed_steps_equal_plain_steps() {
     let (_, _, layers) = kvsqueeze::eval::policy_caches(common::client(), &m.cfg, "full", 1, 16, DType::F32, m.cfg.rope_base).unwrap();
     let one = |x: u32| upload_ids(m.device(), &[x], &[1]);
     assert!(m.step_graphed(&one(texts[0][0]), &one(table.row(0, 0).unwrap()), &table, &mut [CacheGroup { rows: 1, layers }], DType::F32, &mut graph).is_err());
+}
+
+/// A dense causal prefill (`BurnModel::prefill`) gives candle's next-token NLL at the prompt's last position for
+/// every row — two texts, each through Full (true positions) and TreeKV (its caches take q and k unrotated and
+/// rotate by rank; the prefill's attention rotates at the base) in one batch of four — and hands each cache the
+/// prompt by its selection rule (`select_prompt`): Full holds the whole prompt and then decodes the following
+/// tokens with candle's NLL, TreeKV holds its budget. Tolerance as `burn_model_streams_like_candle`.
+#[test]
+fn prefill_follows_candle() {
+    use kvsqueeze::eval::burn_model::{read_f32, upload_ids, CacheGroup};
+    use kvsqueeze::eval::{policy_caches, prompt_window, select_prompt};
+    use kvsqueeze::policy::{CompressedKvCache, Policy};
+    let m = &models().burn;
+    let (p, n, budget) = (20, 6, 8);
+    let texts = [text_ids("prideprejudice.txt", 20_000, p + n + 1), text_ids("sensesensibility.txt", 30_000, p + n + 1)];
+    let want: Vec<Vec<Vec<f32>>> = texts.iter().map(|t| candle_logits(t)).collect();
+    let base = m.cfg.rope_base;
+    let table = m.rope_table(&[Some(base), None], p + n + 1);
+    let caches = |name: &str, cap: usize| policy_caches(common::client(), &m.cfg, name, 2, cap, DType::F32, base).unwrap().2;
+    let mut groups = vec![CacheGroup { rows: 2, layers: caches("full", p + n + 1) }, CacheGroup { rows: 2, layers: caches("treekv", budget) }];
+    let policies = [(Policy::Full, p + n + 1), (Policy::TreeKv { select_left: false }, budget)];
+    let text_of = [0, 1, 0, 1];
+    let tokens: Vec<u32> = text_of.iter().flat_map(|&r| texts[r][..p].to_vec()).collect();
+    let (model_row, rank_row) = (table.row(0, 0).unwrap(), table.row(1, 0).unwrap());
+    let rope_rows = [model_row, model_row, rank_row, rank_row];
+    let logits = m
+        .prefill(&tokens, &rope_rows, &[model_row; 4], &table, &mut groups, DType::F32, &mut |_, gi, cache, pr| {
+            let (policy, cap) = policies[gi];
+            let (w, block) = prompt_window(policy, cap, p);
+            let q = pr.q.view(&[2, w, pr.q.shape[2], pr.q.shape[3]], &pr.q.strides, pr.q.offset + (p - w) * pr.q.strides[1]);
+            select_prompt(cache, policy, (w > 0).then_some(&q), &pr.k, &pr.v, block)
+        })
+        .unwrap();
+    // NLL of `target` from a row of logits, on the host in f64.
+    let nll = |row: &[f32], target: u32| {
+        let mx = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
+        let lse = mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
+        lse - row[target as usize] as f64
+    };
+    let check = |logits: Vec<f32>, t: usize, rows: &[usize]| {
+        let v = logits.len() / 4;
+        for &r in rows {
+            let (got, exp) = (nll(&logits[r * v..(r + 1) * v], texts[text_of[r]][t + 1]), -want[text_of[r]][t][texts[text_of[r]][t + 1] as usize] as f64);
+            assert!((got - exp).abs() <= 2e-3, "row {r}, position {t}: NLL {got} vs candle {exp}");
+        }
+    };
+    check(read_f32(logits).unwrap(), p - 1, &[0, 1, 2, 3]);
+    for (g, want_len) in groups.iter().zip([p, budget]) {
+        assert!(g.layers.iter().all(|c| c.len() == want_len), "a cache holds {want_len} prompt entries");
+    }
+    // Decoding on from the prefilled caches: Full follows candle.
+    for t in p..p + n {
+        let ids: Vec<u32> = text_of.iter().map(|&r| texts[r][t]).collect();
+        let pos: Vec<u32> = rope_rows.iter().map(|&r| r + t as u32).collect();
+        let logits = m.step(&upload_ids(m.device(), &ids, &[4]), &upload_ids(m.device(), &pos, &[4]), &table, &mut groups, DType::F32).unwrap();
+        let got = read_f32(logits).unwrap();
+        assert!(got.iter().all(|x| x.is_finite()));
+        check(got, t, &[0, 1]);
+    }
 }

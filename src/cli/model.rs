@@ -23,6 +23,8 @@ pub struct GenerateOptions {
     pub dtype: DType,
     /// Replay whole steps (model and caches) from device graphs.
     pub graph: bool,
+    /// How the prompt enters the caches.
+    pub prefill: kvsqueeze::eval::Prefill,
 }
 
 /// What `stream` does.
@@ -85,7 +87,7 @@ pub fn run_generate(backend: &str, o: &GenerateOptions) -> Result<(), String> {
             spec.rope_base = Some(f * model.cfg.rope_base);
         }
         let spec = &spec;
-        let g = generate(&client, &model, spec, &prompt, o.batch, o.tokens, o.sampling, o.dtype, o.graph).map_err(|e| format!("{}: {e}", spec.label()))?;
+        let g = generate(&client, &model, spec, &prompt, o.batch, o.tokens, o.sampling, o.dtype, o.graph, o.prefill).map_err(|e| format!("{}: {e}", spec.label()))?;
         println!(
             "| {} | {} | {:.1} | {} | {:.2} | {} × {} | {:.3} | {:.1} | {:.2} |",
             spec.label(),

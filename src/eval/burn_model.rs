@@ -36,8 +36,9 @@ use crate::burn::{from_burn, to_burn};
 use crate::policy::CompressedKvCache;
 use crate::tensor::DType;
 use crate::{DeviceTensor, Error};
+use burn_backend::ops::BoolTensorOps;
 use burn_backend::ops::{ActivationOps, FloatTensorOps, IntTensorOps};
-use burn_backend::{FloatDType, IntDType, Scalar, Shape, Slice, TensorData};
+use burn_backend::{BoolStore, FloatDType, IntDType, Scalar, Shape, Slice, TensorData};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend as Cb;
@@ -139,6 +140,20 @@ fn mm(x: &BTensor, w: &BTensor) -> Result<BTensor, Error> {
     let strategy = Strategy::MultiLevel(multi_level::Strategy::SimpleUnit(Default::default()));
     let (lhs, rhs) = (cubek::std::InputBinding::new(x.clone().binding(), st), cubek::std::InputBinding::new(w.clone().binding(), st));
     cubek::matmul::launch::launch_ref(&strategy, &x.client, lhs, rhs, out.clone().binding(), &mut dtypes).map_err(|e| Error::Device(format!("matmul: {e:?}")))?;
+    Ok(out)
+}
+
+/// Batched `a [S, M, K] · b [S, K, N]` (contiguous) by the same cubek unit routine as [`mm`].
+fn bmm(a: &BTensor, b: &BTensor) -> Result<BTensor, Error> {
+    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+    use cubek::matmul::{multi_level, strategy::Strategy};
+    let (sa, sb) = (a.meta.shape().to_vec(), b.meta.shape().to_vec());
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), Shape::from(vec![sa[0], sa[1], sb[2]]), burn_backend::DType::F32);
+    let st = burn_backend::cubecl::dtype_to_storage_type(burn_backend::DType::F32);
+    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: st, rhs: st, out: st });
+    let strategy = Strategy::MultiLevel(multi_level::Strategy::SimpleUnit(Default::default()));
+    let (lhs, rhs) = (cubek::std::InputBinding::new(a.clone().binding(), st), cubek::std::InputBinding::new(b.clone().binding(), st));
+    cubek::matmul::launch::launch_ref(&strategy, &a.client, lhs, rhs, out.clone().binding(), &mut dtypes).map_err(|e| Error::Device(format!("matmul: {e:?}")))?;
     Ok(out)
 }
 
@@ -336,13 +351,20 @@ impl BurnModel {
     /// Layer `l` up to its cache: RMSNorm, the projections, RoPE → q `[B, 1, Hq, D]`, k and v `[B, Hkv, D]`,
     /// contiguous, in the caches' dtype.
     fn pre(&self, l: usize, x: &BTensor, cos: &BTensor, sin: &BTensor, dtype: DType, keep: Keep) -> Result<(BTensor, BTensor, BTensor), Error> {
-        let (b, hq, hkv, d) = (x.meta.shape()[0], self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
-        // `x·cos + (x R)·sin` per head: `[B, heads·D]` twice → `[B, heads, D]`.
-        let rotate = |a: BTensor, r: BTensor, heads: usize| Cb::float_add(Cb::float_mul(reshape(a, &[b, heads, d]), cos.clone()), Cb::float_mul(reshape(r, &[b, heads, d]), sin.clone()));
         let h = self.rms(x.clone());
         keep("attn_norm", l, &h);
         let qkv = mm(&h, &self.layers[l].qkv)?;
+        self.rotate(l, &qkv, cos, sin, dtype, keep)
+    }
+
+    /// The q, k, v of [`BurnModel::pre`] from the stacked projections `qkv` `[B, 2·q + 3·kv]`, rotated by `cos`
+    /// and `sin` `[B, 1, D]`.
+    fn rotate(&self, l: usize, qkv: &BTensor, cos: &BTensor, sin: &BTensor, dtype: DType, keep: Keep) -> Result<(BTensor, BTensor, BTensor), Error> {
+        let (b, hq, hkv, d) = (qkv.meta.shape()[0], self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        // `x·cos + (x R)·sin` per head: `[B, heads·D]` twice → `[B, heads, D]`.
+        let rotate = |a: BTensor, r: BTensor, heads: usize| Cb::float_add(Cb::float_mul(reshape(a, &[b, heads, d]), cos.clone()), Cb::float_mul(reshape(r, &[b, heads, d]), sin.clone()));
         let (qo, ko) = (hq * d, hkv * d);
+        let qkv = qkv.clone();
         let (ql, qr, kl, kr, v) = (cols(&qkv, 0, qo), cols(&qkv, qo, qo), cols(&qkv, 2 * qo, ko), cols(&qkv, 2 * qo + ko, ko), cols(&qkv, 2 * qo + 2 * ko, ko));
         keep("q_lin", l, &ql);
         keep("q_rot_lin", l, &qr);
@@ -367,12 +389,6 @@ impl BurnModel {
     /// With `record`, the caches' launches of a step at that parity are issued instead (recording a graph) and
     /// the outputs are their fixed buffers.
     fn attend<C: CompressedKvCache>(&self, l: usize, groups: &mut [CacheGroup<C>], q: &BTensor, k: &BTensor, v: &BTensor, record: Option<usize>) -> Result<Vec<DeviceTensor>, Error> {
-        // Rows `r0..r0 + n` of a `[B, …]` tensor, as a view `[n, …]` with its strides.
-        let rows = |x: &DeviceTensor, r0: usize, n: usize| -> DeviceTensor {
-            let mut sh = x.shape.clone();
-            sh[0] = n;
-            x.view(&sh, &x.strides, x.offset + r0 * x.strides[0])
-        };
         let (qd, kd, vd) = (from_burn(q)?, from_burn(k)?, from_burn(v)?);
         let mut outs = Vec::with_capacity(groups.len());
         let mut r0 = 0;
@@ -395,12 +411,18 @@ impl BurnModel {
     /// Layer `l` from its caches' outputs: output projection and residual, RMSNorm, SwiGLU MLP and residual.
     fn post(&self, l: usize, x: BTensor, outs: &[DeviceTensor], dtype: DType, keep: Keep) -> Result<BTensor, Error> {
         let (b, hq, d) = (x.meta.shape()[0], self.cfg.heads, self.cfg.head_dim);
-        let w = &self.layers[l];
         let mut outs = outs.iter().map(|o| to_burn(&self.device, o)).collect::<Result<Vec<_>, _>>()?;
         let o = if outs.len() == 1 { outs.pop().expect("one group") } else { Cb::float_cat(outs, 0) };
         let o = if dtype == DType::F32 { o } else { cast(o, DType::F32) };
         keep("attn", l, &o);
-        let x = Cb::float_add(x, mm(&reshape(o, &[b, hq * d]), &w.wo)?);
+        self.post_attn(l, x, reshape(o, &[b, hq * d]), keep)
+    }
+
+    /// Layer `l` from its attention output `o [N, Hq·D]` f32 (rows as `x`'s): output projection and residual,
+    /// RMSNorm, SwiGLU MLP and residual.
+    fn post_attn(&self, l: usize, x: BTensor, o: BTensor, keep: Keep) -> Result<BTensor, Error> {
+        let w = &self.layers[l];
+        let x = Cb::float_add(x, mm(&o, &w.wo)?);
         keep("attn_res", l, &x);
         let h = self.rms(x.clone());
         keep("ffn_norm", l, &h);
@@ -442,6 +464,109 @@ impl BurnModel {
             x = self.post(l, x, &outs, dtype, &mut keep)?;
         }
         mm(&self.rms(x), &self.head)
+    }
+
+    /// Dense causal prefill of a prompt: `tokens` `[B, P]` row-major (`P ≥ 1`); per row, the [`RopeTable::row`] of
+    /// position 0 its caches take q and k at (`rope_rows`, as for [`BurnModel::step`]: the identity segment for a
+    /// cache that rotates by rank) and the one the dense attention rotates at (`attn_rows`: a segment of the
+    /// row's base — the same row unless its caches rotate by rank); positions `0..P` follow in the same segment.
+    /// The caches as in [`BurnModel::step`]. Every layer runs the prompt in one pass (causal attention in f32, one
+    /// batch row at a time so that the `[Hq·P, P]` scores of one row are the largest buffer) and hands each
+    /// group's caches the prompt through `admit(layer, group, cache, prompt)` — the cache's own selection rule
+    /// decides what it keeps. Returns the logits `[B, vocab]` at position `P − 1`. Uploads the ids and positions;
+    /// reads nothing back.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill<C: CompressedKvCache>(
+        &self,
+        tokens: &[u32],
+        rope_rows: &[u32],
+        attn_rows: &[u32],
+        table: &RopeTable,
+        groups: &mut [CacheGroup<C>],
+        dtype: DType,
+        admit: &mut dyn FnMut(usize, usize, &mut C, &Prompt) -> Result<(), Error>,
+    ) -> Result<BTensor, Error> {
+        let (b, hq, hkv, d) = (rope_rows.len(), self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        if b == 0 || tokens.is_empty() || tokens.len() % b != 0 {
+            return Err(Error::ShapeMismatch { tensor: "tokens", expected: vec![b, tokens.len() / b.max(1)], got: vec![tokens.len()] });
+        }
+        let p = tokens.len() / b;
+        if groups.iter().map(|g| g.rows).sum::<usize>() != b || groups.iter().any(|g| g.layers.len() != self.cfg.layers || g.rows == 0) {
+            return Err(Error::Config("cache groups must cover the batch, one cache per layer each"));
+        }
+        if dtype == DType::U32 {
+            return Err(Error::Config("a cache of u32 values"));
+        }
+        if attn_rows.len() != b {
+            return Err(Error::ShapeMismatch { tensor: "attn_rows", expected: vec![b], got: vec![attn_rows.len()] });
+        }
+        if rope_rows.iter().chain(attn_rows).any(|&r| r as usize / table.len.max(1) >= table.segments || r as usize % table.len + p > table.len) {
+            return Err(Error::Config("a prompt's positions run past its RoPE table segment"));
+        }
+        if tokens.iter().any(|&t| t as usize >= self.cfg.vocab) {
+            return Err(Error::Config("a token id beyond the vocabulary"));
+        }
+        let n = b * p;
+        let ids = upload_ids(&self.device, tokens, &[n]);
+        let trig = |first: &[u32]| {
+            let pos: Vec<u32> = first.iter().flat_map(|&r| (0..p as u32).map(move |t| r + t)).collect();
+            self.trig(table, &upload_ids(&self.device, &pos, &[n]))
+        };
+        let (cos, sin) = trig(rope_rows);
+        let attn_trig = (attn_rows != rope_rows).then(|| trig(attn_rows));
+        // Key j is masked for query i when j > i: `[1, 1, P, P]`, broadcast over heads.
+        let i = Cb::int_reshape(Cb::int_arange(0..p as i64, &self.device, IntDType::I32), Shape::from(vec![p, 1]));
+        let j = Cb::int_reshape(Cb::int_arange(0..p as i64, &self.device, IntDType::I32), Shape::from(vec![1, p]));
+        let g = hq / hkv;
+        let masked = Cb::bool_expand(Cb::bool_reshape(Cb::int_lower(i, j, BoolStore::U32), Shape::from(vec![1, 1, p, p])), Shape::from(vec![hkv, g, p, p]));
+        let mut x = Cb::float_select(self.embed.clone(), 0, ids); // [B·P, H]
+        for l in 0..self.layers.len() {
+            let qkv = mm(&self.rms(x.clone()), &self.layers[l].qkv)?;
+            // The caches' q and k, and the attention's (rotated at true positions) where they differ.
+            let (qc, kc, v) = self.rotate(l, &qkv, &cos, &sin, DType::F32, &mut |_, _, _| {})?;
+            let (q, k) = match &attn_trig {
+                Some((c, s)) => {
+                    let (q, k, _) = self.rotate(l, &qkv, c, s, DType::F32, &mut |_, _, _| {})?;
+                    (q, k)
+                }
+                None => (qc.clone(), kc.clone()),
+            };
+            let (q, k, v) = (reshape(q, &[b, p, hkv, g, d]), reshape(k, &[b, p, hkv, d]), reshape(v, &[b, p, hkv, d]));
+            let mut outs = Vec::with_capacity(b);
+            for r in 0..b {
+                let at = |t: &BTensor, rank: usize| {
+                    let mut sl = vec![Slice { start: 0, end: None, step: 1 }; rank];
+                    sl[0] = Slice { start: r as isize, end: Some(r as isize + 1), step: 1 };
+                    Cb::float_slice(t.clone(), &sl)
+                };
+                // [P, Hkv, G, D] → [Hkv, G·P, D]; keys transposed [Hkv, D, P]; values [Hkv, P, D].
+                let qr = into_contiguous(Cb::float_permute(reshape(at(&q, 5), &[p, hkv, g, d]), &[1, 2, 0, 3]));
+                let kt = into_contiguous(Cb::float_permute(reshape(at(&k, 4), &[p, hkv, d]), &[1, 2, 0]));
+                let vr = into_contiguous(Cb::float_permute(reshape(at(&v, 4), &[p, hkv, d]), &[1, 0, 2]));
+                let sc = Cb::float_mul_scalar(bmm(&reshape(qr, &[hkv, g * p, d]), &kt)?, Scalar::from(1.0 / (d as f32).sqrt()));
+                let sc = Cb::float_mask_fill(reshape(sc, &[hkv, g, p, p]), masked.clone(), Scalar::from(f32::NEG_INFINITY));
+                let e = Cb::float_exp(Cb::float_sub(sc.clone(), Cb::float_max_dim(sc, 3)));
+                let pr = Cb::float_div(e.clone(), Cb::float_sum_dim(e, 3));
+                let o = bmm(&reshape(pr, &[hkv, g * p, p]), &vr)?; // [Hkv, G·P, D]
+                                                                   // → [P, Hkv, G, D] = [P, Hq·D] (query head h·G + g).
+                outs.push(into_contiguous(Cb::float_permute(reshape(o, &[hkv, g, p, d]), &[2, 0, 1, 3])));
+            }
+            let o = reshape(if b == 1 { outs.pop().expect("one row") } else { Cb::float_cat(outs, 0) }, &[n, hq * d]);
+            // The caches' prompt: q `[B, P, Hq, D]`, k and v head-major `[B, Hkv, P, D]`, in the caches' dtype.
+            let c = |t: BTensor| if dtype == DType::F32 { t } else { cast(t, dtype) };
+            let qd = from_burn(&into_contiguous(c(reshape(qc, &[b, p, hq, d]))))?;
+            let kd = from_burn(&into_contiguous(c(Cb::float_permute(reshape(kc, &[b, p, hkv, d]), &[0, 2, 1, 3]))))?;
+            let vd = from_burn(&into_contiguous(c(Cb::float_permute(v, &[0, 2, 1, 3]))))?;
+            let mut r0 = 0;
+            for (gi, gr) in groups.iter_mut().enumerate() {
+                let nb = gr.rows;
+                admit(l, gi, &mut gr.layers[l], &Prompt { q: rows(&qd, r0, nb), k: rows(&kd, r0, nb), v: rows(&vd, r0, nb) })?;
+                r0 += nb;
+            }
+            x = self.post_attn(l, x, o, &mut |_, _, _| {})?;
+        }
+        let last = Cb::float_select(x, 0, upload_ids(&self.device, &(0..b as u32).map(|r| r * p as u32 + p as u32 - 1).collect::<Vec<_>>(), &[b]));
+        mm(&self.rms(last), &self.head)
     }
 
     /// [`BurnModel::step`] replayed from device graphs (cubecl's graph capture: one dispatch per graph on CUDA,
@@ -567,6 +692,13 @@ impl BurnModel {
     }
 }
 
+/// Rows `r0..r0 + n` of a `[B, …]` tensor, as a view `[n, …]` with its strides.
+fn rows(x: &DeviceTensor, r0: usize, n: usize) -> DeviceTensor {
+    let mut sh = x.shape.clone();
+    sh[0] = n;
+    x.view(&sh, &x.strides, x.offset + r0 * x.strides[0])
+}
+
 /// The step parity shared by every cache of `groups` ([`CompressedKvCache::graph_parity`]).
 fn parity<C: CompressedKvCache>(groups: &[CacheGroup<C>]) -> Result<usize, Error> {
     let mut all = groups.iter().flat_map(|g| g.layers.iter()).map(|c| c.graph_parity());
@@ -643,6 +775,18 @@ fn cast(x: BTensor, to: DType) -> BTensor {
 fn cols(x: &BTensor, c0: usize, n: usize) -> BTensor {
     let all = Slice { start: 0, end: None, step: 1 };
     Cb::float_slice(x.clone(), &[all, Slice { start: c0 as isize, end: Some((c0 + n) as isize), step: 1 }])
+}
+
+/// One layer's prompt as a cache group's rows see it ([`BurnModel::prefill`]), in the caches' dtype: q
+/// `[n, P, Hq, D]` (after RoPE, or not for a rank-RoPE cache: as the group's RoPE segment says), k and v
+/// `[n, Hkv, P, D]`. Views of the whole batch's buffers.
+pub struct Prompt {
+    /// Queries.
+    pub q: DeviceTensor,
+    /// Keys.
+    pub k: DeviceTensor,
+    /// Values.
+    pub v: DeviceTensor,
 }
 
 /// The caches of `rows` consecutive batch rows of [`BurnModel::step`]: one per layer.

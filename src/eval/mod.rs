@@ -526,6 +526,31 @@ pub fn policy_caches(client: &Client, cfg: &model::ModelConfig, name: &str, b: u
     Ok((policy, rank_rope, caches))
 }
 
+/// [`Prefill::Select`]'s observation window for a prompt of `p` tokens into a cache of budget `cap`: `(w, block)`
+/// — the last `w` prompt queries the selection reads (0: none) and TreeKV's block size.
+pub fn prompt_window(policy: Policy, cap: usize, p: usize) -> (usize, usize) {
+    let block = (cap / 4).clamp(1, 32);
+    let w = match policy {
+        Policy::Full | Policy::StreamingLlm => 0,
+        Policy::TreeKv { .. } => p - block * ((p - 1) / block),
+        _ => 32.min(cap / 2).max(1).min(p),
+    };
+    (w, block)
+}
+
+/// [`Prefill::Select`]: one selection over a whole prompt on the device (`k, v: [B, Hkv, P, D]`; `q_win`, the last
+/// `w` queries of [`prompt_window`], `[B, w, Hq, D]`): Full and StreamingLLM keep the recent tokens (all of them for
+/// Full, which must hold the prompt), TreeKV its block-level prefill, H2O, TOVA and WeightedKV SnapKV's selection
+/// (max-pool 7).
+pub fn select_prompt(cache: &mut PolicyCache, policy: Policy, q_win: Option<&DeviceTensor>, k: &DeviceTensor, v: &DeviceTensor, block: usize) -> Result<(), Error> {
+    match (policy, q_win) {
+        (Policy::Full | Policy::StreamingLlm, _) => cache.prefill_recent(k, v),
+        (Policy::TreeKv { .. }, Some(q)) => cache.prefill_treekv(q, k, v, block).map(|_| ()),
+        (_, Some(q)) => cache.prefill_snapkv(q, k, v, 7, crate::policy::Pool::Max).map(|_| ()),
+        (_, None) => Err(Error::Config("a selecting policy needs the prompt's window queries")),
+    }
+}
+
 /// `[B][P][H][D]` → `[B][H][P][D]`, optionally with the dims of every row in RoPE halves order.
 fn head_major(x: &[f32], b: usize, p: usize, h: usize, d: usize, to_halves: bool) -> Vec<f32> {
     let x = if to_halves { halves(x, d) } else { x.to_vec() };
@@ -564,26 +589,11 @@ fn ingest(client: &Client, opts: &EvalOptions, s: &Shape, pre: &Prefix, run: &mu
             let k = upload(client, &head_major(src_k, s.b, p, s.hkv, s.d, run.rank_rope), &[s.b, s.hkv, p, s.d], dtype);
             let v = upload(client, &head_major(&pre.v[l], s.b, p, s.hkv, s.d, false), &[s.b, s.hkv, p, s.d], dtype);
             // The observation window's queries (TreeKV: the last block; SnapKV: the window), before the cache borrow.
-            let cap = run.budget;
-            let block = (cap / 4).clamp(1, 32);
-            let w = match policy {
-                Policy::Full | Policy::StreamingLlm => 0,
-                Policy::TreeKv { .. } => p - block * ((p - 1) / block),
-                _ => 32.min(cap / 2).max(1).min(p),
-            };
+            let (w, block) = prompt_window(policy, run.budget, p);
             let q = (w > 0).then(|| upload(client, &last_queries(run, s, pre, l, p, w), &[s.b, w, s.hq, s.d], dtype));
             let Layers::Policy(caches) = &mut run.caches else { unreachable!("policy runs hold policy caches") };
             let cache = &mut caches[l];
-            match (policy, q) {
-                (Policy::Full | Policy::StreamingLlm, _) => cache.prefill_recent(&k, &v).map_err(e)?,
-                (Policy::TreeKv { .. }, Some(q)) => {
-                    cache.prefill_treekv(&q, &k, &v, block).map_err(e)?;
-                }
-                (_, Some(q)) => {
-                    cache.prefill_snapkv(&q, &k, &v, 7, crate::policy::Pool::Max).map_err(e)?;
-                }
-                (_, None) => unreachable!("every selecting policy has a window"),
-            }
+            select_prompt(cache, policy, q.as_ref(), &k, &v, block).map_err(e)?;
             run.max_len = run.max_len.max(cache.len());
             continue;
         }

@@ -12,7 +12,8 @@
 //! Per step nothing is read back: the NLLs stay on the device and are read every [`READ_EVERY`] tokens.
 
 use super::burn_model::{advance, argmax, nll, read_f32, read_ids, row, upload_ids, BTensor, BurnModel, CacheGroup, RopeTable, Stepper};
-use super::policy_caches;
+use super::{policy_caches, prompt_window, select_prompt, Prefill};
+use crate::policy::Policy;
 use crate::policy::{CompressedKvCache, PolicyCache};
 use crate::tensor::DType;
 use crate::Error;
@@ -69,11 +70,13 @@ pub fn rope_base(model: &BurnModel, spec: &CacheSpec, len: usize) -> f64 {
 }
 
 /// Each spec's caches (one per layer, batch `b`) for a stream of `len` tokens, as consecutive row groups, with the
-/// RoPE table they share and every row's first table row: (groups, table, rope rows `[B]`, bases).
-fn setup(client: &Client, model: &BurnModel, specs: &[CacheSpec], b: usize, len: usize, dtype: DType) -> Result<(Vec<CacheGroup<PolicyCache>>, RopeTable, Vec<u32>, Vec<f64>), Error> {
+/// RoPE table they share and every row's first table rows ([`Setup`]).
+fn setup(client: &Client, model: &BurnModel, specs: &[CacheSpec], b: usize, len: usize, dtype: DType) -> Result<Setup, Error> {
     let mut segments: Vec<Option<f64>> = Vec::new();
     let mut groups = Vec::with_capacity(specs.len());
     let mut seg_of = Vec::with_capacity(specs.len());
+    let mut attn_seg_of = Vec::with_capacity(specs.len());
+    let mut policies = Vec::with_capacity(specs.len());
     let mut bases = Vec::with_capacity(specs.len());
     for spec in specs {
         let base = rope_base(model, spec, len);
@@ -87,23 +90,42 @@ fn setup(client: &Client, model: &BurnModel, specs: &[CacheSpec], b: usize, len:
             (true, Some(_)) => return Err(Error::Config("Full takes no budget (it holds the whole stream)")),
             (false, None) => return Err(Error::Config("an evicting cache needs a budget")),
         };
-        let (_, rank, layers) = policy_caches(client, &model.cfg, name, b, cap, dtype, base).map_err(Error::Model)?;
-        // A rank-RoPE cache rotates q and k itself: its rows read the identity segment.
-        let seg = if rank { None } else { Some(base) };
-        let k = segments.iter().position(|s| *s == seg).unwrap_or_else(|| {
-            segments.push(seg);
-            segments.len() - 1
-        });
-        seg_of.push(k);
+        let (policy, rank, layers) = policy_caches(client, &model.cfg, name, b, cap, dtype, base).map_err(Error::Model)?;
+        // A rank-RoPE cache rotates q and k itself: its rows read the identity segment (and a prefill's dense
+        // attention the base's).
+        let mut segment = |seg: Option<f64>| {
+            segments.iter().position(|s| *s == seg).unwrap_or_else(|| {
+                segments.push(seg);
+                segments.len() - 1
+            })
+        };
+        seg_of.push(segment(if rank { None } else { Some(base) }));
+        attn_seg_of.push(segment(Some(base)));
+        policies.push((policy, cap));
         bases.push(base);
         groups.push(CacheGroup { rows: b, layers });
     }
     let table = model.rope_table(&segments, len);
-    let mut rows = Vec::with_capacity(b * specs.len());
-    for &k in &seg_of {
-        rows.extend(std::iter::repeat_n(table.row(k, 0)?, b));
-    }
-    Ok((groups, table, rows, bases))
+    let rows = |of: &[usize]| -> Result<Vec<u32>, Error> {
+        let mut rows = Vec::with_capacity(b * specs.len());
+        for &k in of {
+            rows.extend(std::iter::repeat_n(table.row(k, 0)?, b));
+        }
+        Ok(rows)
+    };
+    let (rope_rows, attn_rows) = (rows(&seg_of)?, rows(&attn_seg_of)?);
+    Ok(Setup { groups, table, rope_rows, attn_rows, bases, policies })
+}
+
+/// What [`setup`] makes: the cache groups, the RoPE table, every row's first table row for the caches and for a
+/// prefill's dense attention, each spec's base and (policy, budget).
+struct Setup {
+    groups: Vec<CacheGroup<PolicyCache>>,
+    table: RopeTable,
+    rope_rows: Vec<u32>,
+    attn_rows: Vec<u32>,
+    bases: Vec<f64>,
+    policies: Vec<(Policy, usize)>,
 }
 
 /// What one cache did over the streams.
@@ -146,7 +168,7 @@ pub fn stream(client: &Client, model: &BurnModel, specs: &[CacheSpec], streams: 
         return Err(Error::Config("a stream run needs caches and streams of equal lengths ≥ 2"));
     }
     let len = total - 1;
-    let (mut groups, table, rope_rows, bases) = setup(client, model, specs, n_s, len, dtype)?;
+    let Setup { mut groups, table, rope_rows, bases, .. } = setup(client, model, specs, n_s, len, dtype)?;
     let b = n_s * specs.len();
     let device = model.device();
     // Token ids as `[len + 1, B]`: step t reads row t (inputs) and row t + 1 (targets), views without a launch.
@@ -245,11 +267,25 @@ fn choose(logits: BTensor, sampling: Sampling) -> BTensor {
     }
 }
 
-/// Generation: `prompt` (one for every one of `batch` sequences) is fed token by token through `spec`'s caches,
-/// then `new_tokens` tokens are generated, each chosen from the last logits by `sampling` and fed back on the
-/// device (read back once at the end). `graph`: as for [`stream`].
+/// Generation: `prompt` (one for every one of `batch` sequences) goes into `spec`'s caches as `prefill` says —
+/// token by token through the model and the caches' decode steps ([`Prefill::Stream`]), or in one dense causal
+/// pass whose keys and values each cache selects from by its prompt rule ([`Prefill::Select`],
+/// [`BurnModel::prefill`], [`super::select_prompt`]) — then `new_tokens` tokens are generated, each chosen from
+/// the last logits by `sampling` and fed back on the device (read back once at the end). `graph`: as for
+/// [`stream`] (the decode steps; a prefill is one pass).
 #[allow(clippy::too_many_arguments)]
-pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[u32], batch: usize, new_tokens: usize, sampling: Sampling, dtype: DType, graph: bool) -> Result<Generation, Error> {
+pub fn generate(
+    client: &Client,
+    model: &BurnModel,
+    spec: &CacheSpec,
+    prompt: &[u32],
+    batch: usize,
+    new_tokens: usize,
+    sampling: Sampling,
+    dtype: DType,
+    graph: bool,
+    prefill: Prefill,
+) -> Result<Generation, Error> {
     if prompt.is_empty() || batch == 0 || new_tokens == 0 {
         return Err(Error::Config("a generation needs a prompt, a batch and at least one new token"));
     }
@@ -260,7 +296,7 @@ pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[
         Cb::seed(model.device(), seed);
     }
     let len = prompt.len() + new_tokens;
-    let (mut groups, table, rope_rows, bases) = setup(client, model, std::slice::from_ref(spec), batch, len, dtype)?;
+    let Setup { mut groups, table, rope_rows, attn_rows, bases, policies } = setup(client, model, std::slice::from_ref(spec), batch, len, dtype)?;
     let device = model.device();
     let ids: Vec<u32> = prompt.iter().flat_map(|&t| std::iter::repeat_n(t, batch)).collect();
     let ids = upload_ids(device, &ids, &[prompt.len(), batch]);
@@ -268,9 +304,24 @@ pub fn generate(client: &Client, model: &BurnModel, spec: &CacheSpec, prompt: &[
     let mut stepper = Stepper::new(graph);
     let t0 = Instant::now();
     let mut logits = None;
-    for t in 0..prompt.len() {
-        logits = Some(stepper.step(model, &row(&ids, t), &pos, &table, &mut groups, dtype)?);
-        pos = advance(&pos);
+    match prefill {
+        Prefill::Stream => {
+            for t in 0..prompt.len() {
+                logits = Some(stepper.step(model, &row(&ids, t), &pos, &table, &mut groups, dtype)?);
+                pos = advance(&pos);
+            }
+        }
+        Prefill::Select => {
+            let (policy, cap) = policies[0];
+            let (w, block) = prompt_window(policy, cap, prompt.len());
+            let tokens: Vec<u32> = (0..batch).flat_map(|_| prompt.iter().copied()).collect();
+            logits = Some(model.prefill(&tokens, &rope_rows, &attn_rows, &table, &mut groups, dtype, &mut |_, _, cache: &mut PolicyCache, pr| {
+                let q = pr.q.view(&[pr.q.shape[0], w, pr.q.shape[2], pr.q.shape[3]], &pr.q.strides, pr.q.offset + (prompt.len() - w) * pr.q.strides[1]);
+                select_prompt(cache, policy, (w > 0).then_some(&q), &pr.k, &pr.v, block)
+            })?);
+            let at: Vec<u32> = rope_rows.iter().map(|&r| r + prompt.len() as u32).collect();
+            pos = upload_ids(device, &at, &[batch]);
+        }
     }
     let mut next = choose(logits.expect("a prompt token"), sampling);
     // Wait for the prompt (one id read back) so that the decode timing starts from an idle queue.
