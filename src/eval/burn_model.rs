@@ -130,25 +130,20 @@ pub fn read_ids(t: BTensor) -> Result<Vec<u32>, Error> {
 /// win. (The rows that came out wrong on the H100 at B ≥ 2, `data/bench/2026-12-07-h100-model-batch-rows.md`, were
 /// not the matmul's doing but rows of q/k/v read as contiguous when they were not: see `pre`.)
 fn mm(x: &BTensor, w: &BTensor) -> Result<BTensor, Error> {
-    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
-    use cubek::matmul::{multi_level, strategy::Strategy};
-    let (m, n) = (x.meta.shape()[0], w.meta.shape()[1]);
-    // Contiguous rows: burn's own allocation (`float_empty`) may pitch rows on CUDA (see `pre`).
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::from(vec![m, n]), burn_backend::DType::F32);
-    let st = burn_backend::cubecl::dtype_to_storage_type(burn_backend::DType::F32);
-    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: st, rhs: st, out: st });
-    let strategy = Strategy::MultiLevel(multi_level::Strategy::SimpleUnit(Default::default()));
-    let (lhs, rhs) = (cubek::std::InputBinding::new(x.clone().binding(), st), cubek::std::InputBinding::new(w.clone().binding(), st));
-    cubek::matmul::launch::launch_ref(&strategy, &x.client, lhs, rhs, out.clone().binding(), &mut dtypes).map_err(|e| Error::Device(format!("matmul: {e:?}")))?;
-    Ok(out)
+    unit_matmul(x, w, vec![x.meta.shape()[0], w.meta.shape()[1]])
 }
 
-/// Batched `a [S, M, K] · b [S, K, N]` (contiguous) by the same cubek unit routine as [`mm`].
+/// Batched `a [S, M, K] · b [S, K, N]` (contiguous) by the same unit routine as [`mm`].
 fn bmm(a: &BTensor, b: &BTensor) -> Result<BTensor, Error> {
+    unit_matmul(a, b, vec![a.meta.shape()[0], a.meta.shape()[1], b.meta.shape()[2]])
+}
+
+/// `a · b` into a fresh contiguous f32 tensor of `out_shape` by cubek's unit routine.
+fn unit_matmul(a: &BTensor, b: &BTensor, out_shape: Vec<usize>) -> Result<BTensor, Error> {
     use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
     use cubek::matmul::{multi_level, strategy::Strategy};
-    let (sa, sb) = (a.meta.shape().to_vec(), b.meta.shape().to_vec());
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), Shape::from(vec![sa[0], sa[1], sb[2]]), burn_backend::DType::F32);
+    // Contiguous rows: burn's own allocation (`float_empty`) may pitch rows on CUDA (see `pre`).
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), Shape::from(out_shape), burn_backend::DType::F32);
     let st = burn_backend::cubecl::dtype_to_storage_type(burn_backend::DType::F32);
     let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: st, rhs: st, out: st });
     let strategy = Strategy::MultiLevel(multi_level::Strategy::SimpleUnit(Default::default()));
