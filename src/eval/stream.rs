@@ -13,8 +13,7 @@
 
 use super::burn_model::{advance, argmax, nll, read_f32, read_ids, row, upload_ids, BTensor, BurnModel, CacheGroup, RopeTable, Stepper};
 use super::{policy_caches, prompt_window, select_prompt, Prefill};
-use crate::policy::Policy;
-use crate::policy::{CompressedKvCache, PolicyCache};
+use crate::policy::{CompressedKvCache, Policy, PolicyCache};
 use crate::tensor::DType;
 use crate::Error;
 use burn_backend::ops::{FloatTensorOps, IntTensorOps};
