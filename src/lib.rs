@@ -18,6 +18,7 @@ mod error;
 pub mod eval;
 pub mod finite;
 pub mod fourier;
+pub mod matmul;
 pub mod output;
 pub mod policy;
 pub mod replay;

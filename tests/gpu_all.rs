@@ -7,6 +7,8 @@
 mod attention;
 #[path = "fourier.rs"]
 mod fourier;
+#[path = "matmul.rs"]
+mod matmul;
 #[path = "policy.rs"]
 mod policy;
 #[path = "robustness.rs"]

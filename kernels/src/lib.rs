@@ -28,6 +28,7 @@
 pub mod attention;
 pub mod baselines;
 pub mod fourier;
+pub mod matmul;
 pub mod policy;
 pub mod rope;
 pub mod treekv;
@@ -69,6 +70,7 @@ pub const BINDINGS: &[(&str, u32)] = &[
     ("copy_range", 2),
     ("fill_hash", 1),
     ("find_non_finite", 3),
+    ("rows_matmul", 3),
 ];
 
 /// The storage buffers kernel `name` binds (0 for a name not in [`BINDINGS`]).

@@ -21,6 +21,7 @@
 pub mod attention;
 pub mod baselines;
 pub mod fourier;
+pub mod matmul;
 pub mod metrics;
 pub mod policy;
 pub mod rope;

@@ -129,9 +129,24 @@ pub fn read_ids(t: BTensor) -> Result<Vec<u32>, Error> {
 /// forward; a decode step's matmuls are `M = B` rows against the weights: bandwidth-bound, little for tensor cores to
 /// win. (The rows that came out wrong on the H100 at B ≥ 2, `data/bench/2026-12-07-h100-model-batch-rows.md`, were
 /// not the matmul's doing but rows of q/k/v read as contiguous when they were not: see `pre`.)
+///
+/// A step's few rows (`M ≤` [`ROWS_MATMUL_MAX`]) go through our own [`crate::matmul::rows_matmul`] instead, written
+/// for this matrix-vector shape: one pass over the weights with vector loads along their columns. (With the unit
+/// routine the whole step took ~18 ms of GPU time at B = 8 on the H200 for ~590 MB of weights; whether the
+/// matmuls were the cause is not yet measured.)
 fn mm(x: &BTensor, w: &BTensor) -> Result<BTensor, Error> {
-    unit_matmul(x, w, vec![x.meta.shape()[0], w.meta.shape()[1]])
+    let (m, n) = (x.meta.shape()[0], w.meta.shape()[1]);
+    if m > ROWS_MATMUL_MAX {
+        return unit_matmul(x, w, vec![m, n]);
+    }
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::from(vec![m, n]), burn_backend::DType::F32);
+    let x = into_contiguous(x.clone());
+    crate::matmul::rows_matmul(&x.client, &from_burn(&x)?, &from_burn(w)?, &from_burn(&out)?)?;
+    Ok(out)
 }
+
+/// The most rows [`mm`] sends to [`crate::matmul::rows_matmul`] (it reads the weights once per 4 rows).
+const ROWS_MATMUL_MAX: usize = 64;
 
 /// Batched `a [S, M, K] · b [S, K, N]` (contiguous) by the same unit routine as [`mm`].
 fn bmm(a: &BTensor, b: &BTensor) -> Result<BTensor, Error> {
