@@ -657,8 +657,6 @@ impl PolicyCache {
         Ok(())
     }
 
-    /// A K/V input of the cache's kernels: `shape`, the cache's dtype, contiguous from any element offset (which the
-    /// kernels honour).
     /// The shapes, dtypes and layouts of one step's inputs.
     fn check_step(&self, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<(), Error> {
         let PolicyCacheConfig { batch, hq, hkv, d, .. } = self.cfg;
@@ -731,6 +729,8 @@ impl PolicyCache {
         }
     }
 
+    /// A K/V input of the cache's kernels: `shape`, the cache's dtype, contiguous from any element offset (which the
+    /// kernels honour).
     fn check(&self, name: &'static str, t: &DeviceTensor, shape: Vec<usize>) -> Result<(), Error> {
         self.check_query(name, t, shape)?;
         if !t.is_contiguous() {
@@ -789,8 +789,7 @@ impl CompressedKvCache for PolicyCache {
         [&self.k, &self.v, &self.ints, &self.fl].iter().map(|t| t.buffer_len * t.dtype.size()).sum()
     }
 
-    /// Per sequence and KV head, the original positions kept in cache order (a retired sequence: empty). Reads
-    /// back `order`, `seq` and `pos`.
+    /// The decode plan's output buffer: every step writes it.
     fn step_output(&self) -> Option<&DeviceTensor> {
         Some(&self.plan.output().o)
     }
@@ -820,6 +819,8 @@ impl CompressedKvCache for PolicyCache {
         self.advance();
     }
 
+    /// Per sequence and KV head, the original positions kept in cache order (a retired sequence: empty). Reads
+    /// back `order`, `seq` and `pos`.
     fn kept_positions(&self) -> Result<Vec<Vec<Vec<usize>>>, Error> {
         let PolicyCacheConfig { batch, hkv, layout, .. } = self.cfg;
         let cap1 = layout.capacity() + 1;
