@@ -484,7 +484,8 @@ impl BurnModel {
     /// batch row at a time so that the `[Hq·P, P]` scores of one row are the largest buffer) and hands each
     /// group's caches the prompt through `admit(layer, group, cache, prompt)` — the cache's own selection rule
     /// decides what it keeps. Returns the logits `[B, vocab]` at position `P − 1`. Uploads the ids and positions;
-    /// reads nothing back.
+    /// reads nothing back. The arguments are checked before any launch; an error from `admit` (a cache refusing
+    /// the prompt) comes back as is, with the earlier layers' caches already admitted.
     #[allow(clippy::too_many_arguments)]
     pub fn prefill<C: CompressedKvCache>(
         &self,
@@ -557,8 +558,8 @@ impl BurnModel {
                 let sc = Cb::float_mask_fill(reshape(sc, &[hkv, g, p, p]), masked.clone(), Scalar::from(f32::NEG_INFINITY));
                 let e = Cb::float_exp(Cb::float_sub(sc.clone(), Cb::float_max_dim(sc, 3)));
                 let pr = Cb::float_div(e.clone(), Cb::float_sum_dim(e, 3));
-                let o = bmm(&reshape(pr, &[hkv, g * p, p]), &vr)?; // [Hkv, G·P, D]
-                                                                   // → [P, Hkv, G, D] = [P, Hq·D] (query head h·G + g).
+                // [Hkv, G·P, D] → [P, Hkv, G, D] = [P, Hq·D] (query head h·G + g).
+                let o = bmm(&reshape(pr, &[hkv, g * p, p]), &vr)?;
                 outs.push(into_contiguous(Cb::float_permute(reshape(o, &[hkv, g, p, d]), &[2, 0, 1, 3])));
             }
             let o = reshape(if b == 1 { outs.pop().expect("one row") } else { Cb::float_cat(outs, 0) }, &[n, hq * d]);
