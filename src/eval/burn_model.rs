@@ -397,7 +397,7 @@ impl BurnModel {
 
     /// Layer `l`'s caches, one step: each group reads its rows of q, k, v; returns each group's output.
     /// With `record`, the caches' launches of a step at that parity are issued instead (recording a graph) and
-    /// the outputs are their fixed buffers.
+    /// nothing is returned: the graph reads their fixed output buffers, collected before the recording.
     fn attend<C: CompressedKvCache>(&self, l: usize, groups: &mut [CacheGroup<C>], q: &BTensor, k: &BTensor, v: &BTensor, record: Option<usize>) -> Result<Vec<DeviceTensor>, Error> {
         let (qd, kd, vd) = (from_burn(q)?, from_burn(k)?, from_burn(v)?);
         let mut outs = Vec::with_capacity(groups.len());
@@ -406,13 +406,10 @@ impl BurnModel {
             let n = g.rows;
             let c = &mut g.layers[l];
             let (q, k, v) = (rows(&qd, r0, n), rows(&kd, r0, n), rows(&vd, r0, n));
-            outs.push(match record {
-                None => c.step(&q, &k, &v)?,
-                Some(p) => {
-                    c.record_step(&q, &k, &v, p)?;
-                    c.step_output().cloned().ok_or(Error::Config("a cache without one fixed output buffer cannot be read by a step graph"))?
-                }
-            });
+            match record {
+                None => outs.push(c.step(&q, &k, &v)?),
+                Some(p) => c.record_step(&q, &k, &v, p)?,
+            }
             r0 += n;
         }
         Ok(outs)
