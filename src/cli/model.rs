@@ -41,7 +41,7 @@ pub struct StreamOptions {
     pub svg: Option<PathBuf>,
 }
 
-fn load(backend: &str, gguf: Option<&std::path::Path>) -> Result<(cubecl::client::Client, BurnModel, Tokenizer), String> {
+pub fn load(backend: &str, gguf: Option<&std::path::Path>) -> Result<(cubecl::client::Client, BurnModel, Tokenizer), String> {
     let path = kvsqueeze::eval::find_gguf(gguf).map_err(|e| e.to_string())?;
     let device = kvsqueeze::runtime::device_for(backend).map_err(|e| e.to_string())?;
     let client = device.client();

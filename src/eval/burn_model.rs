@@ -474,41 +474,38 @@ impl BurnModel {
     }
 
     /// Dense causal prefill of a prompt: `tokens` `[B, P]` row-major (`P ≥ 1`); per row, the [`RopeTable::row`] of
-    /// position 0 its caches take q and k at (`rope_rows`, as for [`BurnModel::step`]: the identity segment for a
-    /// cache that rotates by rank) and the one the dense attention rotates at (`attn_rows`: a segment of the
-    /// row's base — the same row unless its caches rotate by rank); positions `0..P` follow in the same segment.
-    /// The caches as in [`BurnModel::step`]. Every layer runs the prompt in one pass (causal attention in f32, one
-    /// batch row at a time so that the `[Hq·P, P]` scores of one row are the largest buffer) and hands each
-    /// group's caches the prompt through `admit(layer, group, cache, prompt)` — the cache's own selection rule
-    /// decides what it keeps. Returns the logits `[B, vocab]` at position `P − 1`. Uploads the ids and positions;
-    /// reads nothing back. The arguments are checked before any launch; an error from `admit` (a cache refusing
-    /// the prompt) comes back as is, with the earlier layers' caches already admitted.
+    /// position 0 the dense attention rotates q and k at (`attn_rows`: a segment of the row's base); positions
+    /// `0..P` follow in the same segment. Every layer runs the prompt in one pass (causal attention in f32, one
+    /// batch row at a time so that the `[Hq·P, P]` scores of one row are the largest buffer) and hands the layer's
+    /// prompt to `admit(layer, prompts)`, once per entry of `views`: `views[i]` gives every row's first table row
+    /// for `prompts[i]`'s q and k (as [`BurnModel::step`]'s `rope_rows`: the identity segment for a cache that
+    /// rotates by rank, else the attention's own rows, which cost no second rotation). The caller admits its caches
+    /// from them (the cache's own selection rule decides what it keeps) — several cache groups may take the same
+    /// prompt rows. Returns the logits `[B, vocab]` at position `P − 1`. Uploads the ids and positions; reads
+    /// nothing back. The arguments are checked before any launch; an error from `admit` (a cache refusing the
+    /// prompt) comes back as is, with the earlier layers already admitted.
     #[allow(clippy::too_many_arguments)]
-    pub fn prefill<C: CompressedKvCache>(
+    pub fn prefill(
         &self,
         tokens: &[u32],
-        rope_rows: &[u32],
         attn_rows: &[u32],
+        views: &[&[u32]],
         table: &RopeTable,
-        groups: &mut [CacheGroup<C>],
         dtype: DType,
-        admit: &mut dyn FnMut(usize, usize, &mut C, &Prompt) -> Result<(), Error>,
+        admit: &mut dyn FnMut(usize, &[Prompt]) -> Result<(), Error>,
     ) -> Result<BTensor, Error> {
-        let (b, hq, hkv, d) = (rope_rows.len(), self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        let (b, hq, hkv, d) = (attn_rows.len(), self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
         if b == 0 || tokens.is_empty() || tokens.len() % b != 0 {
             return Err(Error::ShapeMismatch { tensor: "tokens", expected: vec![b, tokens.len() / b.max(1)], got: vec![tokens.len()] });
         }
         let p = tokens.len() / b;
-        if groups.iter().map(|g| g.rows).sum::<usize>() != b || groups.iter().any(|g| g.layers.len() != self.cfg.layers || g.rows == 0) {
-            return Err(Error::Config("cache groups must cover the batch, one cache per layer each"));
+        if let Some(v) = views.iter().find(|v| v.len() != b) {
+            return Err(Error::ShapeMismatch { tensor: "views", expected: vec![b], got: vec![v.len()] });
         }
         if dtype == DType::U32 {
             return Err(Error::Config("a cache of u32 values"));
         }
-        if attn_rows.len() != b {
-            return Err(Error::ShapeMismatch { tensor: "attn_rows", expected: vec![b], got: vec![attn_rows.len()] });
-        }
-        if rope_rows.iter().chain(attn_rows).any(|&r| r as usize / table.len.max(1) >= table.segments || r as usize % table.len + p > table.len) {
+        if views.iter().copied().chain([attn_rows]).flatten().any(|&r| r as usize / table.len.max(1) >= table.segments || r as usize % table.len + p > table.len) {
             return Err(Error::Config("a prompt's positions run past its RoPE table segment"));
         }
         if tokens.iter().any(|&t| t as usize >= self.cfg.vocab) {
@@ -520,8 +517,9 @@ impl BurnModel {
             let pos: Vec<u32> = first.iter().flat_map(|&r| (0..p as u32).map(move |t| r + t)).collect();
             self.trig(table, &upload_ids(&self.device, &pos, &[n]))
         };
-        let (cos, sin) = trig(rope_rows);
-        let attn_trig = (attn_rows != rope_rows).then(|| trig(attn_rows));
+        let (cos, sin) = trig(attn_rows);
+        // Each view's cos/sin, `None` where it is the attention's own.
+        let view_trig: Vec<Option<(BTensor, BTensor)>> = views.iter().map(|&v| (v != attn_rows).then(|| trig(v))).collect();
         // Key j is masked for query i when j > i: `[1, 1, P, P]`, broadcast over heads.
         let i = Cb::int_reshape(Cb::int_arange(0..p as i64, &self.device, IntDType::I32), Shape::from(vec![p, 1]));
         let j = Cb::int_reshape(Cb::int_arange(0..p as i64, &self.device, IntDType::I32), Shape::from(vec![1, p]));
@@ -530,16 +528,19 @@ impl BurnModel {
         let mut x = Cb::float_select(self.embed.clone(), 0, ids); // [B·P, H]
         for l in 0..self.layers.len() {
             let qkv = mm(&self.rms(x.clone()), &self.layers[l].qkv)?;
-            // The caches' q and k, and the attention's (rotated at true positions) where they differ.
-            let (qc, kc, v) = self.rotate(l, &qkv, &cos, &sin, DType::F32, &mut |_, _, _| {})?;
-            let (q, k) = match &attn_trig {
-                Some((c, s)) => {
-                    let (q, k, _) = self.rotate(l, &qkv, c, s, DType::F32, &mut |_, _, _| {})?;
-                    (q, k)
-                }
-                None => (qc.clone(), kc.clone()),
-            };
-            let (q, k, v) = (reshape(q, &[b, p, hkv, g, d]), reshape(k, &[b, p, hkv, d]), reshape(v, &[b, p, hkv, d]));
+            // The attention's q and k (rotated at its rows), and each view's where they differ.
+            let (qa, ka, v) = self.rotate(l, &qkv, &cos, &sin, DType::F32, &mut |_, _, _| {})?;
+            let mut qk_views = Vec::with_capacity(views.len());
+            for vt in &view_trig {
+                qk_views.push(match vt {
+                    Some((c, s)) => {
+                        let (q, k, _) = self.rotate(l, &qkv, c, s, DType::F32, &mut |_, _, _| {})?;
+                        (q, k)
+                    }
+                    None => (qa.clone(), ka.clone()),
+                });
+            }
+            let (q, k, vr5) = (reshape(qa, &[b, p, hkv, g, d]), reshape(ka, &[b, p, hkv, d]), reshape(v.clone(), &[b, p, hkv, d]));
             let mut outs = Vec::with_capacity(b);
             for r in 0..b {
                 let at = |t: &BTensor, rank: usize| {
@@ -550,7 +551,7 @@ impl BurnModel {
                 // [P, Hkv, G, D] → [Hkv, G·P, D]; keys transposed [Hkv, D, P]; values [Hkv, P, D].
                 let qr = into_contiguous(Cb::float_permute(reshape(at(&q, 5), &[p, hkv, g, d]), &[1, 2, 0, 3]));
                 let kt = into_contiguous(Cb::float_permute(reshape(at(&k, 4), &[p, hkv, d]), &[1, 2, 0]));
-                let vr = into_contiguous(Cb::float_permute(reshape(at(&v, 4), &[p, hkv, d]), &[1, 0, 2]));
+                let vr = into_contiguous(Cb::float_permute(reshape(at(&vr5, 4), &[p, hkv, d]), &[1, 0, 2]));
                 let sc = Cb::float_mul_scalar(bmm(&reshape(qr, &[hkv, g * p, d]), &kt)?, Scalar::from(1.0 / (d as f32).sqrt()));
                 let sc = Cb::float_mask_fill(reshape(sc, &[hkv, g, p, p]), masked.clone(), Scalar::from(f32::NEG_INFINITY));
                 let e = Cb::float_exp(Cb::float_sub(sc.clone(), Cb::float_max_dim(sc, 3)));
@@ -560,17 +561,16 @@ impl BurnModel {
                 outs.push(into_contiguous(Cb::float_permute(reshape(o, &[hkv, g, p, d]), &[2, 0, 1, 3])));
             }
             let o = reshape(if b == 1 { outs.pop().expect("one row") } else { Cb::float_cat(outs, 0) }, &[n, hq * d]);
-            // The caches' prompt: q `[B, P, Hq, D]`, k and v head-major `[B, Hkv, P, D]`, in the caches' dtype.
+            // The caches' prompts: q `[B, P, Hq, D]`, k and v head-major `[B, Hkv, P, D]`, in the caches' dtype.
             let c = |t: BTensor| if dtype == DType::F32 { t } else { cast(t, dtype) };
-            let qd = from_burn(&into_contiguous(c(reshape(qc, &[b, p, hq, d]))))?;
-            let kd = from_burn(&into_contiguous(c(Cb::float_permute(reshape(kc, &[b, p, hkv, d]), &[0, 2, 1, 3]))))?;
-            let vd = from_burn(&into_contiguous(c(Cb::float_permute(v, &[0, 2, 1, 3]))))?;
-            let mut r0 = 0;
-            for (gi, gr) in groups.iter_mut().enumerate() {
-                let nb = gr.rows;
-                admit(l, gi, &mut gr.layers[l], &Prompt { q: rows(&qd, r0, nb), k: rows(&kd, r0, nb), v: rows(&vd, r0, nb) })?;
-                r0 += nb;
+            let vd = from_burn(&into_contiguous(c(Cb::float_permute(reshape(v, &[b, p, hkv, d]), &[0, 2, 1, 3]))))?;
+            let mut prompts = Vec::with_capacity(views.len());
+            for (qc, kc) in qk_views {
+                let qd = from_burn(&into_contiguous(c(reshape(qc, &[b, p, hq, d]))))?;
+                let kd = from_burn(&into_contiguous(c(Cb::float_permute(reshape(kc, &[b, p, hkv, d]), &[0, 2, 1, 3]))))?;
+                prompts.push(Prompt { q: qd, k: kd, v: vd.clone() });
             }
+            admit(l, &prompts)?;
             x = self.post_attn(l, x, o, &mut |_, _, _| {})?;
         }
         let last = Cb::float_select(x, 0, upload_ids(&self.device, &(0..b as u32).map(|r| r * p as u32 + p as u32 - 1).collect::<Vec<_>>(), &[b]));
@@ -701,7 +701,7 @@ impl BurnModel {
 }
 
 /// Rows `r0..r0 + n` of a `[B, …]` tensor, as a view `[n, …]` with its strides.
-fn rows(x: &DeviceTensor, r0: usize, n: usize) -> DeviceTensor {
+pub fn rows(x: &DeviceTensor, r0: usize, n: usize) -> DeviceTensor {
     let mut sh = x.shape.clone();
     sh[0] = n;
     x.view(&sh, &x.strides, x.offset + r0 * x.strides[0])
@@ -785,9 +785,9 @@ fn cols(x: &BTensor, c0: usize, n: usize) -> BTensor {
     Cb::float_slice(x.clone(), &[all, Slice { start: c0 as isize, end: Some((c0 + n) as isize), step: 1 }])
 }
 
-/// One layer's prompt as a cache group's rows see it ([`BurnModel::prefill`]), in the caches' dtype: q
-/// `[n, P, Hq, D]` (after RoPE, or not for a rank-RoPE cache: as the group's RoPE segment says), k and v
-/// `[n, Hkv, P, D]`. Views of the whole batch's buffers.
+/// One layer's prompt in one RoPE view ([`BurnModel::prefill`]), in the caches' dtype: q `[B, P, Hq, D]` (rotated
+/// as the view's rows say: not at all for a rank-RoPE cache), k and v `[B, Hkv, P, D]`; [`rows`] cuts a cache
+/// group's rows out of it (a view, no copy).
 pub struct Prompt {
     /// Queries.
     pub q: DeviceTensor,

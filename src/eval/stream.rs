@@ -11,7 +11,7 @@
 //!
 //! Per step nothing is read back: the NLLs stay on the device and are read every [`READ_EVERY`] tokens.
 
-use super::burn_model::{advance, argmax, nll, read_f32, read_ids, row, upload_ids, BTensor, BurnModel, CacheGroup, RopeTable, Stepper};
+use super::burn_model::{advance, argmax, nll, read_f32, read_ids, row, upload_ids, BTensor, BurnModel, CacheGroup, Prompt, RopeTable, Stepper};
 use super::{policy_caches, prompt_window, select_prompt, Prefill};
 use crate::policy::{CompressedKvCache, Policy, PolicyCache};
 use crate::tensor::DType;
@@ -70,7 +70,7 @@ pub fn rope_base(model: &BurnModel, spec: &CacheSpec, len: usize) -> f64 {
 
 /// Each spec's caches (one per layer, batch `b`) for a stream of `len` tokens, as consecutive row groups, with the
 /// RoPE table they share and every row's first table rows ([`Setup`]).
-fn setup(client: &Client, model: &BurnModel, specs: &[CacheSpec], b: usize, len: usize, dtype: DType) -> Result<Setup, Error> {
+pub(super) fn setup(client: &Client, model: &BurnModel, specs: &[CacheSpec], b: usize, len: usize, dtype: DType) -> Result<Setup, Error> {
     let mut segments: Vec<Option<f64>> = Vec::new();
     let mut groups = Vec::with_capacity(specs.len());
     let mut seg_of = Vec::with_capacity(specs.len());
@@ -118,13 +118,13 @@ fn setup(client: &Client, model: &BurnModel, specs: &[CacheSpec], b: usize, len:
 
 /// What [`setup`] makes: the cache groups, the RoPE table, every row's first table row for the caches and for a
 /// prefill's dense attention, each spec's base and (policy, budget).
-struct Setup {
-    groups: Vec<CacheGroup<PolicyCache>>,
-    table: RopeTable,
-    rope_rows: Vec<u32>,
-    attn_rows: Vec<u32>,
-    bases: Vec<f64>,
-    policies: Vec<(Policy, usize)>,
+pub(super) struct Setup {
+    pub(super) groups: Vec<CacheGroup<PolicyCache>>,
+    pub(super) table: RopeTable,
+    pub(super) rope_rows: Vec<u32>,
+    pub(super) attn_rows: Vec<u32>,
+    pub(super) bases: Vec<f64>,
+    pub(super) policies: Vec<(Policy, usize)>,
 }
 
 /// What one cache did over the streams.
@@ -312,12 +312,8 @@ pub fn generate(
         }
         Prefill::Select => {
             let (policy, cap) = policies[0];
-            let (w, block) = prompt_window(policy, cap, prompt.len());
             let tokens: Vec<u32> = (0..batch).flat_map(|_| prompt.iter().copied()).collect();
-            logits = Some(model.prefill(&tokens, &rope_rows, &attn_rows, &table, &mut groups, dtype, &mut |_, _, cache: &mut PolicyCache, pr| {
-                let q = pr.q.view(&[pr.q.shape[0], w, pr.q.shape[2], pr.q.shape[3]], &pr.q.strides, pr.q.offset + (prompt.len() - w) * pr.q.strides[1]);
-                select_prompt(cache, policy, (w > 0).then_some(&q), &pr.k, &pr.v, block)
-            })?);
+            logits = Some(model.prefill(&tokens, &attn_rows, &[&rope_rows], &table, dtype, &mut |l, pr| admit_prompt(&mut groups[0].layers[l], policy, cap, &pr[0]))?);
             let at: Vec<u32> = rope_rows.iter().map(|&r| r + prompt.len() as u32).collect();
             pos = upload_ids(device, &at, &[batch]);
         }
@@ -341,6 +337,16 @@ pub fn generate(
     let tokens = (0..batch).map(|s| (0..k).map(|t| flat[t * batch + s]).collect()).collect();
     let physical_bytes = groups[0].layers.iter().map(CompressedKvCache::physical_bytes).sum();
     Ok(Generation { tokens, prompt_secs, decode_secs, physical_bytes, rope_base: bases[0] })
+}
+
+/// Admits a prefill's prompt ([`BurnModel::prefill`]) into `cache` (a `[B]`-row cache of `policy` holding `cap`
+/// entries) by the eval's prompt rule ([`prompt_window`], [`select_prompt`]): the last `w` queries as the
+/// observation window.
+pub fn admit_prompt(cache: &mut PolicyCache, policy: Policy, cap: usize, pr: &Prompt) -> Result<(), Error> {
+    let p = pr.k.shape[2];
+    let (w, block) = prompt_window(policy, cap, p);
+    let q = pr.q.view(&[pr.q.shape[0], w, pr.q.shape[2], pr.q.shape[3]], &pr.q.strides, pr.q.offset + (p - w) * pr.q.strides[1]);
+    select_prompt(cache, policy, (w > 0).then_some(&q), &pr.k, &pr.v, block)
 }
 
 /// The buckets of a table over `len` tokens: `[0, b)`, `[b, 2b)`, then doubling (`[2b, 4b)`, …) up to `len`.
