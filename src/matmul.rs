@@ -11,12 +11,14 @@ use kvsqueeze_kernels::matmul::{rows_matmul as kernel, LANES};
 
 /// Rows per cube (the kernel's per-unit accumulators: `ROWS · vec` floats).
 const ROWS: usize = 4;
-/// Unit rows per cube splitting `K` (the cube is `LANES × SPLITS` units; shared memory `SPLITS·ROWS·4·LANES` f32 = 8 KiB).
-const SPLITS: usize = 4;
+/// Unit rows per cube splitting `K` (the cube is `LANES × SPLITS` = 256 units, WebGPU's default maximum; shared
+/// memory `SPLITS·ROWS·4·LANES` f32 = 16 KiB, WebGPU's default maximum; `SPLITS ≥ ROWS·4` for the final sums).
+const SPLITS: usize = 32;
 
-/// `out = x · w`: `x [M, K]`, `w [K, N]`, `out [M, N]`, f32, each row-major contiguous from its offset (`w`'s
-/// offset a multiple of the vector width, the largest of 4, 2, 1 dividing `N`); `out` must not share a buffer
-/// with `x` or `w`. One launch; errors (before it) on shapes, dtypes, layouts, an aliased output, or a grid the
+/// `out = x · w`: `x [M, K]`, `w [K, N]`, `out [M, N]`, f32, each a row-major view from any element offset with
+/// unit column stride and any row stride of at least its columns (a pitched allocation, as burn makes on CUDA,
+/// included); `w` is read in vectors of the largest of 4, 2, 1 dividing `N`, its offset and its row stride.
+/// `out` must not share a buffer with `x` or `w`. One launch; errors (before it) on shapes, dtypes, layouts, an aliased output, or a grid the
 /// device cannot launch (`M > 4·65535`).
 pub fn rows_matmul(client: &Client, x: &DeviceTensor, w: &DeviceTensor, out: &DeviceTensor) -> Result<(), Error> {
     crate::tensor::check_bindings(client, &["rows_matmul"])?;
@@ -25,8 +27,8 @@ pub fn rows_matmul(client: &Client, x: &DeviceTensor, w: &DeviceTensor, out: &De
         if t.dtype != DType::F32 {
             return Err(Error::DtypeMismatch { tensor: name, got: t.dtype, expected: DType::F32 });
         }
-        if t.shape.len() != 2 || !t.is_contiguous() {
-            return Err(Error::Layout { tensor: name, reason: "must be a row-major contiguous matrix (from any element offset)" });
+        if t.shape.len() != 2 || (t.shape[1] > 1 && t.strides[1] != 1) || (t.shape[0] > 1 && t.strides[0] < t.shape[1]) {
+            return Err(Error::Layout { tensor: name, reason: "must be a matrix with unit column stride and a row stride of at least its columns" });
         }
     }
     let (m, k, n) = (x.shape[0], x.shape[1], w.shape[1]);
@@ -42,7 +44,9 @@ pub fn rows_matmul(client: &Client, x: &DeviceTensor, w: &DeviceTensor, out: &De
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let vec = [4, 2, 1].into_iter().find(|v| n % v == 0 && w.offset % v == 0).unwrap_or(1);
+    // A row stride (a single row's is its width: never used).
+    let rs = |t: &DeviceTensor| if t.shape[0] > 1 { t.strides[0] } else { t.shape[1] };
+    let vec = [4, 2, 1].into_iter().find(|v| n % v == 0 && w.offset % v == 0 && rs(w) % v == 0).unwrap_or(1);
     let nv = n / vec;
     let (gx, gy) = (nv.div_ceil(LANES), m.div_ceil(ROWS));
     if gx > 65535 || gy > 65535 {
@@ -65,6 +69,9 @@ pub fn rows_matmul(client: &Client, x: &DeviceTensor, w: &DeviceTensor, out: &De
             x.offset,
             w.offset / vec,
             out.offset,
+            rs(x),
+            rs(w) / vec,
+            rs(out),
             m,
             k,
             nv,
