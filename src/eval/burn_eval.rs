@@ -14,13 +14,13 @@
 //! FourierAttention is not a [`crate::policy::PolicyCache`] and runs on the candle eval only; `Prefill::Stream`
 //! (the prefix through each cache's decode step) too — `kvsqueeze stream` is the streamed protocol on this path.
 
-use super::burn_model::{advance, read_f32, row, upload_ids, BTensor, BurnModel, Stepper};
+use super::burn_model::{advance, argmax, read_f32, row, row_max, row_sum, upload_ids, BTensor, BurnModel, Stepper};
 use super::stream::{admit_prompt, setup, CacheSpec, Setup, READ_EVERY};
 use super::{EvalOptions, EvalRow, Prefill};
 use crate::policy::CompressedKvCache;
 use crate::Error;
 use burn_backend::ops::{BoolTensorOps, FloatTensorOps, IntTensorOps};
-use burn_backend::{BoolStore, FloatDType, IntDType, Shape, Slice};
+use burn_backend::{BoolStore, FloatDType, Shape, Slice};
 use burn_cubecl::CubeBackend as Cb;
 use cubecl::client::Client;
 use std::time::Instant;
@@ -173,17 +173,15 @@ pub fn evaluate_text(client: &Client, model: &BurnModel, text: &str, tokens: &[u
 fn scores(logits: BTensor, target: &BTensor, ns: usize, nw: usize) -> BTensor {
     let b = ns * nw;
     let v = logits.meta.shape()[1];
-    let z = Cb::float_sub(logits.clone(), Cb::float_max_dim(logits, 1));
-    let lp = Cb::float_sub(z.clone(), Cb::float_log(Cb::float_sum_dim(Cb::float_exp(z), 1))); // log-probabilities
+    let z = Cb::float_sub(logits.clone(), row_max(logits));
+    let lp = Cb::float_sub(z.clone(), Cb::float_log(row_sum(Cb::float_exp(z)))); // log-probabilities
     let nll = Cb::float_neg(Cb::float_gather(1, lp.clone(), target.clone()));
-    let all = |x: BTensor| Cb::float_reshape(x, Shape::from(vec![ns, nw, v]));
-    let full = Cb::float_expand(
-        Cb::float_reshape(Cb::float_slice(lp.clone(), &[Slice { start: 0, end: Some(nw as isize), step: 1 }, Slice { start: 0, end: None, step: 1 }]), Shape::from(vec![1, nw, v])),
-        Shape::from(vec![ns, nw, v]),
-    );
-    let kl = Cb::float_sum_dim(Cb::float_mul(Cb::float_exp(full.clone()), Cb::float_sub(full.clone(), all(lp.clone()))), 2);
-    let top = |x: BTensor| Cb::float_argmax(x, 2, IntDType::I32); // [ns, nw, 1]
-    let agree = Cb::bool_into_float(Cb::int_equal(top(all(lp)), top(full), BoolStore::U32), FloatDType::F32);
-    let r = |x: BTensor| Cb::float_reshape(x, Shape::from(vec![b, 1]));
-    Cb::float_cat(vec![nll, r(kl), r(agree)], 1)
+    let full = Cb::float_slice(lp.clone(), &[Slice { start: 0, end: Some(nw as isize), step: 1 }, Slice { start: 0, end: None, step: 1 }]); // [nw, V]
+    let tiled = |x: BTensor, last: usize| Cb::float_expand(Cb::float_reshape(x, Shape::from(vec![1, nw, last])), Shape::from(vec![ns, nw, last]));
+    let full_all = tiled(full.clone(), v);
+    let terms = Cb::float_mul(Cb::float_exp(full_all.clone()), Cb::float_sub(full_all, Cb::float_reshape(lp.clone(), Shape::from(vec![ns, nw, v]))));
+    let kl = row_sum(Cb::float_reshape(terms, Shape::from(vec![b, v])));
+    let top_full = Cb::int_expand(Cb::int_reshape(argmax(full), Shape::from(vec![1, nw])), Shape::from(vec![ns, nw]));
+    let agree = Cb::bool_into_float(Cb::int_equal(Cb::int_reshape(argmax(lp), Shape::from(vec![ns, nw])), top_full, BoolStore::U32), FloatDType::F32);
+    Cb::float_cat(vec![nll, kl, Cb::float_reshape(agree, Shape::from(vec![b, 1]))], 1)
 }
