@@ -78,8 +78,8 @@ pub fn run_generate(backend: &str, o: &GenerateOptions) -> Result<(), String> {
         None => tok.encode(&o.prompt).map_err(|e| e.to_string())?,
     };
     println!("sampling: {:?}", o.sampling);
-    println!("| cache | RoPE base | cache MB | prompt tokens | prompt s | generated (B × n) | decode s | tokens/s | ms per step |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| cache | RoPE base | cache MB | prompt tokens | prompt s | generated (B × n) | first step s | timed steps | decode s | tokens/s | ms per step |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut texts = Vec::new();
     for spec in &o.caches {
         let mut spec = spec.clone();
@@ -89,7 +89,7 @@ pub fn run_generate(backend: &str, o: &GenerateOptions) -> Result<(), String> {
         let spec = &spec;
         let g = generate(&client, &model, spec, &prompt, o.batch, o.tokens, o.sampling, o.dtype, o.graph, o.prefill).map_err(|e| format!("{}: {e}", spec.label()))?;
         println!(
-            "| {} | {} | {:.1} | {} | {:.2} | {} × {} | {:.3} | {:.1} | {:.2} |",
+            "| {} | {} | {:.1} | {} | {:.2} | {} × {} | {:.3} | {} | {:.3} | {:.1} | {:.2} |",
             spec.label(),
             g.rope_base,
             g.physical_bytes as f64 / 1e6,
@@ -97,9 +97,11 @@ pub fn run_generate(backend: &str, o: &GenerateOptions) -> Result<(), String> {
             g.prompt_secs,
             o.batch,
             o.tokens,
+            g.first_step_secs,
+            g.decode_steps,
             g.decode_secs,
             g.tokens_per_s(),
-            1e3 * g.decode_secs / o.tokens as f64
+            g.ms_per_step()
         );
         texts.push((spec.label(), tok.decode(&g.tokens[0]).map_err(|e| e.to_string())?));
     }

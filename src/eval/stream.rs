@@ -219,9 +219,16 @@ pub fn stream(client: &Client, model: &BurnModel, specs: &[CacheSpec], streams: 
 pub struct Generation {
     /// Per sequence, the generated ids (the prompt excluded).
     pub tokens: Vec<Vec<u32>>,
-    /// Seconds to feed the prompt (token by token through the caches), to the last prompt token's logits.
+    /// Seconds to feed the prompt (token by token through the caches, or one prefill), to the last prompt token's
+    /// logits.
     pub prompt_secs: f64,
-    /// Seconds of the generated steps (from the first generated token's step to the last token read back).
+    /// Seconds of the first decode step, to its token read back: it compiles the kernels the prompt did not use and,
+    /// with `graph`, records the step graphs — one-time costs kept out of [`Generation::decode_secs`].
+    pub first_step_secs: f64,
+    /// Decode steps in [`Generation::decode_secs`]: all but the first (`new_tokens − 2`; the first token comes from
+    /// the prompt's logits).
+    pub decode_steps: usize,
+    /// Seconds of the timed decode steps (from after the first decode step to the last token read back).
     pub decode_secs: f64,
     /// Bytes the device holds for the caches (all layers) at the end.
     pub physical_bytes: usize,
@@ -230,10 +237,21 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Generated tokens per second over all sequences.
+    /// Tokens per second over all sequences in the timed decode steps (NaN when none was timed: fewer than 3 new
+    /// tokens).
     pub fn tokens_per_s(&self) -> f64 {
-        let n: usize = self.tokens.iter().map(Vec::len).sum();
-        n as f64 / self.decode_secs.max(1e-12)
+        if self.decode_steps == 0 {
+            return f64::NAN;
+        }
+        (self.tokens.len() * self.decode_steps) as f64 / self.decode_secs.max(1e-12)
+    }
+
+    /// Milliseconds per timed decode step (NaN when none was timed).
+    pub fn ms_per_step(&self) -> f64 {
+        if self.decode_steps == 0 {
+            return f64::NAN;
+        }
+        1e3 * self.decode_secs / self.decode_steps as f64
     }
 }
 
@@ -322,21 +340,30 @@ pub fn generate(
     // Wait for the prompt (one id read back) so that the decode timing starts from an idle queue.
     read_ids(next.clone())?;
     let prompt_secs = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
+    let mut t1 = Instant::now();
+    let (mut first_step_secs, mut decode_steps) = (0.0, 0);
     let mut out = vec![next.clone()];
-    for _ in 1..new_tokens {
+    for i in 1..new_tokens {
         let logits = stepper.step(model, &next, &pos, &table, &mut groups, dtype)?;
         pos = advance(&pos);
         next = choose(logits, sampling);
         out.push(next.clone());
+        if i == 1 {
+            // One-time costs (compilation, the graphs' recording) stay out of the timed steps.
+            read_ids(next.clone())?;
+            first_step_secs = t1.elapsed().as_secs_f64();
+            t1 = Instant::now();
+        } else {
+            decode_steps += 1;
+        }
     }
     let k = out.len();
     let cat = Cb::int_cat(out.into_iter().map(|t| Cb::int_reshape(t, Shape::from(vec![1, batch]))).collect(), 0); // [k, B]
     let flat = read_ids(cat)?;
-    let decode_secs = t1.elapsed().as_secs_f64();
+    let decode_secs = if decode_steps > 0 { t1.elapsed().as_secs_f64() } else { 0.0 };
     let tokens = (0..batch).map(|s| (0..k).map(|t| flat[t * batch + s]).collect()).collect();
     let physical_bytes = groups[0].layers.iter().map(CompressedKvCache::physical_bytes).sum();
-    Ok(Generation { tokens, prompt_secs, decode_secs, physical_bytes, rope_base: bases[0] })
+    Ok(Generation { tokens, prompt_secs, first_step_secs, decode_steps, decode_secs, physical_bytes, rope_base: bases[0] })
 }
 
 /// Admits a prefill's prompt ([`BurnModel::prefill`]) into `cache` (a `[B]`-row cache of `policy` holding `cap`
