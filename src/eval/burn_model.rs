@@ -658,10 +658,15 @@ impl BurnModel {
         for parity in 0..2 {
             let dev = |e: cubecl::server::ServerError| Error::Device(format!("graph capture: {e:?}"));
             client.graph_prepare().map_err(dev)?;
-            let warm = self.chain(&x, &cos, &sin, dtype, &outs, groups, None);
+            // The warm-up's tensors are dropped before the window opens: the recording reuses their memory (held,
+            // it would need a second set of pages, which the window may not add).
+            let warm = self.chain(&x, &cos, &sin, dtype, &outs, groups, None).map(|_| ());
             let started = warm.is_ok() && client.start_capture().is_ok();
-            let recorded =
-                if started { self.chain(&x, &cos, &sin, dtype, &outs, groups, Some(parity)) } else { warm.and(Err(Error::Device("graph capture: the stream refused to start recording".into()))) };
+            let recorded = if started {
+                self.chain(&x, &cos, &sin, dtype, &outs, groups, Some(parity))
+            } else {
+                warm.and(Err(Error::Device("graph capture: the stream refused to start recording".into())))
+            };
             // The capture ends whatever happened inside it.
             let graph = client.stop_capture().map_err(dev);
             let (out, mut kept) = recorded?;
