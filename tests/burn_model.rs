@@ -50,8 +50,9 @@ fn candle_logits(ids: &[u32]) -> Vec<Vec<f32>> {
 
 /// Streaming two texts (one sequence each) gives candle's NLL for every token through: Full at true positions
 /// (the model's RoPE), Full with the kernels' RoPE by cache rank (`full-rank`, = the true position for Full), and
-/// H2O (true positions) and StreamingLLM (rank RoPE) at budgets that hold the whole stream (nothing evicted) — all
-/// four in one batch, so rows of other caches must not leak into a cache's rows.
+/// H2O (true positions), StreamingLLM and TOVA by cache rank (`tova-rank`) at budgets that hold the whole stream
+/// (nothing evicted: rank = position) — all five in one batch, so rows of other caches must not leak into a cache's
+/// rows.
 /// Tolerance: f32 on both sides, sums in other orders (matmul tiles, attention splits), compounded over 30 layers:
 /// the cache-path test of `tests/eval.rs` bounds the same compounding at 1e-4 of the perplexity; per token we
 /// allow 2e-3 nats (the rank-RoPE path adds the kernels' documented angle error, 2.5e-6 rad).
@@ -67,7 +68,9 @@ fn burn_model_streams_like_candle() {
             (0..n).map(|t| -lp[t][s[t + 1] as usize]).collect()
         })
         .collect();
-    let specs = [CacheSpec::new("full", None), CacheSpec::new("full-rank", None), CacheSpec::new("h2o", Some(n + 8)), CacheSpec::new("streaming-llm", Some(n + 8))];
+    let specs = [CacheSpec::new("full", None), CacheSpec::new("full-rank", None), CacheSpec::new("h2o", Some(n + 8)), CacheSpec::new("streaming-llm", Some(n + 8)), CacheSpec::new("tova-rank", Some(n + 8))];
+    let refused = kvsqueeze::eval::policy_caches(common::client(), &ms.burn.cfg, "treekv-rank", 1, 8, DType::F32, ms.burn.cfg.rope_base);
+    assert!(refused.is_err(), "TreeKV rotates by rank already: `treekv-rank` is no cache");
     let runs = stream(common::client(), &ms.burn, &specs, &streams, DType::F32, false, &mut |_| {}).unwrap();
     assert_eq!(runs.len(), specs.len());
     for run in &runs {

@@ -508,17 +508,22 @@ fn new_run(client: &Client, model: &Model, opts: &EvalOptions, b: usize, name: &
 }
 
 /// One policy cache per layer of `cfg` for the cache `name` (a [`crate::policy::CACHE_NAMES`] entry but `fourier`,
-/// or `full-rank`: Full with in-kernel RoPE by cache rank) at budget `cap` entries per head, batch `b`. Full holds
-/// `cap` tokens in one region; the evicting policies get [`budget_layout`]. Returns the policy and whether its
-/// caches rotate keys by cache rank inside attention (base `rope_base`; then q and k reach them unrotated, in the
-/// rotate-half layout): StreamingLLM, TreeKV, WeightedKV and `full-rank` do (spec §6); Full, H2O and TOVA keep
-/// true positions (keys rotated by the model).
+/// or `full-rank`, `h2o-rank`, `tova-rank`: the policy with in-kernel RoPE by cache rank) at budget `cap` entries per
+/// head, batch `b`. Full holds `cap` tokens in one region; the evicting policies get [`budget_layout`]. Returns the
+/// policy and whether its caches rotate keys by cache rank inside attention (base `rope_base`; then q and k reach
+/// them unrotated, in the rotate-half layout): StreamingLLM, TreeKV, WeightedKV and the `-rank` names do (spec §6;
+/// `h2o-rank` is spec §5.2's "streaming" H2O, the variant for streams past the trained context); Full, H2O and
+/// TOVA keep true positions (keys rotated by the model).
 pub fn policy_caches(client: &Client, cfg: &model::ModelConfig, name: &str, b: usize, cap: usize, dtype: DType, rope_base: f64) -> Result<(Policy, bool, Vec<PolicyCache>), String> {
-    let policy = match name {
-        "full" | "full-rank" => Policy::Full,
-        _ => crate::policy::parse_policy(name).ok_or_else(|| format!("unknown policy `{name}`"))?,
+    let (base, rank_named) = name.strip_suffix("-rank").map_or((name, false), |b| (b, true));
+    let policy = match base {
+        "full" => Policy::Full,
+        _ => crate::policy::parse_policy(base).ok_or_else(|| format!("unknown policy `{name}`"))?,
     };
-    let rank_rope = matches!(policy, Policy::StreamingLlm | Policy::TreeKv { .. } | Policy::WeightedKv) || name == "full-rank";
+    if rank_named && !matches!(policy, Policy::Full | Policy::H2o | Policy::Tova) {
+        return Err(format!("`{name}`: only full, h2o and tova take `-rank` (the others rotate by cache rank already)"));
+    }
+    let rank_rope = matches!(policy, Policy::StreamingLlm | Policy::TreeKv { .. } | Policy::WeightedKv) || rank_named;
     let layout = if policy == Policy::Full { Layout { sinks: 0, middle: cap, recent: 0 } } else { budget_layout(cap) };
     let mut caches = Vec::with_capacity(cfg.layers);
     for _ in 0..cfg.layers {

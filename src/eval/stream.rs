@@ -6,7 +6,8 @@
 //! reported over the whole stream and per bucket of `bucket` tokens. The texts run as one batch (one sequence
 //! each). Caches: `full` (true positions; the model's RoPE base, or `full-ntk`: LongLLaDA's NTK-scaled base for
 //! the stream's length, spec §4.1) and the policy caches at a budget (StreamingLLM, TreeKV and WeightedKV rotate
-//! keys by cache rank inside attention; H2O and TOVA keep true positions — [`super::policy_caches`]). Past the
+//! keys by cache rank inside attention; H2O and TOVA keep true positions, `h2o-rank` and `tova-rank` rotate by cache
+//! rank — [`super::policy_caches`]). Past the
 //! model's trained context (8192 for SmolLM2) Full at true positions sees positions it was never trained on.
 //!
 //! Per step nothing is read back: the NLLs stay on the device and are read every [`READ_EVERY`] tokens.
