@@ -14,7 +14,7 @@
 //! FourierAttention is not a [`crate::policy::PolicyCache`] and runs on the candle eval only; `Prefill::Stream`
 //! (the prefix through each cache's decode step) too — `kvsqueeze stream` is the streamed protocol on this path.
 
-use super::burn_model::{advance, argmax, read_f32, row, row_max, row_sum, upload_ids, BTensor, BurnModel, Stepper};
+use super::burn_model::{advance, argmax, log_softmax, read_f32, row, row_sum, upload_ids, BTensor, BurnModel, Stepper};
 use super::stream::{admit_prompt, setup, CacheSpec, Setup, READ_EVERY};
 use super::{EvalOptions, EvalRow, Prefill};
 use crate::policy::CompressedKvCache;
@@ -173,8 +173,7 @@ pub fn evaluate_text(client: &Client, model: &BurnModel, text: &str, tokens: &[u
 fn scores(logits: BTensor, target: &BTensor, ns: usize, nw: usize) -> BTensor {
     let b = ns * nw;
     let v = logits.meta.shape()[1];
-    let z = Cb::float_sub(logits.clone(), row_max(logits));
-    let lp = Cb::float_sub(z.clone(), Cb::float_log(row_sum(Cb::float_exp(z)))); // log-probabilities
+    let lp = log_softmax(logits);
     let nll = Cb::float_neg(Cb::float_gather(1, lp.clone(), target.clone()));
     let full = Cb::float_slice(lp.clone(), &[Slice { start: 0, end: Some(nw as isize), step: 1 }, Slice { start: 0, end: None, step: 1 }]); // [nw, V]
     let tiled = |x: BTensor, last: usize| Cb::float_expand(Cb::float_reshape(x, Shape::from(vec![1, nw, last])), Shape::from(vec![ns, nw, last]));

@@ -855,11 +855,15 @@ pub fn argmax(logits: BTensor) -> BTensor {
     Cb::int_reshape(Cb::int_add(Cb::int_mul_scalar(best, Scalar::from(len as i32)), at), Shape::from(vec![b]))
 }
 
+/// `log softmax` of each row of `logits [B, V]`, on the device (max-shifted; two-stage row reductions).
+pub fn log_softmax(logits: BTensor) -> BTensor {
+    let z = Cb::float_sub(logits.clone(), row_max(logits));
+    Cb::float_sub(z.clone(), Cb::float_log(row_sum(Cb::float_exp(z))))
+}
+
 /// `−log softmax(logits)[target]` per row: `logits [B, V]`, `target [B, 1]` int → `[B, 1]`, on the device.
 pub fn nll(logits: BTensor, target: &BTensor) -> BTensor {
-    let z = Cb::float_sub(logits.clone(), row_max(logits));
-    let zt = Cb::float_gather(1, z.clone(), target.clone());
-    Cb::float_sub(Cb::float_log(row_sum(Cb::float_exp(z))), zt)
+    Cb::float_neg(Cb::float_gather(1, log_softmax(logits), target.clone()))
 }
 
 /// Row `i` of a `[rows, B]` int tensor as `[B]` (a view, no launch).
