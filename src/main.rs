@@ -216,6 +216,10 @@ struct StreamArgs {
     /// Replay whole steps (the model's and the caches' launches) from device graphs recorded at the first step (`BurnModel::step_graphed`).
     #[arg(long)]
     graph: bool,
+    /// Stop at the first read-back (every 256 tokens) past this many seconds: the table, JSON and plot then cover
+    /// the tokens streamed, and say so.
+    #[arg(long)]
+    max_secs: Option<f64>,
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -601,7 +605,10 @@ fn cmd_stream(backend: &str, a: StreamArgs) -> Result<(), Fail> {
         }
     }
     let texts = if a.texts.is_empty() { vec![dev_text("prideprejudice"), dev_text("sensesensibility")] } else { a.texts };
-    let o = cli::model::StreamOptions { gguf: a.gguf, caches, texts, tokens: a.tokens, bucket: a.bucket, dtype: a.dtype.into(), graph: a.graph, json: a.json, svg: a.svg };
+    let o = cli::model::StreamOptions { gguf: a.gguf, caches, texts, tokens: a.tokens, bucket: a.bucket, dtype: a.dtype.into(), graph: a.graph, max_secs: a.max_secs, json: a.json, svg: a.svg };
+    if a.max_secs.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
+        return Err(Fail::Usage("--max-secs must be finite and > 0".into()));
+    }
     cli::model::run_stream(backend, &o).map_err(Fail::Refused)
 }
 

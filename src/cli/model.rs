@@ -37,6 +37,8 @@ pub struct StreamOptions {
     pub dtype: DType,
     /// Replay whole steps (model and caches) from device graphs.
     pub graph: bool,
+    /// Stop at the first read-back past this many seconds (the output says so and covers the tokens streamed).
+    pub max_secs: Option<f64>,
     pub json: Option<PathBuf>,
     pub svg: Option<PathBuf>,
 }
@@ -128,23 +130,27 @@ pub fn run_stream(backend: &str, o: &StreamOptions) -> Result<(), String> {
         }
         streams.push(ids[..o.tokens + 1].to_vec());
     }
-    let runs: Vec<StreamRun> = stream(&client, &model, &o.caches, &streams, o.dtype, o.graph, &mut |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
+    let runs: Vec<StreamRun> = stream(&client, &model, &o.caches, &streams, o.dtype, o.graph, o.max_secs, &mut |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
     let secs = runs.first().map_or(0.0, |r| r.secs);
+    let streamed = runs.first().and_then(|r| r.nll.first()).map_or(0, Vec::len);
     let names: Vec<String> = o.texts.iter().map(|p| p.file_stem().map_or_else(|| p.display().to_string(), |s| s.to_string_lossy().into_owned())).collect();
+    if streamed < o.tokens {
+        println!("STOPPED EARLY: {streamed} of --tokens {} streamed before --max-secs; every number below covers those {streamed}", o.tokens);
+    }
     println!(
         "stream: {} tokens of {} from their first token, every cache in one batch of {} sequences ({:.1} s, {:.1} steps/s), dtype {:?}, device {}, model trained to {}",
-        o.tokens,
+        streamed,
         names.join(" + "),
         runs.len() * streams.len(),
         secs,
-        o.tokens as f64 / secs.max(1e-12),
+        streamed as f64 / secs.max(1e-12),
         o.dtype,
         kvsqueeze::attention::device_name(&client),
         model.cfg.context
     );
     print!("{}", table(&runs, o.bucket));
     if let Some(f) = json_out {
-        let doc = serde_json::json!({"settings": {"tokens": o.tokens, "texts": names, "dtype": format!("{:?}", o.dtype), "device": kvsqueeze::attention::device_name(&client), "trained_context": model.cfg.context}, "runs": to_json(&runs, o.bucket)});
+        let doc = serde_json::json!({"settings": {"tokens": o.tokens, "streamed": streamed, "stopped_early": streamed < o.tokens, "texts": names, "dtype": format!("{:?}", o.dtype), "device": kvsqueeze::attention::device_name(&client), "trained_context": model.cfg.context}, "runs": to_json(&runs, o.bucket)});
         f.write_all_and_commit(serde_json::to_string_pretty(&doc).expect("json").as_bytes()).map_err(|e| e.to_string())?;
     }
     if let Some(f) = svg_out {

@@ -161,7 +161,19 @@ impl StreamRun {
 /// all specs in one batch (`specs.len() · streams.len()` rows: the model's launches are shared) — and returns a run
 /// per spec (see the module docs); `progress` gets a line every [`READ_EVERY`] steps. `secs` of every run is the
 /// whole batch's time. `graph`: the model's launches replayed from device graphs ([`Stepper::Graphed`]).
-pub fn stream(client: &Client, model: &BurnModel, specs: &[CacheSpec], streams: &[Vec<u32>], dtype: DType, graph: bool, progress: &mut dyn FnMut(&str)) -> Result<Vec<StreamRun>, Error> {
+/// `max_secs`: stop at the first read-back past that many seconds; the runs then hold the NLLs of the tokens
+/// streamed so far (every row the same count, a multiple of [`READ_EVERY`]) — the caller sees it by their length.
+#[allow(clippy::too_many_arguments)]
+pub fn stream(
+    client: &Client,
+    model: &BurnModel,
+    specs: &[CacheSpec],
+    streams: &[Vec<u32>],
+    dtype: DType,
+    graph: bool,
+    max_secs: Option<f64>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<StreamRun>, Error> {
     let n_s = streams.len();
     let total = streams.first().map(Vec::len).unwrap_or(0);
     if n_s == 0 || specs.is_empty() || total < 2 || streams.iter().any(|s| s.len() != total) {
@@ -197,6 +209,10 @@ pub fn stream(client: &Client, model: &BurnModel, specs: &[CacheSpec], streams: 
                 line += &format!(" {} {:.2}", spec.label(), (s / (k * n_s) as f64).exp());
             }
             progress(&line);
+            if max_secs.is_some_and(|m| t0.elapsed().as_secs_f64() > m) && done < len {
+                progress(&format!("stopped after {done} of {len} tokens: past --max-secs"));
+                break;
+            }
         }
     }
     let secs = t0.elapsed().as_secs_f64();
