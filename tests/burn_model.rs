@@ -68,7 +68,8 @@ fn burn_model_streams_like_candle() {
             (0..n).map(|t| -lp[t][s[t + 1] as usize]).collect()
         })
         .collect();
-    let specs = [CacheSpec::new("full", None), CacheSpec::new("full-rank", None), CacheSpec::new("h2o", Some(n + 8)), CacheSpec::new("streaming-llm", Some(n + 8)), CacheSpec::new("tova-rank", Some(n + 8))];
+    let specs =
+        [CacheSpec::new("full", None), CacheSpec::new("full-rank", None), CacheSpec::new("h2o", Some(n + 8)), CacheSpec::new("streaming-llm", Some(n + 8)), CacheSpec::new("tova-rank", Some(n + 8))];
     let refused = kvsqueeze::eval::policy_caches(common::client(), &ms.burn.cfg, "treekv-rank", 1, 8, DType::F32, ms.burn.cfg.rope_base);
     assert!(refused.is_err(), "TreeKV rotates by rank already: `treekv-rank` is no cache");
     let runs = stream(common::client(), &ms.burn, &specs, &streams, DType::F32, false, None, &mut |_| {}).unwrap();

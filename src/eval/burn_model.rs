@@ -662,11 +662,8 @@ impl BurnModel {
             // it would need a second set of pages, which the window may not add).
             let warm = self.chain(&x, &cos, &sin, dtype, &outs, groups, None).map(|_| ());
             let started = warm.is_ok() && client.start_capture().is_ok();
-            let recorded = if started {
-                self.chain(&x, &cos, &sin, dtype, &outs, groups, Some(parity))
-            } else {
-                warm.and(Err(Error::Device("graph capture: the stream refused to start recording".into())))
-            };
+            let recorded =
+                if started { self.chain(&x, &cos, &sin, dtype, &outs, groups, Some(parity)) } else { warm.and(Err(Error::Device("graph capture: the stream refused to start recording".into()))) };
             // The capture ends whatever happened inside it.
             let graph = client.stop_capture().map_err(dev);
             let (out, mut kept) = recorded?;
